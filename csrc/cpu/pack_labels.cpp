@@ -1,0 +1,58 @@
+// pack_labels on the CPU: integer labels -> packed b-bit stream (DESIGN.md §2).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+
+#include <atomic>
+
+#include "cpu_common.h"
+
+namespace tallytrain {
+namespace cpu {
+namespace {
+
+template <typename T>
+void pack_rows(const T* labels, int64_t n, int64_t num_symbols, int b, uint8_t* out) {
+  // Range check first (a separate cheap pass) so that an error leaves no
+  // half-written output behind and names the first bad position.
+  std::atomic<int64_t> first_bad{n};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const int64_t v = static_cast<int64_t>(labels[i]);
+      if (v < 0 || v >= num_symbols) {
+        int64_t cur = first_bad.load();
+        while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {}
+        break;
+      }
+    }
+  });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK_VALUE(bad == n, "labels[", bad, "] = ", bad < n ? int64_t(labels[bad]) : 0,
+                    " is outside 0..", num_symbols - 1, " (num_symbols=", num_symbols, ")");
+  at::parallel_for(0, n, byte_aligned_grain(1 << 15), [&](int64_t r0, int64_t r1) {
+    // r0 is a multiple of 8 (grain), so r0 * b is a whole number of bytes.
+    BitWriter w(out + (r0 * b) / 8);
+    for (int64_t i = r0; i < r1; ++i) w.put(static_cast<uint64_t>(labels[i]), b);
+    w.flush();
+  });
+}
+
+at::Tensor pack_labels_cpu(const at::Tensor& labels, int64_t num_symbols) {
+  TORCH_CHECK_TYPE(is_integer_dtype(labels.scalar_type()),
+                   "labels must be an integer tensor, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1, "labels must be 1-D [N], got shape ", labels.sizes());
+  const int b = check_num_symbols(num_symbols);
+  const at::Tensor lab = labels.contiguous();
+  const int64_t n = lab.numel();
+  at::Tensor out = at::empty({packed_bytes(n, b)}, labels.options().dtype(at::kByte));
+  AT_DISPATCH_INTEGRAL_TYPES(lab.scalar_type(), "pack_labels", [&] {
+    pack_rows<scalar_t>(lab.data_ptr<scalar_t>(), n, num_symbols, b, out.data_ptr<uint8_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tallytrain, CPU, m) { m.impl("pack_labels", &pack_labels_cpu); }
+
+}  // namespace cpu
+}  // namespace tallytrain
