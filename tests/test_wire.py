@@ -1,0 +1,640 @@
+"""tallytrain.wire: round trips, closed-form sizes, index-coding cost, and
+rejection of every kind of corrupt input (targeted cases plus hypothesis fuzzing).
+
+Run with TALLYTRAIN_BACKEND=reference; nothing here needs the extension.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tallytrain import ops, wire
+from tallytrain.wire import Flag, MessageKind, WireFormatError
+
+U32 = 2**32 - 1
+HEADER = struct.Struct("<2sBBHBBIIIII")
+FIELDS = ("magic", "version", "kind", "flags", "bits", "dtype", "round", "sender", "n",
+          "aux", "payload_len")
+CLASS_COUNTS = [2, 3, 4, 5, 8, 9, 16, 17, 255, 256, 257, 1000]
+FUZZ = settings(max_examples=120, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def header_of(data: bytes) -> dict:
+    return dict(zip(FIELDS, HEADER.unpack_from(data, 0)))
+
+
+def reframe(data: bytes, payload: bytes = None, **fields) -> bytes:
+    """Rebuild a message with some header fields and/or the payload replaced,
+    and a correct CRC, so that the decoder's deeper checks are what fires."""
+    h = header_of(data)
+    old = data[wire.HEADER_BYTES:wire.HEADER_BYTES + h["payload_len"]]
+    payload = old if payload is None else payload
+    h["payload_len"] = len(payload)
+    h.update(fields)
+    body = HEADER.pack(*(h[f] for f in FIELDS)) + payload
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def fix_crc(data: bytes) -> bytes:
+    """Replace the last four bytes with the CRC32 of everything before them."""
+    return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
+
+
+def rejects(data, match: str, **kw) -> None:
+    with pytest.raises(WireFormatError, match=match):
+        wire.decode(data, **kw)
+
+
+def random_symbols(rng, n, num_symbols):
+    return torch.from_numpy(rng.integers(0, num_symbols, n)).to(torch.int64)
+
+
+def random_indices(rng, size, k):
+    return torch.from_numpy(np.sort(rng.choice(size, k, replace=False))).to(torch.int64)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and (a.numel() == 0 or torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def reencode(m: wire.Message) -> bytes:
+    """Encode a decoded message again (for the canonical kinds)."""
+    common = dict(round=m.round, sender=m.sender)
+    if m.kind == MessageKind.VOTES:
+        return wire.encode_votes(m.packed, m.n, m.num_classes, abstain=m.abstain, **common)
+    if m.kind == MessageKind.CONSENSUS:
+        return wire.encode_consensus(m.labels, m.num_classes, keep=m.keep, **common)
+    if m.kind == MessageKind.SOFT_LABELS:
+        return wire.encode_soft_labels(m.probs, dtype=m.probs.dtype, **common)
+    if m.kind == MessageKind.DENSE_PARAMS:
+        return wire.encode_dense(m.vector, dtype=m.vector.dtype, **common)
+    if m.kind == MessageKind.CONTROL:
+        return wire.encode_control(probe_seed=m.probe_seed, num_probes=m.num_probes,
+                                   consensus=None if m.consensus is None else reencode(m.consensus),
+                                   **common)
+    raise AssertionError(m.kind)
+
+
+# --------------------------------------------------------------------------- #
+# round trips and sizes
+# --------------------------------------------------------------------------- #
+def test_constants():
+    assert (wire.HEADER_BYTES, wire.TRAILER_BYTES, wire.OVERHEAD) == (28, 4, 32)
+    assert wire.SERVER == 0xFFFFFFFF
+    assert [int(k) for k in MessageKind] == [1, 2, 3, 4, 5, 6]
+    assert issubclass(WireFormatError, ValueError)
+
+
+@pytest.mark.parametrize("num_classes", CLASS_COUNTS)
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 61])
+@pytest.mark.parametrize("abstain", [False, True])
+def test_votes_round_trip(num_classes, n, abstain):
+    rng = np.random.default_rng(n * 7919 + num_classes)
+    symbols = num_classes + 1 if abstain else num_classes
+    packed = ops.pack_labels(random_symbols(rng, n, symbols), symbols)
+    data = wire.encode_votes(packed, n, num_classes, abstain=abstain, round=5, sender=3)
+    assert len(data) == wire.votes_message_bytes(n, num_classes, abstain)
+    assert len(data) == wire.OVERHEAD + math.ceil(n * ops.bits_for(symbols) / 8)
+    h = header_of(data)
+    assert (h["magic"], h["version"], h["kind"], h["bits"], h["n"], h["aux"]) == (
+        b"TT", 1, 1, ops.bits_for(symbols), n, num_classes)
+    m = wire.decode(data, expect_kind=MessageKind.VOTES)
+    assert (m.kind, m.version, m.round, m.sender) == (MessageKind.VOTES, 1, 5, 3)
+    assert (m.n, m.num_classes, m.abstain) == (n, num_classes, abstain)
+    assert m.flags == (Flag.ABSTAIN if abstain else Flag(0))
+    assert m.packed.dtype == torch.uint8 and torch.equal(m.packed, packed)
+    assert m.labels is None and m.probs is None and m.consensus is None
+
+
+def test_votes_from_pack_argmax_with_abstention():
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
+    packed = ops.pack_argmax(logits, abstain_below=0.3)
+    m = wire.decode(wire.encode_votes(packed, 50, 10, abstain=True, round=0, sender=0))
+    assert torch.equal(ops.unpack_labels(m.packed, 50, 11),
+                       ops.unpack_labels(packed, 50, 11))
+
+
+@pytest.mark.parametrize("num_classes", CLASS_COUNTS)
+@pytest.mark.parametrize("n", [0, 1, 8, 13])
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_consensus_round_trip(num_classes, n, with_keep):
+    rng = np.random.default_rng(n * 31 + num_classes)
+    labels = random_symbols(rng, n, num_classes + 1) - 1  # -1..C-1
+    keep = torch.from_numpy(rng.random(n) < 0.5) if with_keep else None
+    data = wire.encode_consensus(labels, num_classes, keep=keep, round=9)
+    assert len(data) == wire.consensus_message_bytes(n, num_classes, with_keep)
+    m = wire.decode(data, expect_kind=MessageKind.CONSENSUS)
+    assert m.sender == wire.SERVER and m.round == 9 and m.num_classes == num_classes
+    assert m.labels.dtype == torch.int64 and torch.equal(m.labels, labels)
+    if with_keep:
+        assert m.flags == Flag.KEEP_MASK and m.keep.dtype == torch.bool
+        assert torch.equal(m.keep, keep)
+    else:
+        assert m.flags == Flag(0) and m.keep is None
+
+
+def test_consensus_all_missing_and_extremes():
+    labels = torch.tensor([-1, -1, 0, 1, -1], dtype=torch.int32)
+    m = wire.decode(wire.encode_consensus(labels, 2, round=0))
+    assert torch.equal(m.labels, labels.to(torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(0, 2), (1, 2), (5, 3), (4, 17)])
+def test_soft_labels_round_trip(dtype, shape):
+    probs = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    if probs.numel() > 2:
+        probs[0, 0], probs[0, 1] = float("nan"), float("inf")  # floats are data
+    data = wire.encode_soft_labels(probs, dtype=dtype, round=1, sender=2)
+    assert len(data) == wire.soft_labels_message_bytes(*shape, dtype)
+    m = wire.decode(data)
+    assert m.kind == MessageKind.SOFT_LABELS and m.num_classes == shape[1]
+    assert bitwise_equal(m.probs, probs.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("size", [0, 1, 7, 1000])
+def test_dense_round_trip(dtype, size):
+    vector = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    if size:
+        vector[-1] = float("nan")
+    data = wire.encode_dense(vector, dtype=dtype, round=U32, sender=U32 - 1)
+    assert len(data) == wire.dense_message_bytes(size, dtype)
+    m = wire.decode(data)
+    assert (m.round, m.sender, m.n) == (U32, U32 - 1, size)
+    assert bitwise_equal(m.vector, vector.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("size,k", [(0, 0), (1, 0), (1, 1), (9, 9), (100, 0), (100, 1),
+                                    (100, 50), (100, 99), (100, 100), (4096, 3),
+                                    (10_000, 10), (10_000, 700), (10_000, 5000)])
+def test_sparse_round_trip(dtype, size, k):
+    rng = np.random.default_rng(size + k)
+    indices = random_indices(rng, size, k)
+    values = torch.from_numpy(rng.standard_normal(k)).to(dtype)
+    data = wire.encode_sparse(indices, values, size, dtype=dtype, round=4, sender=0)
+    assert len(data) <= wire.sparse_message_max_bytes(k, size, dtype)
+    m = wire.decode(data, expect_kind=MessageKind.SPARSE_PARAMS)
+    assert (m.size, m.n) == (size, k)
+    assert m.indices.dtype == torch.int64 and torch.equal(m.indices, indices)
+    assert bitwise_equal(m.values, values)
+    if m.flags & Flag.BITMAP:
+        assert len(data) == wire.sparse_message_max_bytes(k, size, dtype)
+
+
+def test_sparse_bitmap_versus_rice_choice():
+    rng = np.random.default_rng(3)
+    size = 8000
+    def coding(k):
+        data = wire.encode_sparse(random_indices(rng, size, k), torch.zeros(k), size,
+                                  round=0, sender=0)
+        return "bitmap" if header_of(data)["flags"] & Flag.BITMAP else "rice"
+    assert coding(size) == "bitmap"       # every index: 1 bit each
+    assert coding(size // 2) == "bitmap"  # Rice needs ~2.3 bits per index here
+    assert coding(size // 100) == "rice"
+    assert coding(0) == "rice"            # nothing at all beats ceil(M/8) bytes
+
+
+def test_sparse_accepts_huge_size_without_dense_work():
+    size = U32
+    indices = torch.tensor([0, 12345, size - 2, size - 1], dtype=torch.int64)
+    data = wire.encode_sparse(indices, torch.ones(4), size, round=0, sender=0)
+    assert len(data) < 100
+    m = wire.decode(data)
+    assert torch.equal(m.indices, indices) and m.size == size
+
+
+@pytest.mark.parametrize("ratio", [2, 4, 16, 100, 1000, 2**16])
+def test_sparse_index_bits_within_bound(ratio):
+    """At most log2(M/k) + 2 bits per kept index on uniformly random positions."""
+    rng = np.random.default_rng(ratio)
+    k = 2000
+    size = k * ratio
+    data = wire.encode_sparse(random_indices(rng, size, k), torch.zeros(k, dtype=torch.float16),
+                              size, dtype=torch.float16, round=0, sender=0)
+    index_bits = 8 * (len(data) - wire.OVERHEAD - 2 * k)
+    assert index_bits <= k * (math.log2(ratio) + 2), index_bits / k
+
+
+@pytest.mark.parametrize("r", [1, 2, 7, 8, 13, 31])
+def test_rice_remainders_use_the_packed_stream_layout(r):
+    """The remainder section is the DESIGN.md §2 stream of r-bit symbols."""
+    rng = np.random.default_rng(r)
+    for k in (1, 5, 64, 333):
+        values = rng.integers(0, 2**r, k, dtype=np.uint64)
+        stream = wire._pack_fields(values, r)
+        expected = ops.pack_labels(torch.from_numpy(values.astype(np.int64)), 2**r)
+        assert torch.equal(torch.from_numpy(stream.copy()), expected)
+        assert np.array_equal(wire._unpack_fields(stream, k, r), values.astype(np.int64))
+
+
+@pytest.mark.parametrize("with_consensus", [False, True])
+def test_control_round_trip(with_consensus):
+    consensus = None
+    if with_consensus:
+        consensus = wire.encode_consensus(torch.tensor([0, -1, 2]), 3,
+                                          keep=torch.tensor([True, False, True]), round=6)
+    for seed in (0, 2**64 - 1):
+        data = wire.encode_control(round=7, probe_seed=seed, num_probes=U32, consensus=consensus)
+        assert len(data) == wire.control_message_bytes(len(consensus) if consensus else 0)
+        m = wire.decode(data, expect_kind=MessageKind.CONTROL)
+        assert (m.probe_seed, m.num_probes, m.round, m.sender) == (seed, U32, 7, wire.SERVER)
+        if with_consensus:
+            assert m.flags == Flag.HAS_CONSENSUS
+            assert m.consensus == wire.decode(consensus)
+            assert torch.equal(m.consensus.labels, torch.tensor([0, -1, 2]))
+        else:
+            assert m.consensus is None and m.flags == Flag(0)
+
+
+def test_decode_accepts_bytearray_and_memoryview_and_copies():
+    packed = ops.pack_labels(torch.tensor([1, 0, 1]), 2)
+    buf = bytearray(wire.encode_votes(packed, 3, 2, round=0, sender=0))
+    m = wire.decode(buf)
+    buf[wire.HEADER_BYTES] ^= 0xFF  # decoded tensors must not alias the buffer
+    assert torch.equal(m.packed, packed)
+    big = bytearray(b"x" * 5) + bytes(wire.encode_dense(torch.ones(3), round=0, sender=0))
+    assert torch.equal(wire.decode(memoryview(big)[5:]).vector, torch.ones(3))
+    with pytest.raises(TypeError, match="data"):
+        wire.decode("TT")
+
+
+def test_message_equality():
+    data = wire.encode_dense(torch.tensor([float("nan"), 1.0]), round=0, sender=0)
+    assert wire.decode(data) == wire.decode(data)
+    other = wire.encode_dense(torch.tensor([float("nan"), 2.0]), round=0, sender=0)
+    assert wire.decode(data) != wire.decode(other)
+
+
+# --------------------------------------------------------------------------- #
+# encoder input validation
+# --------------------------------------------------------------------------- #
+def test_encode_rejects_bad_arguments():
+    packed = ops.pack_labels(torch.tensor([0, 1, 2]), 3)
+    ok = dict(round=0, sender=0)
+    for name, bad in (("round", -1), ("round", 2**32), ("sender", -1), ("sender", 2**32)):
+        args = {**ok, name: bad}
+        with pytest.raises(ValueError, match=name):
+            wire.encode_votes(packed, 3, 3, **args)
+    with pytest.raises(TypeError, match="round"):
+        wire.encode_votes(packed, 3, 3, round=1.5, sender=0)
+    with pytest.raises(TypeError, match="packed"):
+        wire.encode_votes(packed.to(torch.int32), 3, 3, **ok)
+    with pytest.raises(ValueError, match="packed"):
+        wire.encode_votes(packed, 5, 3, **ok)
+    with pytest.raises(ValueError, match="num_classes"):
+        wire.encode_votes(packed, 3, 1, **ok)
+    with pytest.raises(ValueError, match="padding"):
+        wire.encode_votes(torch.tensor([0xF0], dtype=torch.uint8), 2, 3, **ok)
+    with pytest.raises(ValueError, match="symbol"):
+        wire.encode_votes(torch.tensor([0x03], dtype=torch.uint8), 1, 3, **ok)
+    with pytest.raises(ValueError, match="labels"):
+        wire.encode_consensus(torch.tensor([0, 3]), 3, round=0)
+    with pytest.raises(ValueError, match="labels"):
+        wire.encode_consensus(torch.tensor([-2]), 3, round=0)
+    with pytest.raises(TypeError, match="labels"):
+        wire.encode_consensus(torch.tensor([0.0]), 3, round=0)
+    with pytest.raises(ValueError, match="keep"):
+        wire.encode_consensus(torch.tensor([0, 1]), 3, keep=torch.tensor([True]), round=0)
+    with pytest.raises(TypeError, match="keep"):
+        wire.encode_consensus(torch.tensor([0]), 3, keep=torch.tensor([1]), round=0)
+    with pytest.raises(ValueError, match="probs"):
+        wire.encode_soft_labels(torch.rand(3), **ok)
+    with pytest.raises(ValueError, match="dtype"):
+        wire.encode_soft_labels(torch.rand(3, 2), dtype=torch.bfloat16, **ok)
+    with pytest.raises(TypeError, match="vector"):
+        wire.encode_dense(torch.arange(3), **ok)
+    idx = torch.tensor([1, 3])
+    with pytest.raises(ValueError, match="increasing"):
+        wire.encode_sparse(torch.tensor([3, 1]), torch.ones(2), 5, **ok)
+    with pytest.raises(ValueError, match="increasing"):
+        wire.encode_sparse(torch.tensor([1, 1]), torch.ones(2), 5, **ok)
+    with pytest.raises(ValueError, match="indices"):
+        wire.encode_sparse(idx, torch.ones(2), 3, **ok)
+    with pytest.raises(ValueError, match="indices"):
+        wire.encode_sparse(torch.tensor([-1, 0]), torch.ones(2), 3, **ok)
+    with pytest.raises(TypeError, match="indices"):
+        wire.encode_sparse(idx.to(torch.int32), torch.ones(2), 5, **ok)
+    with pytest.raises(ValueError, match="values"):
+        wire.encode_sparse(idx, torch.ones(3), 5, **ok)
+    with pytest.raises(ValueError, match="size"):
+        wire.encode_sparse(idx, torch.ones(2), 2**32, **ok)
+    with pytest.raises(ValueError, match="probe_seed"):
+        wire.encode_control(round=0, probe_seed=2**64, num_probes=1)
+    with pytest.raises(ValueError, match="num_probes"):
+        wire.encode_control(round=0, probe_seed=0, num_probes=-1)
+    votes = wire.encode_votes(packed, 3, 3, **ok)
+    with pytest.raises(ValueError, match="consensus"):
+        wire.encode_control(round=0, probe_seed=0, num_probes=1, consensus=votes)
+
+
+# --------------------------------------------------------------------------- #
+# targeted corruptions
+# --------------------------------------------------------------------------- #
+@pytest.fixture
+def votes_msg():
+    # 3 votes of C = 3 (2 bits each): 6 bits used, 2 padding bits.
+    return wire.encode_votes(ops.pack_labels(torch.tensor([2, 0, 1]), 3), 3, 3,
+                             round=1, sender=2)
+
+
+def test_framing_corruptions(votes_msg):
+    rejects(b"", "truncated")
+    rejects(votes_msg[:wire.OVERHEAD - 1], "truncated")
+    rejects(votes_msg[:-1], "truncated")
+    rejects(votes_msg + b"\x00", "trailing")
+    rejects(reframe(votes_msg, magic=b"TX"), "magic")
+    rejects(reframe(votes_msg, version=2), "version")
+    rejects(reframe(votes_msg, version=0), "version")
+    for kind in (0, 7, 255):
+        rejects(reframe(votes_msg, kind=kind), "unknown kind")
+    rejects(votes_msg, "unexpected kind VOTES, expected CONSENSUS",
+            expect_kind=MessageKind.CONSENSUS)
+    flipped = bytearray(votes_msg)
+    flipped[wire.HEADER_BYTES] ^= 0x01
+    rejects(bytes(flipped), "checksum")
+    flipped = bytearray(votes_msg)
+    flipped[10] ^= 0x80  # round
+    rejects(bytes(flipped), "checksum")
+    rejects(votes_msg[:-4] + b"\0\0\0\0", "checksum")
+
+
+def test_header_field_corruptions(votes_msg):
+    rejects(reframe(votes_msg, flags=Flag.KEEP_MASK), "unknown flags")
+    rejects(reframe(votes_msg, flags=0x8000), "unknown flags")
+    rejects(reframe(votes_msg, bits=3), "bits")
+    rejects(reframe(votes_msg, aux=1), "num_classes")
+    rejects(reframe(votes_msg, aux=0), "num_classes")
+    rejects(reframe(votes_msg, aux=5), "bits")  # C=5 needs 3 bits
+    rejects(reframe(votes_msg, dtype=2), "dtype")
+    rejects(reframe(votes_msg, n=5), "payload size mismatch")
+    rejects(reframe(votes_msg, aux=4, flags=Flag.ABSTAIN), "bits")  # 5 symbols need 3 bits
+    # a hostile count must be rejected from the header alone, allocating nothing
+    rejects(reframe(votes_msg, n=U32), "payload size mismatch")
+    soft = wire.encode_soft_labels(torch.rand(2, 2), round=0, sender=0)
+    rejects(reframe(soft, n=U32, aux=U32), "payload size mismatch")
+    rejects(reframe(soft, bits=1), "must be 0")
+    rejects(reframe(soft, dtype=3), "dtype")
+    rejects(reframe(soft, dtype=0), "dtype")
+    dense = wire.encode_dense(torch.ones(2), round=0, sender=0)
+    rejects(reframe(dense, aux=1), "must be 0")
+    rejects(reframe(dense, bits=4), "must be 0")
+    rejects(reframe(dense, dtype=wire.WireDtype.FLOAT16), "payload size mismatch")
+    rejects(reframe(dense, n=U32), "payload size mismatch")
+
+
+def test_packed_stream_corruptions(votes_msg):
+    payload = votes_msg[wire.HEADER_BYTES:-4]
+    rejects(reframe(votes_msg, payload=bytes([payload[0] | 0x40])), "padding")
+    rejects(reframe(votes_msg, payload=bytes([payload[0] | 0x03])), "symbol out of range")
+    consensus = wire.encode_consensus(torch.tensor([0, -1, 1]), 2, keep=torch.ones(3, dtype=torch.bool),
+                                      round=0)
+    # C = 2 -> 3 symbols in 2 bits: symbol 3 is out of range
+    labels_byte, keep_byte = consensus[wire.HEADER_BYTES:-4]
+    rejects(reframe(consensus, payload=bytes([labels_byte | 0x03, keep_byte])),
+            "labels: symbol out of range")
+    rejects(reframe(consensus, payload=bytes([labels_byte | 0x80, keep_byte])), "labels: nonzero padding")
+    rejects(reframe(consensus, payload=bytes([labels_byte, keep_byte | 0x08])), "keep mask: nonzero padding")
+    rejects(reframe(consensus, bits=3), "bits")
+    rejects(reframe(consensus, flags=0), "payload size mismatch")
+
+
+def sparse_msg(indices, size, force_bitmap=None, **kw):
+    data = wire.encode_sparse(torch.tensor(indices, dtype=torch.int64),
+                              torch.arange(len(indices), dtype=torch.float32), size,
+                              round=0, sender=0, **kw)
+    if force_bitmap is not None:
+        assert bool(header_of(data)["flags"] & Flag.BITMAP) == force_bitmap
+    return data
+
+
+def test_sparse_bitmap_corruptions():
+    data = sparse_msg([0, 2, 5, 9], 10, force_bitmap=True)  # 2 bitmap bytes
+    payload = bytearray(data[wire.HEADER_BYTES:-4])
+    rejects(reframe(data, n=3), "payload size mismatch")
+    rejects(reframe(data, n=11), "exceed size")
+    bad = bytearray(payload)
+    bad[1] |= 0x80  # bit 15 > size
+    rejects(reframe(data, payload=bytes(bad)), "padding")
+    bad = bytearray(payload)
+    bad[0] |= 0x02
+    rejects(reframe(data, payload=bytes(bad)), "set bits")
+    rejects(reframe(data, bits=1), "must be 0")
+    rejects(reframe(data, dtype=3), "dtype")
+
+
+def test_sparse_rice_corruptions():
+    data = sparse_msg([3, 700, 1500], 1_000_000, force_bitmap=False)
+    h = header_of(data)
+    r = h["bits"]
+    payload = data[wire.HEADER_BYTES:-4]
+    values = payload[-12:]
+    index = payload[:-12]
+    rem_bytes = (3 * r + 7) // 8
+    unary, rem = index[:-rem_bytes], index[-rem_bytes:]
+    # unary codes that run off the end: drop the last terminator
+    last = len(unary) - 1
+    cut = bytearray(unary)
+    cut[last] &= (1 << (cut[last].bit_length() - 1)) - 1
+    rejects(reframe(data, payload=bytes(cut) + rem + values), "run off the end")
+    rejects(reframe(data, payload=b"\x00" * len(unary) + rem + values), "run off the end")
+    # an extra terminator (nonzero padding after the last code)
+    extra = bytearray(unary)
+    extra[last] |= 0x80
+    if extra != bytearray(unary):
+        rejects(reframe(data, payload=bytes(extra) + rem + values), "terminating bits")
+    # a trailing zero byte in the unary section
+    rejects(reframe(data, payload=unary + b"\x00" + rem + values), "payload size mismatch")
+    rejects(reframe(data, n=2, payload=index + values[:8]), "terminating bits|payload size")
+    rejects(reframe(data, payload=payload[-11:]), "payload size mismatch|at least")
+    # Rice parameter out of range, and nonzero for k = 0
+    rejects(reframe(data, bits=32), "Rice parameter")
+    empty = sparse_msg([], 100)
+    rejects(reframe(empty, bits=3), "must be 0 when k = 0")
+    rejects(reframe(empty, payload=b"\x00"), "payload size mismatch")
+    # remainder padding
+    if 3 * r % 8:
+        bad = bytearray(rem)
+        bad[-1] |= 0x80
+        rejects(reframe(data, payload=unary + bytes(bad) + values), "padding")
+    # indices beyond size: shrink size under the coded positions
+    rejects(reframe(data, aux=1000), "out of range")
+    rejects(reframe(data, aux=1500), "out of range")
+    assert wire.decode(reframe(data, aux=1501)).size == 1501
+    # a quotient so large that shifting it would overflow int64
+    huge = sparse_msg([2**32 - 2], 2**32 - 1, force_bitmap=False)
+    hh = header_of(huge)
+    rem_len = (hh["bits"] + 7) // 8
+    hp = huge[wire.HEADER_BYTES:-4]
+    long_unary = b"\x00" * 4096 + b"\x01"
+    rejects(reframe(huge, bits=31, payload=long_unary + b"\x00" * 4 + hp[-4:]), "out of range")
+    assert rem_len <= 4
+
+
+def test_control_corruptions():
+    consensus = wire.encode_consensus(torch.tensor([1, -1]), 2, round=0)
+    data = wire.encode_control(round=1, probe_seed=5, num_probes=2, consensus=consensus)
+    plain = wire.encode_control(round=1, probe_seed=5, num_probes=2)
+    rejects(reframe(plain, flags=Flag.HAS_CONSENSUS), "HAS_CONSENSUS is set")
+    rejects(reframe(data, flags=0), "HAS_CONSENSUS is clear")
+    rejects(reframe(plain, payload=plain[wire.HEADER_BYTES:-5]), "control fields")
+    rejects(reframe(plain, n=1), "must be 0")
+    rejects(reframe(plain, aux=1), "must be 0")
+    rejects(reframe(plain, dtype=1), "dtype")
+    fields = plain[wire.HEADER_BYTES:-4]
+    rejects(reframe(data, payload=fields + consensus[:-1] + b"\x00"), "embedded consensus: checksum")
+    rejects(reframe(data, payload=fields + consensus + b"\x00"), "embedded consensus: .*trailing")
+    votes = wire.encode_votes(torch.tensor([1], dtype=torch.uint8), 1, 2, round=0, sender=0)
+    rejects(reframe(data, payload=fields + votes), "embedded consensus: unexpected kind")
+    nested = wire.encode_control(round=0, probe_seed=0, num_probes=0)
+    rejects(reframe(data, payload=fields + nested), "embedded consensus")
+
+
+# --------------------------------------------------------------------------- #
+# fuzzing
+# --------------------------------------------------------------------------- #
+@st.composite
+def valid_messages(draw):
+    """(bytes, check) for a random valid message; check(decoded) asserts it."""
+    kind = draw(st.sampled_from(list(MessageKind)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    common = dict(round=draw(st.sampled_from([0, 1, U32])),
+                  sender=draw(st.sampled_from([0, 7, wire.SERVER])))
+    n = draw(st.sampled_from([0, 1, 5, 8, 9, 33]))
+    num_classes = draw(st.sampled_from(CLASS_COUNTS))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16]))
+
+    def consensus():
+        labels = random_symbols(rng, n, num_classes + 1) - 1
+        keep = torch.from_numpy(rng.random(n) < 0.5) if draw(st.booleans()) else None
+        data = wire.encode_consensus(labels, num_classes, keep=keep, **common)
+        def check(m):
+            assert torch.equal(m.labels, labels) and m.num_classes == num_classes
+            assert (m.keep is None) == (keep is None)
+            assert keep is None or torch.equal(m.keep, keep)
+        return data, check
+
+    if kind == MessageKind.VOTES:
+        abstain = draw(st.booleans())
+        symbols = num_classes + 1 if abstain else num_classes
+        packed = ops.pack_labels(random_symbols(rng, n, symbols), symbols)
+        data = wire.encode_votes(packed, n, num_classes, abstain=abstain, **common)
+        def check(m):
+            assert torch.equal(m.packed, packed) and (m.n, m.num_classes, m.abstain) == (
+                n, num_classes, abstain)
+    elif kind == MessageKind.CONSENSUS:
+        data, check = consensus()
+    elif kind == MessageKind.SOFT_LABELS:
+        probs = torch.from_numpy(rng.random((n, num_classes % 7 + 2))).to(dtype)
+        data = wire.encode_soft_labels(probs, dtype=dtype, **common)
+        def check(m):
+            assert bitwise_equal(m.probs, probs)
+    elif kind == MessageKind.DENSE_PARAMS:
+        vector = torch.from_numpy(rng.standard_normal(n)).to(dtype)
+        data = wire.encode_dense(vector, dtype=dtype, **common)
+        def check(m):
+            assert bitwise_equal(m.vector, vector)
+    elif kind == MessageKind.SPARSE_PARAMS:
+        size = draw(st.sampled_from([0, 1, 9, 64, 1000, 100_000]))
+        k = draw(st.integers(0, min(size, 40)))
+        indices = random_indices(rng, size, k)
+        values = torch.from_numpy(rng.standard_normal(k)).to(dtype)
+        data = wire.encode_sparse(indices, values, size, dtype=dtype, **common)
+        def check(m):
+            assert torch.equal(m.indices, indices) and bitwise_equal(m.values, values)
+            assert m.size == size
+    else:
+        embedded, check_embedded = consensus() if draw(st.booleans()) else (None, None)
+        seed = draw(st.integers(0, 2**64 - 1))
+        data = wire.encode_control(probe_seed=seed, num_probes=n, consensus=embedded, **common)
+        def check(m):
+            assert (m.probe_seed, m.num_probes) == (seed, n)
+            assert (m.consensus is None) == (embedded is None)
+            if embedded is not None:
+                check_embedded(m.consensus)
+
+    def full_check(m):
+        assert (m.kind, m.version, m.round, m.sender) == (kind, 1, common["round"], common["sender"])
+        check(m)
+    return data, full_check
+
+
+def decode_or_reject(data: bytes) -> None:
+    """Decoding corrupt bytes either fails with WireFormatError or yields a
+    message that is exactly what the encoder makes of its contents."""
+    try:
+        m = wire.decode(data)
+    except WireFormatError:
+        return
+    if m.kind == MessageKind.SPARSE_PARAMS:
+        # The index coding is the encoder's choice, so compare contents only.
+        assert m.indices.numel() == m.values.numel() == m.n <= m.size
+        idx = m.indices
+        assert idx.numel() == 0 or (int(idx[0]) >= 0 and int(idx[-1]) < m.size)
+        assert bool((idx[1:] > idx[:-1]).all())
+        again = wire.decode(wire.encode_sparse(idx, m.values, m.size, dtype=m.values.dtype,
+                                               round=m.round, sender=m.sender))
+        assert torch.equal(again.indices, idx) and bitwise_equal(again.values, m.values)
+    else:
+        assert reencode(m) == bytes(data)
+
+
+@FUZZ
+@given(valid_messages())
+def test_fuzz_unmodified_messages_decode_exactly(msg):
+    data, check = msg
+    check(wire.decode(data))
+    check(wire.decode(bytearray(data)))
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_fuzz_random_bytes(data):
+    decode_or_reject(data)
+    # the same bytes behind a valid magic and version, with a matching CRC
+    forged = b"TT\x01" + data
+    if len(forged) >= wire.OVERHEAD:
+        decode_or_reject(fix_crc(forged))
+
+
+@FUZZ
+@given(valid_messages(), st.data())
+def test_fuzz_mutated_messages(msg, draw):
+    data = bytearray(msg[0])
+    how = draw.draw(st.sampled_from(["bytes", "truncate", "extend", "header"]))
+    if how == "bytes":
+        for _ in range(draw.draw(st.integers(1, 4))):
+            pos = draw.draw(st.integers(0, len(data) - 1))
+            data[pos] = draw.draw(st.integers(0, 255))
+    elif how == "truncate":
+        data = data[:draw.draw(st.integers(0, len(data) - 1))]
+    elif how == "extend":
+        data += draw.draw(st.binary(min_size=1, max_size=16))
+    else:
+        field = draw.draw(st.sampled_from(FIELDS[2:]))
+        width = {"flags": 16, "bits": 8, "dtype": 8, "kind": 8}.get(field, 32)
+        value = draw.draw(st.one_of(st.integers(0, 2**width - 1), st.integers(0, 40)))
+        if field == "payload_len":
+            value = min(value, len(data))
+        payload = None
+        if draw.draw(st.booleans()):  # also resize the payload to match
+            old = data[wire.HEADER_BYTES:-4]
+            payload = bytes(old[:draw.draw(st.integers(0, len(old)))]) + \
+                draw.draw(st.binary(max_size=8))
+        data = bytearray(reframe(bytes(data), payload=payload, **{field: value}))
+    decode_or_reject(bytes(data))
+    if len(data) >= wire.OVERHEAD:
+        decode_or_reject(fix_crc(bytes(data)))
