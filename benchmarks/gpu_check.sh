@@ -46,11 +46,14 @@ step() {
 
 # Shell functions run by `timeout bash -c NAME`, hence exported.
 build() {
+  # The tests import tallytrain from this tree (PYTHONPATH), so the built
+  # extension must land in tallytrain/ here.
   if TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FORCE_CUDA=1 \
-      "$PY" -m pip install --no-build-isolation --no-deps -e . ; then
+      "$PY" -m pip install --no-build-isolation --no-deps -e . \
+      && compgen -G "tallytrain/_C*.so" > /dev/null; then
     return 0
   fi
-  echo "pip install -e . failed; falling back to setup.py build_ext --inplace"
+  echo "pip install -e . failed or left no tallytrain/_C*.so; falling back to build_ext --inplace"
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FORCE_CUDA=1 "$PY" setup.py build_ext --inplace
 }
 

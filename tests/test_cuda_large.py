@@ -87,12 +87,13 @@ def test_pack_argmax_large_bf16():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,c", [
-    (0, 2), (1, 2), (7, 2), (8, 3), (9, 10), (31, 16), (32, 17), (33, 255), (257, 256),
+    (0, 2), (1, 2), (7, 2), (8, 3), (9, 10), (31, 16), (32, 17), (1000, 100), (33, 255),
+    (257, 256),
     (1000, 257), (4097, 1000), (300, 1023), (300, 1025), (2100, 2048), (2100, 2049),
     (3, 50257), (1, 65536), (2, 65537), (5, 1 << 20), (600, 65537),
 ])
 def test_pack_argmax_shapes(n, c, dtype):
-    """Every regime: staged tiles (1..32 lanes a row), a warp a row, split rows."""
+    """Every regime: staged tiles (1, 2, 4 lanes a row), a warp a row, split rows."""
     g = gen(n * 100003 + c)
     logits = (torch.randn(n, c, device=CUDA, generator=g) * 4).to(dtype)
     check_pack_argmax(logits, cpu_rows=min(n, 64))
