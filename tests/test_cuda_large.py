@@ -403,15 +403,15 @@ def test_topk_1e7_against_cpu():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 7, 1000, 262143, 300001, 5_000_000])
+@pytest.mark.parametrize("m", [1, 2, 7, 1000, 300_001, 5_000_000])
 def test_topk_shapes(m, dtype):
     g = gen(m + 3)
     x = torch.randn(m, device=CUDA, generator=g).to(dtype)
     residual = (torch.randn(m, device=CUDA, generator=g) * 0.5).to(dtype)
     for k in sorted({0, 1, m // 1000, m // 10, m // 2, m - 1, m}):
         if 0 <= k <= m:
-            check_topk(x, k, cpu=m <= 300001)
-            check_topk_ef(x, residual, k, cpu=m <= 300001)
+            check_topk(x, k, cpu=m <= 300_001)
+            check_topk_ef(x, residual, k, cpu=m <= 300_001)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
