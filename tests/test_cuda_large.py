@@ -452,8 +452,17 @@ def test_topk_nan_and_errors():
     r = torch.zeros(1000, device=CUDA)
     y[3] = float("inf")
     r[3] = float("-inf")
-    with pytest.raises(ValueError, match="first at index 3"):
-        _ops.topk_sparse_ef(y, r, 10)
+    for k in (0, 10, 500, 1000):  # every path; the residual stays as it was
+        before = r.clone()
+        with pytest.raises(ValueError, match="first at index 3"):
+            _ops.topk_sparse_ef(y, r, k)
+        same_bits(r, before)
+    big = torch.randn(1_000_000, device=CUDA, generator=gen(83))
+    big_r = torch.zeros_like(big)
+    big_r[999_999] = float("nan")
+    with pytest.raises(ValueError, match="first at index 999999"):
+        _ops.topk_sparse_ef(big, big_r, 1000)  # the sampled path
+    assert bool(big_r[:999_999].eq(0).all())
     with pytest.raises(ValueError, match="k"):
         _ops.topk_sparse(y, 1001)
     with pytest.raises(TypeError, match="x"):
