@@ -120,6 +120,7 @@ def hostile_rows(c, dtype, gen):
         (mixed, nan, inf, "i"),
         (mixed, 10.0, nan, "j"),                  # ... and any finite maximum
         (mixed, inf, inf, "i"),                   # tied +inf
+        (mixed, inf, 10.0, "i"),                  # a lone +inf (probability NaN)
         (mixed, inf, payload_nan, "j"),           # a NaN with a payload is a NaN
         (mixed, negative_nan, nan, "i"),          # so is a NaN with the sign bit set
         (negative, -0.0, 0.0, "i"),               # -0.0 == +0.0: the first wins
@@ -220,6 +221,24 @@ def test_pack_argmax_many_rows(n, c, float_dtype, device, gen, ref, bitstream):
     logits = random_logits(n, c, float_dtype, gen, "few_values").to(device)
     packed, prob = ops.pack_argmax(logits, return_prob=True)
     assert_equal(packed.cpu(), bitstream.pack(logits.argmax(-1).tolist(), c))
+    assert_equal(packed, ref.pack_argmax(logits)[0])
+    assert_prob_close(prob, softmax_top1(logits))
+
+
+def test_pack_argmax_very_long_rows(float_dtype, device, gen, ref, bitstream):
+    # C far above the grid, so that a kernel may split one row over several
+    # blocks or threads and combine the parts: ties and NaN across the parts
+    # must still resolve to the first index.
+    c = 1_000_003
+    logits = random_logits(4, c, float_dtype, gen)
+    logits[0, [5, c - 1]] = 50.0          # tie between the first and the last part
+    logits[1, [c // 2, c - 2]] = float("nan")
+    logits[2, c - 1] = float("inf")       # the maximum in the very last element
+    logits = logits.to(device)
+    expected = [5, c // 2, c - 1, int(logits[3].float().argmax())]
+    assert logits.argmax(-1).tolist() == expected
+    packed, prob = ops.pack_argmax(logits, return_prob=True)
+    assert_equal(packed.cpu(), bitstream.pack(expected, c))
     assert_equal(packed, ref.pack_argmax(logits)[0])
     assert_prob_close(prob, softmax_top1(logits))
 

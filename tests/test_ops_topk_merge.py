@@ -220,13 +220,14 @@ def dense_merge(indices, values, size, counts=None):
 
 
 def random_peers(peers, size, dtypes, gen, device):
-    """Per peer: distinct sorted indices (k random, up to size) and values that
-    are multiples of 1/8 in [-1, 1]. They are exact in every dtype, so sums are
-    exact and averages are off the double-precision loop by a few float32
-    roundings of numbers <= 1 in magnitude, well inside atol."""
+    """Per peer: k distinct sorted indices (k random up to size or 3000, so
+    short vectors are often dense) and values that are multiples of 1/8 in
+    [-1, 1]. Those are exact in every dtype, so sums are exact and averages
+    are off the double-precision loop by a few float32 roundings of numbers
+    <= 1 in magnitude, well inside atol."""
     indices, values = [], []
     for p in range(peers):
-        k = int(torch.randint(0, min(size, 300) + 1, (1,), generator=gen))
+        k = int(torch.randint(0, min(size, 3000) + 1, (1,), generator=gen))
         idx = torch.randperm(size, generator=gen)[:k].sort().values
         val = torch.randint(-8, 9, (k,), generator=gen) / 8
         indices.append(idx.to(device))
