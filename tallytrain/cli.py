@@ -143,8 +143,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "info":
         return _info(args.json)
     try:
-        import torch
-
         from . import report
         from .fl.experiment import RunDirError, run_compare
         from .fl.registry import method_names
@@ -155,11 +153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             methods = method_names() if args.methods.strip() == "all" else \
                 [m.strip() for m in args.methods.split(",") if m.strip()]
         cfg = config_from_args(args, methods)
-        if args.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
         summary = run_compare(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
-                              show_progress=not args.quiet)
+                              show_progress=not args.quiet, threads=args.threads)
     except (ValueError, FileNotFoundError, RunDirError) as exc:
         print(f"tallytrain: error: {exc}", file=sys.stderr)
         return 2

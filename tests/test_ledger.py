@@ -17,6 +17,16 @@ from tallytrain.models import build_model, num_params
 from tallytrain.ops import packed_size
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and on a shared machine two
+    threads spin against other processes (measured 70x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(method: str, peers: int = 4, rounds: int = 3, **protocol) -> RunConfig:
     return RunConfig(method=method, peers=peers, rounds=rounds,
                      data=DataConfig(alpha=0.5, min_shard_size=5), model=ModelConfig(hidden=16),

@@ -20,6 +20,16 @@ from tallytrain.fl.registry import get_method, method_names
 ALL = ["local", "fedavg", "fedprox", "feddf", "softlabel", "tallytrain"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and on a shared machine two
+    threads spin against other processes (measured 70x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(method: str, rounds: int = 2, archs=("mlp",), train=None, **protocol) -> RunConfig:
     return RunConfig(method=method, peers=4, rounds=rounds,
                      data=DataConfig(alpha=0.5, min_shard_size=5),

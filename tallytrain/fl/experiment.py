@@ -27,6 +27,7 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
 
 from .. import report
 from ..data import FederatedData, prepare
@@ -130,6 +131,9 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
         progress.advance(label + " (done earlier)", cfg.rounds, run_finished=True)
         return result
     os.makedirs(run_dir, exist_ok=True)
+    for name in os.listdir(run_dir):  # temporaries of a run killed mid-write
+        if ".tmp." in name:
+            os.remove(os.path.join(run_dir, name))
     fed = Federation(cfg, data)
     if resume and os.path.isfile(ckpt):
         try:
@@ -158,8 +162,26 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
 
 
 def run_compare(cfg: CompareConfig, out: str, *, resume: bool = False, overwrite: bool = False,
-                show_progress: bool = True) -> dict:
-    """Run every (method, seed) of ``cfg`` into ``out``; returns summary.json's dict."""
+                show_progress: bool = True, threads: int = 1) -> dict:
+    """Run every (method, seed) of ``cfg`` into ``out``; returns summary.json's dict.
+
+    threads: torch CPU threads while running (restored afterwards). The
+    default 1 is the fastest for these small models and keeps results
+    independent of the machine; on a shared 2-core machine two threads were
+    measured up to 70x slower (OpenMP workers spinning against other work).
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_compare(cfg, out, resume, overwrite, show_progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
+                 show_progress: bool) -> dict:
     for m in cfg.methods:
         get_method(m)  # unknown names fail before anything is written
     # Build every seed's data and one federation per method before touching
