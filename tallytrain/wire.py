@@ -9,8 +9,8 @@ inputs (``ValueError``/``TypeError`` naming the argument). :func:`decode`
 validates every header field and every payload byte that has a meaning, and
 raises :class:`WireFormatError` -- and nothing else -- for any input that is
 not a message this module could have produced. It never reads past the buffer
-and checks every size against the buffer before allocating, so a hostile header
-cannot make it allocate more than a small multiple of the bytes it was given.
+and checks every size against the buffer before allocating, so what it allocates
+is proportional to the bytes it was given, whatever the header claims.
 
 Decoded tensors are fresh CPU tensors that own their memory, so the buffer may
 be reused or mutated afterwards.
@@ -42,7 +42,8 @@ __all__ = [
 
 MAGIC = b"TT"
 VERSION = 1
-_HEADER = struct.Struct("<2sBBHBBIIIII")  # magic version kind flags bits dtype round sender n aux payload_len
+# magic, version, kind, flags, bits, dtype, round, sender, n, aux, payload_len
+_HEADER = struct.Struct("<2sBBHBBIIIII")
 _TRAILER = struct.Struct("<I")            # CRC32
 _CONTROL = struct.Struct("<QI")           # probe_seed num_probes
 HEADER_BYTES = _HEADER.size
@@ -110,7 +111,9 @@ _FLOAT_BY_CODE = {code: (tdt, ndt) for tdt, (code, ndt) in _FLOAT_CODES.items()}
 class Message:
     """A decoded message. Fields a kind does not use are ``None``.
 
-    VOTES: ``packed`` (uint8 stream), ``n`` (probes), ``num_classes``, ``abstain``.
+    ``n`` is the header's count (probes, vector length, or k) for every kind
+    but CONTROL.
+    VOTES: ``packed`` (uint8 stream), ``num_classes``, ``abstain``.
     CONSENSUS: ``labels`` (int64, -1 = no label), ``keep`` (bool or None), ``num_classes``.
     SOFT_LABELS: ``probs`` ([N, C], float32 or float16 as sent), ``num_classes``.
     DENSE_PARAMS: ``vector``. SPARSE_PARAMS: ``indices`` (int64, ascending),
@@ -388,7 +391,8 @@ def encode_control(*, round: int, probe_seed: int, num_probes: int,
                    sender: int = SERVER) -> bytes:
     """The server's round opener: probe-subset seed and count, optionally the
     previous round's consensus message (embedded whole, validated here)."""
-    fields = _CONTROL.pack(_uint(probe_seed, "probe_seed", U64_MAX), _uint(num_probes, "num_probes"))
+    fields = _CONTROL.pack(_uint(probe_seed, "probe_seed", U64_MAX),
+                           _uint(num_probes, "num_probes"))
     parts = [fields]
     flags = Flag(0)
     if consensus is not None:
@@ -519,7 +523,8 @@ def decode(data: Union[bytes, bytearray, memoryview], *,
     (sent_crc,) = _TRAILER.unpack_from(view, end)
     crc = zlib.crc32(view[:end])
     if crc != sent_crc:
-        raise WireFormatError(f"checksum mismatch: CRC32 is {crc:#010x}, trailer says {sent_crc:#010x}")
+        raise WireFormatError(
+            f"checksum mismatch: CRC32 is {crc:#010x}, trailer says {sent_crc:#010x}")
     try:
         kind = MessageKind(kind_code)
     except ValueError:

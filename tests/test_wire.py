@@ -64,6 +64,15 @@ def random_indices(rng, size, k):
     return torch.from_numpy(np.sort(rng.choice(size, k, replace=False))).to(torch.int64)
 
 
+def sparse_msg(indices, size, force_bitmap=None, **kw):
+    data = wire.encode_sparse(torch.tensor(indices, dtype=torch.int64),
+                              torch.arange(len(indices), dtype=torch.float32), size,
+                              round=0, sender=0, **kw)
+    if force_bitmap is not None:
+        assert bool(header_of(data)["flags"] & Flag.BITMAP) == force_bitmap
+    return data
+
+
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and (a.numel() == 0 or torch.equal(
         a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
@@ -95,6 +104,38 @@ def test_constants():
     assert wire.SERVER == 0xFFFFFFFF
     assert [int(k) for k in MessageKind] == [1, 2, 3, 4, 5, 6]
     assert issubclass(WireFormatError, ValueError)
+
+
+def test_golden_bytes():
+    """The byte layout of docs/wire.md, written out by hand."""
+    def framed(body: bytes) -> bytes:
+        return body + struct.pack("<I", zlib.crc32(body))
+    # votes 2, 0, 1 with C = 3 (2 bits each): 0b01_00_10
+    votes = framed(b"TT" + bytes([1, 1]) + struct.pack("<H", 0) + bytes([2, 3])
+                   + struct.pack("<IIIII", 1, 2, 3, 3, 1) + bytes([0b01_00_10]))
+    packed = ops.pack_labels(torch.tensor([2, 0, 1]), 3)
+    assert wire.encode_votes(packed, 3, 3, round=1, sender=2) == votes
+    # consensus -1, 1 with C = 2 (3 symbols in 2 bits, -1 sent as 2), keep 0, 1
+    consensus = framed(b"TT" + bytes([1, 2]) + struct.pack("<H", 2) + bytes([2, 3])
+                       + struct.pack("<IIIII", 4, 0xFFFFFFFF, 2, 2, 2)
+                       + bytes([0b01_10, 0b10]))
+    assert wire.encode_consensus(torch.tensor([-1, 1]), 2, keep=torch.tensor([False, True]),
+                                 round=4) == consensus
+    control = framed(b"TT" + bytes([1, 6]) + struct.pack("<H", 8) + bytes([0, 0])
+                     + struct.pack("<IIIII", 5, 0xFFFFFFFF, 0, 0, 12 + len(consensus))
+                     + struct.pack("<QI", 2**64 - 2, 7) + consensus)
+    assert wire.encode_control(round=5, probe_seed=2**64 - 2, num_probes=7,
+                               consensus=consensus) == control
+    dense = framed(b"TT" + bytes([1, 4]) + struct.pack("<H", 0) + bytes([0, 1])
+                   + struct.pack("<IIIII", 0, 9, 2, 0, 4) + struct.pack("<ee", 1.5, -2.0))
+    assert wire.encode_dense(torch.tensor([1.5, -2.0]), dtype=torch.float16,
+                             round=0, sender=9) == dense
+    # bitmap of size 10 with indices 0, 9 (a tie with Rice r = 0, so the bitmap)
+    sparse = framed(b"TT" + bytes([1, 5]) + struct.pack("<H", 4) + bytes([0, 2])
+                    + struct.pack("<IIIII", 0, 1, 2, 10, 10)
+                    + bytes([0x01, 0x02]) + struct.pack("<ff", 3.0, 4.0))
+    assert wire.encode_sparse(torch.tensor([0, 9]), torch.tensor([3.0, 4.0]), 10,
+                              round=0, sender=1) == sparse
 
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)
@@ -386,6 +427,11 @@ def test_header_field_corruptions(votes_msg):
     rejects(reframe(votes_msg, n=U32), "payload size mismatch")
     soft = wire.encode_soft_labels(torch.rand(2, 2), round=0, sender=0)
     rejects(reframe(soft, n=U32, aux=U32), "payload size mismatch")
+    consensus = wire.encode_consensus(torch.tensor([0, 1]), 2, round=0)
+    rejects(reframe(consensus, n=U32), "payload size mismatch")
+    sparse = sparse_msg([0, 5], 6, force_bitmap=True)
+    rejects(reframe(sparse, n=U32, aux=U32), "payload size mismatch")
+    rejects(reframe(sparse, n=U32 // 4, aux=U32, flags=0), "payload size mismatch")
     rejects(reframe(soft, bits=1), "must be 0")
     rejects(reframe(soft, dtype=3), "dtype")
     rejects(reframe(soft, dtype=0), "dtype")
@@ -400,25 +446,19 @@ def test_packed_stream_corruptions(votes_msg):
     payload = votes_msg[wire.HEADER_BYTES:-4]
     rejects(reframe(votes_msg, payload=bytes([payload[0] | 0x40])), "padding")
     rejects(reframe(votes_msg, payload=bytes([payload[0] | 0x03])), "symbol out of range")
-    consensus = wire.encode_consensus(torch.tensor([0, -1, 1]), 2, keep=torch.ones(3, dtype=torch.bool),
+    consensus = wire.encode_consensus(torch.tensor([0, -1, 1]), 2,
+                                      keep=torch.ones(3, dtype=torch.bool),
                                       round=0)
     # C = 2 -> 3 symbols in 2 bits: symbol 3 is out of range
     labels_byte, keep_byte = consensus[wire.HEADER_BYTES:-4]
     rejects(reframe(consensus, payload=bytes([labels_byte | 0x03, keep_byte])),
             "labels: symbol out of range")
-    rejects(reframe(consensus, payload=bytes([labels_byte | 0x80, keep_byte])), "labels: nonzero padding")
-    rejects(reframe(consensus, payload=bytes([labels_byte, keep_byte | 0x08])), "keep mask: nonzero padding")
+    rejects(reframe(consensus, payload=bytes([labels_byte | 0x80, keep_byte])),
+            "labels: nonzero padding")
+    rejects(reframe(consensus, payload=bytes([labels_byte, keep_byte | 0x08])),
+            "keep mask: nonzero padding")
     rejects(reframe(consensus, bits=3), "bits")
     rejects(reframe(consensus, flags=0), "payload size mismatch")
-
-
-def sparse_msg(indices, size, force_bitmap=None, **kw):
-    data = wire.encode_sparse(torch.tensor(indices, dtype=torch.int64),
-                              torch.arange(len(indices), dtype=torch.float32), size,
-                              round=0, sender=0, **kw)
-    if force_bitmap is not None:
-        assert bool(header_of(data)["flags"] & Flag.BITMAP) == force_bitmap
-    return data
 
 
 def test_sparse_bitmap_corruptions():
@@ -437,51 +477,41 @@ def test_sparse_bitmap_corruptions():
 
 
 def test_sparse_rice_corruptions():
-    data = sparse_msg([3, 700, 1500], 1_000_000, force_bitmap=False)
-    h = header_of(data)
-    r = h["bits"]
+    # gaps 1, 18, 12 with r = 2: quotients 0, 4, 3 -> unary bits 1|00001|0001
+    # (10 bits, 2 bytes: ones at stream bits 0, 5, 9), remainders 1, 2, 0 in
+    # 6 bits (1 byte), then three float32 values.
+    data = sparse_msg([1, 20, 33], 1000, force_bitmap=False)
+    assert header_of(data)["bits"] == 2
     payload = data[wire.HEADER_BYTES:-4]
-    values = payload[-12:]
-    index = payload[:-12]
-    rem_bytes = (3 * r + 7) // 8
-    unary, rem = index[:-rem_bytes], index[-rem_bytes:]
-    # unary codes that run off the end: drop the last terminator
-    last = len(unary) - 1
-    cut = bytearray(unary)
-    cut[last] &= (1 << (cut[last].bit_length() - 1)) - 1
-    rejects(reframe(data, payload=bytes(cut) + rem + values), "run off the end")
-    rejects(reframe(data, payload=b"\x00" * len(unary) + rem + values), "run off the end")
-    # an extra terminator (nonzero padding after the last code)
-    extra = bytearray(unary)
-    extra[last] |= 0x80
-    if extra != bytearray(unary):
-        rejects(reframe(data, payload=bytes(extra) + rem + values), "terminating bits")
-    # a trailing zero byte in the unary section
-    rejects(reframe(data, payload=unary + b"\x00" + rem + values), "payload size mismatch")
-    rejects(reframe(data, n=2, payload=index + values[:8]), "terminating bits|payload size")
-    rejects(reframe(data, payload=payload[-11:]), "payload size mismatch|at least")
-    # Rice parameter out of range, and nonzero for k = 0
-    rejects(reframe(data, bits=32), "Rice parameter")
+    unary, rem, values = payload[:2], payload[2:3], payload[3:]
+    assert (unary, rem) == (bytes([0x21, 0x02]), bytes([0x09]))
+    def with_payload(u, r=rem, **fields):
+        return reframe(data, payload=bytes(u) + bytes(r) + values, **fields)
+    assert wire.decode(with_payload(unary)) == wire.decode(data)
+    rejects(with_payload([0x21, 0x00]), "run off the end")     # last terminator lost
+    rejects(with_payload([0x00, 0x00]), "run off the end")
+    rejects(with_payload([0x21, 0x82]), "terminating bits")    # nonzero unary padding
+    rejects(with_payload([0x21, 0x02, 0x00]), "payload size mismatch")  # trailing byte
+    rejects(with_payload([0x21]), "run off the end")
+    rejects(with_payload(unary, [0x49]), "Rice remainders: nonzero padding")
+    rejects(reframe(data, payload=payload[:1] + values), "run off the end")
+    rejects(reframe(data, payload=values[1:]), "payload size mismatch")
+    rejects(reframe(data, n=2), "payload size mismatch|terminating bits")
+    rejects(reframe(data, bits=wire.RICE_MAX_PARAM + 1), "Rice parameter")
+    rejects(reframe(data, bits=3), "payload size mismatch|run off the end|padding")
+    # indices beyond size: the last index is 33
+    rejects(reframe(data, aux=33), "out of range")
+    assert wire.decode(reframe(data, aux=34)).size == 34
+    rejects(reframe(data, aux=12), "out of range")  # a quotient alone reaches past size
+    # k = 0: empty index section and r = 0
     empty = sparse_msg([], 100)
+    assert wire.decode(empty).indices.numel() == 0
     rejects(reframe(empty, bits=3), "must be 0 when k = 0")
     rejects(reframe(empty, payload=b"\x00"), "payload size mismatch")
-    # remainder padding
-    if 3 * r % 8:
-        bad = bytearray(rem)
-        bad[-1] |= 0x80
-        rejects(reframe(data, payload=unary + bytes(bad) + values), "padding")
-    # indices beyond size: shrink size under the coded positions
-    rejects(reframe(data, aux=1000), "out of range")
-    rejects(reframe(data, aux=1500), "out of range")
-    assert wire.decode(reframe(data, aux=1501)).size == 1501
-    # a quotient so large that shifting it would overflow int64
+    # a quotient of 2**15 with r = 31 is rejected before it is shifted
     huge = sparse_msg([2**32 - 2], 2**32 - 1, force_bitmap=False)
-    hh = header_of(huge)
-    rem_len = (hh["bits"] + 7) // 8
-    hp = huge[wire.HEADER_BYTES:-4]
-    long_unary = b"\x00" * 4096 + b"\x01"
-    rejects(reframe(huge, bits=31, payload=long_unary + b"\x00" * 4 + hp[-4:]), "out of range")
-    assert rem_len <= 4
+    hostile = b"\x00" * 4096 + b"\x01" + b"\x00" * 4 + huge[-8:-4]
+    rejects(reframe(huge, bits=31, payload=hostile), "out of range")
 
 
 def test_control_corruptions():
@@ -495,7 +525,8 @@ def test_control_corruptions():
     rejects(reframe(plain, aux=1), "must be 0")
     rejects(reframe(plain, dtype=1), "dtype")
     fields = plain[wire.HEADER_BYTES:-4]
-    rejects(reframe(data, payload=fields + consensus[:-1] + b"\x00"), "embedded consensus: checksum")
+    rejects(reframe(data, payload=fields + consensus[:-1] + b"\x00"),
+            "embedded consensus: checksum")
     rejects(reframe(data, payload=fields + consensus + b"\x00"), "embedded consensus: .*trailing")
     votes = wire.encode_votes(torch.tensor([1], dtype=torch.uint8), 1, 2, round=0, sender=0)
     rejects(reframe(data, payload=fields + votes), "embedded consensus: unexpected kind")
@@ -567,7 +598,8 @@ def valid_messages(draw):
                 check_embedded(m.consensus)
 
     def full_check(m):
-        assert (m.kind, m.version, m.round, m.sender) == (kind, 1, common["round"], common["sender"])
+        assert (m.kind, m.version) == (kind, 1)
+        assert (m.round, m.sender) == (common["round"], common["sender"])
         check(m)
     return data, full_check
 
