@@ -95,6 +95,24 @@ def summary_table(summary: Mapping, reference: str = "softlabel") -> str:
     return "\n".join(lines) + "\n"
 
 
+def phase_table(summary: Mapping) -> str:
+    """A Markdown table of phase_seconds per method, with each run's total and
+    the share of the protocol ops in it."""
+    methods = summary["methods"]
+    phases = []
+    for m in methods.values():
+        phases += [k for k in m["phase_seconds"] if k not in phases]
+    head = ["method"] + phases + ["total", "ops share"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        ps = m["phase_seconds"]
+        total = sum(ps.values())
+        share = ps.get("ops", 0.0) / total if total else 0.0
+        lines.append("| " + " | ".join([name] + [f"{ps.get(k, 0.0):.2f}" for k in phases]
+                                       + [f"{total:.2f}", f"{100 * share:.2f}%"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _ratio(a: int, b: int) -> str:
     if b == 0:
         return "n/a"

@@ -135,8 +135,13 @@ def test_phases_cover_the_round_time():
     wall = sum(m["round_seconds"] for m in fed.metrics)
     assert set(fed.timer.seconds) == set(PHASES)
     assert sum(fed.timer.seconds.values()) == pytest.approx(wall, rel=1e-6)
-    for phase in ("local_training", "distillation", "ops", "messaging", "inference"):
+    for phase in ("local_training", "joint_training", "ops", "messaging", "inference"):
         assert fed.timer.seconds[phase] > 0, phase
+    seq = Federation(dataclasses.replace(tiny("tallytrain"), train=TrainConfig(
+        order="distill-train", local_steps=2, distill_steps=2, batch_size=16,
+        distill_batch_size=16)), data())
+    seq.run()
+    assert seq.timer.seconds["distillation"] > 0 and seq.timer.seconds["joint_training"] == 0
 
 
 def test_config_round_trip_is_strict():

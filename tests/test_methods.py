@@ -288,3 +288,14 @@ def test_decentralized_peers_reach_the_server_consensus():
     keys = ("accuracy", "consensus_acc", "agreement", "kept_fraction")
     for a, b in zip(server.metrics, p2p.metrics):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+@pytest.mark.parametrize("order", ["distill-train", "train-distill"])
+@pytest.mark.parametrize("method", ["tallytrain", "softlabel"])
+def test_sequential_orders_distill_on_the_consensus(method, order):
+    train = TrainConfig(order=order, local_steps=2, distill_steps=3, batch_size=16,
+                        distill_batch_size=16)
+    fed = Federation(tiny(method, train=train, abstain_below=None, agreement_threshold=0.0),
+                     digits4())
+    fed.run()
+    assert fed.timer.seconds["distillation"] > 0 and fed.timer.seconds["joint_training"] == 0

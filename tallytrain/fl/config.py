@@ -109,12 +109,13 @@ class ProtocolConfig:
     probes_per_round: int = 256
     participation: float = 1.0           # share of peers selected each round
     agreement_threshold: float = 0.5     # keep probes with count/total >= this
-    abstain_below: Optional[float] = 0.99  # peers abstain when top-1 prob < this
+    abstain_below: Optional[float] = 0.95  # peers abstain when top-1 prob < this
     decentralized: bool = False          # tallytrain: every peer tallies all votes
     prox_mu: float = 0.01                # fedprox
     softlabel_dtype: str = "float32"
     sharpen_temperature: Optional[float] = None  # DS-FL entropy reduction (e.g. 0.1)
     server_distill_steps: int = 50       # feddf
+    server_lr: float = 1e-3              # feddf: Adam on the server model (as in FedDF)
     param_dtype: str = "float32"         # dense parameter payloads
     adversarial_fraction: float = 0.0
     adversarial_mode: str = "random"     # random | flip
@@ -136,6 +137,7 @@ class ProtocolConfig:
                      f"{name} must be one of {', '.join(PAYLOAD_DTYPES)}, got {getattr(self, name)!r}")
         _require(self.sharpen_temperature is None or self.sharpen_temperature > 0,
                  f"sharpen_temperature must be > 0, got {self.sharpen_temperature}")
+        _require(self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
         _require(self.server_distill_steps >= 0,
                  f"server_distill_steps must be >= 0, got {self.server_distill_steps}")
         _require(0 <= self.adversarial_fraction <= 1,

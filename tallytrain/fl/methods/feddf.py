@@ -1,11 +1,12 @@
 """``feddf``: FedAvg, then the server distills the averaged model on the
-round's probes towards the peers' averaged softened predictions (the server
-runs each received model on the probes itself; peers send only parameters)."""
+round's probes towards softmax(mean of the peers' logits / T), as in FedDF
+(the server runs each received model on the probes itself; peers send only
+parameters)."""
 from __future__ import annotations
 
 import torch
 
-from ..aggregate import average_probs, labels_accuracy, share_agreeing
+from ..aggregate import labels_accuracy, share_agreeing
 from ..loop import SERVER_STREAM
 from ..peer import soft_label_loss
 from ..registry import register
@@ -24,9 +25,10 @@ class FedDF(FedAvg):
         x = fed.data.x_probe[idx]
         with fed.timer("distillation"):
             logits = self.server.predict(x, vectors)
-            targets = average_probs(torch.softmax(logits / t.temperature, dim=-1))
+            targets = torch.softmax(logits.mean(0) / t.temperature, dim=-1)
             self.server.distill(x, targets, fed.cfg.protocol.server_distill_steps,
-                                t.distill_batch_size, soft_label_loss(t.temperature), t.lr,
+                                t.distill_batch_size, soft_label_loss(t.temperature),
+                                fed.cfg.protocol.server_lr,
                                 fed.generator(SERVER_STREAM, r))
         consensus = targets.argmax(-1)
         return RoundStats(consensus_acc=labels_accuracy(consensus, fed.data.y_probe[idx]),
