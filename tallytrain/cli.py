@@ -52,18 +52,23 @@ def _add_field(group, f: dataclasses.Field) -> None:
     t = str(f.type)
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     help_text = f"{help_text} (default: {','.join(default) if isinstance(default, tuple) else default})".strip()
+    # SUPPRESS: an option not given is absent from the namespace, so that an
+    # explicit "none" (-> None) is distinguishable from "not given".
     if t == "bool":
-        group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+        group.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                           help=help_text)
         return
     cast = {"int": int, "float": float, "str": str}.get(t.replace("Optional[", "").rstrip("]"))
     if t.startswith("Tuple"):
-        group.add_argument(flag, dest=f.name, default=None, metavar="A,B",
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="A,B",
                            type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
                            help=help_text)
     elif t.startswith("Optional"):
-        group.add_argument(flag, dest=f.name, default=None, type=_optional(cast), help=help_text)
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_optional(cast),
+                           help=help_text)
     else:
-        group.add_argument(flag, dest=f.name, default=None, type=cast, help=help_text)
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=cast,
+                           help=help_text)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -106,9 +111,9 @@ def config_from_args(args: argparse.Namespace, methods: List[str]) -> C.CompareC
     sections = {}
     for name, cls in _SECTIONS:
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                 if getattr(args, f.name) is not None}
+                 if hasattr(args, f.name)}
         sections[name] = cls(**given)
-    top = {k: getattr(args, k) for k in _TOP if getattr(args, k) is not None}
+    top = {k: getattr(args, k) for k in _TOP if hasattr(args, k)}
     base = C.RunConfig(method=methods[0], seed=args.seed, **top, **sections)
     count = 1 if args.seeds is None else args.seeds
     if count < 1:

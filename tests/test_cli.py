@@ -181,3 +181,19 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     with open(os.path.join(killed, "comm.csv")) as fa, open(os.path.join(whole, "comm.csv")) as fb:
         assert fa.read() == fb.read()
     assert not [f for f in os.listdir(os.path.dirname(metrics)) if ".tmp." in f]
+
+
+def test_every_config_field_is_an_option():
+    from tallytrain.cli import build_parser, config_from_args
+    args = build_parser().parse_args(
+        ["compare", "--out", "x", "--methods", "tallytrain", "--abstain-below", "none",
+         "--archs", "mlp,cnn", "--decentralized", "--sharpen-temperature", "0.1",
+         "--alpha", "0.3", "--seeds", "3", "--seed", "5", "--order", "distill-train"])
+    cfg = config_from_args(args, ["tallytrain"])
+    assert cfg.seeds == (5, 6, 7)
+    assert cfg.base.protocol.abstain_below is None and cfg.base.protocol.decentralized
+    assert cfg.base.protocol.sharpen_temperature == 0.1
+    assert cfg.base.model.archs == ("mlp", "cnn") and cfg.base.data.alpha == 0.3
+    assert cfg.base.train.order == "distill-train"
+    # untouched fields keep their defaults
+    assert cfg.base.train.local_steps == 30 and cfg.base.rounds == 20

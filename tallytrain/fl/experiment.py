@@ -50,21 +50,22 @@ class Progress:
 
     def __init__(self, total: int, enabled: bool = True, stream=None):
         self.total, self.done = max(total, 1), 0
+        self.skipped = 0  # rounds finished by an earlier invocation (resume)
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.perf_counter()
-        self._first_done: Optional[int] = None
 
-    def advance(self, label: str, n: int = 1, run_finished: bool = False) -> None:
+    def advance(self, label: str, n: int = 1, run_finished: bool = False,
+                skipped: bool = False) -> None:
         self.done += n
+        if skipped:
+            self.skipped += n
         if not self.enabled or not (self.tty or run_finished):
             return
-        if self._first_done is None:
-            self._first_done = self.done - n
         elapsed = time.perf_counter() - self.start
-        fresh = self.done - self._first_done
-        eta = elapsed / fresh * (self.total - self.done) if fresh else 0.0
+        worked = self.done - self.skipped
+        eta = elapsed / worked * (self.total - self.done) if worked else 0.0
         frac = self.done / self.total
         bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
         line = (f"[{bar}] {100 * frac:5.1f}% {self.done}/{self.total} rounds  {label}  "
@@ -128,7 +129,7 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
         result = _read_json(result_path, "run result")
         if not isinstance(result, dict) or config_diff(result.get("config", {}), cfg.to_dict()):
             raise RunDirError(f"{result_path} belongs to another configuration")
-        progress.advance(label + " (done earlier)", cfg.rounds, run_finished=True)
+        progress.advance(label + " (done earlier)", cfg.rounds, run_finished=True, skipped=True)
         return result
     os.makedirs(run_dir, exist_ok=True)
     for name in os.listdir(run_dir):  # temporaries of a run killed mid-write
@@ -140,7 +141,7 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
             load_checkpoint(fed, ckpt)
         except ValueError as exc:
             raise RunDirError(f"cannot resume: {exc}; delete {ckpt} to restart that run") from exc
-        progress.advance(label + f" (resumed at round {fed.round})", fed.round)
+        progress.advance(label + f" (resumed at round {fed.round})", fed.round, skipped=True)
 
     def on_round(f: Federation) -> None:
         save_checkpoint(f, ckpt)
