@@ -146,12 +146,21 @@ def _curves(rows: Sequence[Mapping], key: str):
     return out
 
 
+def _colors(rows: Sequence[Mapping]) -> Dict[str, str]:
+    """One colour per method, the same in every plot of a run directory."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return {m: f"C{i % 10}" for i, m in enumerate(methods)}
+
+
 def plot_accuracy_vs_round(rows: Sequence[Mapping], path: str, title: str = "") -> None:
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+    colors = _colors(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, (x, mean, std, _) in _curves(rows, "accuracy").items():
-        line, = ax.plot(x, mean, label=method, marker="o", markersize=2.5)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        ax.plot(x, mean, label=method, marker="o", markersize=2.5, color=colors[method])
+        ax.fill_between(x, mean - std, mean + std, color=colors[method], alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rounds completed")
     ax.set_ylabel("test accuracy (mean over seeds, ±1 std)")
     ax.set_title(title or "accuracy per round")
@@ -167,17 +176,18 @@ def plot_accuracy_vs_bytes(rows: Sequence[Mapping], path: str, title: str = "") 
     (local) cannot sit on a log axis: it is drawn as a dashed horizontal line
     at its final accuracy."""
     plt = _pyplot()
+    colors = _colors(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     silent = []
     for method, (_, mean, _, cum) in _curves(rows, "accuracy").items():
         if cum[-1] <= 0:
             silent.append((method, mean[-1]))
             continue
-        ax.plot(cum, mean, label=method, marker="o", markersize=2.5)
+        ax.plot(cum, mean, label=method, marker="o", markersize=2.5, color=colors[method])
     for method, acc in silent:
-        ax.axhline(acc, linestyle="--", color="gray", linewidth=1)
+        ax.axhline(acc, linestyle="--", color=colors[method], linewidth=1)
         ax.annotate(f"{method} (no communication)", (0.01, acc), xycoords=("axes fraction", "data"),
-                    fontsize=7, color="gray", va="bottom")
+                    fontsize=7, color=colors[method], va="bottom")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative bytes, all peers (log scale)")
     ax.set_ylabel("test accuracy (mean over seeds)")
