@@ -1,0 +1,248 @@
+"""Run configuration: frozen dataclasses, validated on construction, with a
+strict round trip through JSON (``to_dict`` / ``from_dict``) so that a run
+directory's config.json fully determines its results."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Tuple
+
+from ..data.partition import PARTITIONS
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    partition: str = "dirichlet"         # iid | dirichlet | classes
+    alpha: float = 0.1                   # Dirichlet concentration
+    classes_per_peer: int = 2            # for partition="classes"
+    min_shard_size: int = 10
+    max_retries: int = 100               # Dirichlet redraws before giving up
+    test_fraction: float = 0.2           # carved when the dataset has no test split
+    probe_fraction: float = 0.2          # the public probe pool
+    max_samples: int = 0                 # 0 = use every sample
+    max_test_samples: int = 0            # 0 = the whole test split
+    num_classes: int = 100               # synthetic task only
+    synthetic_dim: int = 32
+    samples_per_class: int = 30
+    synthetic_noise: float = 0.6
+    synthetic_seed: int = 0
+
+    def __post_init__(self):
+        _require(self.partition in PARTITIONS,
+                 f"unknown partition {self.partition!r}; known partitions: {', '.join(PARTITIONS)}")
+        _require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        _require(self.classes_per_peer >= 1,
+                 f"classes_per_peer must be >= 1, got {self.classes_per_peer}")
+        _require(self.min_shard_size >= 1, f"min_shard_size must be >= 1, got {self.min_shard_size}")
+        _require(self.max_retries >= 1, f"max_retries must be >= 1, got {self.max_retries}")
+        _require(0 < self.probe_fraction < 1,
+                 f"probe_fraction must be in (0, 1), got {self.probe_fraction}")
+        _require(0 < self.test_fraction < 1 and self.test_fraction + self.probe_fraction < 1,
+                 f"test_fraction must be in (0, 1) with test_fraction + probe_fraction < 1, got "
+                 f"{self.test_fraction} + {self.probe_fraction}")
+        _require(self.max_samples >= 0, f"max_samples must be >= 0, got {self.max_samples}")
+        _require(self.max_test_samples >= 0,
+                 f"max_test_samples must be >= 0, got {self.max_test_samples}")
+        _require(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    archs: Tuple[str, ...] = ("mlp",)    # assigned to peers round-robin
+    hidden: int = 64
+
+    def __post_init__(self):
+        object.__setattr__(self, "archs", tuple(self.archs))
+        _require(len(self.archs) >= 1, "archs must name at least one architecture")
+        _require(self.hidden >= 1, f"hidden must be >= 1, got {self.hidden}")
+
+    @property
+    def mixed(self) -> bool:
+        return len(set(self.archs)) > 1
+
+
+PEER_ORDERS = ("distill-train", "train-distill", "joint")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 30                # minibatch steps on the shard per round
+    batch_size: int = 32
+    lr: float = 0.01                     # Adam; state reset every round
+    distill_steps: int = 30              # steps on the probes (sequential orders only)
+    distill_batch_size: int = 64
+    temperature: float = 2.0             # softlabel / feddf distillation temperature
+    undertrained_fraction: float = 0.0   # share of peers doing only undertrained_steps
+    undertrained_steps: int = 1
+    peer_batch: int = 0                  # peers per vectorised call (0 = all of an arch)
+    order: str = "joint"                 # distillation methods: see docs/protocol.md
+    distill_weight: float = 1.0          # order="joint": weight of the consensus loss
+
+    def __post_init__(self):
+        _require(self.order in PEER_ORDERS,
+                 f"order must be one of {', '.join(PEER_ORDERS)}, got {self.order!r}")
+        for name in ("local_steps", "distill_steps", "undertrained_steps", "peer_batch"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "distill_batch_size"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(self.distill_weight >= 0,
+                 f"distill_weight must be >= 0, got {self.distill_weight}")
+        _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _require(0 <= self.undertrained_fraction <= 1,
+                 f"undertrained_fraction must be in [0, 1], got {self.undertrained_fraction}")
+
+
+ADVERSARIAL_MODES = ("random", "flip")
+PAYLOAD_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    probes_per_round: int = 256
+    participation: float = 1.0           # share of peers selected each round
+    agreement_threshold: float = 0.5     # keep probes with count/total >= this
+    abstain_below: Optional[float] = 0.95  # peers abstain when top-1 prob < this
+    decentralized: bool = False          # tallytrain: every peer tallies all votes
+    prox_mu: float = 0.01                # fedprox
+    softlabel_dtype: str = "float32"
+    sharpen_temperature: Optional[float] = None  # DS-FL entropy reduction (e.g. 0.1)
+    server_distill_steps: int = 50       # feddf
+    server_lr: float = 1e-3              # feddf: Adam on the server model (as in FedDF)
+    param_dtype: str = "float32"         # dense parameter payloads
+    adversarial_fraction: float = 0.0
+    adversarial_mode: str = "random"     # random | flip
+
+    def __post_init__(self):
+        _require(self.probes_per_round >= 1,
+                 f"probes_per_round must be >= 1, got {self.probes_per_round}")
+        _require(0 < self.participation <= 1,
+                 f"participation must be in (0, 1], got {self.participation}")
+        _require(0 <= self.agreement_threshold <= 1,
+                 f"agreement_threshold must be in [0, 1], got {self.agreement_threshold}")
+        _require(self.abstain_below is None or 0 <= self.abstain_below <= 1,
+                 f"abstain_below must be in [0, 1], got {self.abstain_below}")
+        _require(not (self.decentralized and self.participation < 1),
+                 "decentralized mode needs participation = 1 (every peer hears every peer)")
+        _require(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu}")
+        for name in ("softlabel_dtype", "param_dtype"):
+            _require(getattr(self, name) in PAYLOAD_DTYPES,
+                     f"{name} must be one of {', '.join(PAYLOAD_DTYPES)}, got {getattr(self, name)!r}")
+        _require(self.sharpen_temperature is None or self.sharpen_temperature > 0,
+                 f"sharpen_temperature must be > 0, got {self.sharpen_temperature}")
+        _require(self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
+        _require(self.server_distill_steps >= 0,
+                 f"server_distill_steps must be >= 0, got {self.server_distill_steps}")
+        _require(0 <= self.adversarial_fraction <= 1,
+                 f"adversarial_fraction must be in [0, 1], got {self.adversarial_fraction}")
+        _require(self.adversarial_mode in ADVERSARIAL_MODES,
+                 f"adversarial_mode must be one of {', '.join(ADVERSARIAL_MODES)}, got "
+                 f"{self.adversarial_mode!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated run: one method, one seed."""
+
+    method: str = "tallytrain"
+    seed: int = 0
+    peers: int = 10
+    rounds: int = 20
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+    def __post_init__(self):
+        _require(self.peers >= 1, f"peers must be >= 1, got {self.peers}")
+        _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "RunConfig":
+        return from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Several methods and seeds on identical splits, partitions and probes."""
+
+    methods: Tuple[str, ...] = ("tallytrain",)
+    seeds: Tuple[int, ...] = (0,)
+    base: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        _require(len(self.methods) >= 1, "methods must name at least one method")
+        _require(len(set(self.methods)) == len(self.methods),
+                 f"methods lists a method twice: {', '.join(self.methods)}")
+        _require(len(self.seeds) >= 1, "seeds must hold at least one seed")
+        _require(len(set(self.seeds)) == len(self.seeds), f"seeds repeat: {self.seeds}")
+
+    def run(self, method: str, seed: int) -> RunConfig:
+        return dataclasses.replace(self.base, method=method, seed=seed)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "CompareConfig":
+        return from_dict(cls, d)
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def from_dict(cls, d: Dict[str, Any], where: str = "config"):
+    """Build ``cls`` from a dict, refusing unknown or missing keys by name."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys: {', '.join(unknown)}")
+    missing = sorted(set(known) - set(d))
+    if missing:
+        raise ValueError(f"{where} lacks keys: {', '.join(missing)}")
+    kwargs = {}
+    for name, f in known.items():
+        value = d[name]
+        sub = _NESTED.get((cls.__name__, name))
+        kwargs[name] = from_dict(sub, value, f"{where}.{name}") if sub else value
+    return cls(**kwargs)
+
+
+_NESTED = {("RunConfig", "data"): DataConfig, ("RunConfig", "model"): ModelConfig,
+           ("RunConfig", "train"): TrainConfig, ("RunConfig", "protocol"): ProtocolConfig,
+           ("CompareConfig", "base"): RunConfig}
+
+
+def config_diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> list:
+    """Dotted names of the fields where two config dicts differ."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} != {vb!r}")
+    return out

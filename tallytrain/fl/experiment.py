@@ -1,0 +1,238 @@
+"""Experiments on disk: ``run_compare`` runs several methods and seeds on
+identical splits, partitions and probes and keeps everything in one run
+directory; ``--resume`` picks an interrupted directory up where it stopped.
+
+Layout of a run directory::
+
+    config.json              the CompareConfig (all of it)
+    partition.json           per seed: split indices, each peer's samples, class counts
+    metrics.jsonl            one row per method, seed and round
+    comm.csv                 one row per message: method, seed, round, sender, ...
+    summary.json             {"methods": {name: {...}}}
+    accuracy_vs_round.png, accuracy_vs_bytes.png, partition_heatmap.png
+    runs/<method>/seed<s>/   checkpoint.pt (after every round), metrics.jsonl,
+                             and, once finished, comm.csv and result.json
+
+Nothing existing is overwritten unless ``overwrite`` (which replaces a
+previous run directory, and only a run directory) or ``resume`` (which checks
+that the stored config equals the requested one and continues it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import report
+from ..data import FederatedData, prepare
+from .config import CompareConfig, RunConfig, config_diff
+from .loop import Federation, load_checkpoint, save_checkpoint
+from .registry import get_method
+
+CONFIG_FILE, PARTITION_FILE, METRICS_FILE = "config.json", "partition.json", "metrics.jsonl"
+COMM_FILE, SUMMARY_FILE = "comm.csv", "summary.json"
+PLOTS = ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "partition_heatmap.png")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (exists, mismatched, corrupt)."""
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal,
+    one line per finished run otherwise)."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=None):
+        self.total, self.done = max(total, 1), 0
+        self.skipped = 0  # rounds finished by an earlier invocation (resume)
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.perf_counter()
+
+    def advance(self, label: str, n: int = 1, run_finished: bool = False,
+                skipped: bool = False) -> None:
+        self.done += n
+        if skipped:
+            self.skipped += n
+        if not self.enabled or not (self.tty or run_finished):
+            return
+        elapsed = time.perf_counter() - self.start
+        worked = self.done - self.skipped
+        eta = elapsed / worked * (self.total - self.done) if worked else 0.0
+        frac = self.done / self.total
+        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+        line = (f"[{bar}] {100 * frac:5.1f}% {self.done}/{self.total} rounds  {label}  "
+                f"elapsed {report.fmt_seconds(elapsed)} eta {report.fmt_seconds(eta)}")
+        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _read_json(path: str, what: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{what} {path} is corrupt or unreadable ({exc})") from exc
+
+
+def _prepare_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ValueError("pass either resume or overwrite, not both")
+    cfg_path = os.path.join(out, CONFIG_FILE)
+    exists = os.path.isdir(out) and bool(os.listdir(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunDirError(f"{out} exists and is not a directory")
+    if resume:
+        if not os.path.isfile(cfg_path):
+            raise RunDirError(f"cannot resume: {out} holds no {CONFIG_FILE} (is it a run directory?)")
+        stored = _read_json(cfg_path, "run config")
+        try:
+            stored_cfg = CompareConfig.from_dict(stored)
+        except (ValueError, TypeError) as exc:
+            raise RunDirError(f"cannot resume: {cfg_path} is not a valid config ({exc})") from exc
+        diff = config_diff(stored_cfg.to_dict(), cfg.to_dict())
+        if diff:
+            raise RunDirError(f"cannot resume {out}: it was started with another configuration ("
+                              + "; ".join(diff) + "); rerun with the same options, or use "
+                              "another --out")
+        return
+    if exists:
+        if not overwrite:
+            raise RunDirError(f"{out} already exists and is not empty; pass --resume to continue "
+                              f"it or --overwrite to replace it")
+        if not os.path.isfile(cfg_path):
+            raise RunDirError(f"refusing to overwrite {out}: it holds no {CONFIG_FILE}, so it does "
+                              f"not look like a tallytrain run directory")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    report.write_json_atomic(cfg_path, cfg.to_dict())
+
+
+def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
+             progress: Progress) -> dict:
+    result_path = os.path.join(run_dir, "result.json")
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    label = f"{cfg.method} seed {cfg.seed}"
+    if resume and os.path.isfile(result_path):
+        result = _read_json(result_path, "run result")
+        if not isinstance(result, dict) or config_diff(result.get("config", {}), cfg.to_dict()):
+            raise RunDirError(f"{result_path} belongs to another configuration")
+        progress.advance(label + " (done earlier)", cfg.rounds, run_finished=True, skipped=True)
+        return result
+    os.makedirs(run_dir, exist_ok=True)
+    for name in os.listdir(run_dir):  # temporaries of a run killed mid-write
+        if ".tmp." in name:
+            os.remove(os.path.join(run_dir, name))
+    fed = Federation(cfg, data)
+    if resume and os.path.isfile(ckpt):
+        try:
+            load_checkpoint(fed, ckpt)
+        except ValueError as exc:
+            raise RunDirError(f"cannot resume: {exc}; delete {ckpt} to restart that run") from exc
+        progress.advance(label + f" (resumed at round {fed.round})", fed.round, skipped=True)
+
+    def on_round(f: Federation) -> None:
+        save_checkpoint(f, ckpt)
+        with f.timer("checkpoint"):
+            report.write_text_atomic(os.path.join(run_dir, METRICS_FILE),
+                                     report.metrics_jsonl(f.metrics))
+        progress.advance(f"{label} round {f.round}/{cfg.rounds}",
+                         run_finished=f.round == cfg.rounds)
+
+    fed.run(on_round)
+    report.write_text_atomic(os.path.join(run_dir, COMM_FILE),
+                             fed.ledger.to_csv({"method": cfg.method, "seed": cfg.seed}))
+    result = {"config": cfg.to_dict(), "final_accuracy": fed.metrics[-1]["accuracy"],
+              "totals": fed.ledger.totals(), "phase_seconds": dict(fed.timer.seconds),
+              "adversarial_peers": np.flatnonzero(fed.adversarial).tolist(),
+              "undertrained_peers": np.flatnonzero(fed.undertrained).tolist()}
+    report.write_json_atomic(result_path, result)
+    return result
+
+
+def run_compare(cfg: CompareConfig, out: str, *, resume: bool = False, overwrite: bool = False,
+                show_progress: bool = True, threads: int = 1) -> dict:
+    """Run every (method, seed) of ``cfg`` into ``out``; returns summary.json's dict.
+
+    threads: torch CPU threads while running (restored afterwards). The
+    default 1 is the fastest for these small models and keeps results
+    independent of the machine; on a shared 2-core machine two threads were
+    measured up to 70x slower (OpenMP workers spinning against other work).
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_compare(cfg, out, resume, overwrite, show_progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
+                 show_progress: bool) -> dict:
+    for m in cfg.methods:
+        get_method(m)  # unknown names fail before anything is written
+    # Build every seed's data and one federation per method before touching
+    # the disk, so that bad input (too many peers, probe set too large, mixed
+    # architectures for a parameter method, ...) fails with nothing written.
+    datas: Dict[int, FederatedData] = {}
+    for seed in cfg.seeds:
+        datas[seed] = prepare(cfg.base.data, cfg.base.peers, seed)
+    for m in cfg.methods:
+        Federation(cfg.run(m, cfg.seeds[0]), datas[cfg.seeds[0]])
+    _prepare_dir(cfg, out, resume, overwrite)
+    partition_path = os.path.join(out, PARTITION_FILE)
+    if not (resume and os.path.isfile(partition_path)):
+        report.write_json_atomic(partition_path,
+                                 {"seeds": {str(s): d.describe() for s, d in datas.items()}})
+    progress = Progress(len(cfg.methods) * len(cfg.seeds) * cfg.base.rounds, show_progress)
+    results: Dict[str, List[dict]] = {m: [] for m in cfg.methods}
+    try:
+        for seed in cfg.seeds:
+            for m in cfg.methods:
+                run_dir = os.path.join(out, "runs", m, f"seed{seed}")
+                results[m].append(_run_one(cfg.run(m, seed), datas[seed], run_dir, resume,
+                                           progress))
+    finally:
+        progress.close()
+    return finish(cfg, out, datas[cfg.seeds[0]])
+
+
+def finish(cfg: CompareConfig, out: str, first: FederatedData) -> dict:
+    """Gather the finished runs into metrics.jsonl, comm.csv, summary.json and plots."""
+    rows, comm, results = [], [], {}
+    for m in cfg.methods:
+        for seed in cfg.seeds:
+            run_dir = os.path.join(out, "runs", m, f"seed{seed}")
+            rows += report.read_jsonl(os.path.join(run_dir, METRICS_FILE))
+            with open(os.path.join(run_dir, COMM_FILE), encoding="utf-8") as f:
+                text = f.read()
+            comm.append(text if not comm else text.split("\n", 1)[1])
+            results.setdefault(m, []).append(
+                _read_json(os.path.join(run_dir, "result.json"), "run result"))
+    report.write_text_atomic(os.path.join(out, METRICS_FILE), report.metrics_jsonl(rows))
+    report.write_text_atomic(os.path.join(out, COMM_FILE), "".join(comm))
+    summary = report.summarize(results)
+    report.write_json_atomic(os.path.join(out, SUMMARY_FILE), summary)
+    d = cfg.base.data
+    part = (f"{d.partition}" + (f" alpha={d.alpha}" if d.partition == "dirichlet" else "")
+            + (f" k={d.classes_per_peer}" if d.partition == "classes" else ""))
+    title = f"{d.dataset}, {cfg.base.peers} peers, {part}, {len(cfg.seeds)} seed(s)"
+    report.plot_accuracy_vs_round(rows, os.path.join(out, PLOTS[0]), title)
+    report.plot_accuracy_vs_bytes(rows, os.path.join(out, PLOTS[1]), title)
+    report.plot_partition(first.class_counts, os.path.join(out, PLOTS[2]),
+                          f"samples per peer and class (seed {cfg.seeds[0]})")
+    return summary

@@ -1,0 +1,292 @@
+"""The round loop, written once for every method, and the federation state it
+runs on (config, data, peers, ledger, timers, per-round randomness).
+
+A run is a :class:`Federation`; :meth:`Federation.run_round` is the one loop
+body: select peers -> downlink -> peer update -> uplink -> aggregate ->
+evaluate. Everything random is derived from (seed, purpose, round, peer), so
+the state after round r is just the parameters, the method's state, the
+ledger and the metrics: that is what a checkpoint holds, and a resumed run
+continues exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import defaultdict
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..comm import Channel, Ledger
+from ..data import FederatedData, probe_subset
+from .config import RunConfig, config_diff
+from .peer import LossFn, Objective, Population, hard_label_loss, seed_int
+from .registry import get_method
+from .server import select_peers
+
+PHASES = ("local_training", "distillation", "joint_training", "inference", "ops", "messaging",
+          "aggregation", "evaluation", "checkpoint", "other")
+CHECKPOINT_VERSION = 1
+
+# Purposes for derived random streams (see seed_int).
+INIT_STREAM, TRAIN_STREAM, DISTILL_STREAM, SELECT_STREAM = 10, 11, 12, 13
+ROLE_STREAM, ADVERSARY_STREAM, PROBE_STREAM, SERVER_STREAM = 14, 15, 16, 17
+
+
+class PhaseTimer:
+    """Wall time per phase, exclusive: time in a nested phase is not also
+    counted in the enclosing one, so the phases add up to the total."""
+
+    def __init__(self, seconds: Optional[Dict[str, float]] = None):
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.seconds.update(seconds or {})
+        self._stack: List[str] = []
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if phase not in self.seconds:
+            raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(PHASES)}")
+        start = time.perf_counter()
+        self._stack.append(phase)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self._stack.pop()
+            self.seconds[phase] += elapsed
+            if self._stack:
+                self.seconds[self._stack[-1]] -= elapsed
+
+
+class Federation:
+    """One run (one method, one seed) and everything its rounds need."""
+
+    def __init__(self, cfg: RunConfig, data: FederatedData):
+        method_cls = get_method(cfg.method)
+        self.cfg = cfg
+        self.data = data
+        p = cfg.peers
+        if len(data.shards) != p:
+            raise ValueError(f"data has {len(data.shards)} shards for {p} peers")
+        if cfg.protocol.probes_per_round > len(data.y_probe):
+            raise ValueError(
+                f"probes_per_round ({cfg.protocol.probes_per_round}) exceeds the probe pool of "
+                f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction")
+        self.archs = [cfg.model.archs[i % len(cfg.model.archs)] for i in range(p)]
+        if method_cls.averages_parameters and len(set(self.archs)) > 1:
+            raise ValueError(
+                f"method {cfg.method!r} averages parameters, so every peer needs the same "
+                f"architecture; got archs {','.join(cfg.model.archs)}. Mixed architectures "
+                f"work with the distillation methods (tallytrain, softlabel) and local")
+        self.num_classes = data.num_classes
+        self.population = Population(
+            self.archs, data.input_shape, data.num_classes, cfg.model.hidden,
+            [torch.Generator().manual_seed(seed_int(cfg.seed, INIT_STREAM, i)) for i in range(p)])
+        self.timer = PhaseTimer()
+        self.ledger = Ledger()
+        self.channel = Channel(self.ledger, self.timer)
+        # The session's probe seed: the server announces it in every control
+        # message; round r's probes are probe_subset(pool, N, probe_seed, r).
+        self.probe_seed = seed_int(cfg.seed, PROBE_STREAM) & 0xFFFFFFFF
+        roles = np.random.default_rng([cfg.seed, ROLE_STREAM]).permutation(p)
+        n_adv = int(round(cfg.protocol.adversarial_fraction * p))
+        n_under = min(int(round(cfg.train.undertrained_fraction * p)), p - n_adv)
+        self.adversarial = np.zeros(p, bool)
+        self.adversarial[roles[:n_adv]] = True
+        self.undertrained = np.zeros(p, bool)
+        self.undertrained[roles[n_adv:n_adv + n_under]] = True
+        self.local_steps = [cfg.train.undertrained_steps if u else cfg.train.local_steps
+                            for u in self.undertrained]
+        self.shard_pools = [torch.from_numpy(s.astype(np.int64)) for s in data.shards]
+        self.shard_sizes = [len(s) for s in data.shards]
+        self.round = 0
+        self.metrics: List[dict] = []
+        self.method = method_cls(self)
+
+    # ---- per-round randomness ---------------------------------------------
+    def generator(self, *key: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed_int(self.cfg.seed, *key))
+
+    def probe_indices(self, r: int, probe_seed: Optional[int] = None) -> torch.Tensor:
+        seed = self.probe_seed if probe_seed is None else probe_seed
+        return torch.from_numpy(probe_subset(len(self.data.y_probe),
+                                             self.cfg.protocol.probes_per_round, seed, r))
+
+    # ---- what peers do -----------------------------------------------------
+    def _local_objective(self, peers: Sequence[int]) -> Objective:
+        t = self.cfg.train
+        return Objective([self.shard_pools[p] for p in peers], self.data.x_train,
+                         self.data.y_train, t.batch_size, hard_label_loss)
+
+    def train_local(self, r: int, peers: Sequence[int], prox_mu: float = 0.0,
+                    prox_ref: Optional[torch.Tensor] = None) -> None:
+        """Each peer's minibatch steps on its own shard (hard labels)."""
+        with self.timer("local_training"):
+            self.population.fit(
+                peers, [self.local_steps[p] for p in peers], [self._local_objective(peers)],
+                self.cfg.train.lr, [self.generator(TRAIN_STREAM, r, p) for p in peers],
+                prox_mu, prox_ref, self.cfg.train.peer_batch)
+
+    def learn(self, r: int, peers: Sequence[int], targets: Dict[int, tuple],
+              loss_fn: LossFn) -> None:
+        """A distillation method's peer step. ``targets[peer] = (x, y, pool)``:
+        the received consensus on the previous round's probes, ``pool`` the
+        usable rows. Per ``train.order``: distill then train on the shard,
+        the reverse, or (``joint``) every step on the sum of both losses.
+        Peers with identical targets train together (one vectorised call)."""
+        t = self.cfg.train
+        groups: Dict[bytes, List[int]] = defaultdict(list)
+        for peer in peers:
+            if peer in targets and len(targets[peer][2]):
+                x, y, pool = targets[peer]
+                groups[y.numpy().tobytes() + pool.numpy().tobytes()].append(peer)
+        with_targets = {p for members in groups.values() for p in members}
+        plain = [p for p in peers if p not in with_targets]
+
+        def objective(members: List[int], weight: float) -> Objective:
+            x, y, pool = targets[members[0]]
+            return Objective([pool] * len(members), x, y, t.distill_batch_size, loss_fn, weight)
+
+        if t.order == "joint":
+            # One fused pass (shard loss + consensus loss per step) cannot be
+            # split honestly between the two phases: it has its own.
+            with self.timer("joint_training"):
+                for members in groups.values():
+                    self.population.fit(
+                        members, [self.local_steps[p] for p in members],
+                        [self._local_objective(members), objective(members, t.distill_weight)],
+                        t.lr, [self.generator(TRAIN_STREAM, r, p) for p in members],
+                        peer_batch=t.peer_batch)
+            if plain:
+                self.train_local(r, plain)
+            return
+
+        def distill() -> None:
+            with self.timer("distillation"):
+                for members in groups.values():
+                    self.population.fit(
+                        members, [t.distill_steps] * len(members), [objective(members, 1.0)],
+                        t.lr, [self.generator(DISTILL_STREAM, r, p) for p in members],
+                        peer_batch=t.peer_batch)
+
+        if t.order == "distill-train":
+            distill()
+            self.train_local(r, peers)
+        else:
+            self.train_local(r, peers)
+            distill()
+
+    def predict_probes(self, r: int, peers: Sequence[int],
+                       probe_seed: Optional[int] = None) -> torch.Tensor:
+        """The peers' logits [P, N, C] on round r's probes."""
+        with self.timer("inference"):
+            return self.population.predict(self.data.x_probe[self.probe_indices(r, probe_seed)],
+                                           peers, self.cfg.train.peer_batch)
+
+    def adversary_generator(self, r: int, peer: int) -> torch.Generator:
+        return self.generator(ADVERSARY_STREAM, r, peer)
+
+    # ---- the loop -----------------------------------------------------------
+    def run_round(self, r: int) -> dict:
+        if r != self.round:
+            raise ValueError(f"round {r} requested but the federation is at round {self.round}")
+        start = time.perf_counter()
+        before = sum(self.timer.seconds.values())
+        selected = select_peers(self.cfg.peers, self.cfg.protocol.participation,
+                                self.cfg.seed, SELECT_STREAM, r)
+        inbox: Dict[int, list] = defaultdict(list)
+        for env, msg in self.channel.deliver(r, self.method.downlink(r, selected)):
+            inbox[env.receiver].append(msg)
+        self.method.peer_update(r, selected, inbox)
+        received = self.channel.deliver(r, self.method.uplink(r, selected))
+        with self.timer("aggregation"):
+            stats = self.method.aggregate(r, selected, received)
+        with self.timer("evaluation"):
+            row = self.evaluate(r, stats)
+        elapsed = time.perf_counter() - start
+        self.timer.seconds["other"] += elapsed - (sum(self.timer.seconds.values()) - before)
+        row["round_seconds"] = elapsed
+        self.metrics.append(row)
+        self.round = r + 1
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, r: int, stats) -> dict:
+        y = self.data.y_test
+        all_peers = list(range(self.cfg.peers))
+        logits = self.population.predict(self.data.x_test, all_peers, self.cfg.train.peer_batch)
+        peer_acc = (logits.argmax(-1) == y).float().mean(-1)
+        g = self.method.global_params()
+        global_acc = None
+        if g is not None:
+            glog = self.population.single_group.predict(
+                self.data.x_test, params=self.population.single_group.unflatten(g[None]))
+            global_acc = float((glog[0].argmax(-1) == y).float().mean())
+        now, cum = self.ledger.totals(r), self.ledger.totals()
+        mean_acc = float(peer_acc.mean())
+        return {
+            "method": self.cfg.method, "seed": self.cfg.seed, "round": r,
+            "accuracy": global_acc if global_acc is not None else mean_acc,
+            "peer_acc_mean": mean_acc, "peer_acc_min": float(peer_acc.min()),
+            "peer_acc_max": float(peer_acc.max()), "global_acc": global_acc,
+            "consensus_acc": stats.consensus_acc, "agreement": stats.agreement,
+            "kept_fraction": stats.kept_fraction,
+            "bytes_up": now["uplink"], "bytes_down": now["downlink"], "bytes": now["total"],
+            "cum_bytes_up": cum["uplink"], "cum_bytes_down": cum["downlink"],
+            "cum_bytes": cum["total"],
+        }
+
+    def run(self, on_round: Optional[Callable[["Federation"], None]] = None) -> None:
+        """Run the remaining rounds; ``on_round`` is called after each one."""
+        while self.round < self.cfg.rounds:
+            self.run_round(self.round)
+            if on_round is not None:
+                on_round(self)
+
+    # ---- checkpoints --------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": CHECKPOINT_VERSION, "config": self.cfg.to_dict(),
+                "round": self.round, "population": self.population.state_dict(),
+                "method": self.method.state_dict(), "ledger": self.ledger.state_dict(),
+                "metrics": [dict(m) for m in self.metrics], "timer": dict(self.timer.seconds)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint is not a version-{CHECKPOINT_VERSION} tallytrain checkpoint")
+        diff = config_diff(state["config"], self.cfg.to_dict())
+        if diff:
+            raise ValueError("checkpoint was written for another configuration: " + "; ".join(diff))
+        rounds = int(state["round"])
+        if not 0 <= rounds <= self.cfg.rounds or len(state["metrics"]) != rounds:
+            raise ValueError(f"checkpoint round {rounds} is inconsistent with its metrics")
+        self.population.load_state_dict(state["population"])
+        self.method.load_state_dict(state["method"])
+        self.ledger = Ledger.from_state(state["ledger"])
+        self.channel.ledger = self.ledger
+        self.metrics = [dict(m) for m in state["metrics"]]
+        self.timer.seconds.update(state["timer"])
+        self.round = rounds
+
+
+def save_checkpoint(fed: Federation, path: str) -> None:
+    """Atomically: write a temporary file next to ``path``, then os.replace."""
+    with fed.timer("checkpoint"):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        torch.save(fed.state_dict(), tmp)
+        os.replace(tmp, path)
+
+
+def load_checkpoint(fed: Federation, path: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, not a torch archive, ...
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: "
+                         f"{exc})") from exc
+    try:
+        fed.load_state_dict(state)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"checkpoint {path} is malformed ({type(exc).__name__}: {exc})") from exc
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from exc

@@ -1,0 +1,69 @@
+"""The hooks a method implements. The round loop (fl/loop.py) calls them in
+this order every round, for the peers selected that round:
+
+1. ``downlink``   -> envelopes the server sends (delivered, decoded, counted)
+2. ``peer_update``   each selected peer digests what it received and trains
+3. ``uplink``     -> envelopes the peers send (delivered, decoded, counted)
+4. ``aggregate``     the server (or, decentralized, each peer) combines them
+
+The defaults describe a peer that only trains on its own shard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...comm import Envelope
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What the aggregation step measured (None where it does not apply)."""
+
+    consensus_acc: Optional[float] = None   # consensus labels vs hidden probe labels
+    agreement: Optional[float] = None       # mean share of peers backing the consensus
+    kept_fraction: Optional[float] = None   # share of probes kept for distillation
+
+
+class Method:
+    name: ClassVar[str] = ""
+    #: averages parameters, so every peer must share one architecture
+    averages_parameters: ClassVar[bool] = False
+
+    def __init__(self, fed):
+        self.fed = fed
+
+    def downlink(self, r: int, selected: Sequence[int]) -> List[Envelope]:
+        return []
+
+    def peer_update(self, r: int, selected: Sequence[int], inbox: Dict[int, list]) -> None:
+        self.fed.train_local(r, selected)
+
+    def uplink(self, r: int, selected: Sequence[int]) -> List[Envelope]:
+        return []
+
+    def aggregate(self, r: int, selected: Sequence[int],
+                  received: List[Tuple[Envelope, object]]) -> RoundStats:
+        return RoundStats()
+
+    def global_params(self) -> Optional[torch.Tensor]:
+        """The flat global model, for methods that have one."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, the checkpoint has some")
+
+
+def bytes_to_tensor(data: Optional[bytes]) -> Optional[torch.Tensor]:
+    """Checkpoints hold tensors, not raw bytes (torch.load(weights_only=True))."""
+    return None if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def tensor_to_bytes(t: Optional[torch.Tensor]) -> Optional[bytes]:
+    return None if t is None else t.numpy().tobytes()

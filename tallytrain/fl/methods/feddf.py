@@ -1,0 +1,35 @@
+"""``feddf``: FedAvg, then the server distills the averaged model on the
+round's probes towards softmax(mean of the peers' logits / T), as in FedDF
+(the server runs each received model on the probes itself; peers send only
+parameters)."""
+from __future__ import annotations
+
+import torch
+
+from ..aggregate import labels_accuracy, share_agreeing
+from ..loop import SERVER_STREAM
+from ..peer import soft_label_loss
+from ..registry import register
+from .base import RoundStats
+from .fedavg import FedAvg
+
+
+@register
+class FedDF(FedAvg):
+    name = "feddf"
+
+    def after_average(self, r, vectors):
+        fed = self.fed
+        t = fed.cfg.train
+        idx = fed.probe_indices(r)
+        x = fed.data.x_probe[idx]
+        with fed.timer("distillation"):
+            logits = self.server.predict(x, vectors)
+            targets = torch.softmax(logits.mean(0) / t.temperature, dim=-1)
+            self.server.distill(x, targets, fed.cfg.protocol.server_distill_steps,
+                                t.distill_batch_size, soft_label_loss(t.temperature),
+                                fed.cfg.protocol.server_lr,
+                                fed.generator(SERVER_STREAM, r))
+        consensus = targets.argmax(-1)
+        return RoundStats(consensus_acc=labels_accuracy(consensus, fed.data.y_probe[idx]),
+                          agreement=share_agreeing(logits.argmax(-1), consensus))

@@ -1,0 +1,322 @@
+"""Peers: models, local training and distillation, batched over peers.
+
+Peers that share an architecture form a :class:`PeerGroup` whose parameters
+are stacked on a leading peer dimension. One ``torch.func.vmap`` of the
+template's ``functional_call`` runs every peer of the group at once (on the
+2-core reference machine this is ~3x faster than looping over peers for the
+small models used here; see docs/protocol.md), and because peers' losses are
+independent, one backward pass of their sum yields every peer's own gradient.
+``peer_batch`` bounds how many peers run in one call when memory matters.
+
+Randomness: every draw takes an explicit ``torch.Generator`` per peer (the
+federation derives one from (seed, purpose, round, peer)), so a peer's stream
+does not depend on which other peers exist, and no generator state needs
+saving between rounds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ..models import build_model, init_params
+
+Params = Dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Rows per forward call at inference, to bound activation memory.
+_PREDICT_ROWS = 4096
+
+
+def seed_int(*key: int) -> int:
+    """A 63-bit seed derived from integers (numpy SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# --------------------------------------------------------------------------- #
+# losses: each returns the SUM over peers of the per-peer mean loss, so that the
+# gradient with respect to one peer's parameters is that peer's own gradient.
+# --------------------------------------------------------------------------- #
+def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on hard labels; logits [P, B, C], labels [P, B]."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / logits.shape[1]
+
+
+def soft_label_loss(temperature: float) -> LossFn:
+    """KL(target || softmax(logits / T)) * T^2; targets [P, B, C] probabilities."""
+    t = float(temperature)
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float() / t, dim=-1)
+        return F.kl_div(logp, targets.float(), reduction="sum") * (t * t) / logits.shape[1]
+    return loss
+
+
+class StackedAdam:
+    """Adam over parameters stacked on a peer dimension, with a per-peer step
+    count so that a peer that stops early (under-trained) is left untouched."""
+
+    def __init__(self, params: Params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
+        self.m = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.v = {k: torch.zeros_like(v) for k, v in params.items()}
+        rows = next(iter(params.values())).shape[0]
+        self.t = torch.zeros(rows, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, params: Params, active: torch.Tensor) -> None:
+        """Update the rows where ``active`` (bool [R]) from their ``.grad``."""
+        everyone = bool(active.all())
+        self.t += active.float()
+        t = self.t.clamp(min=1.0)
+        bc1 = 1.0 - self.b1 ** t
+        bc2 = 1.0 - self.b2 ** t
+        for k, p in params.items():
+            g = p.grad
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            m, v = self.m[k], self.v[k]
+            if everyone:
+                m.lerp_(g, 1.0 - self.b1)
+                v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
+                denom = (v / bc2.view(shape)).sqrt_().add_(self.eps)
+                p.addcdiv_(m / bc1.view(shape), denom, value=-self.lr)
+            else:
+                mask = active.view(shape)
+                m.copy_(torch.where(mask, m.lerp(g, 1.0 - self.b1), m))
+                v.copy_(torch.where(mask, v * self.b2 + (1.0 - self.b2) * g * g, v))
+                denom = (v / bc2.view(shape)).sqrt().add(self.eps)
+                p.sub_(torch.where(mask, self.lr * (m / bc1.view(shape)) / denom, 0.0))
+
+
+def draw_batches(pools: Sequence[torch.Tensor], steps: Sequence[int], batch: int,
+                 generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """[R, max(steps), batch] indices into a source tensor: row r draws its
+    minibatches uniformly with replacement from ``pools[r]`` with its own
+    generator; steps beyond ``steps[r]`` are zero and never used."""
+    s_max = max(steps) if len(steps) else 0
+    out = torch.zeros(len(pools), s_max, batch, dtype=torch.int64)
+    for r, (pool, s, g) in enumerate(zip(pools, steps, generators)):
+        if s == 0:
+            continue
+        if len(pool) == 0:
+            raise ValueError(f"peer row {r} has no samples to train on")
+        out[r, :s] = pool[torch.randint(len(pool), (s, batch), generator=g)]
+    return out
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training signal: minibatches are drawn, per peer, from that peer's
+    pool of row indices into the source tensors ``x`` / ``y``."""
+
+    pools: Sequence[torch.Tensor]  # one index tensor per peer of the fit call
+    x: torch.Tensor
+    y: torch.Tensor
+    batch: int
+    loss_fn: LossFn
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Batches:
+    """An objective with its minibatches drawn: index [R, max steps, B]."""
+
+    index: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    loss_fn: LossFn
+    weight: float
+
+
+class PeerGroup:
+    """Peers of one architecture with stacked parameters ``{name: [P, ...]}``."""
+
+    def __init__(self, arch: str, template: nn.Module, ids: List, params: Params):
+        self.arch = arch
+        self.template = template
+        self.ids = list(ids)
+        self.params = params
+        self._each = vmap(self._call, in_dims=(0, 0))
+        self._shared = vmap(self._call, in_dims=(0, None))
+
+    def _call(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.template, params, (x,))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_params(self) -> int:
+        return sum(v[0].numel() for v in self.params.values())
+
+    # ---- inference ----------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                params: Optional[Params] = None, peer_batch: int = 0) -> torch.Tensor:
+        """Logits [R, N, C] of the selected rows (all by default) on shared x [N, ...]."""
+        params = self.params if params is None else params
+        if rows is not None:
+            params = {k: v[rows] for k, v in params.items()}
+        count = next(iter(params.values())).shape[0]
+        step = peer_batch or count
+        outs = []
+        for p0 in range(0, count, step):
+            sub = {k: v[p0:p0 + step] for k, v in params.items()}
+            parts = [self._shared(sub, x[i:i + _PREDICT_ROWS])
+                     for i in range(0, max(len(x), 1), _PREDICT_ROWS)]
+            outs.append(torch.cat(parts, dim=1))
+        return torch.cat(outs, dim=0)
+
+    # ---- training -----------------------------------------------------------
+    def fit(self, rows: torch.Tensor, steps: Sequence[int], objectives: Sequence["Batches"],
+            lr: float, prox_mu: float = 0.0, prox_ref: Optional[Params] = None,
+            peer_batch: int = 0) -> None:
+        """Train rows ``rows`` for ``steps[i]`` Adam steps each (fresh state);
+        each step's loss is the weighted sum of every objective's minibatch loss.
+
+        prox_mu, prox_ref: FedProx term mu/2 * ||w - ref||^2, ref stacked [R, ...].
+        """
+        steps_t = torch.as_tensor(list(steps), dtype=torch.int64)
+        s_max = int(steps_t.max()) if len(steps_t) else 0
+        if s_max == 0 or not objectives:
+            return
+        full = len(rows) == len(self) and bool((rows == torch.arange(len(self))).all())
+        sub = {k: (v if full else v[rows]).detach().clone().requires_grad_(True)
+               for k, v in self.params.items()}
+        opt = StackedAdam(sub, lr)
+        r_count = len(rows)
+        chunk = peer_batch or r_count
+        for s in range(s_max):
+            active = steps_t > s
+            act = torch.nonzero(active).flatten()
+            for c0 in range(0, len(act), chunk):
+                idx = act[c0:c0 + chunk]
+                whole = len(idx) == r_count
+                p = sub if whole else {k: v[idx] for k, v in sub.items()}
+                loss = 0.0
+                for obj in objectives:
+                    b = obj.index[idx, s]
+                    loss = loss + obj.weight * obj.loss_fn(self._each(p, obj.x[b]), obj.y[b])
+                if prox_mu > 0:
+                    ref = prox_ref if whole else {k: v[idx] for k, v in prox_ref.items()}
+                    loss = loss + 0.5 * prox_mu * sum(((p[k] - ref[k]) ** 2).sum() for k in p)
+                loss.backward()
+            opt.step(sub, active)
+            for v in sub.values():
+                v.grad = None
+        with torch.no_grad():
+            for k, v in sub.items():
+                if full:
+                    self.params[k] = v.detach()
+                else:
+                    self.params[k][rows] = v.detach()
+
+    # ---- flat parameter vectors (parameter-averaging methods) ----------------
+    def flatten(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[R, M] float32 parameter vectors in a fixed (init) order."""
+        vs = [v if rows is None else v[rows] for v in self.params.values()]
+        return torch.cat([v.reshape(v.shape[0], -1) for v in vs], dim=1)
+
+    def unflatten(self, flat: torch.Tensor) -> Params:
+        """Stacked params {name: [R, ...]} from [R, M] vectors."""
+        out, i = {}, 0
+        for k, v in self.params.items():
+            n = v[0].numel()
+            out[k] = flat[:, i:i + n].reshape((flat.shape[0],) + tuple(v.shape[1:])).clone()
+            i += n
+        if i != flat.shape[1]:
+            raise ValueError(f"flat parameters have {flat.shape[1]} entries, the model {i}")
+        return out
+
+    def load_flat(self, rows: torch.Tensor, flat: torch.Tensor) -> None:
+        for k, v in self.unflatten(flat).items():
+            self.params[k][rows] = v
+
+
+def make_group(arch: str, ids: List, input_shape, num_classes: int, hidden: int,
+               generators: Sequence[torch.Generator]) -> PeerGroup:
+    """A group whose member i is initialised from ``generators[i]``."""
+    template = build_model(arch, input_shape, num_classes, hidden)
+    inits = [init_params(template, g) for g in generators]
+    params = {k: torch.stack([p[k] for p in inits]) for k in inits[0]}
+    return PeerGroup(arch, template, ids, params)
+
+
+class Population:
+    """All peers, grouped by architecture; public calls use global peer ids."""
+
+    def __init__(self, archs: Sequence[str], input_shape, num_classes: int, hidden: int,
+                 init_generators: Sequence[torch.Generator]):
+        self.num_peers = len(archs)
+        self.archs = list(archs)
+        self.groups: List[PeerGroup] = []
+        self.where: List[tuple] = [None] * self.num_peers  # peer -> (group index, row)
+        for arch in dict.fromkeys(archs):
+            ids = [i for i, a in enumerate(archs) if a == arch]
+            for row, i in enumerate(ids):
+                self.where[i] = (len(self.groups), row)
+            self.groups.append(make_group(arch, ids, input_shape, num_classes, hidden,
+                                          [init_generators[i] for i in ids]))
+
+    @property
+    def single_group(self) -> PeerGroup:
+        if len(self.groups) != 1:
+            raise ValueError(
+                f"this needs every peer on one architecture, got {', '.join(self.archs)}")
+        return self.groups[0]
+
+    def _split(self, peers: Sequence[int]):
+        """[(group, rows tensor, positions in `peers`)] for the groups involved."""
+        out = []
+        for gi, group in enumerate(self.groups):
+            pos = [j for j, p in enumerate(peers) if self.where[p][0] == gi]
+            if pos:
+                rows = torch.tensor([self.where[peers[j]][1] for j in pos])
+                out.append((group, rows, pos))
+        return out
+
+    def predict(self, x: torch.Tensor, peers: Sequence[int], peer_batch: int = 0) -> torch.Tensor:
+        """Logits [len(peers), N, C] in the order of ``peers``."""
+        out = None
+        for group, rows, pos in self._split(peers):
+            logits = group.predict(x, rows, peer_batch=peer_batch)
+            if out is None:
+                out = logits.new_empty((len(peers),) + tuple(logits.shape[1:]))
+            out[pos] = logits
+        return out
+
+    def fit(self, peers: Sequence[int], steps: Sequence[int], objectives: Sequence[Objective],
+            lr: float, generators: Sequence[torch.Generator], prox_mu: float = 0.0,
+            prox_ref: Optional[torch.Tensor] = None, peer_batch: int = 0) -> None:
+        """Train each peer in ``peers`` for its ``steps`` on the objectives
+        (pools listed in ``peers`` order), drawing minibatches with its
+        generator. prox_ref: a flat parameter vector (FedProx)."""
+        for group, rows, pos in self._split(peers):
+            st = [steps[j] for j in pos]
+            gens = [generators[j] for j in pos]
+            drawn = [Batches(draw_batches([o.pools[j] for j in pos], st, o.batch, gens),
+                             o.x, o.y, o.loss_fn, o.weight) for o in objectives]
+            ref = None
+            if prox_mu > 0:
+                ref = group.unflatten(prox_ref.expand(len(rows), -1))
+            group.fit(rows, st, drawn, lr, prox_mu, ref, peer_batch)
+
+    # ---- checkpoints ------------------------------------------------------
+    def state_dict(self) -> List[Params]:
+        return [{k: v.clone() for k, v in g.params.items()} for g in self.groups]
+
+    def load_state_dict(self, state: List[Params]) -> None:
+        if len(state) != len(self.groups):
+            raise ValueError("checkpoint holds a different number of architectures")
+        for group, params in zip(self.groups, state):
+            if set(params) != set(group.params) or any(
+                    params[k].shape != group.params[k].shape for k in params):
+                raise ValueError(
+                    f"checkpoint parameters do not match the configured {group.arch!r} models")
+            group.params = {k: params[k].clone() for k in group.params}

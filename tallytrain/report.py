@@ -1,0 +1,227 @@
+"""Run-directory files: metrics.jsonl, comm.csv, summary.json and the plots.
+
+Every file is written atomically (a temporary file in the same folder, then
+``os.replace``), so an interrupted run never leaves a half-written file.
+Plots use matplotlib's Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Iterable, List, Mapping, Sequence
+
+import numpy as np
+
+# Timing fields differ between two runs of the same configuration; everything
+# else in a metrics row is a deterministic function of the config.
+TIMING_FIELDS = ("round_seconds",)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def metrics_jsonl(rows: Iterable[Mapping]) -> str:
+    return "".join(json.dumps(dict(r), sort_keys=False) + "\n" for r in rows)
+
+
+def read_jsonl(path: str) -> List[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def without_timing(rows: Iterable[Mapping]) -> List[dict]:
+    """Metrics rows minus the wall-clock fields (for determinism checks)."""
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+# --------------------------------------------------------------------------- #
+# summary
+# --------------------------------------------------------------------------- #
+def summarize(results: Mapping[str, Sequence[Mapping]]) -> dict:
+    """summary.json from per-run results ({method: [result per seed]}).
+
+    A result holds ``final_accuracy``, ``totals`` (ledger totals of the whole
+    run: uplink / downlink / total bytes summed over peers and rounds) and
+    ``phase_seconds``. Accuracy: mean and sample standard deviation (ddof=1;
+    0 for one seed) over seeds. Bytes: mean over seeds (message sizes do not
+    depend on the seed, so every seed counts the same). Phase seconds: summed
+    over seeds (the wall time the method cost)."""
+    methods = {}
+    for name, runs in results.items():
+        acc = np.array([r["final_accuracy"] for r in runs], dtype=np.float64)
+        phases: Dict[str, float] = {}
+        for r in runs:
+            for k, v in r["phase_seconds"].items():
+                phases[k] = phases.get(k, 0.0) + float(v)
+        methods[name] = {
+            "final_accuracy_mean": float(acc.mean()),
+            "final_accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "total_bytes": int(round(np.mean([r["totals"]["total"] for r in runs]))),
+            "uplink_bytes": int(round(np.mean([r["totals"]["uplink"] for r in runs]))),
+            "downlink_bytes": int(round(np.mean([r["totals"]["downlink"] for r in runs]))),
+            "seeds": len(runs),
+            "phase_seconds": {k: round(v, 4) for k, v in phases.items()},
+        }
+    return {"methods": methods}
+
+
+def summary_table(summary: Mapping, reference: str = "softlabel") -> str:
+    """A Markdown table of summary.json; byte ratios against ``reference``
+    when it was run."""
+    methods = summary["methods"]
+    ref = methods.get(reference)
+    head = ["method", "accuracy (mean ± std)", "uplink bytes", "total bytes"]
+    if ref:
+        head += [f"uplink / {reference}", f"total / {reference}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        cells = [name, f"{m['final_accuracy_mean']:.3f} ± {m['final_accuracy_std']:.3f}",
+                 f"{m['uplink_bytes']:,}", f"{m['total_bytes']:,}"]
+        if ref:
+            cells += [_ratio(m["uplink_bytes"], ref["uplink_bytes"]),
+                      _ratio(m["total_bytes"], ref["total_bytes"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def phase_table(summary: Mapping) -> str:
+    """A Markdown table of phase_seconds per method, with each run's total and
+    the share of the protocol ops in it."""
+    methods = summary["methods"]
+    phases = []
+    for m in methods.values():
+        phases += [k for k in m["phase_seconds"] if k not in phases]
+    head = ["method"] + phases + ["total", "ops share"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        ps = m["phase_seconds"]
+        total = sum(ps.values())
+        share = ps.get("ops", 0.0) / total if total else 0.0
+        lines.append("| " + " | ".join([name] + [f"{ps.get(k, 0.0):.2f}" for k in phases]
+                                       + [f"{total:.2f}", f"{100 * share:.2f}%"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(a: int, b: int) -> str:
+    if b == 0:
+        return "n/a"
+    if a == 0:
+        return "0"
+    r = a / b
+    return f"{r:.4f}" if r < 0.01 else f"{r:.3f}" if r < 10 else f"{r:.1f}"
+
+
+# --------------------------------------------------------------------------- #
+# plots
+# --------------------------------------------------------------------------- #
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _curves(rows: Sequence[Mapping], key: str):
+    """{method: (rounds, mean[key] over seeds, std, mean cum_bytes)}."""
+    by: Dict[str, Dict[int, Dict[int, Mapping]]] = {}
+    for r in rows:
+        by.setdefault(r["method"], {}).setdefault(r["seed"], {})[r["round"]] = r
+    out = {}
+    for method, seeds in by.items():
+        rounds = sorted(set.intersection(*(set(s) for s in seeds.values())))
+        vals = np.array([[seeds[s][t][key] for t in rounds] for s in seeds], dtype=np.float64)
+        cum = np.array([[seeds[s][t]["cum_bytes"] for t in rounds] for s in seeds], dtype=np.float64)
+        out[method] = (np.array(rounds) + 1, vals.mean(0), vals.std(0), cum.mean(0))
+    return out
+
+
+def _colors(rows: Sequence[Mapping]) -> Dict[str, str]:
+    """One colour per method, the same in every plot of a run directory."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return {m: f"C{i % 10}" for i, m in enumerate(methods)}
+
+
+def plot_accuracy_vs_round(rows: Sequence[Mapping], path: str, title: str = "") -> None:
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+    colors = _colors(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, (x, mean, std, _) in _curves(rows, "accuracy").items():
+        ax.plot(x, mean, label=method, marker="o", markersize=2.5, color=colors[method])
+        ax.fill_between(x, mean - std, mean + std, color=colors[method], alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("rounds completed")
+    ax.set_ylabel("test accuracy (mean over seeds, ±1 std)")
+    ax.set_title(title or "accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_bytes(rows: Sequence[Mapping], path: str, title: str = "") -> None:
+    """Accuracy against cumulative bytes (log x). A method that sends nothing
+    (local) cannot sit on a log axis: it is drawn as a dashed horizontal line
+    at its final accuracy."""
+    plt = _pyplot()
+    colors = _colors(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    silent = []
+    for method, (_, mean, _, cum) in _curves(rows, "accuracy").items():
+        if cum[-1] <= 0:
+            silent.append((method, mean[-1]))
+            continue
+        ax.plot(cum, mean, label=method, marker="o", markersize=2.5, color=colors[method])
+    for method, acc in silent:
+        ax.axhline(acc, linestyle="--", color=colors[method], linewidth=1)
+        ax.annotate(f"{method} (no communication)", (0.01, acc), xycoords=("axes fraction", "data"),
+                    fontsize=7, color=colors[method], va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes, all peers (log scale)")
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_title(title or "accuracy vs communication")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_partition(class_counts: np.ndarray, path: str, title: str = "") -> None:
+    """Peers x classes heatmap of sample counts (numbers written when small)."""
+    plt = _pyplot()
+    counts = np.asarray(class_counts)
+    peers, classes = counts.shape
+    fig, ax = plt.subplots(figsize=(min(12.0, 2.0 + 0.45 * classes), 1.5 + 0.35 * peers))
+    im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+    if peers * classes <= 400:
+        top = counts.max() or 1
+        for p in range(peers):
+            for c in range(classes):
+                ax.text(c, p, str(counts[p, c]), ha="center", va="center", fontsize=6,
+                        color="white" if counts[p, c] < 0.6 * top else "black")
+    ax.set_xlabel("class")
+    ax.set_ylabel("peer")
+    ax.set_title(title or "samples per peer and class")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fmt_seconds(s: float) -> str:
+    s = max(0, int(math.ceil(s)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -1,0 +1,199 @@
+"""The tallytrain command: info, run, compare, run directories, resume after
+a kill, and clear errors that leave existing files alone."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tallytrain.cli import main
+from tallytrain.report import read_jsonl, without_timing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--peers", "4", "--rounds", "2", "--local-steps", "3", "--distill-steps", "2",
+        "--batch-size", "16", "--distill-batch-size", "16", "--hidden", "16",
+        "--probes-per-round", "40", "--server-distill-steps", "2", "--alpha", "0.5",
+        "--min-shard-size", "5", "--quiet"]
+SUMMARY_KEYS = {"final_accuracy_mean", "final_accuracy_std", "total_bytes", "uplink_bytes",
+                "downlink_bytes", "seeds", "phase_seconds"}
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder."""
+    out = {}
+    for base, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(base, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out
+
+
+def test_info_text_and_json(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "CPU ops served by" in text and "tally" in text
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpu"] in ("native", "reference") and "ops" in info
+
+
+def test_compare_writes_a_complete_run_directory(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    rc = main(["compare", "--methods", "local,fedavg,softlabel,tallytrain", "--seeds", "2",
+               "--out", out] + TINY)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| tallytrain |" in printed and "total / softlabel" in printed
+    for name in ("config.json", "partition.json", "metrics.jsonl", "comm.csv", "summary.json",
+                 "accuracy_vs_round.png", "accuracy_vs_bytes.png", "partition_heatmap.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary) == {"methods"}
+    assert list(summary["methods"]) == ["local", "fedavg", "softlabel", "tallytrain"]
+    for m in summary["methods"].values():
+        assert set(m) == SUMMARY_KEYS and m["seeds"] == 2
+        assert m["total_bytes"] == m["uplink_bytes"] + m["downlink_bytes"]
+        assert {"local_training", "distillation", "ops", "messaging"} <= set(m["phase_seconds"])
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert len(rows) == 4 * 2 * 2
+    assert {(r["method"], r["seed"], r["round"]) for r in rows} == {
+        (m, s, r) for m in summary["methods"] for s in (0, 1) for r in (0, 1)}
+    # comm.csv sums to the summary's bytes, method by method
+    with open(os.path.join(out, "comm.csv")) as f:
+        comm = list(csv.DictReader(f))
+    for name, m in summary["methods"].items():
+        total = sum(int(r["bytes"]) for r in comm if r["method"] == name)
+        assert total == m["total_bytes"] * 2  # summary: mean over 2 seeds
+    part = json.load(open(os.path.join(out, "partition.json")))
+    assert set(part["seeds"]) == {"0", "1"} and len(part["seeds"]["0"]["shards"]) == 4
+
+
+def test_same_seed_same_numbers_through_the_cli(tmp_path):
+    for name in ("a", "b"):
+        assert main(["run", "--method", "tallytrain", "--out", str(tmp_path / name)] + TINY) == 0
+    a = read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
+    b = read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
+    assert without_timing(a) == without_timing(b)
+    with open(tmp_path / "a" / "comm.csv") as fa, open(tmp_path / "b" / "comm.csv") as fb:
+        assert fa.read() == fb.read()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "tallytrain,fedsgd"], "unknown method 'fedsgd'; known methods: local, fedavg, fedprox, feddf, softlabel, tallytrain"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
+    (["--alpha", "0"], "alpha must be > 0"),
+    (["--alpha", "-1"], "alpha must be > 0"),
+    (["--peers", "2000"], "peers (2000) exceeds the 1079 training samples"),
+    (["--probes-per-round", "5000"], "probes_per_round (5000) exceeds the probe pool of 359"),
+    (["--methods", "fedavg", "--archs", "mlp,cnn"], "averages parameters"),
+    (["--dataset", "mnist"], "pass --data-dir"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["compare", "--out", str(out)] + TINY + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("tallytrain: error:")
+    assert not out.exists()
+
+
+def test_existing_directories_are_never_clobbered(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["run", "--method", "local", "--out", out] + TINY) == 0
+    before = snapshot(out)
+    assert main(["run", "--method", "local", "--out", out] + TINY) == 2
+    assert "already exists" in capsys.readouterr().err
+    # resume with other options: refused, naming the difference
+    assert main(["run", "--method", "local", "--out", out, "--resume"] + TINY[:-1] +
+                ["--quiet", "--alpha", "0.7"]) == 2
+    assert "data.alpha: 0.5 != 0.7" in capsys.readouterr().err
+    assert snapshot(out) == before
+    # a folder that is not a run directory is not deleted by --overwrite
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main(["run", "--method", "local", "--out", str(other), "--overwrite"] + TINY) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "keep me"
+    # --overwrite replaces a run directory
+    assert main(["run", "--method", "tallytrain", "--out", out, "--overwrite"] + TINY) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["methods"] == ["tallytrain"]
+
+
+def test_resume_refuses_corrupt_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--method", "tallytrain", "--out", str(out)] + TINY) == 0
+    result = out / "runs" / "tallytrain" / "seed0" / "result.json"
+    result.unlink()  # make the run look unfinished, then break its checkpoint
+    ckpt = out / "runs" / "tallytrain" / "seed0" / "checkpoint.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    before = snapshot(out)
+    assert main(["run", "--method", "tallytrain", "--out", str(out), "--resume"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is corrupt" in err and "delete" in err
+    assert snapshot(out) == before
+    (out / "config.json").write_text("{ truncated")
+    assert main(["run", "--method", "tallytrain", "--out", str(out), "--resume"] + TINY) == 2
+    assert "config.json is corrupt" in capsys.readouterr().err
+    assert main(["run", "--method", "tallytrain", "--out", str(tmp_path / "none"),
+                 "--resume"] + TINY) == 2
+    assert "holds no config.json" in capsys.readouterr().err
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    slow = ["--peers", "4", "--rounds", "30", "--local-steps", "40", "--hidden", "16",
+            "--probes-per-round", "40", "--alpha", "0.5", "--min-shard-size", "5", "--quiet"]
+    cmd = [sys.executable, "-m", "tallytrain.cli", "run", "--method", "tallytrain"] + slow
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    killed = str(tmp_path / "killed")
+    metrics = os.path.join(killed, "runs", "tallytrain", "seed0", "metrics.jsonl")
+    proc = subprocess.Popen(cmd + ["--out", killed], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(metrics) and len(read_jsonl(metrics)) >= 3:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    done_rounds = len(read_jsonl(metrics))
+    assert 3 <= done_rounds < 30, "the run must have been killed mid-way"
+    assert not os.path.exists(os.path.join(killed, "summary.json"))
+    resumed = subprocess.run(cmd + ["--out", killed, "--resume"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = str(tmp_path / "whole")
+    assert main(["run", "--method", "tallytrain", "--out", whole] + slow) == 0
+    a = read_jsonl(os.path.join(killed, "metrics.jsonl"))
+    b = read_jsonl(os.path.join(whole, "metrics.jsonl"))
+    assert len(a) == 30 and without_timing(a) == without_timing(b)
+    with open(os.path.join(killed, "comm.csv")) as fa, open(os.path.join(whole, "comm.csv")) as fb:
+        assert fa.read() == fb.read()
+    assert not [f for f in os.listdir(os.path.dirname(metrics)) if ".tmp." in f]
+
+
+def test_every_config_field_is_an_option():
+    from tallytrain.cli import build_parser, config_from_args
+    args = build_parser().parse_args(
+        ["compare", "--out", "x", "--methods", "tallytrain", "--abstain-below", "none",
+         "--archs", "mlp,cnn", "--decentralized", "--sharpen-temperature", "0.1",
+         "--alpha", "0.3", "--seeds", "3", "--seed", "5", "--order", "distill-train"])
+    cfg = config_from_args(args, ["tallytrain"])
+    assert cfg.seeds == (5, 6, 7)
+    assert cfg.base.protocol.abstain_below is None and cfg.base.protocol.decentralized
+    assert cfg.base.protocol.sharpen_temperature == 0.1
+    assert cfg.base.model.archs == ("mlp", "cnn") and cfg.base.data.alpha == 0.3
+    assert cfg.base.train.order == "distill-train"
+    # untouched fields keep their defaults
+    assert cfg.base.train.local_steps == 30 and cfg.base.rounds == 20

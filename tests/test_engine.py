@@ -1,0 +1,188 @@
+"""The round loop: determinism, checkpoints and in-process resume, timing."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import pytest
+import torch
+
+from tallytrain.data import prepare
+from tallytrain.fl.config import (CompareConfig, DataConfig, ModelConfig, ProtocolConfig,
+                                  RunConfig, TrainConfig, from_dict)
+from tallytrain.fl.loop import PHASES, Federation, PhaseTimer, load_checkpoint, save_checkpoint
+from tallytrain.fl.server import select_peers
+from tallytrain.report import without_timing
+
+METHODS = ["local", "fedavg", "fedprox", "feddf", "softlabel", "tallytrain"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and on a shared machine two
+    threads spin against other processes (measured 70x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(method: str, rounds: int = 3, seed: int = 0, **protocol) -> RunConfig:
+    return RunConfig(method=method, seed=seed, peers=4, rounds=rounds,
+                     data=DataConfig(alpha=0.5, min_shard_size=5), model=ModelConfig(hidden=16),
+                     train=TrainConfig(local_steps=3, distill_steps=2, batch_size=16,
+                                       distill_batch_size=16),
+                     protocol=ProtocolConfig(probes_per_round=40, server_distill_steps=2,
+                                             abstain_below=0.5, **protocol))
+
+
+@functools.lru_cache(maxsize=None)
+def data(seed: int = 0):
+    return prepare(DataConfig(alpha=0.5, min_shard_size=5), 4, seed)
+
+
+def run(cfg: RunConfig) -> Federation:
+    fed = Federation(cfg, data(cfg.seed))
+    fed.run()
+    return fed
+
+
+def params(fed: Federation):
+    return [v for g in fed.population.groups for v in g.params.values()]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_same_numbers(method):
+    a, b = run(tiny(method)), run(tiny(method))
+    assert without_timing(a.metrics) == without_timing(b.metrics)
+    assert all(torch.equal(x, y) for x, y in zip(params(a), params(b)))
+    assert a.ledger.entries == b.ledger.entries
+
+
+def test_other_seed_other_numbers():
+    a, b = run(tiny("tallytrain", seed=0)), run(tiny("tallytrain", seed=1))
+    assert without_timing(a.metrics) != without_timing(b.metrics)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "feddf", "softlabel", "tallytrain"])
+def test_checkpoint_resume_equals_uninterrupted(tmp_path, method):
+    cfg = tiny(method, rounds=4)
+    whole = run(cfg)
+    first = Federation(cfg, data())
+    first.run_round(0)
+    first.run_round(1)
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(first, path)
+    resumed = Federation(cfg, data())
+    load_checkpoint(resumed, path)
+    assert resumed.round == 2
+    resumed.run()
+    assert without_timing(resumed.metrics) == without_timing(whole.metrics)
+    assert resumed.ledger.entries == whole.ledger.entries
+    assert all(torch.equal(x, y) for x, y in zip(params(resumed), params(whole)))
+
+
+def test_decentralized_resume_keeps_each_peers_consensus(tmp_path):
+    cfg = tiny("tallytrain", rounds=3, decentralized=True)
+    whole = run(cfg)
+    part = Federation(cfg, data())
+    part.run_round(0)
+    save_checkpoint(part, str(tmp_path / "c.pt"))
+    again = Federation(cfg, data())
+    load_checkpoint(again, str(tmp_path / "c.pt"))
+    again.run()
+    assert without_timing(again.metrics) == without_timing(whole.metrics)
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    cfg = tiny("tallytrain")
+    fed = Federation(cfg, data())
+    fed.run_round(0)
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(fed, path)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]  # atomic: no leftovers
+    other = Federation(dataclasses.replace(cfg, rounds=5), data())
+    with pytest.raises(ValueError, match="another configuration: rounds: 3 != 5"):
+        load_checkpoint(other, path)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="c.pt is corrupt"):
+        load_checkpoint(Federation(cfg, data()), path)
+
+
+def test_participation_selects_a_seeded_subset():
+    picks = [select_peers(10, 0.3, 7, 13, r) for r in range(5)]
+    assert all(len(p) == 3 and p == sorted(p) for p in picks)
+    assert picks == [select_peers(10, 0.3, 7, 13, r) for r in range(5)]
+    assert len({tuple(p) for p in picks}) > 1
+    assert select_peers(10, 1.0, 7, 13, 0) == list(range(10))
+
+
+def test_phase_timer_is_exclusive():
+    t = PhaseTimer()
+    with t("aggregation"):
+        with t("ops"):
+            sum(range(20000))
+    assert t.seconds["ops"] > 0 and t.seconds["aggregation"] >= 0
+    with pytest.raises(ValueError, match="unknown phase"):
+        with t("lunch"):
+            pass
+
+
+def test_phases_cover_the_round_time():
+    fed = run(tiny("tallytrain"))
+    wall = sum(m["round_seconds"] for m in fed.metrics)
+    assert set(fed.timer.seconds) == set(PHASES)
+    assert sum(fed.timer.seconds.values()) == pytest.approx(wall, rel=1e-6)
+    for phase in ("local_training", "joint_training", "ops", "messaging", "inference"):
+        assert fed.timer.seconds[phase] > 0, phase
+    seq = Federation(dataclasses.replace(tiny("tallytrain"), train=TrainConfig(
+        order="distill-train", local_steps=2, distill_steps=2, batch_size=16,
+        distill_batch_size=16)), data())
+    seq.run()
+    assert seq.timer.seconds["distillation"] > 0 and seq.timer.seconds["joint_training"] == 0
+
+
+def test_config_round_trip_is_strict():
+    cfg = CompareConfig(methods=("fedavg", "tallytrain"), seeds=(0, 1), base=tiny("fedavg"))
+    assert CompareConfig.from_dict(cfg.to_dict()) == cfg
+    d = cfg.to_dict()
+    d["base"]["train"]["learning_rate"] = 1
+    with pytest.raises(ValueError, match=r"config.base.train has unknown keys: learning_rate"):
+        CompareConfig.from_dict(d)
+    with pytest.raises(ValueError, match="lacks keys: methods"):
+        from_dict(CompareConfig, {"seeds": [0], "base": cfg.base.to_dict()})
+
+
+@pytest.mark.parametrize("section, kwargs, match", [
+    (DataConfig, dict(alpha=0.0), "alpha must be > 0"),
+    (DataConfig, dict(partition="zipf"), "known partitions: iid, dirichlet, classes"),
+    (DataConfig, dict(probe_fraction=0.5, test_fraction=0.5), "test_fraction"),
+    (TrainConfig, dict(order="random"), "order must be one of"),
+    (TrainConfig, dict(lr=0), "lr must be > 0"),
+    (ProtocolConfig, dict(decentralized=True, participation=0.5), "participation = 1"),
+    (ProtocolConfig, dict(softlabel_dtype="bfloat16"), "softlabel_dtype"),
+    (ProtocolConfig, dict(adversarial_mode="loud"), "adversarial_mode"),
+    (ProtocolConfig, dict(abstain_below=1.5), "abstain_below"),
+])
+def test_config_validation_names_the_field(section, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        section(**kwargs)
+
+
+def test_probe_set_too_large_is_refused():
+    cfg = dataclasses.replace(tiny("tallytrain"), protocol=ProtocolConfig(probes_per_round=10_000))
+    with pytest.raises(ValueError, match="exceeds the probe pool of 359"):
+        Federation(cfg, data())
+
+
+def test_many_class_synthetic_runs():
+    d = DataConfig(dataset="synthetic", num_classes=2000, samples_per_class=3, alpha=1.0,
+                   min_shard_size=2)
+    cfg = dataclasses.replace(tiny("tallytrain", rounds=1), data=d,
+                              protocol=ProtocolConfig(probes_per_round=300))
+    fed = Federation(cfg, prepare(d, 4, 0))
+    fed.run()
+    votes = [e for e in fed.ledger.entries if e.kind == "votes"]
+    assert {e.bytes for e in votes} == {32 + (300 * 11 + 7) // 8}  # bits_for(2001) = 11
