@@ -96,8 +96,7 @@ struct TopkArgs {
 };
 // Synchronises `stream` once (to size the exact selection). On return,
 // *nan_index is the first index whose (x + residual) is NaN, or -1; with a
-// NaN the outputs are unspecified and, for error feedback, residual already
-// holds x + residual.
+// NaN the outputs are unspecified and residual is left unchanged.
 cudaError_t launch_topk(const TopkArgs& args, const Allocator& alloc, cudaStream_t stream,
                         int64_t* nan_index);
 

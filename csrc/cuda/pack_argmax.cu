@@ -3,9 +3,9 @@
 // of DESIGN.md §2 in one pass over the logits.
 //
 // Three regimes by row size:
-// - rows of at most 4 KiB: a block stages 256/T whole rows at a time through
-//   shared memory with 16-byte loads (the rows x C block is one flat stream)
-//   and T threads (1..32) reduce each row;
+// - rows of at most 512 bytes: a block stages 256/T whole rows at a time
+//   through shared memory with 16-byte loads (the rows x C block is one flat
+//   stream) and T threads (1, 2 or 4) reduce each row;
 // - larger rows: one warp per row, 16-byte loads with a scalar head and tail
 //   (rows are not 16-byte aligned in general);
 // - few rows of huge C: each row is split over several blocks; a second
@@ -28,7 +28,9 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kStagedMaxRowBytes = 4096;  // 32 KiB tiles of 256/T rows
+// Longer rows go a warp each: a block owns 256 rows and stages them T tiles
+// after one another, which would leave too few blocks for moderate N.
+constexpr int64_t kStagedMaxRowBytes = 512;
 constexpr int kUnroll = 4;                     // 16-byte loads in flight per lane
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -366,16 +368,9 @@ cudaError_t launch_typed(const PackArgmaxArgs& args, const PackParams& p, const 
   const int64_t row_bytes = args.cols * static_cast<int64_t>(sizeof(Bits));
   if (row_bytes <= kStagedMaxRowBytes) {
     // T lanes per row, so that a tile of 256/T rows is at most 32 KiB.
-    int64_t t = 1;
-    while (t * 128 < row_bytes) t *= 2;
-    switch (t) {
-      case 1: return launch_staged<E, 1, kProb>(args, p, stream);
-      case 2: return launch_staged<E, 2, kProb>(args, p, stream);
-      case 4: return launch_staged<E, 4, kProb>(args, p, stream);
-      case 8: return launch_staged<E, 8, kProb>(args, p, stream);
-      case 16: return launch_staged<E, 16, kProb>(args, p, stream);
-      default: return launch_staged<E, 32, kProb>(args, p, stream);
-    }
+    if (row_bytes <= 128) return launch_staged<E, 1, kProb>(args, p, stream);
+    if (row_bytes <= 256) return launch_staged<E, 2, kProb>(args, p, stream);
+    return launch_staged<E, 4, kProb>(args, p, stream);
   }
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);

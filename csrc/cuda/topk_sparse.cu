@@ -9,13 +9,15 @@
 // 1. Sample: a deterministic strided sample of 2**18 keys; a radix select
 //    finds its r-th largest key, with r over-provisioned (e + 4 sqrt(e) + 8
 //    for e = k * S / M expected), as a candidate threshold.
-// 2. One pass over x (for error feedback: acc = x + residual, written back to
-//    residual in the same pass) checks for NaN and emits the candidates
-//    (key >= threshold) in index order: tiles are taken in order from a
-//    ticket counter and find their output offset by a decoupled look-back
-//    over the previous tiles' counts.
+// 2. One pass over x (for error feedback over acc = x + residual, computed on
+//    the fly) checks for NaN and emits the candidates (key >= threshold) in
+//    index order: tiles are taken in order from a ticket counter and find
+//    their output offset by a decoupled look-back over the previous tiles'
+//    counts.
 // 3. The only synchronisation: the host reads the candidate count and the
-//    first NaN. With k <= count <= capacity, a radix select over the
+//    first NaN. Only then, with no NaN, error feedback writes acc back to
+//    residual (one more pass), so that an error leaves residual untouched.
+//    With k <= count <= capacity, a radix select over the
 //    candidates finds the exact k-th key m* and how many of the k are ties
 //    (q = k - #{key > m*}); one more ordered pass over the candidates keeps
 //    key > m* and the first q keys == m* (two look-back chains), writing the
@@ -255,11 +257,13 @@ __device__ __forceinline__ u64 vector_offset(u64 excl, u64 total, int v) {
   return before + field(excl, v);
 }
 
-// ---- step 0: acc = x + residual (written back), NaN check ---------------------------
-template <class Tr, bool kEf>
+// ---- the elementwise passes: the NaN check, and acc = x + residual written back -----
+// kWrite: store acc into residual (error feedback, after the NaN check);
+// otherwise look for NaN in x (+ residual) only.
+template <class Tr, bool kEf, bool kWrite>
 __global__ void __launch_bounds__(kThreads)
-    topk_prepare_kernel(const typename Tr::Bits* __restrict__ x, typename Tr::Bits* residual,
-                        int64_t m, bool aligned, Counters* ctr) {
+    topk_elementwise_kernel(const typename Tr::Bits* __restrict__ x, typename Tr::Bits* residual,
+                            int64_t m, bool aligned, Counters* ctr) {
   using Bits = typename Tr::Bits;
   constexpr int W = Vec<Bits>::kWidth;
   const int64_t nvec = (m + W - 1) / W;
@@ -273,11 +277,13 @@ __global__ void __launch_bounds__(kThreads)
       load_vec<Bits>(residual, e0, m, aligned, r);
 #pragma unroll
       for (int t = 0; t < W; ++t) a[t] = Tr::add(a[t], r[t]);
-      store_vec(residual, e0, m, aligned, a);
+      if (kWrite) store_vec(residual, e0, m, aligned, a);
     }
+    if (!kWrite) {
 #pragma unroll
-    for (int t = 0; t < W; ++t)
-      if (e0 + t < m && Tr::is_nan(a[t])) atomicMin(&ctr->nan_first, static_cast<u64>(e0 + t));
+      for (int t = 0; t < W; ++t)
+        if (e0 + t < m && Tr::is_nan(a[t])) atomicMin(&ctr->nan_first, static_cast<u64>(e0 + t));
+    }
   }
 }
 
@@ -407,7 +413,8 @@ __global__ void __launch_bounds__(kThreads)
 // ---- step 2: candidates, in index order ---------------------------------------------
 template <class Tr, bool kEf>
 __global__ void __launch_bounds__(kThreads)
-    topk_candidates_kernel(const typename Tr::Bits* __restrict__ x, typename Tr::Bits* residual,
+    topk_candidates_kernel(const typename Tr::Bits* __restrict__ x,
+                           const typename Tr::Bits* __restrict__ residual,
                            int64_t m, bool aligned, const SelectState* __restrict__ threshold,
                            u64* __restrict__ cand_indices, typename Tr::Key* __restrict__ cand_keys,
                            u64 capacity, u64* status, u64 num_tiles, Counters* ctr) {
@@ -434,10 +441,9 @@ __global__ void __launch_bounds__(kThreads)
       load_vec(x, e0, m, aligned, a);
       if (kEf) {
         Bits r[W];
-        load_vec<Bits>(residual, e0, m, aligned, r);
+        load_vec(residual, e0, m, aligned, r);
 #pragma unroll
         for (int t = 0; t < W; ++t) a[t] = Tr::add(a[t], r[t]);
-        store_vec(residual, e0, m, aligned, a);
       }
       u64 count = 0;
 #pragma unroll
@@ -649,7 +655,7 @@ cudaError_t run_typed(const TopkArgs& a, Launch& L, int64_t* nan_index) {
   const int64_t m = a.m, k = a.k;
   const Bits* x = static_cast<const Bits*>(a.x);
   Bits* residual = static_cast<Bits*>(a.residual);
-  // Where the keys live after step 0/2: acc in residual, or x itself.
+  // Where the keys live for step 3: acc in residual (once written back), or x.
   Bits* src = kEf ? residual : const_cast<Bits*>(x);
   const bool aligned = is_aligned16(x) && (!kEf || is_aligned16(residual));
 
@@ -666,17 +672,28 @@ cudaError_t run_typed(const TopkArgs& a, Launch& L, int64_t* nan_index) {
   const double candidates = static_cast<double>(rank) * static_cast<double>(m) / static_cast<double>(samples);
   const bool use_sample = k > 0 && k < m && rank <= samples && candidates <= 0.25 * static_cast<double>(m);
 
+  // acc = x + residual into residual, once no NaN has been found.
+  const unsigned elementwise_grid =
+      L.grid(((m + W - 1) / W + kThreads - 1) / kThreads);
+  auto write_back = [&]() -> bool {
+    if constexpr (kEf) {
+      topk_elementwise_kernel<Tr, kEf, true><<<elementwise_grid, kThreads, 0, L.stream>>>(
+          x, residual, m, aligned, ctr);
+      return L.check();
+    }
+    return true;
+  };
+
   Counters host{};
   if (!use_sample) {
-    const int64_t nvec = (m + W - 1) / W;
-    topk_prepare_kernel<Tr, kEf><<<L.grid((nvec + kThreads - 1) / kThreads), kThreads, 0, L.stream>>>(
+    topk_elementwise_kernel<Tr, kEf, false><<<elementwise_grid, kThreads, 0, L.stream>>>(
         x, residual, m, aligned, ctr);
     if (!L.check() || !read_counters(L, ctr, &host)) return L.err;
     if (host.nan_first != ~0ull) {
       *nan_index = static_cast<int64_t>(host.nan_first);
       return cudaSuccess;
     }
-    if (k == 0) return cudaSuccess;
+    if (!write_back() || k == 0) return L.err;
     if (k == m) {
       topk_take_all_kernel<Tr, kEf><<<L.grid((m + kThreads - 1) / kThreads), kThreads, 0, L.stream>>>(
           src, m, a.out_indices, static_cast<Bits*>(a.out_values));
@@ -713,6 +730,7 @@ cudaError_t run_typed(const TopkArgs& a, Launch& L, int64_t* nan_index) {
     *nan_index = static_cast<int64_t>(host.nan_first);
     return cudaSuccess;
   }
+  if (!write_back()) return L.err;
 
   // 3. exact selection among the candidates, or over everything on a miss
   if (host.total >= static_cast<u64>(k) && host.total <= capacity) {

@@ -1,11 +1,7 @@
 // topk_sparse and topk_sparse_ef for CUDA tensors: argument checks, then the
 // sampled-threshold selection of topk_sparse.cu, which synchronises the
-// stream once (to size the exact selection and to raise on NaN).
-//
-// Error feedback departs from the reference in one case only: the kernel
-// writes x + residual back to residual in the same pass that looks for NaN,
-// so when x + residual holds a NaN the ValueError is raised with residual
-// already updated (the reference leaves it unchanged).
+// stream once (to size the exact selection and to raise on NaN; a NaN leaves
+// residual unchanged, as in the reference).
 #include <tuple>
 
 #include "binding.h"
