@@ -102,6 +102,8 @@ def unpack_labels(packed: torch.Tensor, n: int, num_symbols: int) -> torch.Tenso
 def _unpack_rows(packed: torch.Tensor, n: int, b: int) -> torch.Tensor:
     """[R, bytes] uint8 -> [R, n] int64 without range checks."""
     rows = packed.shape[0]
+    if rows == 0 or n == 0:
+        return torch.zeros(rows, n, dtype=torch.int64, device=packed.device)
     shifts8 = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bits = ((packed[:, :, None] >> shifts8) & 1).reshape(rows, -1)[:, : n * b]
     weights = (1 << torch.arange(b, device=packed.device, dtype=torch.int64))

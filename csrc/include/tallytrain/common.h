@@ -77,3 +77,59 @@ TT_HD float bf16_bits_to_float(uint16_t h) {
 }
 
 }  // namespace tallytrain
+
+// ---- Word-level packing (used by the CUDA kernels) -------------------------
+namespace tallytrain {
+
+// Word w (0 <= w < b) of the b little-endian 32-bit words that hold 32
+// consecutive b-bit symbols (1 <= b <= 32) whose first symbol index is a
+// multiple of 32: 32 symbols x b bits are exactly b words, so a group of 32
+// rows can be written without touching its neighbours' words. Every
+// sym[j] must be < 2**b.
+TT_HD uint32_t pack_word32(const uint32_t* sym, int b, int w) {
+  const int bit0 = 32 * w;
+  const int first = bit0 / b;
+  const int last = (bit0 + 31) / b;  // < 32 because bit0 + 31 < 32 * b
+  uint64_t word = 0;
+  for (int j = first; j <= last; ++j) {
+    const int offset = j * b - bit0;  // in (-b, 32)
+    const uint64_t s = sym[j];
+    word |= offset >= 0 ? (s << offset) : (s >> -offset);
+  }
+  return static_cast<uint32_t>(word);
+}
+
+// Symbol i of a stream of b-bit symbols (1 <= b <= 32), reading only the
+// 1 to 5 bytes that hold it, so it never reads past a stream that holds
+// symbol i.
+TT_HD uint32_t read_symbol_exact(const uint8_t* stream, int64_t i, int b) {
+  const int64_t bit = i * b;
+  const int64_t first = bit >> 3;
+  const int64_t last = (bit + b - 1) >> 3;
+  uint64_t word = 0;
+  for (int64_t k = first; k <= last; ++k)
+    word |= static_cast<uint64_t>(stream[k]) << (8 * (k - first));
+  return static_cast<uint32_t>((word >> (bit & 7)) & ((uint64_t(1) << b) - 1));
+}
+
+}  // namespace tallytrain
+
+#if defined(__CUDACC__)
+namespace tallytrain {
+
+// Stores 32-bit word `word` of a little-endian stream of out_bytes bytes
+// (out 4-byte aligned): whole words with one store, the last partial word
+// bytewise, words past the end not at all.
+__device__ __forceinline__ void store_stream_word(uint8_t* out, int64_t out_bytes, int64_t word,
+                                                  uint32_t value) {
+  const int64_t byte = word * 4;
+  if (byte + 4 <= out_bytes) {
+    *reinterpret_cast<uint32_t*>(out + byte) = value;
+  } else {
+    for (int k = 0; k < 4 && byte + k < out_bytes; ++k)
+      out[byte + k] = static_cast<uint8_t>(value >> (8 * k));
+  }
+}
+
+}  // namespace tallytrain
+#endif  // __CUDACC__

@@ -1,0 +1,421 @@
+// pack_argmax on the CPU: each row's torch.argmax, packed into a b-bit stream
+// (DESIGN.md §2-§3), optionally with the row's top-1 softmax probability and
+// abstention, in one pass over the logits that never materialises the indices.
+//
+// Argmax compares orderable integer keys (simd.h, the same maps as common.h),
+// so a plain unsigned max reproduces torch.argmax: first index of the maximum,
+// NaN the largest (the first NaN wins), -0.0 == +0.0. Two row shapes:
+//  - long rows: per row, a vectorised max over 1 KiB chunks remembers the
+//    first chunk that reached the maximum; a scalar scan of that chunk (still
+//    in L1) finds the first index. The probability pass re-reads the row from
+//    L2.
+//  - short rows (C below kShortRowLimit): rows are too short to fill vectors,
+//    so a block of rows is transposed in L1 and lane r of each vector carries
+//    row r through the argmax and the probability.
+// The probability is 1 / sum_j exp(x_j - max) with a polynomial exp (simd.h).
+// Rows go to threads in runs of whole groups of 8, so each writes whole bytes.
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "cpu_common.h"
+#include "simd.h"
+
+namespace tallytrain {
+namespace cpu {
+namespace {
+
+using namespace simd;
+
+// Rows with fewer classes take the short-row path, where the per-row costs
+// of the long-row path (reductions, partial vectors) would dominate; the
+// probability pass moves the measured crossover up.
+constexpr int64_t kShortRowLimit = 64;
+constexpr int64_t kShortRowLimitWithProb = 128;
+
+constexpr bool uses_short_rows(int64_t cols, bool need_prob) {
+  return cols < (need_prob ? kShortRowLimitWithProb : kShortRowLimit);
+}
+
+// Elements of logits per short-row block: its transpose stays in L1.
+constexpr int64_t kShortBlockElems = 4096;
+
+// Per-dtype lane operations. Raw is the bit pattern of one element; Key its
+// orderable key (same width); a KeyVec holds kLanes elements (64 bytes).
+struct Float32 {
+  using Raw = uint32_t;
+  using Key = uint32_t;
+  using KeyVec = u32x16;
+  using LaneIndex = i32x16;
+  static constexpr int kLanes = 16;
+  static constexpr Key kNaNKey = 0xffffffffu;
+  static constexpr Key kZeroKey = 0x80000000u;
+  static TT_INLINE KeyVec keys(const KeyVec& raw) { return keys_f32(raw); }
+  static TT_INLINE Key key(Raw raw) { return key_f32(raw); }
+  static TT_INLINE LaneIndex lane_index() { return iota32(); }
+  // The kLanes elements of `raw` as float vectors (1 for float32).
+  static constexpr int kFloatVecs = 1;
+  static TT_INLINE void to_float(const KeyVec& raw, f32x16* out) { out[0] = (f32x16)raw; }
+  static TT_INLINE float value(Raw raw) {
+    float f;
+    memcpy(&f, &raw, 4);
+    return f;
+  }
+};
+
+template <uint16_t kExpMask>
+struct Float16Bits {
+  using Raw = uint16_t;
+  using Key = uint16_t;
+  using KeyVec = u16x32;
+  using LaneIndex = i16x32;
+  static constexpr int kLanes = 32;
+  static constexpr Key kNaNKey = 0xffffu;
+  static constexpr Key kZeroKey = 0x8000u;
+  static TT_INLINE KeyVec keys(const KeyVec& raw) { return keys_f16bits<kExpMask>(raw); }
+  static TT_INLINE Key key(Raw raw) { return key_f16bits(raw, kExpMask); }
+  static TT_INLINE LaneIndex lane_index() { return iota16(); }
+  static constexpr int kFloatVecs = 2;
+  static TT_INLINE f32x16 widen_to_float(const u32x16& h) {
+    if constexpr (kExpMask == kBFloat16ExpMask) return bf16_to_f32(h);
+    else return f16_to_f32(h);
+  }
+  static TT_INLINE void to_float(const KeyVec& raw, f32x16* out) {
+    out[0] = widen_to_float(widen(raw, 0));
+    out[1] = widen_to_float(widen(raw, 1));
+  }
+  // One lane of the vector conversion, so that scalar and lanes agree.
+  static TT_INLINE float value(Raw raw) { return widen_to_float(u32x16{} + uint32_t(raw))[0]; }
+};
+using BFloat16 = Float16Bits<kBFloat16ExpMask>;
+using Float16 = Float16Bits<kHalfExpMask>;
+
+// The element whose key is `key` (a NaN for the NaN key, +0.0 for the zero key).
+template <class F>
+TT_INLINE typename F::Raw raw_of_key(typename F::Key key) {
+  using Key = typename F::Key;
+  constexpr Key kSign = Key(Key(1) << (8 * sizeof(Key) - 1));
+  return (key & kSign) ? Key(key ^ kSign) : Key(~key);
+}
+
+// First j in [begin, end) whose key is `key`; `end` if none.
+template <class F>
+TT_INLINE int64_t find_key(const typename F::Raw* row, int64_t begin, int64_t end,
+                           typename F::Key key) {
+  int64_t j = begin;
+  if (key != F::kNaNKey && key != F::kZeroKey) {
+    // Exactly one bit pattern has this key: compare bits.
+    const typename F::Raw raw = raw_of_key<F>(key);
+    while (j < end && row[j] != raw) ++j;
+  } else {
+    // Every NaN, or both zeros, share the key.
+    while (j < end && F::key(row[j]) != key) ++j;
+  }
+  return j;
+}
+
+template <class F>
+struct RowArgmax {
+  int64_t index;
+  typename F::Key key;
+};
+
+// The keys of the first `count` elements at p (count < kLanes); other lanes 0,
+// below every real key.
+template <class F>
+TT_INLINE typename F::KeyVec partial_keys(const typename F::Raw* p, int count) {
+  using KeyVec = typename F::KeyVec;
+  const KeyVec k = F::keys(load_partial<KeyVec>(p, count));
+  using Lane = decltype(F::lane_index()[0]);
+  return F::lane_index() < static_cast<Lane>(count) ? k : KeyVec{};
+}
+
+template <class F>
+TT_INLINE RowArgmax<F> long_row_argmax(const typename F::Raw* row, int64_t cols) {
+  using Key = typename F::Key;
+  using KeyVec = typename F::KeyVec;
+  constexpr int L = F::kLanes;
+  constexpr int64_t kChunk = 16 * L;  // 1 KiB
+  const int64_t whole = cols - cols % L;
+  // Every real key is > 0, so the first chunk always takes over.
+  Key best = 0;
+  int64_t best_chunk = 0;
+  for (int64_t start = 0; start < whole; start += kChunk) {
+    const int64_t end = std::min(start + kChunk, whole);
+    KeyVec acc0 = F::keys(load<KeyVec>(row + start));
+    KeyVec acc1 = acc0;  // two chains of max, for throughput
+    int64_t j = start + L;
+    for (; j + 2 * L <= end; j += 2 * L) {
+      acc0 = vmax(acc0, F::keys(load<KeyVec>(row + j)));
+      acc1 = vmax(acc1, F::keys(load<KeyVec>(row + j + L)));
+    }
+    if (j < end) acc0 = vmax(acc0, F::keys(load<KeyVec>(row + j)));
+    const Key m = hmax(vmax(acc0, acc1));
+    if (m > best) {
+      best = m;
+      best_chunk = start;
+      // Nothing beats the first NaN.
+      if (m == F::kNaNKey) return {find_key<F>(row, start, end, best), best};
+    }
+  }
+  if (whole < cols) {
+    const Key m = hmax(partial_keys<F>(row + whole, static_cast<int>(cols - whole)));
+    if (m > best) {
+      best = m;
+      best_chunk = whole;
+    }
+  }
+  return {find_key<F>(row, best_chunk, cols, best), best};
+}
+
+// 1 / sum_j exp(x_j - max) for a row with a finite maximum `max_value`.
+template <class F>
+TT_INLINE float long_row_prob(const typename F::Raw* row, int64_t cols, float max_value) {
+  using KeyVec = typename F::KeyVec;
+  constexpr int L = F::kLanes;
+  constexpr int64_t kChunk = 16 * L;
+  const int64_t whole = cols - cols % L;
+  const f32x16 shift = f32x16{} + max_value;
+  // Float lanes within a chunk (at most 512 terms over 16 lanes), the chunks
+  // in double, so the sum stays accurate at any C.
+  double total = 0.0;
+  for (int64_t start = 0; start < whole; start += kChunk) {
+    const int64_t end = std::min(start + kChunk, whole);
+    f32x16 acc = {};
+    for (int64_t j = start; j < end; j += L) {
+      f32x16 x[F::kFloatVecs];
+      F::to_float(load<KeyVec>(row + j), x);
+      for (int v = 0; v < F::kFloatVecs; ++v) acc += exp_nonpositive(x[v] - shift);
+    }
+    total += hsum(acc);
+  }
+  if (whole < cols) {
+    const int count = static_cast<int>(cols - whole);
+    f32x16 x[F::kFloatVecs];
+    F::to_float(load_partial<KeyVec>(row + whole, count), x);
+    f32x16 acc = {};
+    for (int v = 0; v < F::kFloatVecs; ++v) {
+      const f32x16 e = exp_nonpositive(x[v] - shift);
+      acc += (iota32() + 16 * v) < count ? e : f32x16{};
+    }
+    total += hsum(acc);
+  }
+  return 1.0f / static_cast<float>(total);
+}
+
+// Everything one task needs; the task packs rows [r0, r1), r0 a multiple of 8.
+struct Job {
+  const void* data;
+  int64_t row_stride;  // elements
+  int64_t cols;
+  int bits;
+  bool need_prob;      // return_prob or abstention
+  bool abstain;
+  float threshold;     // abstain_below as float32, as torch compares it
+  float* prob;         // [N] or nullptr when not returned
+  uint8_t* packed;
+};
+
+// torch.softmax gives NaN when the maximum is NaN or +inf, or the row is all
+// -inf: exactly the rows whose maximum is not finite.
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+TT_INLINE uint64_t emit(const Job& job, int64_t row, int64_t index, float prob) {
+  if (job.prob) job.prob[row] = prob;
+  // NaN probabilities abstain too: the test is prob >= threshold.
+  return (job.abstain && !(prob >= job.threshold)) ? static_cast<uint64_t>(job.cols)
+                                                   : static_cast<uint64_t>(index);
+}
+
+template <class F>
+TT_INLINE void pack_long_rows(const Job& job, int64_t r0, int64_t r1) {
+  using Raw = typename F::Raw;
+  const Raw* data = static_cast<const Raw*>(job.data);
+  BitWriter out(job.packed + r0 * job.bits / 8);
+  for (int64_t r = r0; r < r1; ++r) {
+    const Raw* row = data + r * job.row_stride;
+    const RowArgmax<F> a = long_row_argmax<F>(row, job.cols);
+    float prob = kNaN;
+    if (job.need_prob) {
+      const float max_value = F::value(raw_of_key<F>(a.key));
+      if (std::isfinite(max_value)) prob = long_row_prob<F>(row, job.cols, max_value);
+    }
+    out.put(emit(job, r, a.index, prob), job.bits);
+  }
+  out.flush();
+}
+
+// The element bits of each lane's key (see raw_of_key).
+template <class F>
+TT_INLINE typename F::KeyVec raw_of_keys(const typename F::KeyVec& keys) {
+  using Key = typename F::Key;
+  constexpr Key kSign = Key(Key(1) << (8 * sizeof(Key) - 1));
+  return (keys & kSign) != 0 ? keys ^ kSign : ~keys;
+}
+
+// Short rows, L rows per vector: a block of rows is transposed into columns
+// (column j of the block's rows is contiguous), then lane r of each vector
+// carries row r through the argmax and the exp-sum with no per-row reductions.
+template <class F>
+TT_INLINE void pack_short_rows(const Job& job, int64_t r0, int64_t r1) {
+  using Raw = typename F::Raw;
+  using Key = typename F::Key;
+  using KeyVec = typename F::KeyVec;
+  constexpr int L = F::kLanes;
+  constexpr int FV = F::kFloatVecs;
+  // A block holds block_rows * cols <= kCapacity elements, and at most
+  // kMaxRows rows (C >= 2).
+  constexpr int64_t kCapacity =
+      std::max<int64_t>(kShortBlockElems, L * (kShortRowLimitWithProb - 1));
+  constexpr int64_t kMaxRows = kShortBlockElems / 2;
+  const int64_t cols = job.cols;
+  const int64_t block_rows = std::max<int64_t>(L, kShortBlockElems / cols / L * L);
+  const Raw* data = static_cast<const Raw*>(job.data);
+  // Zeroed once: lanes past the last row of a partial block compute on
+  // defined values (their results are never used).
+  alignas(64) Raw columns[kCapacity] = {};
+  alignas(64) Key index[kMaxRows];
+  alignas(64) float prob[kMaxRows];
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  BitWriter out(job.packed + r0 * job.bits / 8);
+  for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
+    const int64_t rows = std::min(block_rows, r1 - b0);
+    const Raw* x = data + b0 * cols;
+    // Transpose, fetching the next block meanwhile (the copy is too short
+    // a stream for the hardware prefetcher to run ahead of it).
+    const int64_t ahead = std::min(rows, r1 - b0 - rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (r < ahead) __builtin_prefetch(x + (r + rows) * cols);
+      for (int64_t j = 0; j < cols; ++j) columns[j * block_rows + r] = x[r * cols + j];
+    }
+    for (int64_t g = 0; g < rows; g += L) {
+      const Raw* col = columns + g;
+      KeyVec best = F::keys(load<KeyVec>(col));
+      KeyVec arg = {};
+      for (int64_t j = 1; j < cols; ++j) {
+        const KeyVec k = F::keys(load<KeyVec>(col + j * block_rows));
+        const auto greater = k > best;  // strict: the first maximum stays
+        best = greater ? k : best;
+        arg = greater ? static_cast<Key>(j) : arg;
+      }
+      memcpy(index + g, &arg, sizeof(arg));
+      if (!job.need_prob) continue;
+      f32x16 max_value[FV], shift[FV], sum[FV];
+      F::to_float(raw_of_keys<F>(best), max_value);
+      for (int q = 0; q < FV; ++q) {
+        shift[q] = max_value[q] > -kInf && max_value[q] < kInf ? max_value[q] : 0.0f;
+        sum[q] = f32x16{};
+      }
+      for (int64_t j = 0; j < cols; ++j) {
+        f32x16 v[FV];
+        F::to_float(load<KeyVec>(col + j * block_rows), v);
+        for (int q = 0; q < FV; ++q) sum[q] += exp_nonpositive(v[q] - shift[q]);
+      }
+      for (int q = 0; q < FV; ++q) {
+        const f32x16 p = max_value[q] > -kInf && max_value[q] < kInf ? 1.0f / sum[q] : kNaN;
+        memcpy(prob + g + 16 * q, &p, sizeof(p));
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      out.put(emit(job, b0 + r, index[r], job.need_prob ? prob[r] : kNaN), job.bits);
+  }
+  out.flush();
+}
+
+template <class F>
+TT_INLINE void pack_rows(const Job& job, int64_t r0, int64_t r1) {
+  if (uses_short_rows(job.cols, job.need_prob)) pack_short_rows<F>(job, r0, r1);
+  else pack_long_rows<F>(job, r0, r1);
+}
+
+// One compiled copy per ISA level (simd.h), chosen at load time.
+TT_SIMD_CLONES void pack_rows_f32(const Job& job, int64_t r0, int64_t r1) {
+  pack_rows<Float32>(job, r0, r1);
+}
+TT_SIMD_CLONES void pack_rows_bf16(const Job& job, int64_t r0, int64_t r1) {
+  pack_rows<BFloat16>(job, r0, r1);
+}
+TT_SIMD_CLONES void pack_rows_f16(const Job& job, int64_t r0, int64_t r1) {
+  pack_rows<Float16>(job, r0, r1);
+}
+
+// A double as Python's repr writes it (shortest round trip, "2.0" not "2"), so
+// that error messages read as the reference's.
+std::string python_float(double v) {
+  char buf[32];
+  std::string s(buf, std::to_chars(buf, buf + sizeof(buf), v).ptr);
+  if (s.find_first_of(".eni") == std::string::npos) s += ".0";
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_argmax_cpu(const at::Tensor& logits, bool return_prob,
+                                                    std::optional<double> abstain_below) {
+  const at::ScalarType dtype = logits.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "logits must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, C], got shape ", logits.sizes());
+  const int64_t n = logits.size(0);
+  const int64_t cols = logits.size(1);
+  TORCH_CHECK_VALUE(cols >= 2, "logits must have C >= 2 classes, got C=", cols);
+  TORCH_CHECK_VALUE(cols < (int64_t(1) << 32), "logits must have C < 2**32 classes, got C=",
+                    cols);
+  const bool abstain = abstain_below.has_value();
+  if (abstain) {
+    const double t = *abstain_below;
+    TORCH_CHECK_VALUE(t >= 0.0 && t <= 1.0, "abstain_below must be in [0, 1], got ",
+                      python_float(t));
+  }
+  const int bits = bits_for(abstain ? cols + 1 : cols);
+  const bool need_prob = return_prob || abstain;
+
+  // Long rows are read through their row stride; short-row blocks need rows
+  // back to back. Either way elements within a row must be contiguous.
+  const bool rows_apart = n > 1 && logits.stride(0) != cols;
+  const at::Tensor x = logits.stride(1) != 1 || (uses_short_rows(cols, need_prob) && rows_apart)
+                           ? logits.contiguous()
+                           : logits;
+
+  at::Tensor packed = at::empty({packed_bytes(n, bits)}, logits.options().dtype(at::kByte));
+  at::Tensor prob = at::empty({return_prob ? n : 0}, logits.options().dtype(at::kFloat));
+  if (n == 0) return {packed, prob};
+
+  Job job;
+  job.data = x.data_ptr();
+  job.row_stride = n > 1 ? x.stride(0) : cols;
+  job.cols = cols;
+  job.bits = bits;
+  job.need_prob = need_prob;
+  job.abstain = abstain;
+  job.threshold = abstain ? static_cast<float>(*abstain_below) : 0.0f;
+  job.prob = return_prob ? prob.data_ptr<float>() : nullptr;
+  job.packed = packed.data_ptr<uint8_t>();
+
+  void (*kernel)(const Job&, int64_t, int64_t) =
+      dtype == at::kFloat ? pack_rows_f32 : dtype == at::kBFloat16 ? pack_rows_bf16 : pack_rows_f16;
+  // Tasks are runs of whole groups of 8 rows, so that each starts and ends on
+  // a byte boundary of the stream, of at least ~64K elements. Threads take
+  // the next task from a shared counter rather than a fixed half each: on a
+  // shared machine a thread that starts late just takes fewer.
+  const int64_t rows_per_task = 8 * std::max<int64_t>(1, (int64_t(1) << 16) / (8 * cols));
+  const int64_t tasks = (n + rows_per_task - 1) / rows_per_task;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next_task++; t < tasks; t = next_task++)
+      kernel(job, t * rows_per_task, std::min(n, (t + 1) * rows_per_task));
+  });
+  return {packed, prob};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tallytrain, CPU, m) { m.impl("pack_argmax", &pack_argmax_cpu); }
+
+}  // namespace cpu
+}  // namespace tallytrain

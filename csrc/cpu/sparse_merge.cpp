@@ -1,0 +1,132 @@
+// sparse_merge on the CPU (DESIGN.md §3): the dense sum over peers, in peer
+// order, of each peer's sparse vector (times counts[p] / sum(counts) when
+// counts are given).
+//
+// The dense range is split into tiles across threads, without atomics: each
+// thread zeroes its tile, then for each peer in order 0..P-1 binary-searches
+// the tile's span in that peer's sorted indices and adds. Every element thus
+// receives 0 + c_0 + c_1 + ... in the reference's order, and each c_p is
+// rounded as the reference rounds it (value converted to the output dtype,
+// then times the scale in the output dtype), so the result is bit-identical
+// to the reference's index_add_ loop whatever the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace tallytrain {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTile = int64_t(1) << 16;  // dense elements per parallel task
+
+// Adds peer entries [lo, hi) into out, contrib = Out(value) (* scale).
+template <typename Out, typename Value>
+void add_peer(const int64_t* idx, const Value* val, int64_t lo, int64_t hi, bool scaled,
+              Out scale, Out* out) {
+  if (scaled) {
+    for (int64_t j = lo; j < hi; ++j) out[idx[j]] += static_cast<Out>(val[j]) * scale;
+  } else {
+    for (int64_t j = lo; j < hi; ++j) out[idx[j]] += static_cast<Out>(val[j]);
+  }
+}
+
+bool is_topk_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_peer(const at::Tensor& idx, const at::Tensor& val, int64_t size, int64_t p) {
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "indices[", p, "] must be int64, got ",
+                   idx.scalar_type());
+  TORCH_CHECK_TYPE(is_topk_dtype(val.scalar_type()), "values[", p,
+                   "] must be a floating tensor, got ", val.scalar_type());
+  TORCH_CHECK_VALUE(idx.dim() == 1 && val.dim() == 1 && idx.sizes() == val.sizes(), "indices[", p,
+                    "] and values[", p, "] must be 1-D of equal length, got ", idx.sizes(),
+                    " and ", val.sizes());
+  const int64_t k = idx.numel();
+  if (k == 0) return;
+  const int64_t* ip = idx.const_data_ptr<int64_t>();  // contiguous (the caller made it so)
+  if (ip[0] < 0 || ip[k - 1] >= size) {
+    const auto [lo, hi] = std::minmax_element(ip, ip + k);
+    TORCH_CHECK_VALUE(false, "indices[", p, "] must lie in 0..size-1 = ", size - 1, ", got ", *lo,
+                      "..", *hi);
+  }
+  bool increasing = true;
+  for (int64_t j = 1; j < k; ++j) increasing &= ip[j] > ip[j - 1];
+  TORCH_CHECK_VALUE(increasing, "indices[", p, "] must be strictly increasing");
+}
+
+at::Tensor sparse_merge_cpu(at::TensorList indices, at::TensorList values, int64_t size,
+                            const std::optional<at::Tensor>& counts) {
+  TORCH_CHECK_VALUE(indices.size() == values.size(),
+                    "indices and values must list the same number of peers, got ",
+                    indices.size(), " and ", values.size());
+  TORCH_CHECK_VALUE(size >= 0, "size must be >= 0, got ", size);
+  const int64_t peers = static_cast<int64_t>(indices.size());
+
+  // Per-peer scales: counts[p] / sum(counts) in double, as the reference
+  // computes them (the same double whenever the sum is below 2^53).
+  std::vector<double> scales(peers, 1.0);
+  if (counts.has_value()) {
+    const at::Tensor& c = *counts;
+    TORCH_CHECK_TYPE(is_integer_dtype(c.scalar_type()), "counts must be an integer tensor, got ",
+                     c.scalar_type());
+    TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == peers,
+                      "counts must be 1-D with one entry per peer (", peers, "), got shape ",
+                      c.sizes());
+    const at::Tensor c64 = c.to(at::kLong).contiguous();
+    const int64_t* cp = c64.const_data_ptr<int64_t>();
+    __int128 sum = 0;  // exact, like the reference's Python ints
+    for (int64_t p = 0; p < peers; ++p) {
+      TORCH_CHECK_VALUE(cp[p] >= 0, "counts must be >= 0, got counts[", p, "] = ", cp[p]);
+      sum += cp[p];
+    }
+    TORCH_CHECK_VALUE(peers == 0 || sum > 0, "counts must sum to a positive number");
+    const double total = static_cast<double>(sum);
+    for (int64_t p = 0; p < peers; ++p) scales[p] = static_cast<double>(cp[p]) / total;
+  }
+
+  bool any_double = false;
+  for (const auto& v : values) any_double |= v.scalar_type() == at::kDouble;
+  const auto out_dtype = any_double ? at::kDouble : at::kFloat;
+
+  std::vector<at::Tensor> idx(peers), val(peers);
+  for (int64_t p = 0; p < peers; ++p) {
+    idx[p] = indices[p].contiguous();
+    val[p] = values[p].contiguous();
+    check_peer(idx[p], val[p], size, p);
+  }
+
+  const auto device = peers ? indices[0].device() : at::Device(at::kCPU);
+  at::Tensor out = at::empty({size}, at::TensorOptions().dtype(out_dtype).device(device));
+  const bool scaled = counts.has_value();
+  AT_DISPATCH_FLOATING_TYPES(out_dtype, "sparse_merge", [&] {
+    using Out = scalar_t;
+    Out* op = out.data_ptr<Out>();
+    at::parallel_for(0, size, kTile, [&](int64_t a, int64_t b) {
+      std::fill(op + a, op + b, Out(0));
+      for (int64_t p = 0; p < peers; ++p) {
+        const int64_t* ip = idx[p].const_data_ptr<int64_t>();
+        const int64_t k = idx[p].numel();
+        const int64_t lo = std::lower_bound(ip, ip + k, a) - ip;
+        const int64_t hi = std::lower_bound(ip + lo, ip + k, b) - ip;
+        const Out scale = static_cast<Out>(scales[p]);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val[p].scalar_type(),
+                                        "sparse_merge_peer", [&] {
+          add_peer<Out>(ip, val[p].const_data_ptr<scalar_t>(), lo, hi, scaled, scale, op);
+        });
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tallytrain, CPU, m) { m.impl("sparse_merge", &sparse_merge_cpu); }
+
+}  // namespace cpu
+}  // namespace tallytrain

@@ -1,0 +1,537 @@
+// tally on the CPU: weighted plurality vote per probe over P packed vote
+// streams (DESIGN.md §3). Symbols are unpacked inside the tally, a block of
+// probes at a time; the P x N labels never exist in memory.
+//
+// Work is split over blocks of probes. For each block every peer's stream is
+// read sequentially into a small tile (one row per peer), then the block is
+// counted by one of four strategies, chosen from the number of classes C:
+//
+//  - tiny C (<= kTinyMaxClasses): for each class, compare a vector of probes'
+//    symbols with the class and add, peer by peer; counts live in registers,
+//    so there is no scatter;
+//  - class-major (C up to 4 P, or up to 128): counts[c][probe]
+//    for the whole block, one scatter increment per vote, then winner and
+//    runner-up by a branch-free vector scan over the classes;
+//  - per-probe table (b <= kTableMaxBits): a (count, class) key per symbol
+//    for one probe at a time, reset only where touched. Counts only grow, so
+//    the running maximum of the keys over the increments is the winner; one
+//    more pass over the probe's votes reads the runner-up and resets;
+//  - sort (larger C, where a table per thread would not fit in cache, or
+//    weights too large for the packed keys): sort the probe's votes by class
+//    and count runs.
+//
+// The vector strategies count in 16-bit lanes while the summed weight fits
+// (else 32-bit). Symbols >= C (abstain, or out of range) are never counted as
+// a class; an
+// out-of-range symbol (>= the number of symbols) records its position, and the
+// error is raised once the tally is done.
+// Each strategy is kept out of line so that its loops get the registers.
+// Counts are integers, so every strategy and thread split gives the same
+// answer; ties go to the smallest class. Per-probe weight sums are assumed
+// to stay below 2^63 (int64 outputs).
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace tallytrain {
+namespace cpu {
+namespace {
+
+// Tiny-C counting costs C vector compares per peer and vector of probes.
+constexpr int64_t kTinyMaxClasses = 32;
+constexpr int kTinyMaxBits = 6;  // bits_for(kTinyMaxClasses + 1)
+// Class-major counting scans all classes per probe: worth it (measured) while
+// C is small next to the number of votes per probe, or small outright, and
+// while the block of counts stays in cache.
+constexpr int64_t kClassMajorMaxClasses = 4096;
+constexpr int64_t kClassMajorClassesPerVote = 4;
+constexpr int64_t kClassMajorAlwaysClasses = 128;
+constexpr int kClassMajorMaxBits = 13;  // bits_for(kClassMajorMaxClasses + 1)
+// The per-probe table has one entry per possible symbol (2^b); larger tables
+// leave the caches, and sorting the P votes of a probe is cheaper.
+constexpr int kTableMaxBits = 20;
+// Bytes of tile / count block that should stay in the L1/L2 caches.
+constexpr int64_t kTileBytes = 32 * 1024;
+constexpr int64_t kClassMajorBytes = 128 * 1024;
+
+struct Problem {
+  const uint8_t* votes;  // [P, nbytes]
+  int64_t peers, nbytes, n;
+  int b;
+  uint64_t num_classes;   // C; symbols >= C are ignored (abstain) or invalid
+  uint64_t num_symbols;   // C or C + 1
+  const int64_t* weights; // [P] (>= 0), or nullptr for all ones
+  uint64_t weight_sum;    // summed weight of all peers
+};
+
+struct Outputs {
+  int64_t *label, *count, *total, *runner_up;
+};
+
+// x86-64 builds get AVX-512 and AVX2 clones of the vector loops, chosen at
+// load time; elsewhere GCC's generic vectors map to the target's SIMD width.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TT_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TT_VECTOR_CLONES
+#endif
+// Vectors only pass between always-inlined functions, so the ABI note about
+// passing 64-byte vectors without AVX-512 does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// Symbols [i0, i0 + len) of a stream of B-bit symbols into out[0, len). i0 is
+// a multiple of 8, so each group of 8 symbols starts on a byte boundary B
+// bytes after the previous one and every shift is a compile-time constant.
+template <int B, typename Out>
+void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len, Out* out) {
+  constexpr uint64_t kMask = (uint64_t(1) << B) - 1;
+  constexpr int64_t kReach = B <= 8 ? 8 : (7 * B) / 8 + 8;  // bytes a group's loads touch
+  const uint8_t* src = stream + i0 / 8 * B;
+  const int64_t avail = nbytes - i0 / 8 * B;
+  int64_t j = 0;
+  for (; j + 8 <= len && j / 8 * B + kReach <= avail; j += 8) {
+    const uint8_t* group = src + j / 8 * B;
+    if constexpr (B <= 8) {  // one load holds the whole group
+      uint64_t word;
+      std::memcpy(&word, group, 8);
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) out[j + k] = static_cast<Out>((word >> (k * B)) & kMask);
+    } else {
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        uint64_t word;
+        std::memcpy(&word, group + (k * B >> 3), 8);
+        out[j + k] = static_cast<Out>((word >> ((k * B) & 7)) & kMask);
+      }
+    }
+  }
+  for (; j < len; ++j) out[j] = static_cast<Out>(read_symbol(stream, nbytes, i0 + j, B));
+}
+
+// unpack_fixed for a run-time b in [B, kMaxBits].
+template <typename Out, int kMaxBits, int B = 1>
+void unpack_bits(int b, const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len,
+                 Out* out) {
+  if (b == B) return unpack_fixed<B>(stream, nbytes, i0, len, out);
+  if constexpr (B < kMaxBits) return unpack_bits<Out, kMaxBits, B + 1>(b, stream, nbytes, i0, len, out);
+  TORCH_INTERNAL_ASSERT(false, "unpack_bits: ", b, " bits is outside 1..", kMaxBits);
+}
+
+// Whether any of v[0, len) is >= limit (which fits in Out).
+template <typename Out>
+__attribute__((always_inline)) inline bool any_at_least(const Out* v, int64_t len, Out limit) {
+  bool any = false;
+  for (int64_t j = 0; j < len; ++j) any |= v[j] >= limit;
+  return any;
+}
+TT_VECTOR_CLONES bool any_at_least(const uint32_t* v, int64_t len, uint32_t limit) {
+  return any_at_least<uint32_t>(v, len, limit);
+}
+TT_VECTOR_CLONES bool any_at_least(const int16_t* v, int64_t len, int16_t limit) {
+  return any_at_least<int16_t>(v, len, limit);
+}
+TT_VECTOR_CLONES bool any_at_least(const int32_t* v, int64_t len, int32_t limit) {
+  return any_at_least<int32_t>(v, len, limit);
+}
+
+// Unpacks symbols [i0, i0 + len) of peer p's stream (i0 a multiple of 8) into
+// out[0, len). If the range holds a symbol >= num_symbols (possible only when
+// num_symbols < 2^b), the flat position (p * n + i) of the first lowers
+// *first_bad.
+template <typename Out, int kMaxBits = 32>
+void unpack_block(const Problem& pr, int64_t p, int64_t i0, int64_t len, Out* out,
+                  int64_t* first_bad) {
+  const uint8_t* stream = pr.votes + p * pr.nbytes;
+  unpack_bits<Out, kMaxBits>(pr.b, stream, pr.nbytes, i0, len, out);
+  if (pr.num_symbols < (uint64_t(1) << pr.b) &&
+      __builtin_expect(any_at_least(out, len, static_cast<Out>(pr.num_symbols)), 0)) {
+    const int64_t j = std::find_if(out, out + len, [&](Out v) {
+      return static_cast<uint64_t>(v) >= pr.num_symbols;
+    }) - out;
+    *first_bad = std::min(*first_bad, p * pr.n + i0 + j);
+  }
+}
+
+inline uint64_t weight_of(const Problem& pr, int64_t p) {
+  return pr.weights ? static_cast<uint64_t>(pr.weights[p]) : 1;
+}
+
+// Writes probe i's result. The winner is meaningful only when total > 0.
+inline void store(const Outputs& out, int64_t i, uint64_t total, uint32_t winner,
+                  uint64_t count, uint64_t runner_up) {
+  const bool none = total == 0;
+  out.label[i] = none ? -1 : static_cast<int64_t>(winner);
+  out.count[i] = none ? 0 : static_cast<int64_t>(count);
+  out.total[i] = static_cast<int64_t>(total);
+  out.runner_up[i] = none ? 0 : static_cast<int64_t>(runner_up);
+}
+
+// ---- vector strategies: tiny C and class-major -------------------------------- //
+// Both hold counts for a vector of probes (one per lane) and reduce over the
+// classes with branch-free vector code.
+
+// Winner, count, runner-up and total of the lanes' probes [first, first +
+// len), len <= lanes, from count_of(c): the vector of the lanes' counts for
+// class c. Strictly greater keeps the smallest class on ties; a class with
+// count 0 never beats a winner with positive support.
+template <typename Lane, typename CountOf>
+__attribute__((always_inline)) inline void reduce_classes(Lane classes, const CountOf& count_of,
+                                                          int64_t first, int64_t len,
+                                                          const Outputs& out) {
+  typedef Lane V __attribute__((vector_size(64)));
+  V best = {}, second = {}, winner = {}, total = {};
+  for (Lane c = 0; c < classes; ++c) {
+    const V count = count_of(c);
+    total += count;
+    const V gt = count > best;
+    second = gt ? best : (count > second ? count : second);
+    best = gt ? count : best;
+    winner = gt ? V{} + c : winner;
+  }
+  for (int64_t l = 0; l < len; ++l)
+    store(out, first + l, static_cast<uint64_t>(total[l]), static_cast<uint32_t>(winner[l]),
+          static_cast<uint64_t>(best[l]), static_cast<uint64_t>(second[l]));
+}
+
+// Tiny C: probes [j0, j0 + len) from tile[p * block + j] (symbols; those >=
+// C match no class). Each class's counts are summed from vector compares, so
+// they never leave the registers. `weights` is null for unweighted votes.
+template <typename Lane>
+__attribute__((always_inline)) inline void tiny_count(const Lane* tile, int64_t block,
+                                                      int64_t peers, Lane classes,
+                                                      const Lane* weights, int64_t j0,
+                                                      int64_t len, const Outputs& out) {
+  typedef Lane V __attribute__((vector_size(64)));
+  constexpr int64_t kLanes = 64 / sizeof(Lane);
+  for (int64_t j = 0; j < len; j += kLanes) {
+    auto count_of = [&](Lane c) {
+      const V cls = V{} + c;
+      V count = {};
+      for (int64_t p = 0; p < peers; ++p) {
+        V sym;
+        std::memcpy(&sym, tile + p * block + j, sizeof(V));
+        if (weights)
+          count += (sym == cls) & weights[p];
+        else
+          count -= (sym == cls);  // a true comparison is -1
+      }
+      return count;
+    };
+    reduce_classes<Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
+  }
+}
+
+// Class-major: probes [j0, j0 + len) from counts[c * block + j].
+template <typename Lane>
+__attribute__((always_inline)) inline void class_major_reduce(const Lane* counts, int64_t block,
+                                                              Lane classes, int64_t j0,
+                                                              int64_t len, const Outputs& out) {
+  typedef Lane V __attribute__((vector_size(64)));
+  constexpr int64_t kLanes = 64 / sizeof(Lane);
+  for (int64_t j = 0; j < len; j += kLanes) {
+    auto count_of = [&](Lane c) {
+      V count;
+      std::memcpy(&count, counts + c * block + j, sizeof(V));
+      return count;
+    };
+    reduce_classes<Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
+  }
+}
+
+TT_VECTOR_CLONES void tiny_count_i16(const int16_t* tile, int64_t block, int64_t peers,
+                                     int16_t classes, const int16_t* weights, int64_t j0,
+                                     int64_t len, const Outputs& out) {
+  tiny_count<int16_t>(tile, block, peers, classes, weights, j0, len, out);
+}
+TT_VECTOR_CLONES void tiny_count_i32(const int32_t* tile, int64_t block, int64_t peers,
+                                     int32_t classes, const int32_t* weights, int64_t j0,
+                                     int64_t len, const Outputs& out) {
+  tiny_count<int32_t>(tile, block, peers, classes, weights, j0, len, out);
+}
+TT_VECTOR_CLONES void class_major_reduce_i16(const int16_t* counts, int64_t block,
+                                             int16_t classes, int64_t j0, int64_t len,
+                                             const Outputs& out) {
+  class_major_reduce<int16_t>(counts, block, classes, j0, len, out);
+}
+TT_VECTOR_CLONES void class_major_reduce_i32(const int32_t* counts, int64_t block,
+                                             int32_t classes, int64_t j0, int64_t len,
+                                             const Outputs& out) {
+  class_major_reduce<int32_t>(counts, block, classes, j0, len, out);
+}
+
+// Lane-wide copies of the weights (which fit: their sum does), or none.
+template <typename Lane>
+std::vector<Lane> lane_weights(const Problem& pr) {
+  return pr.weights ? std::vector<Lane>(pr.weights, pr.weights + pr.peers) : std::vector<Lane>();
+}
+
+template <typename Lane>
+__attribute__((noinline)) void tally_tiny(const Problem& pr, const Outputs& out, int64_t block,
+                                          int64_t i0, int64_t i1, int64_t* first_bad) {
+  std::vector<Lane> tile(pr.peers * block);  // [P][block]
+  const std::vector<Lane> w = lane_weights<Lane>(pr);
+  const Lane classes = static_cast<Lane>(pr.num_classes);
+  for (int64_t j0 = i0; j0 < i1; j0 += block) {
+    const int64_t len = std::min(block, i1 - j0);
+    for (int64_t p = 0; p < pr.peers; ++p)
+      unpack_block<Lane, kTinyMaxBits>(pr, p, j0, len, tile.data() + p * block, first_bad);
+    const Lane* wp = pr.weights ? w.data() : nullptr;
+    if constexpr (sizeof(Lane) == 2)
+      tiny_count_i16(tile.data(), block, pr.peers, classes, wp, j0, len, out);
+    else
+      tiny_count_i32(tile.data(), block, pr.peers, classes, wp, j0, len, out);
+  }
+}
+
+// counts[c][probe] for a block of probes; row C collects the ignored votes.
+template <typename Lane>
+__attribute__((noinline)) void tally_class_major(const Problem& pr, const Outputs& out,
+                                                 int64_t block, int64_t i0, int64_t i1,
+                                                 int64_t* first_bad) {
+  const Lane classes = static_cast<Lane>(pr.num_classes);
+  const uint32_t sentinel = static_cast<uint32_t>(pr.num_classes);  // abstain or invalid
+  std::vector<Lane> counts((pr.num_classes + 1) * block);
+  std::vector<uint32_t> symbols(block);
+  const std::vector<Lane> w = lane_weights<Lane>(pr);
+  for (int64_t j0 = i0; j0 < i1; j0 += block) {
+    const int64_t len = std::min(block, i1 - j0);
+    std::fill(counts.begin(), counts.end(), Lane(0));
+    for (int64_t p = 0; p < pr.peers; ++p) {
+      unpack_block<uint32_t, kClassMajorMaxBits>(pr, p, j0, len, symbols.data(),
+                                                       first_bad);
+      const Lane wp = pr.weights ? w[p] : Lane(1);
+      Lane* cnt = counts.data();
+      for (int64_t j = 0; j < len; ++j) cnt[std::min(symbols[j], sentinel) * block + j] += wp;
+    }
+    if constexpr (sizeof(Lane) == 2)
+      class_major_reduce_i16(counts.data(), block, classes, j0, len, out);
+    else
+      class_major_reduce_i32(counts.data(), block, classes, j0, len, out);
+  }
+}
+
+// ---- per-probe table --------------------------------------------------------- //
+// keys[s] = count_s << kClassBits | (kClassMask - s), so comparing keys
+// compares counts and then prefers the smaller class. Counts only grow, so the
+// running maximum over a probe's increments is its winner's final key.
+constexpr int kClassBits = kTableMaxBits;
+constexpr uint64_t kClassMask = (uint64_t(1) << kClassBits) - 1;
+// Summed weight below this keeps count << kClassBits inside 64 bits.
+constexpr uint64_t kTableMaxWeight = uint64_t(1) << (64 - kClassBits);
+
+template <bool kWeighted, bool kAbstain>
+__attribute__((noinline)) void tally_table(const Problem& pr, const Outputs& out, int64_t block,
+                                           int64_t i0, int64_t i1, int64_t* first_bad) {
+  // One key per possible symbol, so symbols need no clamping: an invalid one
+  // gets a key of its own and the tally fails afterwards anyway.
+  const uint32_t num_keys = uint32_t(1) << pr.b;
+  const uint32_t abstain = static_cast<uint32_t>(pr.num_classes);
+  std::vector<uint64_t> keys(num_keys);  // count 0 between probes
+  for (uint32_t s = 0; s < num_keys; ++s) keys[s] = kClassMask - s;
+  std::vector<uint32_t> tile(pr.peers * block);  // [P][block]
+  std::vector<uint64_t> increment(pr.peers);
+  for (int64_t p = 0; p < pr.peers; ++p) increment[p] = weight_of(pr, p) << kClassBits;
+  constexpr uint64_t kOne = uint64_t(1) << kClassBits;
+  uint64_t* key = keys.data();
+  for (int64_t j0 = i0; j0 < i1; j0 += block) {
+    const int64_t len = std::min(block, i1 - j0);
+    for (int64_t p = 0; p < pr.peers; ++p)
+      unpack_block<uint32_t, kTableMaxBits>(pr, p, j0, len, tile.data() + p * block, first_bad);
+    for (int64_t j = 0; j < len; ++j) {
+      const uint32_t* sym = tile.data() + j;
+      uint64_t best = 0, ignored = 0;
+      for (int64_t p = 0; p < pr.peers; ++p) {
+        const uint32_t s = sym[p * block];
+        const uint64_t inc = kWeighted ? increment[p] : kOne;
+        uint64_t k = key[s] + inc;
+        key[s] = k;
+        // An abstention adds to the ignored weight and must not lead.
+        if constexpr (kAbstain) {
+          const bool skip = s == abstain;
+          ignored += skip ? inc : 0;
+          k = skip ? 0 : k;
+        }
+        best = std::max(best, k);
+      }
+      const uint32_t winner = static_cast<uint32_t>(kClassMask - (best & kClassMask));
+      uint64_t runner = 0;
+      for (int64_t p = 0; p < pr.peers; ++p) {
+        const uint32_t s = sym[p * block];
+        const bool other = s != winner && (!kAbstain || s != abstain);
+        runner = std::max(runner, other ? key[s] : 0);
+        key[s] = kClassMask - s;  // a repeated class reads count 0 afterwards
+      }
+      const uint64_t total = pr.weight_sum - (ignored >> kClassBits);
+      store(out, j0 + j, total, winner, best >> kClassBits, runner >> kClassBits);
+    }
+  }
+}
+
+// ---- sort per probe ---------------------------------------------------------- //
+__attribute__((noinline)) void tally_sorted(const Problem& pr, const Outputs& out, int64_t block, int64_t i0, int64_t i1,
+                  int64_t* first_bad) {
+  std::vector<uint32_t> tile(pr.peers * block);
+  std::vector<std::pair<uint32_t, uint64_t>> votes;
+  votes.reserve(pr.peers);
+  for (int64_t j0 = i0; j0 < i1; j0 += block) {
+    const int64_t len = std::min(block, i1 - j0);
+    for (int64_t p = 0; p < pr.peers; ++p)
+      unpack_block<uint32_t>(pr, p, j0, len, tile.data() + p * block, first_bad);
+    for (int64_t j = 0; j < len; ++j) {
+      votes.clear();
+      uint64_t total = 0;
+      for (int64_t p = 0; p < pr.peers; ++p) {
+        const uint32_t s = tile[p * block + j];
+        if (s >= pr.num_classes) continue;  // abstained (or invalid)
+        votes.emplace_back(s, weight_of(pr, p));
+        total += weight_of(pr, p);
+      }
+      std::sort(votes.begin(), votes.end(),
+                [](const auto& a, const auto& b) { return a.first < b.first; });
+      // Runs in ascending class order: strictly greater keeps the first
+      // (smallest) class among equal counts.
+      uint64_t best = 0, second = 0;
+      uint32_t win = 0;
+      bool have = false;
+      for (size_t r = 0; r < votes.size();) {
+        size_t e = r;
+        uint64_t c = 0;
+        for (; e < votes.size() && votes[e].first == votes[r].first; ++e) c += votes[e].second;
+        if (!have || c > best) {
+          if (have) second = std::max(second, best);
+          best = c;
+          win = votes[r].first;
+          have = true;
+        } else {
+          second = std::max(second, c);
+        }
+        r = e;
+      }
+      store(out, j0 + j, total, win, best, second);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
+    const at::Tensor& votes, int64_t n, int64_t num_classes,
+    const std::optional<at::Tensor>& weights, bool abstain) {
+  TORCH_CHECK_VALUE(votes.dim() == 2, "votes must be 2-D [P, bytes], got shape ", votes.sizes());
+  TORCH_CHECK_VALUE(num_classes >= 2, "num_classes must be >= 2, got ", num_classes);
+  const int64_t num_symbols = abstain ? num_classes + 1 : num_classes;
+  TORCH_CHECK_TYPE(votes.scalar_type() == at::kByte, "votes must be a uint8 tensor, got ",
+                   votes.scalar_type());
+  TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got ", n);
+  const int b = check_num_symbols(num_symbols);
+  check_stream_bytes(votes.size(1), n, b, "votes");
+  const int64_t peers = votes.size(0);
+
+  at::Tensor w;
+  if (weights.has_value()) {
+    TORCH_CHECK_TYPE(is_integer_dtype(weights->scalar_type()),
+                     "weights must be an integer tensor, got ", weights->scalar_type());
+    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == peers,
+                      "weights must be 1-D with one entry per peer (", peers, "), got shape ",
+                      weights->sizes());
+    w = weights->to(at::kLong).contiguous();
+    const int64_t* wp = w.data_ptr<int64_t>();
+    for (int64_t p = 0; p < peers; ++p)
+      TORCH_CHECK_VALUE(wp[p] >= 0, "weights must be >= 0, got weights[", p, "] = ", wp[p]);
+  }
+
+  const at::Tensor v = votes.contiguous();
+  const auto opts = votes.options().dtype(at::kLong);
+  at::Tensor label = at::empty({n}, opts), count = at::empty({n}, opts),
+             total = at::empty({n}, opts), runner_up = at::empty({n}, opts);
+  if (n == 0) return {label, count, total, runner_up};
+
+  Problem pr{v.data_ptr<uint8_t>(), peers, v.size(1), n, b, static_cast<uint64_t>(num_classes),
+             static_cast<uint64_t>(num_symbols), w.defined() ? w.data_ptr<int64_t>() : nullptr, 0};
+  for (int64_t p = 0; p < peers; ++p) pr.weight_sum += weight_of(pr, p);
+  const Outputs out{label.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
+                    total.data_ptr<int64_t>(), runner_up.data_ptr<int64_t>()};
+  // Counts never exceed the summed weight: narrow counts when it fits.
+  const uint64_t wsum = pr.weight_sum;
+  const bool fits16 = wsum <= static_cast<uint64_t>(std::numeric_limits<int16_t>::max());
+  const bool fits32 = wsum <= static_cast<uint64_t>(std::numeric_limits<int32_t>::max());
+
+  const int64_t votes_per_probe = std::max<int64_t>(peers, 1);
+  enum class Strategy { kTiny, kClassMajor, kTable, kSorted };
+  Strategy strategy = Strategy::kSorted;
+  if (num_classes <= kTinyMaxClasses && fits32)
+    strategy = Strategy::kTiny;
+  else if (num_classes <= kClassMajorMaxClasses && fits32 &&
+           (num_classes <= kClassMajorClassesPerVote * votes_per_probe ||
+            num_classes <= kClassMajorAlwaysClasses))
+    strategy = Strategy::kClassMajor;
+  else if (b <= kTableMaxBits && wsum < kTableMaxWeight)
+    strategy = Strategy::kTable;
+  const int64_t lane_bytes = fits16 ? 2 : 4;
+  // Probes per block: a multiple of 64 so that blocks start on a byte
+  // boundary of every stream and vector loops have no ragged middle, sized to
+  // keep the block's working set in cache.
+  auto round64 = [](int64_t v) { return std::max<int64_t>(64, v / 64 * 64); };
+  int64_t block = 0;
+  switch (strategy) {
+    case Strategy::kTiny:
+      block = std::min<int64_t>(2048, round64(kTileBytes / (lane_bytes * votes_per_probe)));
+      break;
+    case Strategy::kClassMajor:
+      block = std::min<int64_t>(1024, round64(kClassMajorBytes / (lane_bytes * (num_classes + 1))));
+      break;
+    default:
+      block = std::min<int64_t>(512, round64(kTileBytes / (4 * votes_per_probe)));
+  }
+  const int64_t num_blocks = (n + block - 1) / block;
+  // At least ~64K votes per task so that small tallies stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (block * votes_per_probe));
+
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  at::parallel_for(0, num_blocks, grain, [&](int64_t blk0, int64_t blk1) {
+    const int64_t i0 = blk0 * block, i1 = std::min(n, blk1 * block);
+    int64_t bad = std::numeric_limits<int64_t>::max();
+    switch (strategy) {
+      case Strategy::kTiny:
+        fits16 ? tally_tiny<int16_t>(pr, out, block, i0, i1, &bad)
+               : tally_tiny<int32_t>(pr, out, block, i0, i1, &bad);
+        break;
+      case Strategy::kClassMajor:
+        fits16 ? tally_class_major<int16_t>(pr, out, block, i0, i1, &bad)
+               : tally_class_major<int32_t>(pr, out, block, i0, i1, &bad);
+        break;
+      case Strategy::kTable:
+        if (pr.weights)
+          abstain ? tally_table<true, true>(pr, out, block, i0, i1, &bad)
+                  : tally_table<true, false>(pr, out, block, i0, i1, &bad);
+        else
+          abstain ? tally_table<false, true>(pr, out, block, i0, i1, &bad)
+                  : tally_table<false, false>(pr, out, block, i0, i1, &bad);
+        break;
+      case Strategy::kSorted:
+        tally_sorted(pr, out, block, i0, i1, &bad);
+    }
+    int64_t cur = first_bad.load();
+    while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {}
+  });
+
+  const int64_t bad = first_bad.load();
+  if (bad != std::numeric_limits<int64_t>::max()) {
+    const int64_t p = bad / n, i = bad % n;
+    TORCH_CHECK_VALUE(false, "votes holds symbol ", read_symbol(pr.votes + p * pr.nbytes, pr.nbytes, i, b),
+                      " at position ", bad, ", outside 0..", num_symbols - 1);
+  }
+  return {label, count, total, runner_up};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tallytrain, CPU, m) { m.impl("tally", &tally_cpu); }
+
+}  // namespace cpu
+}  // namespace tallytrain

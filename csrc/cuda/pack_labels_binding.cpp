@@ -1,0 +1,79 @@
+// pack_labels and unpack_labels for CUDA tensors. Both validate their input
+// on the device and read one flag back to raise ValueError, so each call
+// synchronises the current stream once (only to validate).
+#include "binding.h"
+
+namespace tallytrain {
+namespace cuda {
+namespace {
+
+at::Tensor pack_labels_cuda(const at::Tensor& labels, int64_t num_symbols) {
+  TORCH_CHECK_TYPE(is_integer_dtype(labels.scalar_type()),
+                   "labels must be an integer tensor, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1, "labels must be 1-D [N], got shape ", labels.sizes());
+  const int b = check_num_symbols(num_symbols);
+  const c10::cuda::CUDAGuard guard(labels.device());
+  const at::Tensor lab = labels.contiguous();
+  const int64_t n = lab.numel();
+  at::Tensor out = at::empty({packed_bytes(n, b)}, labels.options().dtype(at::kByte));
+  if (n == 0) return out;
+  const at::Tensor flag = first_bad_flag(lab.device());
+  PackLabelsArgs args;
+  args.labels = lab.data_ptr();
+  args.dtype = int_type(lab.scalar_type());
+  args.n = n;
+  args.num_symbols = num_symbols;
+  args.bits = b;
+  args.out = out.data_ptr<uint8_t>();
+  args.out_bytes = out.numel();
+  args.first_bad = flag_ptr(flag);
+  C10_CUDA_CHECK(launch_pack_labels(args, at::cuda::getCurrentCUDAStream()));
+  const int64_t bad = read_first_bad(flag);
+  if (bad >= 0) {
+    TORCH_CHECK_VALUE(false, "labels[", bad, "] = ", lab[bad].item<int64_t>(), " is outside 0..",
+                      num_symbols - 1, " (num_symbols=", num_symbols, ")");
+  }
+  return out;
+}
+
+at::Tensor unpack_labels_cuda(const at::Tensor& packed, int64_t n, int64_t num_symbols) {
+  TORCH_CHECK_VALUE(packed.dim() == 1, "packed must be 1-D, got shape ", packed.sizes());
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed must be a uint8 tensor, got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got ", n);
+  const int b = check_num_symbols(num_symbols);
+  check_stream_bytes(packed.size(0), n, b, "packed");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor stream = packed.contiguous();
+  at::Tensor out = at::empty({n}, packed.options().dtype(at::kLong));
+  if (n == 0) return out;
+  // Symbols >= num_symbols exist only when num_symbols is not a power of two.
+  const bool check = (int64_t(1) << b) != num_symbols;
+  const at::Tensor flag = check ? first_bad_flag(stream.device()) : at::Tensor();
+  UnpackLabelsArgs args;
+  args.packed = stream.data_ptr<uint8_t>();
+  args.n = n;
+  args.num_symbols = num_symbols;
+  args.bits = b;
+  args.out = out.data_ptr<int64_t>();
+  args.first_bad = check ? flag_ptr(flag) : nullptr;
+  C10_CUDA_CHECK(launch_unpack_labels(args, at::cuda::getCurrentCUDAStream()));
+  if (check) {
+    const int64_t bad = read_first_bad(flag);
+    if (bad >= 0) {
+      TORCH_CHECK_VALUE(false, "packed holds symbol ", out[bad].item<int64_t>(), " at position ",
+                        bad, ", outside 0..", num_symbols - 1);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tallytrain, CUDA, m) {
+  m.impl("pack_labels", &pack_labels_cuda);
+  m.impl("unpack_labels", &unpack_labels_cuda);
+}
+
+}  // namespace cuda
+}  // namespace tallytrain

@@ -1,0 +1,102 @@
+"""Fixtures shared by the op tests.
+
+- ``device``: every test that takes it runs on the CPU and, marked ``cuda``, on
+  a CUDA device (skipped where there is none).
+- ``float_dtype``: float32, float16 and bfloat16, the logits dtypes.
+- ``ref``: ``tallytrain.ops.reference``, the specification, called directly so
+  that the dispatched op (native where the extension serves) is compared with
+  it rather than with itself.
+- ``bitstream``: an independent oracle for the packed layout of DESIGN.md §2,
+  written out bit by bit in plain Python, so that the tests stay meaningful
+  when the reference is what serves.
+- ``gen``: a ``torch.Generator`` seeded from the test's id (stable across runs
+  and machines, different for every parametrised case).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import List, Sequence
+
+import pytest
+import torch
+
+from tallytrain.ops import reference
+
+DEVICE_PARAMS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ]),
+]
+
+FLOAT_DTYPE_PARAMS = [
+    pytest.param(torch.float32, id="float32"),
+    pytest.param(torch.float16, id="float16"),
+    pytest.param(torch.bfloat16, id="bfloat16"),
+]
+
+
+@pytest.fixture(params=DEVICE_PARAMS)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=FLOAT_DTYPE_PARAMS)
+def float_dtype(request) -> torch.dtype:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def ref():
+    return reference
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+class BitStream:
+    """DESIGN.md §2 taken literally: symbol i occupies stream bits
+    [i*b, i*b + b), least significant bit first, and stream bit j is bit j % 8
+    of byte j // 8; b is the smallest width with 2**b >= num_symbols. Slow on
+    purpose (one bit at a time) so that it shares nothing with the kernels."""
+
+    @staticmethod
+    def width(num_symbols: int) -> int:
+        b = 0
+        while (1 << b) < num_symbols:
+            b += 1
+        return b
+
+    @classmethod
+    def pack(cls, symbols: Sequence[int], num_symbols: int) -> torch.Tensor:
+        b = cls.width(num_symbols)
+        out = bytearray((len(symbols) * b + 7) // 8)
+        for i, symbol in enumerate(symbols):
+            assert 0 <= symbol < num_symbols, (i, symbol, num_symbols)
+            for k in range(b):
+                if (symbol >> k) & 1:
+                    j = i * b + k
+                    out[j // 8] |= 1 << (j % 8)
+        return torch.tensor(list(out), dtype=torch.uint8)
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor, n: int, num_symbols: int) -> List[int]:
+        b = cls.width(num_symbols)
+        data = packed.cpu().tolist()
+        assert len(data) == (n * b + 7) // 8, (len(data), n, b)
+        symbols = []
+        for i in range(n):
+            value = 0
+            for k in range(b):
+                j = i * b + k
+                value |= ((data[j // 8] >> (j % 8)) & 1) << k
+            symbols.append(value)
+        return symbols
+
+
+@pytest.fixture(scope="session")
+def bitstream() -> type:
+    return BitStream

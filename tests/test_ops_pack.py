@@ -1,0 +1,429 @@
+"""pack_argmax, pack_labels and unpack_labels (DESIGN.md §2-§3).
+
+Every case runs the dispatched op (native where the extension serves) and
+compares it with the reference called directly and with independent oracles:
+torch.argmax, torch.softmax and the bit-by-bit packer of conftest.py.
+Integer outputs must be identical; probabilities agree within rtol=1e-4,
+atol=1e-6 with NaN in the same places.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tallytrain.ops as ops
+
+RTOL, ATOL = 1e-4, 1e-6  # for probabilities (docs/ops.md, Tolerances)
+assert_equal = functools.partial(torch.testing.assert_close, rtol=0, atol=0)
+assert_prob_close = functools.partial(torch.testing.assert_close, rtol=RTOL, atol=ATOL,
+                                      equal_nan=True)
+
+CLASS_COUNTS = (2, 3, 10, 255, 256, 257, 1000, 50257, 65536, 65537)
+ROW_COUNTS = (0, 1, 7, 8, 9, 3001)
+# Keeps every case to a few MB of logits: many rows only with modest C.
+MAX_ELEMENTS = 4_000_000
+SHAPES = [(n, c) for c in CLASS_COUNTS for n in ROW_COUNTS if n * c <= MAX_ELEMENTS]
+SHAPE_IDS = [f"N{n}-C{c}" for n, c in SHAPES]
+# A subset for the costlier variants (layouts, abstention).
+FEW_SHAPES = [(1, 2), (9, 3), (3001, 10), (8, 256), (7, 257), (300, 1000), (9, 50257),
+              (2, 65537)]
+FEW_SHAPE_IDS = [f"N{n}-C{c}" for n, c in FEW_SHAPES]
+
+
+def random_logits(n, c, dtype, gen, kind="normal"):
+    if kind == "normal":
+        x = torch.randn(n, c, generator=gen) * 4
+    else:  # "few_values": small integers, so the maximum is usually shared
+        x = torch.randint(-2, 3, (n, c), generator=gen).float()
+    return x.to(dtype)
+
+
+def softmax_top1(logits):
+    """The top-1 probability straight from torch.softmax (an oracle for prob)."""
+    x = logits.float()
+    return torch.softmax(x, dim=-1).gather(1, x.argmax(-1, keepdim=True)).squeeze(1)
+
+
+# --------------------------------------------------------------------------- #
+# pack_argmax: random logits over the whole shape grid
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("kind", ["normal", "few_values"])
+@pytest.mark.parametrize("n,c", SHAPES, ids=SHAPE_IDS)
+def test_pack_argmax_matches_argmax_and_reference(n, c, kind, float_dtype, device, gen, ref,
+                                                   bitstream):
+    logits = random_logits(n, c, float_dtype, gen, kind).to(device)
+    packed = ops.pack_argmax(logits)
+    assert packed.dtype == torch.uint8 and packed.device == logits.device
+    assert_equal(packed.cpu(), bitstream.pack(logits.argmax(-1).tolist(), c))
+    assert_equal(packed, ref.pack_argmax(logits)[0])
+
+
+@pytest.mark.parametrize("n,c", SHAPES, ids=SHAPE_IDS)
+def test_pack_argmax_return_prob(n, c, float_dtype, device, gen, ref, bitstream):
+    logits = random_logits(n, c, float_dtype, gen).to(device)
+    packed, prob = ops.pack_argmax(logits, return_prob=True)
+    assert prob.dtype == torch.float32 and prob.shape == (n,) and prob.device == logits.device
+    assert_equal(packed.cpu(), bitstream.pack(logits.argmax(-1).tolist(), c))
+    assert_prob_close(prob, ref.pack_argmax(logits, True)[1])
+    assert_prob_close(prob, softmax_top1(logits))
+
+
+# --------------------------------------------------------------------------- #
+# pack_argmax: hostile rows (ties, NaN, inf, signed zeros, subnormals)
+# --------------------------------------------------------------------------- #
+def _special_bits(dtype):
+    """(a NaN with a payload, a negative NaN with a payload) as 0-d tensors."""
+    int_view, positive, negative = {
+        torch.float32: (torch.int32, 0x7F800001, 0xFF800001 - 2**32),
+        torch.float16: (torch.int16, 0x7C01, 0xFC01 - 2**16),
+        torch.bfloat16: (torch.int16, 0x7F81, 0xFF81 - 2**16),
+    }[dtype]
+    bits = torch.tensor([positive, negative], dtype=int_view)
+    return bits.view(dtype)[0], bits.view(dtype)[1]
+
+
+def hostile_rows(c, dtype, gen):
+    """Rows of C logits in `dtype`, each with the index torch.argmax must give.
+
+    Features sit at the first and last positions and around likely vector
+    boundaries, so that a kernel splitting a row into head, body and tail sees
+    them in every part."""
+    finfo = torch.finfo(dtype)
+    nan, inf = float("nan"), float("inf")
+    payload_nan, negative_nan = _special_bits(dtype)
+    sub = finfo.tiny / 2  # a subnormal in every float dtype here
+    spots = sorted({p for p in (0, 1, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, c // 2, c - 2,
+                                c - 1) if 0 <= p < c})
+    pairs = sorted({(spots[0], spots[-1])} | set(zip(spots, spots[1:])))
+
+    def mixed():  # finite values of both signs, all below the features
+        return (torch.rand(c, generator=gen) * 16 - 8).to(dtype)
+
+    def negative():  # finite values below -1
+        return (torch.rand(c, generator=gen) * -7 - 1).to(dtype)
+
+    def neg_inf():
+        return torch.full((c,), -inf, dtype=dtype)
+
+    def filled(value):
+        return lambda: torch.full((c,), value, dtype=dtype)
+
+    # (background, value at i, value at j, winner) for positions i < j.
+    pair_cases = [
+        (mixed, 10.0, 10.0, "i"),                 # tied maximum: the first wins
+        (mixed, nan, nan, "i"),                   # the first NaN wins
+        (mixed, inf, nan, "j"),                   # NaN beats +inf ...
+        (mixed, nan, inf, "i"),
+        (mixed, 10.0, nan, "j"),                  # ... and any finite maximum
+        (mixed, inf, inf, "i"),                   # tied +inf
+        (mixed, inf, 10.0, "i"),                  # a lone +inf (probability NaN)
+        (mixed, inf, payload_nan, "j"),           # a NaN with a payload is a NaN
+        (mixed, negative_nan, nan, "i"),          # so is a NaN with the sign bit set
+        (negative, -0.0, 0.0, "i"),               # -0.0 == +0.0: the first wins
+        (negative, 0.0, -0.0, "i"),
+        (negative, 0.0, sub, "j"),                # a subnormal is > 0 (no flush to zero)
+        (negative, -sub, -0.0, "j"),
+        (mixed, finfo.max, finfo.max, "i"),
+        (neg_inf, -finfo.max, -inf, "i"),         # the only finite value
+        (neg_inf, -inf, nan, "j"),
+    ]
+    rows, expected = [], []
+    for i, j in pairs:
+        for make, at_i, at_j, winner in pair_cases:
+            row = make()
+            row[i] = at_i
+            row[j] = at_j
+            rows.append(row)
+            expected.append(i if winner == "i" else j)
+    for j in spots:
+        for make, value in ((mixed, 10.0), (neg_inf, -3.0), (filled(1.5), 2.0)):
+            row = make()
+            row[j] = value
+            rows.append(row)
+            expected.append(j)
+    for value in (-inf, inf, nan, 1.5, -0.0):  # constant rows: index 0
+        rows.append(filled(value)())
+        expected.append(0)
+    row = filled(-0.0)()
+    row[c - 1] = 0.0  # equal to every -0.0 before it
+    rows.append(row)
+    expected.append(0)
+    return torch.stack(rows), expected
+
+
+@pytest.mark.parametrize("c", CLASS_COUNTS)
+def test_pack_argmax_hostile_rows(c, float_dtype, device, gen, ref, bitstream):
+    logits, expected = hostile_rows(c, float_dtype, gen)
+    # The hand-derived indices are torch.argmax's: the contract is torch.argmax.
+    assert logits.argmax(-1).tolist() == expected
+    logits = logits.to(device)
+    packed, prob = ops.pack_argmax(logits, return_prob=True)
+    assert_equal(packed.cpu(), bitstream.pack(expected, c))
+    assert_equal(packed, ref.pack_argmax(logits)[0])
+    assert_prob_close(prob, ref.pack_argmax(logits, True)[1])
+    assert_prob_close(prob, softmax_top1(logits))
+
+
+def _layout(x, layout):
+    """The same values as `x` in a non-standard memory layout. Memory around
+    and between the elements holds NaN, which would win the argmax if a kernel
+    read it."""
+    n, c = x.shape
+    nan = float("nan")
+    if layout == "transposed":
+        return x.t().contiguous().t()
+    if layout == "column_slice":
+        big = x.new_full((n, c + 2), nan)
+        big[:, 1:-1] = x
+        return big[:, 1:-1]
+    if layout == "column_stride":
+        big = x.new_full((n, 2 * c), nan)
+        big[:, ::2] = x
+        return big[:, ::2]
+    if layout == "row_stride":
+        big = x.new_full((2 * n, c), nan)
+        big[::2] = x
+        return big[::2]
+    if layout == "misaligned":  # contiguous, data pointer one element off
+        flat = x.new_full((n * c + 1,), nan)
+        flat[1:] = x.reshape(-1)
+        return flat[1:].view(n, c)
+    if layout == "broadcast_row":  # row stride 0
+        return x[:1].expand(n, c)
+    raise AssertionError(layout)
+
+
+LAYOUTS = ["transposed", "column_slice", "column_stride", "row_stride", "misaligned",
+           "broadcast_row"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n,c", FEW_SHAPES, ids=FEW_SHAPE_IDS)
+def test_pack_argmax_memory_layouts(n, c, layout, float_dtype, device, gen, ref, bitstream):
+    dense = random_logits(n, c, float_dtype, gen, "few_values").to(device)
+    logits = _layout(dense, layout)
+    assert torch.equal(logits, _layout(dense, layout))  # sanity: no NaN leaked in
+    before = logits.clone()
+    packed, prob = ops.pack_argmax(logits, return_prob=True)
+    assert_equal(logits, before)  # the input is not written
+    assert_equal(packed.cpu(), bitstream.pack(logits.argmax(-1).tolist(), c))
+    assert_equal(packed, ref.pack_argmax(logits)[0])
+    assert_prob_close(prob, softmax_top1(logits))
+
+
+@pytest.mark.parametrize("n,c", [(100_003, 2), (40_001, 3), (20_003, 10)])
+def test_pack_argmax_many_rows(n, c, float_dtype, device, gen, ref, bitstream):
+    # Enough rows to be split over threads and blocks; N odd to leave a tail.
+    logits = random_logits(n, c, float_dtype, gen, "few_values").to(device)
+    packed, prob = ops.pack_argmax(logits, return_prob=True)
+    assert_equal(packed.cpu(), bitstream.pack(logits.argmax(-1).tolist(), c))
+    assert_equal(packed, ref.pack_argmax(logits)[0])
+    assert_prob_close(prob, softmax_top1(logits))
+
+
+def test_pack_argmax_very_long_rows(float_dtype, device, gen, ref, bitstream):
+    # C far above the grid, so that a kernel may split one row over several
+    # blocks or threads and combine the parts: ties and NaN across the parts
+    # must still resolve to the first index.
+    c = 1_000_003
+    logits = random_logits(4, c, float_dtype, gen)
+    logits[0, [5, c - 1]] = 50.0          # tie between the first and the last part
+    logits[1, [c // 2, c - 2]] = float("nan")
+    logits[2, c - 1] = float("inf")       # the maximum in the very last element
+    logits = logits.to(device)
+    expected = [5, c // 2, c - 1, int(logits[3].float().argmax())]
+    assert logits.argmax(-1).tolist() == expected
+    packed, prob = ops.pack_argmax(logits, return_prob=True)
+    assert_equal(packed.cpu(), bitstream.pack(expected, c))
+    assert_equal(packed, ref.pack_argmax(logits)[0])
+    assert_prob_close(prob, softmax_top1(logits))
+
+
+# --------------------------------------------------------------------------- #
+# pack_argmax with abstention
+# --------------------------------------------------------------------------- #
+def abstention_logits(n, c, dtype, gen):
+    """Logits and, per row, what it must do at every threshold: "vote",
+    "abstain", or None where that depends on the threshold.
+
+    n random rows whose top-1 probabilities spread over (1/C, 1]; three rows
+    whose probability is exactly 1 (every other logit -inf), which always
+    vote; three whose probability is NaN (a NaN, a +inf, all -inf), which
+    always abstain."""
+    scale = torch.rand(n, 1, generator=gen) * 30
+    spread = torch.randn(n, c, generator=gen) * scale
+    sure = torch.full((3, c), float("-inf"))
+    for row, (col, value) in enumerate([(0, 5.0), (c // 2, -7.0), (c - 1, 0.0)]):
+        sure[row, col] = value
+    garbage = torch.randn(3, c, generator=gen)
+    garbage[0, c // 2] = float("nan")
+    garbage[1, c - 1] = float("inf")
+    garbage[2] = float("-inf")
+    logits = torch.cat([spread, sure, garbage]).to(dtype)
+    return logits, [None] * n + ["vote"] * 3 + ["abstain"] * 3
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("n,c", FEW_SHAPES, ids=FEW_SHAPE_IDS)
+def test_pack_argmax_abstain(n, c, threshold, float_dtype, device, gen, ref, bitstream):
+    logits, must = abstention_logits(n, c, float_dtype, gen)
+    logits = logits.to(device)
+    rows = logits.shape[0]
+    packed, prob = ops.pack_argmax(logits, return_prob=True, abstain_below=threshold)
+    assert packed.numel() == ref.packed_size(rows, c + 1)
+    symbols = bitstream.unpack(packed, rows, c + 1)
+    labels = logits.argmax(-1).tolist()
+    expected_prob = softmax_top1(logits)
+    assert_prob_close(prob, expected_prob)
+    for row, (symbol, label, p) in enumerate(zip(symbols, labels, expected_prob.tolist())):
+        if must[row] == "abstain":
+            assert symbol == c, f"row {row} (NaN probability) must abstain"
+        elif must[row] == "vote":
+            assert symbol == label, f"row {row} (probability exactly 1) must vote"
+        elif abs(p - threshold) <= ATOL + RTOL * threshold:  # within the tolerance
+            assert symbol in (label, c), (row, symbol)
+        else:
+            assert symbol == (label if p >= threshold else c), (row, p, threshold)
+    # The decision is the kernel's own probability compared with the threshold.
+    own = [label if p >= threshold else c for label, p in zip(labels, prob.tolist())]
+    assert symbols == own
+    # The stream does not depend on whether the probabilities are returned.
+    assert_equal(ops.pack_argmax(logits, abstain_below=threshold), packed)
+    ref_packed = ref.pack_argmax(logits, False, threshold)[0]
+    ref_symbols = bitstream.unpack(ref_packed, rows, c + 1)
+    assert all(a == b for a, b, p in zip(symbols, ref_symbols, expected_prob.tolist())
+               if not abs(p - threshold) <= ATOL + RTOL * threshold)
+
+
+@pytest.mark.parametrize("c", [2, 10, 255, 65536])
+def test_pack_argmax_all_abstain(c, float_dtype, device, bitstream):
+    # Equal logits: probability 1/C < 1, so threshold 1 makes every row abstain.
+    logits = torch.zeros(9, c, dtype=float_dtype, device=device)
+    packed = ops.pack_argmax(logits, abstain_below=1.0)
+    assert_equal(packed.cpu(), bitstream.pack([c] * 9, c + 1))
+
+
+def test_pack_argmax_no_rows(float_dtype, device):
+    logits = torch.empty(0, 257, dtype=float_dtype, device=device)
+    packed, prob = ops.pack_argmax(logits, return_prob=True, abstain_below=0.5)
+    assert packed.shape == (0,) and packed.dtype == torch.uint8
+    assert prob.shape == (0,) and prob.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- #
+# pack_labels / unpack_labels
+# --------------------------------------------------------------------------- #
+SYMBOL_COUNTS = (2, 3, 4, 5, 10, 255, 256, 257, 1000, 50257, 65536, 65537, 2**31, 2**31 + 1,
+                 2**32)
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+def random_labels(n, num_symbols, dtype, gen):
+    """Labels in 0..num_symbols-1 that `dtype` can hold, with the extremes 0
+    and the largest such value (often the all-ones symbol) present."""
+    top = min(num_symbols - 1, torch.iinfo(dtype).max)
+    labels = torch.randint(0, top + 1, (n,), generator=gen, dtype=torch.int64)
+    if n >= 2:
+        labels[0], labels[-1] = top, 0
+    return labels.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+@pytest.mark.parametrize("n", ROW_COUNTS)
+@pytest.mark.parametrize("num_symbols", SYMBOL_COUNTS)
+def test_pack_labels_matches_oracle(num_symbols, n, dtype, device, gen, ref, bitstream):
+    labels = random_labels(n, num_symbols, dtype, gen).to(device)
+    packed = ops.pack_labels(labels, num_symbols)
+    assert packed.dtype == torch.uint8 and packed.device == labels.device
+    assert_equal(packed.cpu(), bitstream.pack(labels.tolist(), num_symbols))
+    assert_equal(packed, ref.pack_labels(labels, num_symbols))
+
+
+@pytest.mark.parametrize("n", ROW_COUNTS)
+@pytest.mark.parametrize("num_symbols", SYMBOL_COUNTS)
+def test_unpack_labels_matches_oracle(num_symbols, n, device, gen, ref, bitstream):
+    labels = random_labels(n, num_symbols, torch.int64, gen).tolist()
+    packed = bitstream.pack(labels, num_symbols).to(device)
+    unpacked = ops.unpack_labels(packed, n, num_symbols)
+    assert unpacked.dtype == torch.int64 and unpacked.device == packed.device
+    assert unpacked.tolist() == labels
+    assert_equal(unpacked, ref.unpack_labels(packed, n, num_symbols))
+
+
+@pytest.mark.parametrize("num_symbols", [3, 10, 257, 65537])
+def test_unpack_labels_ignores_padding_bits(num_symbols, device, gen, ref, bitstream):
+    # n*b not a multiple of 8: the last byte has unused high bits. Producers
+    # leave them zero; a reader ignores them (as the reference does).
+    n = 7
+    labels = random_labels(n, num_symbols, torch.int64, gen).tolist()
+    packed = bitstream.pack(labels, num_symbols)
+    used = (n * bitstream.width(num_symbols)) % 8
+    assert used, "the case must leave unused bits"
+    packed[-1] |= (0xFF << used) & 0xFF
+    packed = packed.to(device)
+    assert ops.unpack_labels(packed, n, num_symbols).tolist() == labels
+    assert_equal(ops.unpack_labels(packed, n, num_symbols),
+                 ref.unpack_labels(packed, n, num_symbols))
+
+
+@pytest.mark.parametrize("num_symbols", [2, 10, 257, 65537, 2**32])
+def test_pack_labels_non_contiguous(num_symbols, device, gen, ref, bitstream):
+    base = random_labels(3001 * 3, num_symbols, torch.int64, gen).to(device)
+    for labels in (base[::3], base[5:5 + 3001], base[:1].expand(3001)):
+        packed = ops.pack_labels(labels, num_symbols)
+        assert_equal(packed.cpu(), bitstream.pack(labels.tolist(), num_symbols))
+        assert_equal(packed, ref.pack_labels(labels, num_symbols))
+
+
+@pytest.mark.parametrize("num_symbols", [2, 10, 257, 65537, 2**32])
+def test_unpack_labels_non_contiguous(num_symbols, device, gen, ref, bitstream):
+    n = 3001
+    labels = random_labels(n, num_symbols, torch.int64, gen).tolist()
+    packed = bitstream.pack(labels, num_symbols)
+    # Interleave with 0xFF bytes (which would decode to out-of-range or wrong
+    # symbols) and read back through a strided view and an offset view.
+    big = torch.full((2 * packed.numel(),), 0xFF, dtype=torch.uint8)
+    big[::2] = packed
+    offset = torch.cat([torch.full((1,), 0xFF, dtype=torch.uint8), packed])
+    for view in (big.to(device)[::2], offset.to(device)[1:]):
+        assert ops.unpack_labels(view, n, num_symbols).tolist() == labels
+        assert_equal(ops.unpack_labels(view, n, num_symbols),
+                     ref.unpack_labels(view, n, num_symbols))
+
+
+@pytest.mark.parametrize("n", [1, 8, 9, 100_003])
+def test_unpack_labels_all_ones_symbols(n, device, bitstream):
+    # Power-of-two symbol counts: every symbol the largest value, all bits set.
+    for num_symbols in (2, 256, 65536):
+        bits = n * bitstream.width(num_symbols)
+        packed = torch.full(((bits + 7) // 8,), 0xFF, dtype=torch.uint8)
+        packed[-1] &= 0xFF >> (-bits % 8)  # the unused high bits stay zero
+        assert_equal(packed, bitstream.pack([num_symbols - 1] * n, num_symbols))
+        out = ops.unpack_labels(packed.to(device), n, num_symbols)
+        assert_equal(out.cpu(), torch.full((n,), num_symbols - 1, dtype=torch.int64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(),
+       num_symbols=st.one_of(st.integers(2, 300), st.sampled_from(SYMBOL_COUNTS)),
+       n=st.integers(0, 70))
+def test_pack_unpack_round_trip_property(data, num_symbols, n, ref, bitstream):
+    labels = data.draw(st.lists(st.integers(0, num_symbols - 1), min_size=n, max_size=n))
+    tensor = torch.tensor(labels, dtype=torch.int64)
+    packed = ops.pack_labels(tensor, num_symbols)
+    assert_equal(packed, bitstream.pack(labels, num_symbols))
+    assert ops.unpack_labels(packed, n, num_symbols).tolist() == labels
+    assert packed.numel() == ref.packed_size(n, num_symbols)
+
+
+@pytest.mark.parametrize("num_symbols,bits", [(2, 1), (3, 2), (4, 2), (5, 3), (10, 4), (100, 7),
+                                              (1000, 10), (50257, 16), (65536, 16),
+                                              (65537, 17), (2**32, 32)])
+def test_bits_for_and_packed_size(num_symbols, bits):
+    assert ops.bits_for(num_symbols) == bits
+    assert ops.packed_size(0, num_symbols) == 0
+    assert ops.packed_size(9, num_symbols) == (9 * bits + 7) // 8
