@@ -27,6 +27,7 @@ HELP = {
     "undertrained_fraction": "share of peers that do only --undertrained-steps local steps",
     "probes_per_round": "probes drawn from the public pool each round",
     "agreement_threshold": "tallytrain: keep probes whose winner share count/total >= this",
+    "min_votes": "tallytrain: keep probes whose winner has at least this many votes",
     "abstain_below": "tallytrain: a peer abstains where its top-1 probability < this ('none' = never)",
     "decentralized": "tallytrain: every peer sends its votes to every peer and tallies itself",
     "sharpen_temperature": "softlabel: DS-FL sharpening softmax(avg / T) ('none' = off)",

@@ -1,7 +1,6 @@
 """The ledger and channel, and the bytes of real runs against closed forms."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -119,9 +118,11 @@ def _per(led: Ledger, kind: str, direction: str):
     return [e for e in led.entries if e.kind == kind and e.direction == direction]
 
 
-@pytest.mark.parametrize("abstain, threshold", [(None, 0.0), (0.9, 0.0), (0.9, 0.5)])
-def test_tallytrain_bytes_match_closed_forms(abstain, threshold):
-    cfg = tiny("tallytrain", abstain_below=abstain, agreement_threshold=threshold)
+@pytest.mark.parametrize("abstain, threshold, quorum", [(None, 0.0, 1), (0.9, 0.0, 1),
+                                                       (0.9, 0.5, 1), (None, 0.0, 2)])
+def test_tallytrain_bytes_match_closed_forms(abstain, threshold, quorum):
+    cfg = tiny("tallytrain", abstain_below=abstain, agreement_threshold=threshold,
+               min_votes=quorum)
     fed = run(cfg)
     n, c, p, rounds = 37, 10, cfg.peers, cfg.rounds
     symbols = c + 1 if abstain is not None else c
@@ -132,7 +133,7 @@ def test_tallytrain_bytes_match_closed_forms(abstain, threshold):
     assert {e.bytes for e in votes} == {wire.OVERHEAD + math.ceil(n * b / 8)}
     controls = _per(fed.ledger, "control", "down")
     assert len(controls) == p * rounds
-    consensus = wire.consensus_message_bytes(n, c, keep=threshold > 0)
+    consensus = wire.consensus_message_bytes(n, c, keep=threshold > 0 or quorum > 1)
     for e in controls:
         expect = wire.control_message_bytes(consensus if e.round > 0 else 0)
         assert e.bytes == expect

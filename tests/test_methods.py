@@ -2,10 +2,8 @@
 each method's behaviour on tiny federations."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 
-import numpy as np
 import pytest
 import torch
 
@@ -84,6 +82,10 @@ def test_consensus_threshold_and_empty_probes():
     assert torch.allclose(c.agreement, torch.tensor([0.5, 0.75, 1 / 3, 0.0]))
     assert aggregate.mean_agreement(c) == pytest.approx((0.5 + 0.75 + 1 / 3) / 3)
     assert aggregate.consensus(label, count, total, 0.0).keep.tolist() == [True, True, True, False]
+    assert aggregate.consensus(label, count, total, 0.0, min_votes=2).keep.tolist() == \
+        [True, True, False, False]
+    with pytest.raises(ValueError, match="min_votes"):
+        aggregate.consensus(label, count, total, 0.0, min_votes=0)
     truth = torch.tensor([3, 2, 0, 5])
     assert aggregate.labels_accuracy(c.labels, truth, c.keep) == 0.5
     assert aggregate.labels_accuracy(c.labels, truth) == pytest.approx(2 / 3)

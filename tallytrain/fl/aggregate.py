@@ -50,14 +50,19 @@ class Consensus(NamedTuple):
 
 
 def consensus(label: torch.Tensor, count: torch.Tensor, total: torch.Tensor,
-              threshold: float = 0.0) -> Consensus:
-    """From a tally to a consensus: a probe is kept when someone voted on it
-    and its winner's share count/total reaches ``threshold`` (compared as
-    count >= threshold * total in float64, so 0.5 keeps exact halves)."""
+              threshold: float = 0.0, min_votes: int = 1) -> Consensus:
+    """From a tally to a consensus: a probe is kept when its winner has at
+    least ``min_votes`` votes and a share count/total of at least
+    ``threshold`` (compared as count >= threshold * total in float64, so 0.5
+    keeps exact halves). The share is relative to the peers that did not
+    abstain; ``min_votes`` is the absolute quorum that stops a few
+    non-abstaining voters from deciding a probe everyone else abstained on."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if min_votes < 1:
+        raise ValueError(f"min_votes must be >= 1, got {min_votes}")
     voted = total > 0
-    keep = voted & (count.double() >= threshold * total.double())
+    keep = voted & (count >= min_votes) & (count.double() >= threshold * total.double())
     agreement = torch.where(voted, count.float() / total.clamp(min=1).float(),
                             torch.zeros((), dtype=torch.float32))
     labels = torch.where(voted, label, torch.full_like(label, -1))

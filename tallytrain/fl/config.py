@@ -109,6 +109,7 @@ class ProtocolConfig:
     probes_per_round: int = 256
     participation: float = 1.0           # share of peers selected each round
     agreement_threshold: float = 0.5     # keep probes with count/total >= this
+    min_votes: int = 1                   # ... and with at least this many winning votes
     abstain_below: Optional[float] = 0.95  # peers abstain when top-1 prob < this
     decentralized: bool = False          # tallytrain: every peer tallies all votes
     prox_mu: float = 0.01                # fedprox
@@ -125,6 +126,7 @@ class ProtocolConfig:
                  f"probes_per_round must be >= 1, got {self.probes_per_round}")
         _require(0 < self.participation <= 1,
                  f"participation must be in (0, 1], got {self.participation}")
+        _require(self.min_votes >= 1, f"min_votes must be >= 1, got {self.min_votes}")
         _require(0 <= self.agreement_threshold <= 1,
                  f"agreement_threshold must be in [0, 1], got {self.agreement_threshold}")
         _require(self.abstain_below is None or 0 <= self.abstain_below <= 1,

@@ -10,7 +10,8 @@ Round r (server mode):
    ``pack_argmax`` of its logits as a VOTES message (symbol C = abstain when
    its top-1 probability is below ``abstain_below``);
 3. the server tallies the votes and forms the consensus (a probe is kept when
-   its winner's share count/total reaches ``agreement_threshold``).
+   its winner's share count/total reaches ``agreement_threshold`` and its
+   winner has at least ``min_votes`` votes).
 
 Decentralized mode: no server and no control messages (the probe seed is
 agreed at setup); every peer sends its VOTES to every other peer, and each
@@ -111,7 +112,8 @@ class TallyTrain(Method):
         with self.fed.timer("ops"):
             stacked = torch.stack([votes[p] for p in sorted(votes)])
             t = ops.tally(stacked, n, self.num_classes, abstain=self.abstain)
-        return consensus(t.label, t.count, t.total, self.fed.cfg.protocol.agreement_threshold)
+        proto = self.fed.cfg.protocol
+        return consensus(t.label, t.count, t.total, proto.agreement_threshold, proto.min_votes)
 
     def aggregate(self, r, selected, received):
         fed = self.fed
@@ -126,7 +128,8 @@ class TallyTrain(Method):
             c = results[selected[0]]  # every peer tallied the same votes
         else:
             c = self._tally({env.sender: msg.packed for env, msg in received}, n)
-            keep = c.keep if fed.cfg.protocol.agreement_threshold > 0 else None
+            filtering = fed.cfg.protocol.agreement_threshold > 0 or fed.cfg.protocol.min_votes > 1
+            keep = c.keep if filtering else None
             with fed.timer("messaging"):
                 self.previous = wire.encode_consensus(c.labels, self.num_classes, keep=keep,
                                                       round=r, sender=wire.SERVER)
