@@ -87,6 +87,10 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", f"-std={_torch_cxx_standard(ce)}", "-fno-math-errno", "-fno-trapping-math", "-Wall",
            "-Wno-unused-function"]
+    # ATen's parallel_for is an OpenMP loop in the headers: without -fopenmp
+    # every kernel of the extension would run on one thread.
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
     define_macros = []
     kwargs = {}
     if want_cuda:
@@ -107,6 +111,8 @@ def _extensions():
     else:
         extension = ce.CppExtension
         kwargs["extra_compile_args"] = {"cxx": cxx}
+    if "-fopenmp" in cxx:
+        kwargs["extra_link_args"] = ["-fopenmp"]
     ext = extension(
         name="tallytrain._C",
         sources=sources,

@@ -1,6 +1,6 @@
 // Helpers for the CPU kernel files: argument checks whose messages name the
-// argument (raised as Python ValueError / TypeError), and the byte-aligned
-// chunking that lets threads write disjoint parts of a packed stream.
+// argument (raised as Python ValueError / TypeError), and the bit writer of
+// packed streams.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -29,12 +29,6 @@ inline void check_stream_bytes(int64_t have, int64_t n, int b, const char* name)
   const int64_t need = packed_bytes(n, b);
   TORCH_CHECK_VALUE(have == need, name, " must hold exactly ceil(n*bits/8) = ", need,
                     " bytes for n=", n, " symbols of ", b, " bits, got ", have);
-}
-
-// Rows per parallel chunk: a multiple of 8, so that every chunk starts and
-// ends on a byte boundary of the packed stream and threads never share a byte.
-inline int64_t byte_aligned_grain(int64_t rows_per_task) {
-  return ((rows_per_task + 7) / 8) * 8;
 }
 
 // Appends b-bit symbols to a byte stream, least significant bit first, through

@@ -2,6 +2,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "cpu_common.h"
@@ -28,9 +29,13 @@ void pack_rows(const T* labels, int64_t n, int64_t num_symbols, int b, uint8_t* 
   const int64_t bad = first_bad.load();
   TORCH_CHECK_VALUE(bad == n, "labels[", bad, "] = ", bad < n ? int64_t(labels[bad]) : 0,
                     " is outside 0..", num_symbols - 1, " (num_symbols=", num_symbols, ")");
-  at::parallel_for(0, n, byte_aligned_grain(1 << 15), [&](int64_t r0, int64_t r1) {
-    // r0 is a multiple of 8 (grain), so r0 * b is a whole number of bytes.
-    BitWriter w(out + (r0 * b) / 8);
+  // Parallel over groups of 8 rows: a group's b bits per row are exactly b
+  // whole bytes, so every task starts on a byte boundary and threads never
+  // share a byte, however parallel_for splits the range.
+  const int64_t groups = (n + 7) / 8;
+  at::parallel_for(0, groups, (1 << 15) / 8, [&](int64_t g0, int64_t g1) {
+    const int64_t r0 = g0 * 8, r1 = std::min(n, g1 * 8);
+    BitWriter w(out + g0 * b);
     for (int64_t i = r0; i < r1; ++i) w.put(static_cast<uint64_t>(labels[i]), b);
     w.flush();
   });

@@ -21,6 +21,7 @@
 // reference, a ValueError leaves residual untouched.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/copy.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -398,8 +399,8 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x, const
                     "residual must match x in shape, dtype and device: x is ", x.sizes(), " ",
                     x.scalar_type(), " ", x.device(), ", residual is ", residual.sizes(), " ",
                     residual.scalar_type(), " ", residual.device());
-  TORCH_CHECK_VALUE(residual.is_contiguous(),
-                    "residual must be contiguous: it is updated in place");
+  // A strided residual is updated through a contiguous copy written back.
+  const at::Tensor work = residual.contiguous();
   const at::Tensor xc = x.contiguous();
   const int64_t m = xc.numel();
   at::Tensor idx = at::empty({k}, x.options().dtype(at::kLong));
@@ -407,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_sparse_ef", [&] {
     using T = scalar_t;
     const T* xp = xc.const_data_ptr<T>();
-    T* rp = residual.data_ptr<T>();
+    T* rp = work.data_ptr<T>();
     int64_t* ip = idx.data_ptr<int64_t>();
     topk_into<T>(SumValues<T>{xp, rp}, m, k, "x + residual", ip,
                  reinterpret_cast<BitsOf<T>*>(val.data_ptr<T>()));
@@ -419,6 +420,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x, const
         rp[*s] = T(0);
     });
   });
+  if (!work.is_same(residual)) residual.copy_(work);
   return {idx, val};
 }
 
