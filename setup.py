@@ -49,6 +49,20 @@ def _find_cuda_home():
     return None
 
 
+def _torch_cxx_standard(ce):
+    """The C++ standard the installed torch was built for.
+
+    Newer torch headers insist on C++20; older ones are built with C++17, and
+    compiling against them with another standard can change the layout of
+    c10::Error, so that an exception thrown by a kernel crashes the process."""
+    for inc in ce.include_paths():
+        header = os.path.join(inc, "torch", "csrc", "api", "include", "torch", "all.h")
+        if os.path.exists(header):
+            with open(header, errors="ignore") as f:
+                return "c++20" if "C++20 or later" in f.read() else "c++17"
+    return "c++17"
+
+
 def _extensions():
     if not _env_flag("TALLYTRAIN_BUILD_EXT", True):
         print("tallytrain: TALLYTRAIN_BUILD_EXT=0, pure-Python install", file=sys.stderr)
@@ -71,7 +85,7 @@ def _extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-Wall",
+    cxx = ["-O3", f"-std={_torch_cxx_standard(ce)}", "-fno-math-errno", "-fno-trapping-math", "-Wall",
            "-Wno-unused-function"]
     define_macros = []
     kwargs = {}

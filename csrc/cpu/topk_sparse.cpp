@@ -390,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_cpu(const at::Tensor& x, int64_t 
   return {idx, val};
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x, at::Tensor residual,
+std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                       int64_t k) {
   check_topk_input(x, k);
   TORCH_CHECK_VALUE(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&

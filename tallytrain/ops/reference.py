@@ -28,6 +28,8 @@ _PROB_CHUNK_ELEMS = 1 << 24
 # --------------------------------------------------------------------------- #
 def bits_for(num_symbols: int) -> int:
     """Width in bits of one symbol when a stream holds ``num_symbols`` values."""
+    if isinstance(num_symbols, torch.SymInt):  # fake kernels under dynamic shapes
+        num_symbols = int(num_symbols)
     if isinstance(num_symbols, bool) or not isinstance(num_symbols, int):
         raise TypeError(f"num_symbols must be an int, got {type(num_symbols).__name__}")
     if num_symbols < 2:
