@@ -8,7 +8,7 @@ same split and partition, whatever method runs on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -112,9 +112,10 @@ def split_dataset(ds: Dataset, test_fraction: float, probe_fraction: float,
     return Split(train, probe, test, official)
 
 
-def prepare(cfg, num_peers: int, seed: int) -> FederatedData:
-    """Load ``cfg.dataset`` (a DataConfig), split it and partition it for ``seed``."""
-    ds = load_dataset(cfg)
+def prepare(cfg, num_peers: int, seed: int, dataset: Optional[Dataset] = None) -> FederatedData:
+    """Split and partition ``cfg.dataset`` (a DataConfig) for ``seed``; pass
+    ``dataset`` (from :func:`load_dataset`) to avoid reading it again."""
+    ds = load_dataset(cfg) if dataset is None else dataset
     split = split_dataset(ds, cfg.test_fraction, cfg.probe_fraction,
                           np.random.default_rng([int(seed), _SPLIT_STREAM]), cfg.max_samples,
                           cfg.max_test_samples)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .. import report
-from ..data import FederatedData, prepare
+from ..data import FederatedData, load_dataset, prepare
 from .config import CompareConfig, RunConfig, config_diff
 from .loop import Federation, load_checkpoint, save_checkpoint
 from .registry import get_method
@@ -185,33 +185,36 @@ def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
                  show_progress: bool) -> dict:
     for m in cfg.methods:
         get_method(m)  # unknown names fail before anything is written
-    # Build every seed's data and one federation per method before touching
-    # the disk, so that bad input (too many peers, probe set too large, mixed
-    # architectures for a parameter method, ...) fails with nothing written.
-    datas: Dict[int, FederatedData] = {}
+    # Split and partition every seed, and build one federation per method,
+    # before touching the disk, so that bad input (too many peers, a probe
+    # set too large, mixed architectures for a parameter method, ...) fails
+    # with nothing written. Only one seed's data is held at a time.
+    dataset = load_dataset(cfg.base.data)
+    partitions = {}
     for seed in cfg.seeds:
-        datas[seed] = prepare(cfg.base.data, cfg.base.peers, seed)
-    for m in cfg.methods:
-        Federation(cfg.run(m, cfg.seeds[0]), datas[cfg.seeds[0]])
+        data = prepare(cfg.base.data, cfg.base.peers, seed, dataset)
+        partitions[str(seed)] = data.describe()
+        if seed == cfg.seeds[0]:
+            for m in cfg.methods:
+                Federation(cfg.run(m, seed), data)
+        del data
     _prepare_dir(cfg, out, resume, overwrite)
     partition_path = os.path.join(out, PARTITION_FILE)
     if not (resume and os.path.isfile(partition_path)):
-        report.write_json_atomic(partition_path,
-                                 {"seeds": {str(s): d.describe() for s, d in datas.items()}})
+        report.write_json_atomic(partition_path, {"seeds": partitions})
     progress = Progress(len(cfg.methods) * len(cfg.seeds) * cfg.base.rounds, show_progress)
-    results: Dict[str, List[dict]] = {m: [] for m in cfg.methods}
     try:
         for seed in cfg.seeds:
+            data = prepare(cfg.base.data, cfg.base.peers, seed, dataset)
             for m in cfg.methods:
                 run_dir = os.path.join(out, "runs", m, f"seed{seed}")
-                results[m].append(_run_one(cfg.run(m, seed), datas[seed], run_dir, resume,
-                                           progress))
+                _run_one(cfg.run(m, seed), data, run_dir, resume, progress)
     finally:
         progress.close()
-    return finish(cfg, out, datas[cfg.seeds[0]])
+    return finish(cfg, out, np.array(partitions[str(cfg.seeds[0])]["class_counts"]))
 
 
-def finish(cfg: CompareConfig, out: str, first: FederatedData) -> dict:
+def finish(cfg: CompareConfig, out: str, class_counts: np.ndarray) -> dict:
     """Gather the finished runs into metrics.jsonl, comm.csv, summary.json and plots."""
     rows, comm, results = [], [], {}
     for m in cfg.methods:
@@ -233,6 +236,6 @@ def finish(cfg: CompareConfig, out: str, first: FederatedData) -> dict:
     title = f"{d.dataset}, {cfg.base.peers} peers, {part}, {len(cfg.seeds)} seed(s)"
     report.plot_accuracy_vs_round(rows, os.path.join(out, PLOTS[0]), title)
     report.plot_accuracy_vs_bytes(rows, os.path.join(out, PLOTS[1]), title)
-    report.plot_partition(first.class_counts, os.path.join(out, PLOTS[2]),
+    report.plot_partition(class_counts, os.path.join(out, PLOTS[2]),
                           f"samples per peer and class (seed {cfg.seeds[0]})")
     return summary
