@@ -41,9 +41,8 @@ info: install
 	$(BIN)/tallytrain info
 
 demo: install
-	$(BIN)/tallytrain compare --dataset digits --peers 10 --alpha 0.1 \
-	  --methods local,fedavg,fedprox,feddf,softlabel,tallytrain --seeds 3 \
-	  --out $(DEMO_OUT) --overwrite
+	$(BIN)/tallytrain compare --dataset digits --methods all --peers 10 --alpha 0.1 \
+	  --rounds 20 --seeds 3 --out $(DEMO_OUT) --overwrite
 
 test: install test-native test-reference
 
