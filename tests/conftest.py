@@ -11,11 +11,13 @@
   when the reference is what serves.
 - ``gen``: a ``torch.Generator`` seeded from the test's id (stable across runs
   and machines, different for every parametrised case).
+- ``across_threads``: runs a callable under several intra-op thread counts, so
+  that a CPU kernel whose result depends on how work was split shows it.
 """
 from __future__ import annotations
 
 import zlib
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import pytest
 import torch
@@ -55,6 +57,21 @@ def ref():
 @pytest.fixture
 def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def across_threads() -> Callable:
+    def run(fn: Callable) -> list:
+        saved = torch.get_num_threads()
+        try:
+            results = []
+            for threads in (1, 2, 5):
+                torch.set_num_threads(threads)
+                results.append(fn())
+            return results
+        finally:
+            torch.set_num_threads(saved)
+    return run
 
 
 class BitStream:

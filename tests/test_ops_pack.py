@@ -9,6 +9,7 @@ atol=1e-6 with NaN in the same places.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -244,6 +245,37 @@ def test_pack_argmax_very_long_rows(float_dtype, device, gen, ref, bitstream):
     assert_prob_close(prob, softmax_top1(logits))
 
 
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), n=st.integers(0, 9),
+       c=st.one_of(st.integers(2, 40), st.sampled_from([63, 64, 65, 129])),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_pack_argmax_property(data, n, c, dtype, bitstream):
+    # Any values, NaN, infinities, signed zeros and subnormals included, drawn
+    # from a handful so that ties are frequent.
+    special = st.sampled_from([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"),
+                               float("nan"), 1e-40, -1e-40])
+    value = special | st.floats(-1e4, 1e4, width=16)
+    rows = data.draw(st.lists(st.lists(value, min_size=c, max_size=c), min_size=n, max_size=n))
+    logits = torch.tensor(rows, dtype=torch.float32).reshape(n, c).to(dtype)
+    packed, prob = ops.pack_argmax(logits, return_prob=True)
+    assert_equal(packed, bitstream.pack(logits.argmax(-1).tolist(), c))
+    assert_prob_close(prob, softmax_top1(logits))
+
+
+@pytest.mark.parametrize("n,c,dtype", [
+    pytest.param(100_003, 3, torch.bfloat16, id="N100003-C3-bfloat16"),
+    pytest.param(30_001, 100, torch.float16, id="N30001-C100-float16"),
+    pytest.param(301, 50257, torch.float32, id="N301-C50257-float32"),
+])
+def test_pack_argmax_same_for_any_thread_count(n, c, dtype, gen, ref, across_threads):
+    logits = random_logits(n, c, dtype, gen, "few_values")
+    runs = across_threads(lambda: ops.pack_argmax(logits, return_prob=True, abstain_below=0.4))
+    for packed, prob in runs:
+        assert_equal(packed, runs[0][0])
+        assert_equal(prob, runs[0][1])
+    assert_prob_close(runs[0][1], ref.pack_argmax(logits, True)[1])
+
+
 # --------------------------------------------------------------------------- #
 # pack_argmax with abstention
 # --------------------------------------------------------------------------- #
@@ -306,6 +338,20 @@ def test_pack_argmax_all_abstain(c, float_dtype, device, bitstream):
     logits = torch.zeros(9, c, dtype=float_dtype, device=device)
     packed = ops.pack_argmax(logits, abstain_below=1.0)
     assert_equal(packed.cpu(), bitstream.pack([c] * 9, c + 1))
+
+
+@pytest.mark.parametrize("c", [2, 4, 256, 65536])
+def test_pack_argmax_threshold_compared_in_float32(c, float_dtype, device, bitstream):
+    # Equal logits: probability exactly 1/C (a power of two) on any backend.
+    # A row votes when prob >= t, with t rounded to float32 as torch compares
+    # a float32 tensor with a Python float: t = 1/C and the next double above
+    # it vote, the next float32 above it abstains.
+    logits = torch.zeros(5, c, dtype=float_dtype, device=device)
+    t = 1 / c
+    above_in_float32 = float(torch.tensor(t).nextafter(torch.tensor(1.0)))
+    for threshold, symbol in ((t, 0), (math.nextafter(t, 1), 0), (above_in_float32, c)):
+        packed = ops.pack_argmax(logits, abstain_below=threshold)
+        assert_equal(packed.cpu(), bitstream.pack([symbol] * 5, c + 1), msg=str(threshold))
 
 
 def test_pack_argmax_no_rows(float_dtype, device):

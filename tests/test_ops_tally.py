@@ -286,6 +286,17 @@ def test_tally_many_probes(n, peers, device, gen, ref):
     check_tally(result, brute_tally(symbols, n, c, None, True), n, device)
 
 
+def test_tally_same_for_any_thread_count(gen, ref, across_threads):
+    n, c, peers = 20_003, 1000, 7
+    symbols = random_votes(peers, n, c, True, gen)
+    votes = pack_votes(ref, symbols, n, c + 1)
+    weights = torch.tensor([1, 3, 0, 2, 2, 1, 5])
+    runs = across_threads(lambda: ops.tally(votes, n, c, weights=weights, abstain=True))
+    for result in runs:
+        check_against_reference(result, runs[0])
+    check_against_reference(runs[0], ref.tally(votes, n, c, weights, True))
+
+
 # --------------------------------------------------------------------------- #
 # property: any votes, any weights
 # --------------------------------------------------------------------------- #

@@ -121,16 +121,27 @@ def test_topk_sparse_non_contiguous(layout, device, gen, ref):
 
 
 @settings(max_examples=80, deadline=None)
-@given(values=st.lists(st.one_of(st.floats(allow_nan=False, width=32),
+@given(values=st.lists(st.one_of(st.floats(allow_nan=False, width=16),
                                  st.sampled_from([0.0, -0.0, 1.0, -1.0, float("inf")])),
                        max_size=60),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
        data=st.data())
-def test_topk_sparse_property(values, data):
+def test_topk_sparse_property(values, dtype, data):
     k = data.draw(st.integers(0, len(values)))
-    x = torch.tensor(values, dtype=torch.float32)
+    x = torch.tensor(values, dtype=torch.float32).to(dtype)
     idx, val = ops.topk_sparse(x, k)
-    assert idx.tolist() == sorted(magnitude_order(values)[:k])
+    assert idx.tolist() == sorted(magnitude_order(x.tolist())[:k])
     assert_same_bits(val, x[idx])
+
+
+@pytest.mark.parametrize("k", [1, 1000, 100_000])
+def test_topk_sparse_same_for_any_thread_count(k, gen, ref, across_threads):
+    x = random_vector(300_007, torch.float32, gen, "few_values")
+    runs = across_threads(lambda: ops.topk_sparse(x, k))
+    for idx, val in runs:
+        assert_equal(idx, runs[0][0])
+        assert_same_bits(val, runs[0][1])
+    assert_equal(runs[0][0], ref.topk_sparse(x, k)[0])
 
 
 # --------------------------------------------------------------------------- #
@@ -265,6 +276,19 @@ def test_sparse_merge_matches_dense_loop(size, peers, dtypes, averaged, device, 
     check_merge(out, indices, values, size, counts, device, ref)
     # Deterministic: the same call gives the same bits.
     assert_same_bits(ops.sparse_merge(indices, values, size, counts=counts), out)
+
+
+def test_sparse_merge_same_for_any_thread_count(gen, ref, across_threads):
+    size = 200_003
+    indices, values = [], []
+    for _ in range(4):  # dense enough to overlap everywhere
+        idx = torch.randperm(size, generator=gen)[:150_000].sort().values
+        indices.append(idx)
+        values.append(torch.randn(idx.numel(), generator=gen))
+    runs = across_threads(lambda: ops.sparse_merge(indices, values, size, counts=[1, 2, 3, 7]))
+    for out in runs:
+        assert_same_bits(out, runs[0])
+    assert_sum_close(runs[0], ref.sparse_merge(indices, values, size, torch.tensor([1, 2, 3, 7])))
 
 
 def test_sparse_merge_adds_in_peer_order(device, ref):
