@@ -52,9 +52,8 @@ def _find_cuda_home():
 def _torch_cxx_standard(ce):
     """The C++ standard the installed torch was built for.
 
-    Newer torch headers insist on C++20; older ones are built with C++17, and
-    compiling against them with another standard can change the layout of
-    c10::Error, so that an exception thrown by a kernel crashes the process."""
+    Newer torch headers insist on C++20 (they #error otherwise); older ones
+    are written for C++17, which is also what their own builds use."""
     for inc in ce.include_paths():
         header = os.path.join(inc, "torch", "csrc", "api", "include", "torch", "all.h")
         if os.path.exists(header):
