@@ -346,33 +346,13 @@ TT_SIMD_CLONES void pack_rows_f16(const Job& job, int64_t r0, int64_t r1) {
   pack_rows<Float16>(job, r0, r1);
 }
 
-// A double as Python's repr writes it (shortest round trip, "2.0" not "2"), so
-// that error messages read as the reference's.
-std::string python_float(double v) {
-  char buf[32];
-  std::string s(buf, std::to_chars(buf, buf + sizeof(buf), v).ptr);
-  if (s.find_first_of(".eni") == std::string::npos) s += ".0";
-  return s;
-}
-
 std::tuple<at::Tensor, at::Tensor> pack_argmax_cpu(const at::Tensor& logits, bool return_prob,
                                                     std::optional<double> abstain_below) {
+  const int bits = check_pack_argmax_args(logits, abstain_below);
   const at::ScalarType dtype = logits.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "logits must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, C], got shape ", logits.sizes());
   const int64_t n = logits.size(0);
   const int64_t cols = logits.size(1);
-  TORCH_CHECK_VALUE(cols >= 2, "logits must have C >= 2 classes, got C=", cols);
-  TORCH_CHECK_VALUE(cols < (int64_t(1) << 32), "logits must have C < 2**32 classes, got C=",
-                    cols);
   const bool abstain = abstain_below.has_value();
-  if (abstain) {
-    const double t = *abstain_below;
-    TORCH_CHECK_VALUE(t >= 0.0 && t <= 1.0, "abstain_below must be in [0, 1], got ",
-                      python_float(t));
-  }
-  const int bits = bits_for(abstain ? cols + 1 : cols);
   const bool need_prob = return_prob || abstain;
 
   // Long rows are read through their row stride; short-row blocks need rows

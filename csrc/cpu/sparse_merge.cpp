@@ -61,10 +61,7 @@ void check_peer(const at::Tensor& idx, const at::Tensor& val, int64_t size, int6
 
 at::Tensor sparse_merge_cpu(at::TensorList indices, at::TensorList values, int64_t size,
                             const std::optional<at::Tensor>& counts) {
-  TORCH_CHECK_VALUE(indices.size() == values.size(),
-                    "indices and values must list the same number of peers, got ",
-                    indices.size(), " and ", values.size());
-  TORCH_CHECK_VALUE(size >= 0, "size must be >= 0, got ", size);
+  check_merge_args(indices, values, size, counts);
   const int64_t peers = static_cast<int64_t>(indices.size());
 
   // Per-peer scales: counts[p] / sum(counts) in double, as the reference
@@ -72,11 +69,6 @@ at::Tensor sparse_merge_cpu(at::TensorList indices, at::TensorList values, int64
   std::vector<double> scales(peers, 1.0);
   if (counts.has_value()) {
     const at::Tensor& c = *counts;
-    TORCH_CHECK_TYPE(is_integer_dtype(c.scalar_type()), "counts must be an integer tensor, got ",
-                     c.scalar_type());
-    TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == peers,
-                      "counts must be 1-D with one entry per peer (", peers, "), got shape ",
-                      c.sizes());
     const at::Tensor c64 = c.to(at::kLong).contiguous();
     const int64_t* cp = c64.const_data_ptr<int64_t>();
     __int128 sum = 0;  // exact, like the reference's Python ints

@@ -422,14 +422,8 @@ __attribute__((noinline)) void tally_sorted(const Problem& pr, const Outputs& ou
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
     const at::Tensor& votes, int64_t n, int64_t num_classes,
     const std::optional<at::Tensor>& weights, bool abstain) {
-  TORCH_CHECK_VALUE(votes.dim() == 2, "votes must be 2-D [P, bytes], got shape ", votes.sizes());
-  TORCH_CHECK_VALUE(num_classes >= 2, "num_classes must be >= 2, got ", num_classes);
+  const int b = check_tally_votes(votes, n, num_classes, abstain);
   const int64_t num_symbols = abstain ? num_classes + 1 : num_classes;
-  TORCH_CHECK_TYPE(votes.scalar_type() == at::kByte, "votes must be a uint8 tensor, got ",
-                   votes.scalar_type());
-  TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got ", n);
-  const int b = check_num_symbols(num_symbols);
-  check_stream_bytes(votes.size(1), n, b, "votes");
   const int64_t peers = votes.size(0);
 
   at::Tensor w;

@@ -42,12 +42,7 @@ int64_t unpack_range(const uint8_t* stream, int64_t nbytes, int b, int64_t num_s
 }
 
 at::Tensor unpack_labels_cpu(const at::Tensor& packed, int64_t n, int64_t num_symbols) {
-  TORCH_CHECK_VALUE(packed.dim() == 1, "packed must be 1-D, got shape ", packed.sizes());
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed must be a uint8 tensor, got ",
-                   packed.scalar_type());
-  TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got ", n);
-  const int b = check_num_symbols(num_symbols);
-  check_stream_bytes(packed.size(0), n, b, "packed");
+  const int b = check_unpack_args(packed, n, num_symbols);
 
   const at::Tensor stream = packed.contiguous();
   at::Tensor labels = at::empty({n}, packed.options().dtype(at::kLong));

@@ -22,8 +22,12 @@
 namespace tallytrain {
 namespace cuda {
 
+using cpu::check_merge_args;
 using cpu::check_num_symbols;
+using cpu::check_pack_argmax_args;
 using cpu::check_stream_bytes;
+using cpu::check_tally_votes;
+using cpu::check_unpack_args;
 using cpu::is_integer_dtype;
 
 inline FloatType float_type(at::ScalarType t) {

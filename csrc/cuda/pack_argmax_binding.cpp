@@ -11,21 +11,13 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> pack_argmax_cuda(const at::Tensor& logits, bool return_prob,
                                                     std::optional<double> abstain_below) {
+  const int b = check_pack_argmax_args(logits, abstain_below);
   const at::ScalarType dtype = logits.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "logits must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, C], got shape ", logits.sizes());
   const int64_t n = logits.size(0);
   const int64_t c = logits.size(1);
-  TORCH_CHECK_VALUE(c >= 2, "logits must have C >= 2 classes, got C=", c);
-  TORCH_CHECK_VALUE(c < (int64_t(1) << 32), "logits must have C < 2**32 classes, got C=", c);
   const bool abstain = abstain_below.has_value();
-  if (abstain)
-    TORCH_CHECK_VALUE(*abstain_below >= 0.0 && *abstain_below <= 1.0,
-                      "abstain_below must be in [0, 1], got ", *abstain_below);
 
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int b = bits_for(abstain ? c + 1 : c);
   const at::Tensor x = logits.contiguous();
   at::Tensor packed = at::empty({packed_bytes(n, b)}, logits.options().dtype(at::kByte));
   const bool need_prob = return_prob || abstain;

@@ -37,12 +37,7 @@ at::Tensor pack_labels_cuda(const at::Tensor& labels, int64_t num_symbols) {
 }
 
 at::Tensor unpack_labels_cuda(const at::Tensor& packed, int64_t n, int64_t num_symbols) {
-  TORCH_CHECK_VALUE(packed.dim() == 1, "packed must be 1-D, got shape ", packed.sizes());
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "packed must be a uint8 tensor, got ",
-                   packed.scalar_type());
-  TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got ", n);
-  const int b = check_num_symbols(num_symbols);
-  check_stream_bytes(packed.size(0), n, b, "packed");
+  const int b = check_unpack_args(packed, n, num_symbols);
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor stream = packed.contiguous();
   at::Tensor out = at::empty({n}, packed.options().dtype(at::kLong));
