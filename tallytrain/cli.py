@@ -1,4 +1,4 @@
-"""The ``tallytrain`` command: ``info``, ``run`` and ``compare``.
+"""The ``tallytrain`` command: ``info``, ``run``, ``compare`` and ``pareto``.
 
 Every field of the run configuration (tallytrain/fl/config.py) is an option,
 generated from the dataclasses so the CLI and the config cannot drift apart:
@@ -34,6 +34,10 @@ HELP = {
     "adversarial_fraction": "share of peers that send random or flipped payloads",
     "adversarial_mode": "random | flip",
     "peer_batch": "peers per vectorised call (0 = every peer of an architecture at once)",
+    "merge_period": "fedavg/fedprox/feddf: average every this many rounds; bridge: sparse merge "
+                    "every this many rounds (0 = never)",
+    "topk_fraction": "bridge: share of its parameters a peer sends per merge (top-k)",
+    "param_dtype": "parameter payloads (dense vectors, sparse values): float32 | float16",
 }
 _SECTIONS = (("data", C.DataConfig), ("model", C.ModelConfig), ("train", C.TrainConfig),
              ("protocol", C.ProtocolConfig))
@@ -82,6 +86,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds: seed, seed+1, ...")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: results then do not depend on it)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs in parallel processes (default 1; results do not depend on it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     top = p.add_argument_group("federation")
     for f in dataclasses.fields(C.RunConfig):
@@ -100,12 +106,32 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="which op backend serves, versions")
     info.add_argument("--json", action="store_true", help="print the raw dict as JSON")
     run = sub.add_parser("run", help="one method, one or more seeds, into a run directory")
-    run.add_argument("--method", required=True, help="local, fedavg, fedprox, feddf, softlabel, tallytrain")
+    run.add_argument("--method", required=True,
+                     help="local, fedavg, fedprox, feddf, softlabel, tallytrain, bridge")
     _common(run)
     cmp_ = sub.add_parser("compare", help="several methods on identical partitions and probes")
     cmp_.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
     _common(cmp_)
+    par = sub.add_parser("pareto", help="accuracy vs bytes: every operating point of FedAvg, "
+                                        "FedProx, FedDF, softlabel, tallytrain and bridge")
+    par.add_argument("--periods", type=_ints, default=(1, 2, 5, 10),
+                     help="merge periods of fedavg/fedprox/feddf (default: 1,2,5,10)")
+    par.add_argument("--bridge-fractions", type=_floats, default=(0.001, 0.01, 0.1),
+                     help="bridge top-k fractions (default: 0.001,0.01,0.1)")
+    par.add_argument("--bridge-periods", type=_ints, default=(1, 5, 10),
+                     help="bridge merge periods (default: 1,5,10)")
+    par.add_argument("--baselines", default="fedavg,fedprox,feddf",
+                     help="parameter-averaging baselines (default: fedavg,fedprox,feddf)")
+    _common(par)
     return parser
+
+
+def _ints(text: str):
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _floats(text: str):
+    return tuple(float(x) for x in text.split(",") if x.strip())
 
 
 def config_from_args(args: argparse.Namespace, methods: List[str]) -> C.CompareConfig:
@@ -153,14 +179,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .fl.experiment import RunDirError, run_compare
         from .fl.registry import method_names
 
+        options = dict(resume=args.resume, overwrite=args.overwrite,
+                       show_progress=not args.quiet, threads=args.threads, jobs=args.jobs)
+        if args.command == "pareto":
+            from .fl.pareto import pareto_config, pareto_table, run_pareto
+            base = config_from_args(args, ["tallytrain"])
+            cfg = pareto_config(base.base, base.seeds, args.periods, args.bridge_fractions,
+                                args.bridge_periods,
+                                [b.strip() for b in args.baselines.split(",") if b.strip()])
+            result = run_pareto(cfg, args.out, **options)
+            print(pareto_table(result), end="")
+            print(f"run directory: {os.path.abspath(args.out)}")
+            return 0
         if args.command == "run":
             methods = [args.method]
         else:
             methods = method_names() if args.methods.strip() == "all" else \
                 [m.strip() for m in args.methods.split(",") if m.strip()]
         cfg = config_from_args(args, methods)
-        summary = run_compare(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
-                              show_progress=not args.quiet, threads=args.threads)
+        summary = run_compare(cfg, args.out, **options)
     except (ValueError, FileNotFoundError, RunDirError) as exc:
         print(f"tallytrain: error: {exc}", file=sys.stderr)
         return 2

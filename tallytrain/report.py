@@ -133,10 +133,10 @@ def _pyplot():
 
 
 def _curves(rows: Sequence[Mapping], key: str):
-    """{method: (rounds, mean[key] over seeds, std, mean cum_bytes)}."""
+    """{label: (rounds, mean[key] over seeds, std, mean cum_bytes)}."""
     by: Dict[str, Dict[int, Dict[int, Mapping]]] = {}
     for r in rows:
-        by.setdefault(r["method"], {}).setdefault(r["seed"], {})[r["round"]] = r
+        by.setdefault(_label(r), {}).setdefault(r["seed"], {})[r["round"]] = r
     out = {}
     for method, seeds in by.items():
         rounds = sorted(set.intersection(*(set(s) for s in seeds.values())))
@@ -148,8 +148,13 @@ def _curves(rows: Sequence[Mapping], key: str):
 
 def _colors(rows: Sequence[Mapping]) -> Dict[str, str]:
     """One colour per method, the same in every plot of a run directory."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    return {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    return {m: f"C{i % 10}" for i, m in enumerate(labels)}
+
+
+def _label(row: Mapping) -> str:
+    """A curve per run label (a method, or an operating point of one)."""
+    return row.get("label", row["method"])
 
 
 def plot_accuracy_vs_round(rows: Sequence[Mapping], path: str, title: str = "") -> None:
@@ -197,6 +202,39 @@ def plot_accuracy_vs_bytes(rows: Sequence[Mapping], path: str, title: str = "") 
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_pareto(points: Sequence[Mapping], path: str, title: str = "") -> None:
+    """Final accuracy (mean ± std over seeds) against total bytes (log x), one
+    colour per method, with the frontier (the points nobody dominates) as a
+    staircase."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    markers = "osD^vP*Xh"
+    for i, method in enumerate(methods):
+        mine = [p for p in points if p["method"] == method and p["total_bytes"] > 0]
+        ax.errorbar([p["total_bytes"] for p in mine], [p["final_accuracy_mean"] for p in mine],
+                    yerr=[p["final_accuracy_std"] for p in mine], fmt=markers[i % len(markers)],
+                    color=f"C{i % 10}", label=method, markersize=5, capsize=2, linewidth=1)
+        for p in mine:
+            ax.annotate(p["setting"].replace("every ", "/").replace(" rounds", "r")
+                        .replace(" round", "r"), (p["total_bytes"], p["final_accuracy_mean"]),
+                        fontsize=5.5, xytext=(3, 3), textcoords="offset points")
+    front = sorted((p for p in points if p.get("on_frontier") and p["total_bytes"] > 0),
+                   key=lambda p: p["total_bytes"])
+    if front:
+        ax.step([p["total_bytes"] for p in front], [p["final_accuracy_mean"] for p in front],
+                where="post", color="black", linewidth=1, alpha=0.6, label="frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("total bytes, all peers and rounds (log scale)")
+    ax.set_ylabel("final test accuracy (mean ± std over seeds)")
+    ax.set_title(title or "accuracy vs bytes")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 

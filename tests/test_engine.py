@@ -15,7 +15,7 @@ from tallytrain.fl.loop import PHASES, Federation, PhaseTimer, load_checkpoint, 
 from tallytrain.fl.server import select_peers
 from tallytrain.report import without_timing
 
-METHODS = ["local", "fedavg", "fedprox", "feddf", "softlabel", "tallytrain"]
+METHODS = ["local", "fedavg", "fedprox", "feddf", "softlabel", "tallytrain", "bridge"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,9 +65,13 @@ def test_other_seed_other_numbers():
     assert without_timing(a.metrics) != without_timing(b.metrics)
 
 
-@pytest.mark.parametrize("method", ["fedavg", "feddf", "softlabel", "tallytrain"])
-def test_checkpoint_resume_equals_uninterrupted(tmp_path, method):
-    cfg = tiny(method, rounds=4)
+@pytest.mark.parametrize("method, protocol", [
+    ("fedavg", {}), ("fedavg", {"merge_period": 3}), ("feddf", {}), ("softlabel", {}),
+    ("tallytrain", {}), ("bridge", {"merge_period": 2, "topk_fraction": 0.05}),
+    ("bridge", {"merge_period": 3, "topk_fraction": 0.05, "param_dtype": "float16"})])
+def test_checkpoint_resume_equals_uninterrupted(tmp_path, method, protocol):
+    """Resumed after round 2: mid-period for the periodic cases."""
+    cfg = tiny(method, rounds=4, **protocol)
     whole = run(cfg)
     first = Federation(cfg, data())
     first.run_round(0)

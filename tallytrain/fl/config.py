@@ -117,7 +117,10 @@ class ProtocolConfig:
     sharpen_temperature: Optional[float] = None  # DS-FL entropy reduction (e.g. 0.1)
     server_distill_steps: int = 50       # feddf
     server_lr: float = 1e-3              # feddf: Adam on the server model (as in FedDF)
-    param_dtype: str = "float32"         # dense parameter payloads
+    param_dtype: str = "float32"         # parameter payloads: dense vectors, sparse values
+    merge_period: int = 1                # fedavg/fedprox/feddf: average every this many rounds;
+                                         # bridge: sparse merge every this many (0 = never)
+    topk_fraction: float = 0.01          # bridge: share of parameters a peer sends per merge
     adversarial_fraction: float = 0.0
     adversarial_mode: str = "random"     # random | flip
 
@@ -142,6 +145,9 @@ class ProtocolConfig:
         _require(self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
         _require(self.server_distill_steps >= 0,
                  f"server_distill_steps must be >= 0, got {self.server_distill_steps}")
+        _require(self.merge_period >= 0, f"merge_period must be >= 0, got {self.merge_period}")
+        _require(0 < self.topk_fraction <= 1,
+                 f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
         _require(0 <= self.adversarial_fraction <= 1,
                  f"adversarial_fraction must be in [0, 1], got {self.adversarial_fraction}")
         _require(self.adversarial_mode in ADVERSARIAL_MODES,
@@ -174,13 +180,23 @@ class RunConfig:
         return from_dict(cls, d)
 
 
+_LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._=-+")
+
+
 @dataclass(frozen=True)
 class CompareConfig:
-    """Several methods and seeds on identical splits, partitions and probes."""
+    """Several methods and seeds on identical splits, partitions and probes.
+
+    ``methods`` are the labels of the compared runs. A label is a method name,
+    or a key of ``settings`` that names a method and overrides some of its
+    protocol fields, so that one method can appear at several operating
+    points (``{"fedavg-R5": {"method": "fedavg", "protocol": {"merge_period": 5}}}``).
+    """
 
     methods: Tuple[str, ...] = ("tallytrain",)
     seeds: Tuple[int, ...] = (0,)
     base: RunConfig = field(default_factory=RunConfig)
+    settings: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -190,9 +206,31 @@ class CompareConfig:
                  f"methods lists a method twice: {', '.join(self.methods)}")
         _require(len(self.seeds) >= 1, "seeds must hold at least one seed")
         _require(len(set(self.seeds)) == len(self.seeds), f"seeds repeat: {self.seeds}")
+        _require(isinstance(self.settings, dict), "settings must be a mapping label -> setting")
+        for label in self.methods:
+            # Labels name directories of the run directory.
+            _require(bool(label) and set(label) <= _LABEL_CHARS,
+                     f"label {label!r} may only use letters, digits and . _ = - +")
+        for label, setting in self.settings.items():
+            _require(label in self.methods, f"settings has {label!r}, which methods does not list")
+            _require(isinstance(setting, dict) and set(setting) <= {"method", "protocol"}
+                     and isinstance(setting.get("method"), str)
+                     and isinstance(setting.get("protocol", {}), dict),
+                     f"settings[{label!r}] must be {{'method': name, 'protocol': {{field: "
+                     f"value}}}}, got {setting!r}")
+            unknown = set(setting.get("protocol", {})) - {f.name for f in fields(ProtocolConfig)}
+            _require(not unknown, f"settings[{label!r}] overrides unknown protocol fields: "
+                                  f"{', '.join(sorted(unknown))}")
+            self.run(label, self.seeds[0])  # validates the overridden values
 
-    def run(self, method: str, seed: int) -> RunConfig:
-        return dataclasses.replace(self.base, method=method, seed=seed)
+    def method_of(self, label: str) -> str:
+        return self.settings[label]["method"] if label in self.settings else label
+
+    def run(self, label: str, seed: int) -> RunConfig:
+        setting = self.settings.get(label, {})
+        protocol = dataclasses.replace(self.base.protocol, **setting.get("protocol", {}))
+        return dataclasses.replace(self.base, method=self.method_of(label), seed=seed,
+                                   protocol=protocol)
 
     def to_dict(self) -> Dict[str, Any]:
         return to_dict(self)

@@ -6,12 +6,16 @@ Layout of a run directory::
 
     config.json              the CompareConfig (all of it)
     partition.json           per seed: split indices, each peer's samples, class counts
-    metrics.jsonl            one row per method, seed and round
-    comm.csv                 one row per message: method, seed, round, sender, ...
-    summary.json             {"methods": {name: {...}}}
+    metrics.jsonl            one row per label, seed and round
+    comm.csv                 one row per message: label, seed, round, sender, ...
+    summary.json             {"methods": {label: {...}}}
     accuracy_vs_round.png, accuracy_vs_bytes.png, partition_heatmap.png
-    runs/<method>/seed<s>/   checkpoint.pt (after every round), metrics.jsonl,
+    runs/<label>/seed<s>/    checkpoint.pt (after every round), metrics.jsonl,
                              and, once finished, comm.csv and result.json
+
+A label is a method's name, or an operating point of one (CompareConfig's
+``settings``, e.g. ``fedavg-R5``); metrics rows carry both ``method`` and
+``label``, and comm.csv's ``method`` column holds the label.
 
 Nothing existing is overwritten unless ``overwrite`` (which replaces a
 previous run directory, and only a run directory) or ``resume`` (which checks
@@ -121,10 +125,12 @@ def _prepare_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) ->
 
 
 def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
-             progress: Progress) -> dict:
+             progress: Progress, name: str) -> dict:
+    """One run; ``name`` is its label in the comparison (the method's name,
+    or the operating point's label)."""
     result_path = os.path.join(run_dir, "result.json")
     ckpt = os.path.join(run_dir, "checkpoint.pt")
-    label = f"{cfg.method} seed {cfg.seed}"
+    label = f"{name} seed {cfg.seed}"
     if resume and os.path.isfile(result_path):
         result = _read_json(result_path, "run result")
         if not isinstance(result, dict) or config_diff(result.get("config", {}), cfg.to_dict()):
@@ -132,9 +138,9 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
         progress.advance(label + " (done earlier)", cfg.rounds, run_finished=True, skipped=True)
         return result
     os.makedirs(run_dir, exist_ok=True)
-    for name in os.listdir(run_dir):  # temporaries of a run killed mid-write
-        if ".tmp." in name:
-            os.remove(os.path.join(run_dir, name))
+    for entry in os.listdir(run_dir):  # temporaries of a run killed mid-write
+        if ".tmp." in entry:
+            os.remove(os.path.join(run_dir, entry))
     fed = Federation(cfg, data)
     if resume and os.path.isfile(ckpt):
         try:
@@ -153,7 +159,7 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
 
     fed.run(on_round)
     report.write_text_atomic(os.path.join(run_dir, COMM_FILE),
-                             fed.ledger.to_csv({"method": cfg.method, "seed": cfg.seed}))
+                             fed.ledger.to_csv({"method": name, "seed": cfg.seed}))
     result = {"config": cfg.to_dict(), "final_accuracy": fed.metrics[-1]["accuracy"],
               "totals": fed.ledger.totals(), "phase_seconds": dict(fed.timer.seconds),
               "adversarial_peers": np.flatnonzero(fed.adversarial).tolist(),
@@ -163,29 +169,38 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
 
 
 def run_compare(cfg: CompareConfig, out: str, *, resume: bool = False, overwrite: bool = False,
-                show_progress: bool = True, threads: int = 1) -> dict:
-    """Run every (method, seed) of ``cfg`` into ``out``; returns summary.json's dict.
+                show_progress: bool = True, threads: int = 1, jobs: int = 1) -> dict:
+    """Run every (label, seed) of ``cfg`` into ``out``; returns summary.json's dict.
 
-    threads: torch CPU threads while running (restored afterwards). The
-    default 1 is the fastest for these small models and keeps results
-    independent of the machine; on a shared 2-core machine two threads were
-    measured up to 70x slower (OpenMP workers spinning against other work).
+    threads: torch CPU threads per run (restored afterwards). The default 1
+    is the fastest for these small models and keeps results independent of
+    the machine; on a shared 2-core machine two threads were measured up to
+    70x slower (OpenMP workers spinning against other work).
+    jobs: runs in parallel worker processes (each with ``threads`` threads).
+    Every run derives all its randomness from its own config, so the results
+    do not depend on ``jobs``.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run_compare(cfg, out, resume, overwrite, show_progress)
+        return _run_compare(cfg, out, resume, overwrite, show_progress, threads, jobs)
     finally:
         torch.set_num_threads(before)
 
 
+def run_dir_of(out: str, label: str, seed: int) -> str:
+    return os.path.join(out, "runs", label, f"seed{seed}")
+
+
 def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
-                 show_progress: bool) -> dict:
-    for m in cfg.methods:
-        get_method(m)  # unknown names fail before anything is written
-    # Split and partition every seed, and build one federation per method,
+                 show_progress: bool, threads: int, jobs: int) -> dict:
+    for label in cfg.methods:
+        get_method(cfg.method_of(label))  # unknown names fail before anything is written
+    # Split and partition every seed, and build one federation per label,
     # before touching the disk, so that bad input (too many peers, a probe
     # set too large, mixed architectures for a parameter method, ...) fails
     # with nothing written. Only one seed's data is held at a time.
@@ -195,8 +210,8 @@ def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
         data = prepare(cfg.base.data, cfg.base.peers, seed, dataset)
         partitions[str(seed)] = data.describe()
         if seed == cfg.seeds[0]:
-            for m in cfg.methods:
-                Federation(cfg.run(m, seed), data)
+            for label in cfg.methods:
+                Federation(cfg.run(label, seed), data)
         del data
     _prepare_dir(cfg, out, resume, overwrite)
     partition_path = os.path.join(out, PARTITION_FILE)
@@ -204,27 +219,89 @@ def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
         report.write_json_atomic(partition_path, {"seeds": partitions})
     progress = Progress(len(cfg.methods) * len(cfg.seeds) * cfg.base.rounds, show_progress)
     try:
-        for seed in cfg.seeds:
-            data = prepare(cfg.base.data, cfg.base.peers, seed, dataset)
-            for m in cfg.methods:
-                run_dir = os.path.join(out, "runs", m, f"seed{seed}")
-                _run_one(cfg.run(m, seed), data, run_dir, resume, progress)
+        if jobs == 1:
+            for seed in cfg.seeds:
+                data = prepare(cfg.base.data, cfg.base.peers, seed, dataset)
+                for label in cfg.methods:
+                    _run_one(cfg.run(label, seed), data, run_dir_of(out, label, seed), resume,
+                             progress, label)
+        else:
+            _run_parallel(cfg, out, resume, progress, threads, jobs)
     finally:
         progress.close()
     return finish(cfg, out, np.array(partitions[str(cfg.seeds[0])]["class_counts"]))
 
 
+class _QueueProgress:
+    """A worker's stand-in for :class:`Progress`: forwards every advance to
+    the parent, which draws the one progress bar."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def advance(self, label: str, n: int = 1, run_finished: bool = False,
+                skipped: bool = False) -> None:
+        self.queue.put((label, n, run_finished, skipped))
+
+
+_WORKER_DATA: Dict[tuple, FederatedData] = {}
+
+
+def _worker_run(cfg_dict: dict, name: str, run_dir: str, resume: bool, threads: int,
+                queue) -> None:
+    torch.set_num_threads(threads)
+    cfg = RunConfig.from_dict(cfg_dict)
+    key = (json.dumps(cfg_dict["data"], sort_keys=True), cfg.peers, cfg.seed)
+    if key not in _WORKER_DATA:  # a worker keeps the splits it has made
+        _WORKER_DATA.clear()
+        _WORKER_DATA[key] = prepare(cfg.data, cfg.peers, cfg.seed)
+    _run_one(cfg, _WORKER_DATA[key], run_dir, resume, _QueueProgress(queue), name)
+
+
+def _run_parallel(cfg: CompareConfig, out: str, resume: bool, progress: Progress,
+                  threads: int, jobs: int) -> None:
+    """The runs in ``jobs`` spawned processes (not forked: a fork of a process
+    whose OpenMP threads exist can deadlock)."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        updates = manager.Queue()
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_worker_run, cfg.run(label, seed).to_dict(), label,
+                                   run_dir_of(out, label, seed), resume, threads, updates)
+                       for seed in cfg.seeds for label in cfg.methods]
+            pending = set(futures)
+            try:
+                while pending:
+                    try:
+                        while True:
+                            progress.advance(*updates.get(timeout=0.2))
+                    except queue_mod.Empty:
+                        pass
+                    done, pending = wait(pending, timeout=0, return_when=FIRST_EXCEPTION)
+                    for f in done:
+                        f.result()  # a worker's error is this call's error
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+
+
 def finish(cfg: CompareConfig, out: str, class_counts: np.ndarray) -> dict:
     """Gather the finished runs into metrics.jsonl, comm.csv, summary.json and plots."""
     rows, comm, results = [], [], {}
-    for m in cfg.methods:
+    for label in cfg.methods:
         for seed in cfg.seeds:
-            run_dir = os.path.join(out, "runs", m, f"seed{seed}")
-            rows += report.read_jsonl(os.path.join(run_dir, METRICS_FILE))
+            run_dir = run_dir_of(out, label, seed)
+            rows += [dict(row, label=label)
+                     for row in report.read_jsonl(os.path.join(run_dir, METRICS_FILE))]
             with open(os.path.join(run_dir, COMM_FILE), encoding="utf-8") as f:
                 text = f.read()
             comm.append(text if not comm else text.split("\n", 1)[1])
-            results.setdefault(m, []).append(
+            results.setdefault(label, []).append(
                 _read_json(os.path.join(run_dir, "result.json"), "run result"))
     report.write_text_atomic(os.path.join(out, METRICS_FILE), report.metrics_jsonl(rows))
     report.write_text_atomic(os.path.join(out, COMM_FILE), "".join(comm))

@@ -3,7 +3,7 @@ runs on (config, data, peers, ledger, timers, per-round randomness).
 
 A run is a :class:`Federation`; :meth:`Federation.run_round` is the one loop
 body: select peers -> downlink -> peer update -> uplink -> aggregate ->
-evaluate. Everything random is derived from (seed, purpose, round, peer), so
+reply -> evaluate. Everything random is derived from (seed, purpose, round, peer), so
 the state after round r is just the parameters, the method's state, the
 ledger and the metrics: that is what a checkpoint holds, and a resumed run
 continues exactly as an uninterrupted one.
@@ -195,7 +195,7 @@ class Federation:
         start = time.perf_counter()
         before = sum(self.timer.seconds.values())
         selected = select_peers(self.cfg.peers, self.cfg.protocol.participation,
-                                self.cfg.seed, SELECT_STREAM, r)
+                                self.cfg.seed, SELECT_STREAM, self.method.selection_round(r))
         inbox: Dict[int, list] = defaultdict(list)
         for env, msg in self.channel.deliver(r, self.method.downlink(r, selected)):
             inbox[env.receiver].append(msg)
@@ -203,6 +203,11 @@ class Federation:
         received = self.channel.deliver(r, self.method.uplink(r, selected))
         with self.timer("aggregation"):
             stats = self.method.aggregate(r, selected, received)
+        replies: Dict[int, list] = defaultdict(list)
+        for env, msg in self.channel.deliver(r, self.method.reply(r, selected)):
+            replies[env.receiver].append(msg)
+        if replies:
+            self.method.apply_reply(r, replies)
         with self.timer("evaluation"):
             row = self.evaluate(r, stats)
         elapsed = time.perf_counter() - start

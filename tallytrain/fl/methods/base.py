@@ -5,6 +5,9 @@ this order every round, for the peers selected that round:
 2. ``peer_update``   each selected peer digests what it received and trains
 3. ``uplink``     -> envelopes the peers send (delivered, decoded, counted)
 4. ``aggregate``     the server (or, decentralized, each peer) combines them
+5. ``reply``      -> envelopes the server sends back within the round (delivered,
+                     decoded, counted), then ``apply_reply`` on the peers: for a
+                     result peers must hold before the round is evaluated
 
 The defaults describe a peer that only trains on its own shard.
 """
@@ -35,6 +38,12 @@ class Method:
     def __init__(self, fed):
         self.fed = fed
 
+    def selection_round(self, r: int) -> int:
+        """The round whose draw picks round r's peers (participation < 1). A
+        method whose peers work across several rounds between exchanges keeps
+        the same peers for all of them by returning the first such round."""
+        return r
+
     def downlink(self, r: int, selected: Sequence[int]) -> List[Envelope]:
         return []
 
@@ -47,6 +56,12 @@ class Method:
     def aggregate(self, r: int, selected: Sequence[int],
                   received: List[Tuple[Envelope, object]]) -> RoundStats:
         return RoundStats()
+
+    def reply(self, r: int, selected: Sequence[int]) -> List[Envelope]:
+        return []
+
+    def apply_reply(self, r: int, inbox: Dict[int, list]) -> None:
+        raise NotImplementedError(f"method {self.name!r} sends no replies")
 
     def global_params(self) -> Optional[torch.Tensor]:
         """The flat global model, for methods that have one."""

@@ -1,5 +1,11 @@
 """``fedavg``: the server sends the global model; peers train it locally and
-send their parameters back; the server averages them weighted by shard size."""
+send their parameters back; the server averages them weighted by shard size.
+
+With ``merge_period = R`` the exchange happens every R rounds: a period
+starts with the global model going down to its peers (the same peers all
+period), each of its rounds is one round of local work, and its last round
+sends the parameters up and averages them. The run's last round always
+averages, so that every run ends with a global model."""
 from __future__ import annotations
 
 import torch
@@ -21,30 +27,48 @@ class FedAvg(Method):
 
     def __init__(self, fed):
         super().__init__(fed)
+        self.period = fed.cfg.protocol.merge_period
+        if self.period < 1:
+            raise ValueError(f"method {self.name!r} needs merge_period >= 1, got {self.period}")
         self.group = fed.population.single_group
         self.server = ServerModel(self.group, fed.data.input_shape, fed.num_classes,
                                   fed.cfg.model.hidden, fed.generator(SERVER_STREAM))
         self.dtype = getattr(torch, fed.cfg.protocol.param_dtype)
-        self._received = {}  # peer -> the global vector it received this round
 
     def prox_mu(self) -> float:
         return 0.0
 
+    def selection_round(self, r):
+        return r - r % self.period
+
+    def merges(self, r: int) -> bool:
+        return (r + 1) % self.period == 0 or r == self.fed.cfg.rounds - 1
+
     def downlink(self, r, selected):
+        if r % self.period:
+            return []  # mid-period: peers keep training what they received
         with self.fed.timer("messaging"):
             msg = wire.encode_dense(self.server.vector, dtype=self.dtype, round=r,
                                     sender=wire.SERVER)
         return [Envelope(SERVER, p, msg, wire.MessageKind.DENSE_PARAMS) for p in selected]
 
     def peer_update(self, r, selected, inbox):
-        self._received = {p: inbox[p][0].vector.float() for p in selected}
-        rows = torch.tensor([self.fed.population.where[p][1] for p in selected])
-        self.group.load_flat(rows, torch.stack([self._received[p] for p in selected]))
-        # Every peer received the same global model, the FedProx anchor.
-        anchor = self._received[selected[0]]
-        self.fed.train_local(r, selected, self.prox_mu(), anchor)
+        received = [p for p in selected if inbox[p]]
+        if received:
+            rows = torch.tensor([self.fed.population.where[p][1] for p in received])
+            self.group.load_flat(rows, torch.stack([inbox[p][0].vector.float() for p in received]))
+        # The FedProx anchor is the global model of this period. The server's
+        # copy has not changed since it went down (it changes only when the
+        # period's parameters come back), so it is what every peer received,
+        # with the payload's rounding (param_dtype) applied.
+        self.fed.train_local(r, selected, self.prox_mu(), self.anchor())
+
+    def anchor(self) -> torch.Tensor:
+        return self.server.vector.to(self.dtype).float()
 
     def uplink(self, r, selected):
+        if not self.merges(r):
+            return []
         fed = self.fed
         rows = torch.tensor([fed.population.where[p][1] for p in selected])
         flat = self.group.flatten(rows)
@@ -52,7 +76,7 @@ class FedAvg(Method):
         for i, p in enumerate(selected):
             vec = flat[i]
             if fed.adversarial[p]:
-                vec = corrupt_params(vec, self._received[p], fed.cfg.protocol.adversarial_mode,
+                vec = corrupt_params(vec, self.anchor(), fed.cfg.protocol.adversarial_mode,
                                      fed.adversary_generator(r, p))
             with fed.timer("messaging"):
                 msg = wire.encode_dense(vec, dtype=self.dtype, round=r, sender=p)
@@ -60,6 +84,8 @@ class FedAvg(Method):
         return out
 
     def aggregate(self, r, selected, received):
+        if not received:
+            return RoundStats()
         vectors = torch.stack([msg.vector.float() for _, msg in received])
         weights = [self.fed.shard_sizes[env.sender] for env, _ in received]
         self.server.vector = weighted_average(vectors, weights)

@@ -1,0 +1,158 @@
+"""``bridge``: TallyTrain's hard-label consensus every round, plus a sparse
+top-k merge of parameter changes every ``merge_period`` rounds.
+
+Every round is a TallyTrain round (control + consensus down, votes up). In
+addition, in a merge round r (every ``merge_period``-th round, and the run's
+last round, as for FedAvg):
+
+1. each selected peer sends its parameter change since it last sent,
+   ``x = w - anchor``, through error feedback: it sends the top-k entries of
+   ``x + residual`` (``ops.topk_sparse_ef``; k = ``topk_fraction`` of its
+   parameters, values as ``param_dtype``) and keeps the remainder, payload
+   rounding included, in ``residual`` for next time;
+2. the server merges the sparse changes into their sample-weighted average
+   ``u`` (``ops.sparse_merge`` with the peers' shard sizes) and replies, in
+   the same round, with ``u`` sparse (its nonzero entries) to every peer, so
+   that every peer's view of the shared model stays the same;
+3. each peer applies ``u - s``, where ``s`` is what it sent itself: its own
+   sent change is replaced by everyone's average, while what it has not sent
+   yet stays in its model.
+
+So each peer's model is always ``shared + residual + (training since it last
+sent)``, where ``shared`` (the common start plus every merged update) is the
+same on every peer; the server keeps no model at all. With k = every
+parameter and a merge every round this is exactly FedAvg's average (tested);
+with merges off (``merge_period = 0``) it is exactly ``tallytrain``.
+
+Peers start from one common model, initialised from a seed agreed at setup
+(like the probe seed; no bytes), because averaging parameter changes is only
+meaningful between models that share an origin. With merges off they keep
+TallyTrain's independent initialisations.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ... import ops, wire
+from ...comm import SERVER, Envelope
+from ..adversary import corrupt_params
+from ..loop import ADVERSARY_STREAM, SERVER_STREAM
+from ..registry import register
+from ..server import ServerModel
+from .tallytrain import TallyTrain
+
+SPARSE = wire.MessageKind.SPARSE_PARAMS
+
+
+@register
+class Bridge(TallyTrain):
+    name = "bridge"
+    averages_parameters = True
+
+    def __init__(self, fed):
+        super().__init__(fed)
+        proto = fed.cfg.protocol
+        if proto.decentralized and proto.merge_period > 0:
+            raise ValueError("bridge merges parameters through the server; decentralized mode "
+                             "works only with merge_period = 0 (no merges)")
+        self.period = proto.merge_period
+        self.dtype = getattr(torch, proto.param_dtype)
+        self.group = fed.population.single_group
+        self.size = self.group.num_params
+        self.k = max(1, math.ceil(proto.topk_fraction * self.size))
+        self.rows = torch.tensor([fed.population.where[p][1] for p in range(fed.cfg.peers)])
+        if self.period > 0:
+            start = ServerModel(self.group, fed.data.input_shape, fed.num_classes,
+                                fed.cfg.model.hidden, fed.generator(SERVER_STREAM)).vector
+            self.group.load_flat(self.rows, start.expand(len(self.rows), -1))
+        # Peer side: each peer's parameters when it last sent (or last applied
+        # a merge), its error-feedback residual, and what it sent this merge.
+        self.anchor = self.group.flatten(self.rows).clone()
+        self.residual = torch.zeros_like(self.anchor)
+        self.sent = {}  # peer -> (indices, values as sent, in float32), until the reply
+        self._reply = None  # server: this round's encoded merged update
+
+    def merges(self, r: int) -> bool:
+        return self.period > 0 and ((r + 1) % self.period == 0 or r == self.fed.cfg.rounds - 1)
+
+    # ---- peers: TallyTrain's votes, plus the sparse change in a merge round ------
+    def _apply_merge(self, p: int, msg: wire.Message) -> None:
+        if msg.size != self.size:
+            raise wire.WireFormatError(
+                f"merged update has {msg.size} entries, the model {self.size}")
+        change = torch.zeros(self.size)
+        change[msg.indices] = msg.values.float()
+        if p in self.sent:
+            idx, values = self.sent.pop(p)
+            change.index_add_(0, idx, -values)
+        row = self.rows[p:p + 1]
+        self.group.load_flat(row, self.group.flatten(row) + change)
+        self.anchor[p] += change
+
+    def uplink(self, r, selected):
+        out = super().uplink(r, selected)
+        if not self.merges(r):
+            return out
+        fed = self.fed
+        rows = self.rows[list(selected)]
+        flat = self.group.flatten(rows)
+        for i, p in enumerate(selected):
+            w = flat[i]
+            if fed.adversarial[p]:
+                w = corrupt_params(w, self.anchor[p], fed.cfg.protocol.adversarial_mode,
+                                   fed.generator(ADVERSARY_STREAM, r, p, SPARSE))
+            with fed.timer("ops"):
+                idx, values = ops.topk_sparse_ef(w - self.anchor[p], self.residual[p], self.k)
+                sent = values.to(self.dtype)
+                # The payload's rounding is not lost either: it waits in the residual.
+                self.residual[p].index_add_(0, idx, values - sent.float())
+            self.anchor[p] = flat[i]
+            self.sent[p] = (idx, sent.float())
+            with fed.timer("messaging"):
+                msg = wire.encode_sparse(idx, sent, self.size, dtype=self.dtype, round=r, sender=p)
+            out.append(Envelope(p, SERVER, msg, SPARSE))
+        return out
+
+    # ---- 3. server: tally, merge the sparse changes, reply ------------------------
+    def aggregate(self, r, selected, received):
+        votes = [(env, msg) for env, msg in received if msg.kind != SPARSE]
+        changes = sorted(((env.sender, msg) for env, msg in received if msg.kind == SPARSE),
+                         key=lambda item: item[0])
+        stats = super().aggregate(r, selected, votes)
+        self._reply = None
+        if changes:
+            fed = self.fed
+            with fed.timer("ops"):
+                merged = ops.sparse_merge(
+                    [msg.indices for _, msg in changes], [msg.values.float() for _, msg in changes],
+                    self.size, counts=torch.tensor([fed.shard_sizes[p] for p, _ in changes]))
+                idx = torch.nonzero(merged).flatten()
+            with fed.timer("messaging"):
+                self._reply = wire.encode_sparse(idx, merged[idx].to(self.dtype), self.size,
+                                                 dtype=self.dtype, round=r, sender=wire.SERVER)
+        return stats
+
+    def reply(self, r, selected):
+        if self._reply is None:
+            return []
+        return [Envelope(SERVER, p, self._reply, SPARSE) for p in range(self.fed.cfg.peers)]
+
+    def apply_reply(self, r, inbox):
+        for p, messages in inbox.items():
+            for msg in messages:
+                self._apply_merge(p, msg)
+
+    # ---- checkpoints ------------------------------------------------------------
+    def state_dict(self):
+        state = super().state_dict()
+        # What a peer sent is settled by the same round's reply, so between
+        # rounds (where checkpoints are taken) ``sent`` is always empty.
+        state.update(anchor=self.anchor.clone(), residual=self.residual.clone())
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.anchor = state["anchor"].clone()
+        self.residual = state["residual"].clone()

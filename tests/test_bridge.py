@@ -1,0 +1,191 @@
+"""The bridge variant (TallyTrain + sparse top-k merges with error feedback)
+and FedAvg's merge periods."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from tallytrain import ops, wire
+from tallytrain.data import prepare
+from tallytrain.fl import aggregate
+from tallytrain.fl.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, TrainConfig
+from tallytrain.fl.loop import Federation
+from tallytrain.report import without_timing
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(method: str, rounds: int = 4, **protocol) -> RunConfig:
+    protocol = {"probes_per_round": 40, "abstain_below": 0.5, **protocol}
+    return RunConfig(method=method, peers=4, rounds=rounds,
+                     data=DataConfig(alpha=0.5, min_shard_size=5), model=ModelConfig(hidden=16),
+                     train=TrainConfig(local_steps=3, batch_size=16, distill_batch_size=16),
+                     protocol=ProtocolConfig(**protocol))
+
+
+@functools.lru_cache(maxsize=None)
+def digits4():
+    return prepare(DataConfig(alpha=0.5, min_shard_size=5), 4, 0)
+
+
+def shared_views(fed: Federation) -> torch.Tensor:
+    """Each peer's view of the shared model: anchor - residual (module docstring)."""
+    return fed.method.anchor - fed.method.residual
+
+
+def spy_on_merges(fed: Federation):
+    """Record, for every reply, the peers' parameters before and after it and
+    the decoded merged update."""
+    seen = []
+    apply_reply = fed.method.apply_reply
+
+    def spy(r, inbox):
+        before = fed.population.single_group.flatten().clone()
+        apply_reply(r, inbox)
+        update = next(iter(inbox.values()))[0]
+        seen.append((r, before, fed.population.single_group.flatten().clone(), update))
+    fed.method.apply_reply = spy
+    return seen
+
+
+# --------------------------------------------------------------------------- #
+# error feedback
+# --------------------------------------------------------------------------- #
+def test_error_feedback_conserves_the_accumulated_change():
+    """Op level: over many steps, everything sent plus the residual equals the
+    sum of the inputs (nothing is lost, nothing is sent twice)."""
+    g = torch.Generator().manual_seed(0)
+    m, k = 1000, 13
+    residual = torch.zeros(m, dtype=torch.float64)
+    sent = torch.zeros(m, dtype=torch.float64)
+    total = torch.zeros(m, dtype=torch.float64)
+    for _ in range(25):
+        x = torch.randn(m, generator=g, dtype=torch.float64)
+        total += x
+        idx, values = ops.topk_sparse_ef(x, residual, k)
+        assert len(idx) == k
+        sent.index_add_(0, idx, values)
+    torch.testing.assert_close(sent + residual, total, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("protocol", [
+    dict(merge_period=1, topk_fraction=0.02),
+    dict(merge_period=2, topk_fraction=0.1, param_dtype="float16"),
+    dict(merge_period=1, topk_fraction=0.05, participation=0.5),
+])
+def test_every_peer_keeps_the_same_view_of_the_shared_model(protocol):
+    """Engine level: anchor - residual is one vector on every peer (what a
+    peer sent, with its rounding, plus what it kept equals its accumulated
+    change), and it moves by exactly the merged updates the server replied."""
+    fed = Federation(tiny("bridge", rounds=4, **protocol), digits4())
+    seen = spy_on_merges(fed)
+    start = shared_views(fed)[0].clone()
+    assert torch.equal(shared_views(fed), start.expand(4, -1))  # one common start
+    expected = start.clone()
+    for r in range(4):
+        fed.run_round(r)
+        for rr, _, _, update in seen:
+            if rr == r:
+                expected[update.indices] += update.values.float()
+        views = shared_views(fed)
+        torch.testing.assert_close(views, expected.expand(4, -1), rtol=0, atol=1e-5)
+        if seen:  # k < M: after a merge, something is held back
+            assert float(fed.method.residual.abs().sum()) > 0
+    assert len(seen) == (4 if protocol["merge_period"] == 1 else 2)
+
+
+def test_merge_with_every_parameter_is_the_dense_weighted_average():
+    fed = Federation(tiny("bridge", rounds=2, merge_period=1, topk_fraction=1.0), digits4())
+    seen = spy_on_merges(fed)
+    fed.run()
+    assert len(seen) == 2
+    for _, before, after, update in seen:
+        average = aggregate.weighted_average(before, fed.shard_sizes)
+        torch.testing.assert_close(after, average.expand(4, -1), rtol=0, atol=2e-6)
+    assert float(fed.method.residual.abs().max()) == 0.0
+
+
+def test_bridge_without_merges_is_tallytrain_round_for_round():
+    a = Federation(tiny("tallytrain", rounds=3), digits4())
+    b = Federation(tiny("bridge", rounds=3, merge_period=0), digits4())
+    a.run()
+    b.run()
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "method"}  # noqa: E731
+                          for r in without_timing(rows)]
+    assert strip(a.metrics) == strip(b.metrics)
+    assert a.ledger.entries == b.ledger.entries
+    assert all(torch.equal(x, y) for x, y in zip(a.population.single_group.params.values(),
+                                                  b.population.single_group.params.values()))
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("float16", 2)])
+def test_bridge_messages_are_sparse_and_counted(dtype, itemsize):
+    fed = Federation(tiny("bridge", rounds=3, merge_period=2, topk_fraction=0.01,
+                          param_dtype=dtype), digits4())
+    fed.run()
+    m, k = fed.population.single_group.num_params, fed.method.k
+    assert k == -(-m // 100)
+    sparse = [e for e in fed.ledger.entries if e.kind == "sparse_params"]
+    up = [e for e in sparse if e.direction == "up"]
+    down = [e for e in sparse if e.direction == "down"]
+    # merges in round 1 (period 2) and round 2 (the last round); 4 peers each
+    assert sorted({e.round for e in sparse}) == [1, 2]
+    assert len(up) == len(down) == 2 * 4
+    dense_bytes = wire.dense_message_bytes(m, getattr(torch, dtype))
+    for e in up:
+        assert e.bytes <= wire.sparse_message_max_bytes(k, m, getattr(torch, dtype))
+        assert e.bytes < dense_bytes / 20
+    for e in down:  # the merged update: at most the union of 4 peers' k entries
+        assert e.bytes <= wire.sparse_message_max_bytes(4 * k, m, getattr(torch, dtype))
+
+
+def test_fedavg_merge_period_keeps_peers_training_between_merges():
+    fed = Federation(tiny("fedavg", rounds=5, merge_period=2), digits4())
+    fed.run()
+    dense = [e for e in fed.ledger.entries if e.kind == "dense_params"]
+    # down at the start of each period (rounds 0, 2, 4), up at its end (1, 3) and the last round
+    assert sorted({e.round for e in dense if e.direction == "down"}) == [0, 2, 4]
+    assert sorted({e.round for e in dense if e.direction == "up"}) == [1, 3, 4]
+    every = Federation(tiny("fedavg", rounds=5), digits4())
+    every.run()
+    assert fed.ledger.totals()["total"] * 5 == every.ledger.totals()["total"] * 3
+
+
+def test_periodic_selection_keeps_the_same_peers_for_a_period():
+    fed = Federation(tiny("fedavg", rounds=4, merge_period=2, participation=0.5), digits4())
+    fed.run()
+    senders = {}
+    for e in fed.ledger.entries:
+        if e.direction == "up":
+            senders.setdefault(e.round, set()).add(e.sender)
+    received = {}
+    for e in fed.ledger.entries:
+        if e.direction == "down":
+            received.setdefault(e.round, set()).add(e.receiver)
+    assert senders[1] == received[0] and senders[3] == received[2]
+    assert len(senders[1]) == 2
+
+
+@pytest.mark.parametrize("protocol, match", [
+    (dict(method="fedavg", merge_period=0), "needs merge_period >= 1"),
+    (dict(method="bridge", merge_period=2, decentralized=True), "decentralized mode works only"),
+])
+def test_bad_merge_settings_are_refused(protocol, match):
+    method = protocol.pop("method")
+    with pytest.raises(ValueError, match=match):
+        Federation(tiny(method, **protocol), digits4())
+
+
+def test_bridge_refuses_mixed_architectures():
+    cfg = dataclasses.replace(tiny("bridge"), model=ModelConfig(archs=("mlp", "cnn"), hidden=16))
+    with pytest.raises(ValueError, match="averages parameters"):
+        Federation(cfg, digits4())
