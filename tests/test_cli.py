@@ -85,8 +85,57 @@ def test_same_seed_same_numbers_through_the_cli(tmp_path):
         assert fa.read() == fb.read()
 
 
+def test_parallel_jobs_give_the_same_results(tmp_path):
+    args = ["compare", "--methods", "fedavg,tallytrain,bridge", "--seeds", "2"] + TINY
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert main(args + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
+    two = read_jsonl(str(tmp_path / "two" / "metrics.jsonl"))
+    assert len(one) == 3 * 2 * 2 and without_timing(one) == without_timing(two)
+    with open(tmp_path / "one" / "comm.csv") as fa, open(tmp_path / "two" / "comm.csv") as fb:
+        assert fa.read() == fb.read()
+
+
+def test_pareto_writes_points_frontier_and_dominance(tmp_path, capsys):
+    out = tmp_path / "pareto"
+    rc = main(["pareto", "--periods", "1,2", "--baselines", "fedavg,fedprox",
+               "--bridge-fractions", "0.01,1", "--bridge-periods", "1", "--seeds", "2",
+               "--out", str(out)] + TINY)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "dominated by a bridge point" in printed and "baseline points" in printed
+    result = json.load(open(out / "pareto.json"))
+    labels = [p["label"] for p in result["points"]]
+    assert labels == ["fedavg-R1", "fedavg-R2", "fedprox-R1", "fedprox-R2", "softlabel",
+                      "tallytrain", "bridge-k1pct-R1", "bridge-k100pct-R1"]
+    summary = json.load(open(out / "summary.json"))["methods"]
+    for p in result["points"]:
+        assert {"method", "setting", "final_accuracy_mean", "final_accuracy_std",
+                "total_bytes"} <= set(p)
+        assert p["total_bytes"] == summary[p["label"]]["total_bytes"]
+        assert p["final_accuracy_mean"] == summary[p["label"]]["final_accuracy_mean"]
+        assert ("dominated_by_bridge" in p) == (p["method"] != "bridge")
+    by = {p["label"]: p for p in result["points"]}
+    assert by["fedavg-R2"]["setting"] == "every 2 rounds"
+    assert by["bridge-k1pct-R1"]["setting"] == "top 1%, every round"
+    # merging every 2 rounds sends half of every round's bytes
+    assert 2 * by["fedavg-R2"]["total_bytes"] == by["fedavg-R1"]["total_bytes"]
+    assert os.path.getsize(out / "pareto.png") > 0 and os.path.getsize(out / "pareto.md") > 0
+    assert any(p["on_frontier"] for p in result["points"])
+
+
+def test_dominance_and_frontier_by_hand():
+    from tallytrain.fl.pareto import dominates
+    a = {"final_accuracy_mean": 0.9, "total_bytes": 100}
+    b = {"final_accuracy_mean": 0.8, "total_bytes": 100}
+    c = {"final_accuracy_mean": 0.95, "total_bytes": 1000}
+    assert dominates(a, b) and not dominates(b, a)
+    assert not dominates(a, c) and not dominates(c, a)
+    assert not dominates(a, dict(a))  # equal points do not dominate each other
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "tallytrain,fedsgd"], "unknown method 'fedsgd'; known methods: local, fedavg, fedprox, feddf, softlabel, tallytrain"),
+    (["--methods", "tallytrain,fedsgd"], "unknown method 'fedsgd'; known methods: local, fedavg, fedprox, feddf, softlabel, tallytrain, bridge"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
     (["--alpha", "0"], "alpha must be > 0"),
     (["--alpha", "-1"], "alpha must be > 0"),
