@@ -183,6 +183,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                        show_progress=not args.quiet, threads=args.threads, jobs=args.jobs)
         if args.command == "pareto":
             from .fl.pareto import pareto_config, pareto_table, run_pareto
+            for name in ("merge_period", "topk_fraction"):
+                if hasattr(args, name):
+                    raise ValueError(f"pareto sets {name} per operating point; use --periods, "
+                                     f"--bridge-periods and --bridge-fractions instead of "
+                                     f"--{name.replace('_', '-')}")
             base = config_from_args(args, ["tallytrain"])
             cfg = pareto_config(base.base, base.seeds, args.periods, args.bridge_fractions,
                                 args.bridge_periods,

@@ -55,7 +55,7 @@ def summarize(results: Mapping[str, Sequence[Mapping]]) -> dict:
     run: uplink / downlink / total bytes summed over peers and rounds) and
     ``phase_seconds``. Accuracy: mean and sample standard deviation (ddof=1;
     0 for one seed) over seeds. Bytes: mean over seeds (message sizes do not
-    depend on the seed, so every seed counts the same). Phase seconds: summed
+    depend on the seed, except the index coding of sparse messages). Phase seconds: summed
     over seeds (the wall time the method cost)."""
     methods = {}
     for name, runs in results.items():

@@ -121,10 +121,70 @@ def test_pareto_writes_points_frontier_and_dominance(tmp_path, capsys):
     # merging every 2 rounds sends half of every round's bytes
     assert 2 * by["fedavg-R2"]["total_bytes"] == by["fedavg-R1"]["total_bytes"]
     assert os.path.getsize(out / "pareto.png") > 0 and os.path.getsize(out / "pareto.md") > 0
-    assert any(p["on_frontier"] for p in result["points"])
+    for p in result["points"]:
+        assert len(p["seed_accuracy"]) == 2
 
 
-def test_dominance_and_frontier_by_hand():
+def test_pareto_analysis_by_hand():
+    from tallytrain.fl.config import CompareConfig, RunConfig
+    from tallytrain.fl.pareto import analyze, pareto_config
+    cfg = pareto_config(RunConfig(), [0, 1], periods=[1], baselines=["fedavg"],
+                        bridge_fractions=[0.01], bridge_periods=[1, 5])
+    assert cfg.methods == ("fedavg-R1", "softlabel", "tallytrain", "bridge-k1pct-R1",
+                           "bridge-k1pct-R5")
+    seeds = {"fedavg-R1": [0.80, 0.90], "softlabel": [0.95, 0.95], "tallytrain": [0.70, 0.70],
+             "bridge-k1pct-R1": [0.88, 0.84], "bridge-k1pct-R5": [0.60, 0.60]}
+    nbytes = {"fedavg-R1": 1000, "softlabel": 500, "tallytrain": 10, "bridge-k1pct-R1": 100,
+              "bridge-k1pct-R5": 50}
+    summary = {"methods": {k: {"final_accuracy_mean": sum(v) / 2, "final_accuracy_std": 0.0,
+                               "total_bytes": nbytes[k], "seeds": 2} for k, v in seeds.items()}}
+    result = analyze(cfg, summary, seeds)
+    by = {p["label"]: p for p in result["points"]}
+    # bridge-k1pct-R1 (0.86 at 100 B) dominates fedavg-R1 (0.85 at 1000 B) on the
+    # mean, but not on seed 1 (0.84 < 0.90); nothing dominates softlabel.
+    assert by["fedavg-R1"]["dominated_by_bridge"] == ["bridge-k1pct-R1"]
+    assert by["fedavg-R1"]["dominated_on_every_seed_by"] == []
+    assert by["softlabel"]["dominated_by_bridge"] == []
+    assert by["tallytrain"]["dominated_by_bridge"] == []
+    assert [p["label"] for p in result["points"] if p["on_frontier"]] == [
+        "softlabel", "tallytrain", "bridge-k1pct-R1"]
+    assert result["baselines_dominated"] == 1 and result["baselines_dominated_on_every_seed"] == 0
+    one = analyze(CompareConfig(methods=cfg.methods, seeds=(0,), base=cfg.base,
+                                settings=cfg.settings),
+                  summary, {k: v[:1] for k, v in seeds.items()})
+    assert one["baselines_dominated_on_every_seed"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--periods", "1,1"], "periods lists a value twice"),
+    (["--bridge-fractions", "0"], "bridge_fractions must list fractions in"),
+    (["--baselines", "fedavg,local"], "baselines may only name"),
+    (["--merge-period", "3"], "pareto sets merge_period per operating point"),
+])
+def test_pareto_bad_options(tmp_path, capsys, args, message):
+    assert main(["pareto", "--out", str(tmp_path / "p")] + TINY + args) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "p")
+
+
+def test_parallel_worker_error_is_reported_and_resume_still_works(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "fedavg,tallytrain", "--seeds", "2", "--out", str(out),
+            "--jobs", "2"] + TINY
+    assert main(args) == 0
+    before = read_jsonl(str(out / "metrics.jsonl"))
+    broken = out / "runs" / "tallytrain" / "seed1" / "result.json"
+    broken.write_text("{not json")
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "result.json" in err and "corrupt" in err
+    os.remove(broken)  # the run's checkpoint is intact: resume rewrites its result
+    assert main(args + ["--resume"]) == 0
+    assert without_timing(read_jsonl(str(out / "metrics.jsonl"))) == without_timing(before)
+
+
+def test_dominance_by_hand():
     from tallytrain.fl.pareto import dominates
     a = {"final_accuracy_mean": 0.9, "total_bytes": 100}
     b = {"final_accuracy_mean": 0.8, "total_bytes": 100}

@@ -36,7 +36,8 @@ def corrupt_params(vector: torch.Tensor, reference: torch.Tensor, mode: str,
                    generator: torch.Generator) -> torch.Tensor:
     if mode == "random":
         noise = torch.randn(vector.shape, generator=generator, dtype=vector.dtype)
-        return vector.mean() + vector.std() * noise
+        spread = vector.std() if vector.numel() > 1 else vector.new_zeros(())  # no NaN at 1
+        return vector.mean() + spread * noise
     if mode == "flip":
         return 2 * reference - vector
     raise ValueError(f"unknown adversarial mode {mode!r}")

@@ -3,6 +3,7 @@ strict round trip through JSON (``to_dict`` / ``from_dict``) so that a run
 directory's config.json fully determines its results."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
@@ -145,7 +146,9 @@ class ProtocolConfig:
         _require(self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}")
         _require(self.server_distill_steps >= 0,
                  f"server_distill_steps must be >= 0, got {self.server_distill_steps}")
-        _require(self.merge_period >= 0, f"merge_period must be >= 0, got {self.merge_period}")
+        _require(isinstance(self.merge_period, int) and not isinstance(self.merge_period, bool)
+                 and self.merge_period >= 0,
+                 f"merge_period must be an integer >= 0, got {self.merge_period!r}")
         _require(0 < self.topk_fraction <= 1,
                  f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
         _require(0 <= self.adversarial_fraction <= 1,
@@ -207,10 +210,11 @@ class CompareConfig:
         _require(len(self.seeds) >= 1, "seeds must hold at least one seed")
         _require(len(set(self.seeds)) == len(self.seeds), f"seeds repeat: {self.seeds}")
         _require(isinstance(self.settings, dict), "settings must be a mapping label -> setting")
+        object.__setattr__(self, "settings", copy.deepcopy(self.settings))
         for label in self.methods:
             # Labels name directories of the run directory.
-            _require(bool(label) and set(label) <= _LABEL_CHARS,
-                     f"label {label!r} may only use letters, digits and . _ = - +")
+            _require(bool(label) and set(label) <= _LABEL_CHARS and set(label) != {"."},
+                     f"label {label!r} must use letters, digits and . _ = - + (not only dots)")
         for label, setting in self.settings.items():
             _require(label in self.methods, f"settings has {label!r}, which methods does not list")
             _require(isinstance(setting, dict) and set(setting) <= {"method", "protocol"}
@@ -248,6 +252,8 @@ def to_dict(cfg) -> Dict[str, Any]:
             value = to_dict(value)
         elif isinstance(value, tuple):
             value = list(value)
+        elif isinstance(value, dict):
+            value = copy.deepcopy(value)
         out[f.name] = value
     return out
 

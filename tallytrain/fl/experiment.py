@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -241,53 +242,87 @@ class _QueueProgress:
 
     def advance(self, label: str, n: int = 1, run_finished: bool = False,
                 skipped: bool = False) -> None:
-        self.queue.put((label, n, run_finished, skipped))
+        self.queue.put(("progress", (label, n, run_finished, skipped)))
 
 
-_WORKER_DATA: Dict[tuple, FederatedData] = {}
-
-
-def _worker_run(cfg_dict: dict, name: str, run_dir: str, resume: bool, threads: int,
-                queue) -> None:
+def _worker(tasks, updates, threads: int) -> None:
+    """A worker process: runs tasks until the None sentinel; reports progress,
+    each finished run, and the first error (after which it stops)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(threads)
-    cfg = RunConfig.from_dict(cfg_dict)
-    key = (json.dumps(cfg_dict["data"], sort_keys=True), cfg.peers, cfg.seed)
-    if key not in _WORKER_DATA:  # a worker keeps the splits it has made
-        _WORKER_DATA.clear()
-        _WORKER_DATA[key] = prepare(cfg.data, cfg.peers, cfg.seed)
-    _run_one(cfg, _WORKER_DATA[key], run_dir, resume, _QueueProgress(queue), name)
+    splits: Dict[tuple, FederatedData] = {}  # a worker keeps the split it made last
+    progress = _QueueProgress(updates)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        cfg_dict, name, run_dir, resume = task
+        try:
+            cfg = RunConfig.from_dict(cfg_dict)
+            key = (json.dumps(cfg_dict["data"], sort_keys=True), cfg.peers, cfg.seed)
+            if key not in splits:
+                splits = {key: prepare(cfg.data, cfg.peers, cfg.seed)}
+            _run_one(cfg, splits[key], run_dir, resume, progress, name)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+            try:
+                pickle.dumps(exc)
+            except Exception:  # an exception that cannot travel is described instead
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            updates.put(("error", (name, exc)))
+            return
+        updates.put(("done", name))
 
 
 def _run_parallel(cfg: CompareConfig, out: str, resume: bool, progress: Progress,
                   threads: int, jobs: int) -> None:
     """The runs in ``jobs`` spawned processes (not forked: a fork of a process
-    whose OpenMP threads exist can deadlock)."""
+    whose OpenMP threads exist can deadlock). The first error in any worker,
+    a worker that dies, or Ctrl-C in the parent stops every worker at once;
+    checkpoints and run files are written atomically, so ``--resume``
+    continues from the last finished round of each run."""
     import multiprocessing as mp
     import queue as queue_mod
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        updates = manager.Queue()
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_worker_run, cfg.run(label, seed).to_dict(), label,
-                                   run_dir_of(out, label, seed), resume, threads, updates)
-                       for seed in cfg.seeds for label in cfg.methods]
-            pending = set(futures)
+    tasks, updates = ctx.Queue(), ctx.Queue()
+    runs = [(label, seed) for seed in cfg.seeds for label in cfg.methods]
+    for label, seed in runs:
+        tasks.put((cfg.run(label, seed).to_dict(), label, run_dir_of(out, label, seed), resume))
+    workers = [ctx.Process(target=_worker, args=(tasks, updates, threads), daemon=True)
+               for _ in range(min(jobs, len(runs)))]
+    for _ in workers:
+        tasks.put(None)
+    for w in workers:
+        w.start()
+    finished = 0
+    try:
+        while finished < len(runs):
             try:
-                while pending:
-                    try:
-                        while True:
-                            progress.advance(*updates.get(timeout=0.2))
-                    except queue_mod.Empty:
-                        pass
-                    done, pending = wait(pending, timeout=0, return_when=FIRST_EXCEPTION)
-                    for f in done:
-                        f.result()  # a worker's error is this call's error
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
+                kind, payload = updates.get(timeout=0.5)
+            except queue_mod.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a worker process died (exit code {dead[0].exitcode}); "
+                                       f"rerun with --resume to continue") from None
+                continue
+            if kind == "progress":
+                progress.advance(*payload)
+            elif kind == "done":
+                finished += 1
+            else:
+                name, exc = payload
+                raise exc
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+        for w in workers:
+            w.join(timeout=10)
+        # Tasks left unread after an error must not keep this process from exiting.
+        tasks.cancel_join_thread()
+        tasks.close()
+        updates.close()
 
 
 def finish(cfg: CompareConfig, out: str, class_counts: np.ndarray) -> dict:

@@ -207,7 +207,8 @@ class Federation:
         for env, msg in self.channel.deliver(r, self.method.reply(r, selected)):
             replies[env.receiver].append(msg)
         if replies:
-            self.method.apply_reply(r, replies)
+            with self.timer("aggregation"):
+                self.method.apply_reply(r, replies)
         with self.timer("evaluation"):
             row = self.evaluate(r, stats)
         elapsed = time.perf_counter() - start

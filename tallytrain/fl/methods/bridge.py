@@ -99,17 +99,21 @@ class Bridge(TallyTrain):
         rows = self.rows[list(selected)]
         flat = self.group.flatten(rows)
         for i, p in enumerate(selected):
-            w = flat[i]
-            if fed.adversarial[p]:
-                w = corrupt_params(w, self.anchor[p], fed.cfg.protocol.adversarial_mode,
-                                   fed.generator(ADVERSARY_STREAM, r, p, SPARSE))
             with fed.timer("ops"):
-                idx, values = ops.topk_sparse_ef(w - self.anchor[p], self.residual[p], self.k)
+                idx, values = ops.topk_sparse_ef(flat[i] - self.anchor[p], self.residual[p],
+                                                 self.k)
                 sent = values.to(self.dtype)
                 # The payload's rounding is not lost either: it waits in the residual.
                 self.residual[p].index_add_(0, idx, values - sent.float())
             self.anchor[p] = flat[i]
             self.sent[p] = (idx, sent.float())
+            if fed.adversarial[p]:
+                # An adversary keeps honest books and an honest model (as in
+                # tallytrain) but sends corrupted values at the same indices:
+                # the change reversed (flip) or noise of its mean and spread.
+                sent = corrupt_params(sent.float(), torch.zeros_like(values),
+                                      fed.cfg.protocol.adversarial_mode,
+                                      fed.generator(ADVERSARY_STREAM, r, p, SPARSE)).to(self.dtype)
             with fed.timer("messaging"):
                 msg = wire.encode_sparse(idx, sent, self.size, dtype=self.dtype, round=r, sender=p)
             out.append(Envelope(p, SERVER, msg, SPARSE))
