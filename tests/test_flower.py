@@ -290,7 +290,7 @@ def test_an_error_reply_is_reported_and_no_answer_at_all_fails():
     grid.contexts[1002].node_config["partition-id"] = 0  # now claims another peer
     row = strategy.run_round(grid, 0)
     assert row["missing_peers"] == [2]
-    assert "answered with an error" in row["failures"]["2"]
+    assert "error reply" in row["failures"]["2"]
     assert "serves partition-id 0" in row["failures"]["2"]
     grid.silent.update(grid.contexts)
     with pytest.raises(RuntimeError, match="round 1: no peer answered; peer 0: no reply"):

@@ -228,7 +228,12 @@ def test_a_supernode_killed_mid_round_is_reported_missing(deployment, tmp_path):
     (row,) = report["rounds"]
     assert row["answered_peers"] == [0, 1] and row["missing_peers"] == [2]
     assert report["missing_peers"] == [2]
-    assert "flower.round-timeout" in row["failures"]["2"]
+    # Either the server's wait ran out, or, at the same moment, the SuperLink
+    # answered for the dead node that the message's TTL (the round timeout)
+    # expired.
+    why = row["failures"]["2"]
+    assert "flower.round-timeout" in why or "Message Unavailable" in why, why
+    assert row["round_seconds"] >= 25.0
     # The votes that arrived were tallied: two peers' votes, three control messages.
     cfg, _ = parse_run_config(run_config)
     sim = Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed))

@@ -45,16 +45,23 @@ app = ServerApp()
 POLL_INTERVAL = 0.2
 
 
-def exchange(grid: Grid, messages: List[Message], timeout: float) -> List[Message]:
+def exchange(grid: Grid, messages: List[Message], timeout: float) -> Dict[int, Message]:
     """Send ``messages`` and collect the replies that arrive within ``timeout``
-    seconds (Grid.send_and_receive, polling more often)."""
-    pending = set(grid.push_messages(messages))
+    seconds, keyed by the index of the message each answers. (As
+    Grid.send_and_receive, polling more often, and matching replies by the
+    message they answer: a reply the SuperLink writes for a node that went
+    away comes from the SuperLink, not from the node.)"""
+    ids = list(grid.push_messages(messages))  # None where a message could not be pushed
+    index = {mid: i for i, mid in enumerate(ids) if mid}
+    pending = set(index)
     deadline = time.monotonic() + timeout
-    replies: List[Message] = []
+    replies: Dict[int, Message] = {}
     while pending:
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {reply.metadata.reply_to_message_id for reply in got}
+        for reply in grid.pull_messages(pending):
+            mid = reply.metadata.reply_to_message_id
+            if mid in pending:
+                replies[index[mid]] = reply
+                pending.discard(mid)
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(POLL_INTERVAL)
@@ -99,8 +106,9 @@ class TallyTrainStrategy:
                                f"{self.options.node_timeout} s")
         hello = [Message(RecordDict({records.RECORD: ConfigRecord()}), node, records.HELLO,
                          group_id="hello", ttl=self.options.node_timeout) for node in nodes]
-        for reply in exchange(grid, hello, max(deadline - time.monotonic(), 1.0)):
-            node = reply.metadata.src_node_id
+        replies = exchange(grid, hello, max(deadline - time.monotonic(), 1.0))
+        for i, reply in sorted(replies.items()):
+            node = nodes[i]
             if reply.has_error():
                 log(WARNING, "node %s did not say which peer it serves: %s", node,
                     reply.error.reason)
@@ -145,11 +153,12 @@ class TallyTrainStrategy:
 
         failures: Dict[int, str] = {}
         answers = {}  # peer -> (ledger of its messages, decoded messages, accuracy)
-        node_peer = {node: p for p, node in self.peer_nodes.items()}
-        for reply in replies:
-            peer = node_peer[reply.metadata.src_node_id]
+        for i, reply in sorted(replies.items()):
+            peer = reachable[i]
             if reply.has_error():
-                failures[peer] = f"the node answered with an error: {reply.error.reason}"
+                # From the node (its ClientApp raised) or from the SuperLink
+                # (e.g. the message expired: the node went away).
+                failures[peer] = f"error reply (code {reply.error.code}): {reply.error.reason}"
                 continue
             try:
                 answers[peer] = self._read_reply(r, peer, reply)
