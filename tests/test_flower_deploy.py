@@ -1,6 +1,7 @@
-"""The Flower deployment engine for real: one SuperLink and three SuperNodes
-as separate processes on 127.0.0.1, the example app submitted with
-``flwr run``, offline (telemetry off, no run-time dependency installation,
+"""Flower's engines for real: one SuperLink and three SuperNodes as separate
+processes on 127.0.0.1 (the deployment engine), or one SuperLink simulating
+them (the simulation engine), the example app submitted with ``flwr run``,
+offline (telemetry off, no run-time dependency installation,
 a temporary Flower home per process).
 
 Every process the deployment starts carries a marker in its environment, so
@@ -103,11 +104,15 @@ class Deployment:
                                                 stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
 
-    def start(self, nodes: int) -> None:
+    def start(self, nodes: int, simulation: bool = False) -> None:
+        """A SuperLink and ``nodes`` SuperNodes; with ``simulation``, a
+        SuperLink that simulates the nodes itself (Flower's simulation engine)."""
+        self.simulated_nodes = nodes if simulation else 0
         self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
                                   "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"], self.env)
-        for i in range(nodes):
+                                  "--disable-runtime-dependency-installation"]
+                    + (["--simulation"] if simulation else []), self.env)
+        for i in range(0 if simulation else nodes):
             home = self.root / f"home-node{i}"  # each node installs the app on its own
             home.mkdir()
             self._start(f"node{i}", [
@@ -131,8 +136,10 @@ class Deployment:
                              {**run_config, "flower.report": str(report)}.items())
         log = open(self.root / "flwr-run.log", "wb")
         with log:
+            federation = (["--federation-config", f"num-supernodes={self.simulated_nodes}"]
+                          if self.simulated_nodes else [])
             proc = subprocess.Popen([str(BIN / "flwr"), "run", str(APP), "loopback",
-                                     "--run-config", overrides, "--stream"],
+                                     "--run-config", overrides, "--stream"] + federation,
                                     env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.procs["flwr-run"] = proc
@@ -240,5 +247,25 @@ def test_a_supernode_killed_mid_round_is_reported_missing(deployment, tmp_path):
     expected = sim.run_round(0)
     assert row["bytes_down"] == expected["bytes_down"]
     assert row["bytes_up"] == expected["bytes_up"] * 2 // 3
+
+    assert deployment.stop() == [], "Flower processes survived the stop"
+
+
+@pytest.mark.timeout(150)
+def test_simulation_engine_matches_the_simulator(deployment, tmp_path):
+    """Flower's simulation engine runs several nodes' ClientApps in one
+    worker process, which exercises restoring each peer from its node state."""
+    run_config = {**RUN_CONFIG, "rounds": 2}
+    deployment.start(NODES, simulation=True)
+    report_path = tmp_path / "report.json"
+    report = finish(deployment, deployment.submit(run_config, report_path), report_path, 120)
+
+    assert report["missing_peers"] == [] and len(report["rounds"]) == 2
+    cfg, _ = parse_run_config(run_config)
+    sim = Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed))
+    for row in report["rounds"]:
+        expected = sim.run_round(row["round"])
+        for key in ("bytes", "peer_acc_mean", "peer_acc_min", "consensus_acc"):
+            assert row[key] == expected[key], key
 
     assert deployment.stop() == [], "Flower processes survived the stop"
