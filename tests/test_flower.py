@@ -273,6 +273,8 @@ def test_a_silent_peer_is_reported_missing_and_the_round_completes():
     one_up = wire.votes_message_bytes(64, 10, abstain=True)
     assert row["bytes_up"] == 2 * one_up
     assert row["bytes_down"] == 3 * wire.control_message_bytes()
+    with pytest.raises(ValueError, match="round 0 requested but the run is at round 1"):
+        strategy.run_round(grid, 0)
     grid.offline.add(1001)
     row = strategy.run_round(grid, 1)
     assert row["missing_peers"] == [1] and "no longer connected" in row["failures"]["1"]

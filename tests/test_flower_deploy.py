@@ -26,19 +26,25 @@ import pytest
 
 pytest.importorskip("flwr")
 
+import tallytrain  # noqa: E402
 from tallytrain.data import prepare  # noqa: E402
 from tallytrain.fl.loop import Federation  # noqa: E402
 from tallytrain.flower import parse_run_config  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
+# The Flower processes import the tallytrain this test imports (with its
+# native extension, if it has one), and use this environment's Flower.
+TALLYTRAIN_ROOT = Path(tallytrain.__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 pytestmark = [
     pytest.mark.flower,
     pytest.mark.skipif(not sys.platform.startswith("linux"),
                        reason="finds the deployment's processes through /proc"),
+    pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
+                       reason=f"Flower's commands are not in {BIN}"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
-APP = REPO / "examples" / "flower-app"
-BIN = Path(sys.executable).parent
 MARKER = "TALLYTRAIN_FLOWER_TEST"
 NODES = 3
 # Small enough that a round takes seconds; every node is a fresh process per
@@ -95,7 +101,7 @@ class Deployment:
         # the app imports tallytrain from this checkout.
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
         self.env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            [str(TALLYTRAIN_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
     def _start(self, name: str, args: List[str], env: Dict[str, str]) -> None:
         log = open(self.root / f"{name}.log", "wb")

@@ -89,7 +89,7 @@ def run_peer_round(content: RecordDict, context: Context) -> RecordDict:
     # The peer's copy of the channel: it decodes and checks what arrives; the
     # bytes are counted once, by the server.
     inbox = defaultdict(list)
-    for env, msg in Channel(Ledger()).deliver(r, records.unpack_envelopes(record, SERVER, peer)):
+    for _, msg in Channel(Ledger()).deliver(r, records.unpack_envelopes(record, SERVER, peer)):
         inbox[peer].append(msg)
     fed.method.peer_update(r, [peer], inbox)
     out = fed.method.uplink(r, [peer])

@@ -10,9 +10,9 @@ headers are not counted in the simulator.
 Content of a round's instruction (server -> node), record ``tallytrain``:
 ``round``, ``peer`` (the partition the server believes the node serves),
 ``config`` (the RunConfig as JSON, so that a node needs nothing but the
-message to act), ``threads`` (torch CPU threads to use), ``messages`` (wire bytes) and ``kinds`` (the
-``wire.MessageKind`` the receiver must find in each, as the simulator's
-envelopes say). A reply (node -> server) holds ``peer``, ``messages`` and
+message to act), ``threads`` (torch CPU threads to use), ``messages`` (wire
+bytes) and ``kinds`` (the ``wire.MessageKind`` the receiver must find in
+each, as the simulator's envelopes say). A reply (node -> server) holds ``peer``, ``messages`` and
 ``kinds`` in the same record, and the peer's test accuracy in the MetricRecord
 ``metrics``.
 """

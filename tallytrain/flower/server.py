@@ -129,6 +129,8 @@ class TallyTrainStrategy:
     # ---- one round -------------------------------------------------------------------
     def run_round(self, grid: Grid, r: int) -> dict:
         fed = self.fed
+        if r != fed.round:
+            raise ValueError(f"round {r} requested but the run is at round {fed.round}")
         start = time.perf_counter()
         selected = select_peers(self.cfg.peers, self.cfg.protocol.participation,
                                 self.cfg.seed, SELECT_STREAM, r)
