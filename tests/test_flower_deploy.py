@@ -30,6 +30,7 @@ import tallytrain  # noqa: E402
 from tallytrain.data import prepare  # noqa: E402
 from tallytrain.fl.loop import Federation  # noqa: E402
 from tallytrain.flower import parse_run_config  # noqa: E402
+from tallytrain.flower.config import torch_threads  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
 # The Flower processes import the tallytrain this test imports (with its
@@ -217,7 +218,8 @@ def test_two_rounds_on_three_supernodes_match_the_simulator(deployment, tmp_path
     cfg, _ = parse_run_config(run_config)
     sim = Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed))
     for row in report["rounds"]:
-        expected = sim.run_round(row["round"])
+        with torch_threads(1):  # as the ClientApps (flower.threads = 1)
+            expected = sim.run_round(row["round"])
         for key in ("bytes_up", "bytes_down", "bytes", "peer_acc_mean", "consensus_acc",
                     "agreement"):
             assert row[key] == expected[key], key
@@ -250,7 +252,8 @@ def test_a_supernode_killed_mid_round_is_reported_missing(deployment, tmp_path):
     # The votes that arrived were tallied: two peers' votes, three control messages.
     cfg, _ = parse_run_config(run_config)
     sim = Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed))
-    expected = sim.run_round(0)
+    with torch_threads(1):
+        expected = sim.run_round(0)
     assert row["bytes_down"] == expected["bytes_down"]
     assert row["bytes_up"] == expected["bytes_up"] * 2 // 3
 
@@ -270,7 +273,8 @@ def test_simulation_engine_matches_the_simulator(deployment, tmp_path):
     cfg, _ = parse_run_config(run_config)
     sim = Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed))
     for row in report["rounds"]:
-        expected = sim.run_round(row["round"])
+        with torch_threads(1):  # as the ClientApps (flower.threads = 1)
+            expected = sim.run_round(row["round"])
         for key in ("bytes", "peer_acc_mean", "peer_acc_min", "consensus_acc"):
             assert row[key] == expected[key], key
 

@@ -14,6 +14,7 @@ re-reading the data.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections import defaultdict
@@ -61,7 +62,8 @@ def _own_params(fed: Federation, peer: int) -> Dict[str, torch.Tensor]:
 def _restore(fed: Federation, peer: int, initial_method_state: dict, state: RecordDict) -> None:
     saved = records.load_peer_state(state)
     if saved is None:  # the peer's first round: the initial model is already in place
-        fed.method.load_state_dict(initial_method_state)
+        # A copy: the method may keep (and later change in place) what it loads.
+        fed.method.load_state_dict(copy.deepcopy(initial_method_state))
         return
     params, method_state = saved
     group_index, row = fed.population.where[peer]
