@@ -128,6 +128,7 @@ class TallyTrainStrategy:
 
     # ---- one round -------------------------------------------------------------------
     def run_round(self, grid: Grid, r: int) -> dict:
+        """Round r with the peers that answer in time; returns its metrics row."""
         fed = self.fed
         if r != fed.round:
             raise ValueError(f"round {r} requested but the run is at round {fed.round}")
@@ -152,29 +153,7 @@ class TallyTrainStrategy:
                        self.peer_nodes[p], records.ROUND, group_id=str(r),
                        ttl=self.options.round_timeout) for p in reachable]
         replies = exchange(grid, out, self.options.round_timeout)
-
-        failures: Dict[int, str] = {}
-        answers = {}  # peer -> (ledger of its messages, decoded messages, accuracy)
-        for i, reply in sorted(replies.items()):
-            peer = reachable[i]
-            if reply.has_error():
-                # From the node (its ClientApp raised) or from the SuperLink
-                # (e.g. the message expired: the node went away).
-                failures[peer] = f"error reply (code {reply.error.code}): {reply.error.reason}"
-                continue
-            try:
-                answers[peer] = self._read_reply(r, peer, reply)
-            except (KeyError, ValueError) as exc:  # includes wire.WireFormatError
-                failures[peer] = f"unusable reply ({type(exc).__name__}: {exc})"
-        for p in selected:
-            if p not in answers and p not in failures:
-                if p in reachable:
-                    failures[p] = (f"no reply within flower.round-timeout = "
-                                   f"{self.options.round_timeout} s")
-                elif p in self.peer_nodes:
-                    failures[p] = f"its node {self.peer_nodes[p]} is no longer connected"
-                else:
-                    failures[p] = "no node serves this peer"
+        answers, failures = self._collect(r, selected, reachable, replies)
         answered = sorted(answers)
         if not answered:
             raise RuntimeError(f"round {r}: no peer answered; " + "; ".join(
@@ -197,6 +176,35 @@ class TallyTrainStrategy:
         self.metrics.append(row)
         fed.round = r + 1
         return row
+
+    def _collect(self, r: int, selected: List[int], reachable: List[int],
+                 replies: Dict[int, Message]):
+        """(answers, failures): per peer that answered usefully, its messages'
+        ledger, the decoded messages and its accuracy; per selected peer that
+        did not, why."""
+        failures: Dict[int, str] = {}
+        answers = {}
+        for i, reply in sorted(replies.items()):
+            peer = reachable[i]
+            if reply.has_error():
+                # From the node (its ClientApp raised) or from the SuperLink
+                # (e.g. the message expired: the node went away).
+                failures[peer] = f"error reply (code {reply.error.code}): {reply.error.reason}"
+                continue
+            try:
+                answers[peer] = self._read_reply(r, peer, reply)
+            except (KeyError, ValueError) as exc:  # includes wire.WireFormatError
+                failures[peer] = f"unusable reply ({type(exc).__name__}: {exc})"
+        for p in selected:
+            if p not in answers and p not in failures:
+                if p in reachable:
+                    failures[p] = (f"no reply within flower.round-timeout = "
+                                   f"{self.options.round_timeout} s")
+                elif p in self.peer_nodes:
+                    failures[p] = f"its node {self.peer_nodes[p]} is no longer connected"
+                else:
+                    failures[p] = "no node serves this peer"
+        return answers, failures
 
     def _read_reply(self, r: int, peer: int, reply: Message):
         record = reply.content.config_records[records.RECORD]
