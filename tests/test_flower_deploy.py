@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -96,8 +98,12 @@ class Deployment:
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n', encoding="utf-8")
         # SuperExec polls for work every second by default; a tenth of that
         # takes seconds off every round.
+        # Ray (the simulation engine) keeps its session files in a directory of
+        # its own, short because it holds Unix sockets (at most 107 characters).
+        self.ray_tmp = tempfile.mkdtemp(prefix="tt-ray-")
         self.env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(home),
-                        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1", **{MARKER: self.tag})
+                        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1", RAY_TMPDIR=self.ray_tmp,
+                        **{MARKER: self.tag})
         # Flower starts its helpers (flower-superexec, flwr-clientapp) by name;
         # the app imports tallytrain from this checkout.
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
@@ -184,6 +190,7 @@ def deployment(tmp_path):
         yield dep
     finally:
         dep.stop()
+        shutil.rmtree(dep.ray_tmp, ignore_errors=True)
 
 
 def wait_for(condition, timeout: float, what: str, dep: Deployment) -> None:
