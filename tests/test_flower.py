@@ -127,6 +127,7 @@ def test_parse_run_config_maps_every_section():
     ({"protocol.decentralized": 1}, "takes a bool"),
     ({"flower.round-timeout": 0}, "flower.round-timeout must be > 0"),
     ({"flower.threads": 0}, "flower.threads must be >= 1"),
+    ({"flower.report": "out.json"}, "flower.report must be an absolute path"),
     ({"peers": 0}, "peers must be >= 1"),
 ])
 def test_parse_run_config_errors_name_the_key(user_config, match):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Mapping, Tuple
 
@@ -33,7 +34,7 @@ class FlowerOptions:
     round_timeout: float = 120.0  # seconds the server waits for a round's replies
     node_timeout: float = 120.0   # seconds the server waits for the peers' nodes to connect
     threads: int = 1              # torch CPU threads in the ServerApp and each ClientApp
-    report: str = ""              # where the ServerApp writes its JSON report ("" = nowhere)
+    report: str = ""              # absolute path of the ServerApp's JSON report ("" = none)
 
     def __post_init__(self):
         for name in ("round_timeout", "node_timeout"):
@@ -42,6 +43,9 @@ class FlowerOptions:
                                  f"got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError(f"flower.threads must be >= 1, got {self.threads}")
+        if self.report and not os.path.isabs(self.report):
+            raise ValueError(f"flower.report must be an absolute path (the ServerApp runs in "
+                             f"a directory of Flower's choosing), got {self.report!r}")
 
 
 def _convert(value: Any, annotation: str, key: str) -> Any:
