@@ -1,0 +1,100 @@
+"""What tallytrain puts inside Flower messages, and what a peer keeps in its
+node state.
+
+The protocol's messages travel unchanged: each is the ``tallytrain.wire``
+encoding, carried as a ``bytes`` value of a ConfigRecord, so the ledger
+counts ``len(message)`` exactly as the in-process simulator does. Flower's own
+framing (protobuf, HTTP) comes on top and is not counted, as a real transport's
+headers are not counted in the simulator.
+
+Content of a round's instruction (server -> node), record ``tallytrain``:
+``round``, ``peer`` (the partition the server believes the node serves),
+``config`` (the RunConfig as JSON, so that a node needs nothing but the
+message to act), ``threads`` (torch CPU threads to use), ``messages`` (wire
+bytes) and ``kinds`` (the ``wire.MessageKind`` the receiver must find in
+each, as the simulator's envelopes say). A reply (node -> server) holds ``peer``, ``messages`` and
+``kinds`` in the same record, and the peer's test accuracy in the MetricRecord
+``metrics``.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import List, Sequence
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from .. import wire
+from ..comm import SERVER, Envelope
+from ..fl.config import RunConfig
+
+RECORD = "tallytrain"
+METRICS = "metrics"
+# Message types: Flower routes "query" and "train" to the ClientApp handlers.
+HELLO, ROUND = "query", "train"
+# Keys of the peer's node state (context.state), kept between rounds by Flower.
+STATE_PARAMS, STATE_METHOD = "tallytrain.params", "tallytrain.method"
+
+
+def config_json(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def pack_envelopes(record: ConfigRecord, envelopes: Sequence[Envelope]) -> ConfigRecord:
+    record["messages"] = [bytes(env.data) for env in envelopes]
+    record["kinds"] = [int(env.expect) for env in envelopes]
+    return record
+
+
+def unpack_envelopes(record: ConfigRecord, sender, receiver) -> List[Envelope]:
+    """The envelopes carried by ``record``, as the simulator would have built
+    them; a malformed record is a WireFormatError like a malformed message."""
+    try:
+        messages, kinds = record["messages"], record["kinds"]
+    except KeyError as exc:
+        raise wire.WireFormatError(f"Flower record {RECORD!r} lacks {exc.args[0]!r}") from None
+    if len(messages) != len(kinds):
+        raise wire.WireFormatError(
+            f"Flower record {RECORD!r} holds {len(messages)} messages but {len(kinds)} kinds")
+    try:
+        expected = [wire.MessageKind(k) for k in kinds]
+    except ValueError as exc:
+        raise wire.WireFormatError(f"Flower record {RECORD!r}: {exc}") from None
+    return [Envelope(sender, receiver, data, kind) for data, kind in zip(messages, expected)]
+
+
+def instruction(cfg_json: str, threads: int, round_index: int, peer: int,
+                envelopes: Sequence[Envelope]) -> RecordDict:
+    record = ConfigRecord({"round": round_index, "peer": peer, "config": cfg_json,
+                           "threads": threads})
+    return RecordDict({RECORD: pack_envelopes(record, envelopes)})
+
+
+def reply(peer: int, envelopes: Sequence[Envelope], accuracy: float) -> RecordDict:
+    if any(env.receiver != SERVER for env in envelopes):
+        raise ValueError("through Flower a peer sends only to the server; the method's uplink "
+                         "addressed another peer (is protocol.decentralized on?)")
+    record = pack_envelopes(ConfigRecord({"peer": peer}), envelopes)
+    return RecordDict({RECORD: record, METRICS: MetricRecord({"accuracy": accuracy})})
+
+
+# ---- the peer's state between rounds -------------------------------------------
+def save_peer_state(state: RecordDict, params: dict, method_state: dict) -> None:
+    """Own model parameters as an ArrayRecord, the method's state (e.g. an error
+    feedback residual) as torch-serialised bytes."""
+    state[STATE_PARAMS] = ArrayRecord(torch_state_dict=params)
+    buf = io.BytesIO()
+    torch.save(method_state, buf)
+    state[STATE_METHOD] = ConfigRecord({"state": buf.getvalue()})
+
+
+def load_peer_state(state: RecordDict):
+    """(params, method state) saved by :func:`save_peer_state`, or None on the
+    peer's first round."""
+    if STATE_PARAMS not in state.array_records:
+        return None
+    params = dict(state.array_records[STATE_PARAMS].to_torch_state_dict())
+    blob = state.config_records[STATE_METHOD]["state"]
+    method_state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return params, method_state
