@@ -220,10 +220,16 @@ class Federation:
 
     @torch.no_grad()
     def evaluate(self, r: int, stats) -> dict:
-        y = self.data.y_test
         all_peers = list(range(self.cfg.peers))
         logits = self.population.predict(self.data.x_test, all_peers, self.cfg.train.peer_batch)
-        peer_acc = (logits.argmax(-1) == y).float().mean(-1)
+        return self.metrics_row(r, stats, (logits.argmax(-1) == self.data.y_test).float().mean(-1))
+
+    @torch.no_grad()
+    def metrics_row(self, r: int, stats, peer_acc: torch.Tensor) -> dict:
+        """Round r's metrics from the aggregation's stats and the test accuracy
+        of each evaluated peer (``peer_acc`` [P']; the Flower adapter passes
+        those its nodes measured)."""
+        y = self.data.y_test
         g = self.method.global_params()
         global_acc = None
         if g is not None:

@@ -75,8 +75,9 @@ def _restore(fed: Federation, peer: int, initial_method_state: dict, state: Reco
     fed.method.load_state_dict(method_state)
 
 
-def run_peer_round(content: RecordDict, context: Context) -> RecordDict:
-    """One round of this node's peer: the server's instruction in, the reply out."""
+def _receive(content: RecordDict, context: Context):
+    """(federation, peer, round, inbox) for a server instruction, with this
+    node's peer restored from its saved state."""
     record = content.config_records[records.RECORD]
     peer, num_partitions = partition_of(context)
     if int(record["peer"]) != peer:
@@ -93,13 +94,31 @@ def run_peer_round(content: RecordDict, context: Context) -> RecordDict:
     inbox = defaultdict(list)
     for _, msg in Channel(Ledger()).deliver(r, records.unpack_envelopes(record, SERVER, peer)):
         inbox[peer].append(msg)
+    return fed, peer, r, inbox
+
+
+@torch.no_grad()
+def _accuracy(fed: Federation, peer: int) -> float:
+    logits = fed.population.predict(fed.data.x_test, [peer], fed.cfg.train.peer_batch)
+    return float((logits[0].argmax(-1) == fed.data.y_test).float().mean())
+
+
+def run_peer_round(content: RecordDict, context: Context) -> RecordDict:
+    """One round of this node's peer: the server's instruction in, the reply out."""
+    fed, peer, r, inbox = _receive(content, context)
     fed.method.peer_update(r, [peer], inbox)
     out = fed.method.uplink(r, [peer])
-    with torch.no_grad():
-        logits = fed.population.predict(fed.data.x_test, [peer], fed.cfg.train.peer_batch)
-    accuracy = float((logits[0].argmax(-1) == fed.data.y_test).float().mean())
     records.save_peer_state(context.state, _own_params(fed, peer), fed.method.state_dict())
-    return records.reply(peer, out, accuracy)
+    return records.reply(peer, out, _accuracy(fed, peer))
+
+
+def apply_round_reply(content: RecordDict, context: Context) -> RecordDict:
+    """The method's in-round reply (bridge's merged update): apply it to this
+    node's peer, save, and report the peer's accuracy."""
+    fed, peer, r, inbox = _receive(content, context)
+    fed.method.apply_reply(r, inbox)
+    records.save_peer_state(context.state, _own_params(fed, peer), fed.method.state_dict())
+    return records.reply(peer, [], _accuracy(fed, peer))
 
 
 @app.query()
@@ -116,3 +135,10 @@ def train(message: Message, context: Context) -> Message:
     threads = int(message.content.config_records[records.RECORD]["threads"])
     with torch_threads(threads):
         return Message(run_peer_round(message.content, context), reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    threads = int(message.content.config_records[records.RECORD]["threads"])
+    with torch_threads(threads):
+        return Message(apply_round_reply(message.content, context), reply_to=message)

@@ -31,8 +31,10 @@ from ..fl.config import RunConfig
 
 RECORD = "tallytrain"
 METRICS = "metrics"
-# Message types: Flower routes "query" and "train" to the ClientApp handlers.
-HELLO, ROUND = "query", "train"
+# Message types: Flower routes "query", "train" and "evaluate" to the ClientApp
+# handlers. A round is "train"; a method's in-round reply (applied, then the
+# peer's model is evaluated) is "evaluate".
+HELLO, ROUND, REPLY = "query", "train", "evaluate"
 # Keys of the peer's node state (context.state), kept between rounds by Flower.
 STATE_PARAMS, STATE_METHOD = "tallytrain.params", "tallytrain.method"
 

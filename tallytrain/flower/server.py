@@ -6,7 +6,8 @@ server's side: every round it selects peers as the simulator does, calls the
 method's ``downlink``, sends each reachable peer its wire messages, waits at
 most ``flower.round-timeout`` seconds for the replies, decodes and counts them
 through the same channel and ledger as the simulator, and calls
-``aggregate`` with the peers that answered. A peer that did not answer in time
+``aggregate`` with the peers that answered; a method with an in-round
+``reply`` (bridge) gets a second exchange in which the nodes apply it. A peer that did not answer in time
 (its node died, or is slow) or answered with an error is reported missing for
 that round; the round goes on with the others.
 
@@ -33,7 +34,6 @@ from ..comm import SERVER, Channel, Ledger
 from ..data import FederatedData, prepare
 from ..fl.config import RunConfig
 from ..fl.loop import SELECT_STREAM, Federation
-from ..fl.methods.base import RoundStats
 from ..fl.server import select_peers
 from . import records
 from .config import FlowerOptions, parse_run_config, torch_threads
@@ -134,7 +134,7 @@ class TallyTrainStrategy:
             raise ValueError(f"round {r} requested but the run is at round {fed.round}")
         start = time.perf_counter()
         selected = select_peers(self.cfg.peers, self.cfg.protocol.participation,
-                                self.cfg.seed, SELECT_STREAM, r)
+                                self.cfg.seed, SELECT_STREAM, fed.method.selection_round(r))
         # A node the SuperLink no longer lists (it stopped, or lost its
         # connection) cannot answer: no need to wait for it.
         online = set(grid.get_node_ids())
@@ -158,8 +158,6 @@ class TallyTrainStrategy:
         if not answered:
             raise RuntimeError(f"round {r}: no peer answered; " + "; ".join(
                 f"peer {p}: {why}" for p, why in sorted(failures.items())))
-        for p in sorted(failures):
-            log(WARNING, "round %s: peer %s missing: %s", r, p, failures[p])
         received = []
         for p in answered:  # peer order, as in the simulator
             ledger, delivered, _ = answers[p]
@@ -168,8 +166,16 @@ class TallyTrainStrategy:
             received += delivered
         with fed.timer("aggregation"):
             stats = fed.method.aggregate(r, answered, received)
+        accuracy = {p: answers[p][2] for p in answered}
+        closing = fed.method.reply(r, answered)
+        if closing:
+            # The method's in-round reply (bridge's merged update): peers apply
+            # it before they are evaluated, so their accuracy comes from this step.
+            accuracy = self._reply_round(grid, r, closing, online, failures)
         with fed.timer("evaluation"):
-            row = self._evaluate(r, stats, {p: answers[p][2] for p in answered})
+            row = fed.metrics_row(r, stats, torch.tensor([accuracy[p] for p in sorted(accuracy)]))
+        for p in sorted(failures):
+            log(WARNING, "round %s: peer %s missing: %s", r, p, failures[p])
         row.update(answered_peers=answered, missing_peers=sorted(failures),
                    failures={str(p): why for p, why in sorted(failures.items())},
                    round_seconds=time.perf_counter() - start)
@@ -217,30 +223,39 @@ class TallyTrainStrategy:
         accuracy = float(reply.content.metric_records[records.METRICS]["accuracy"])
         return channel.ledger, delivered, accuracy
 
-    def _evaluate(self, r: int, stats: RoundStats, peer_acc: Dict[int, float]) -> dict:
-        """The simulator's metrics row; peer accuracies are those the peers
-        that answered measured on their own models."""
+    def _reply_round(self, grid: Grid, r: int, closing: list, online: set,
+                     failures: Dict[int, str]) -> Dict[int, float]:
+        """Send the method's reply envelopes (counted when sent, as the
+        downlink) to the peers whose nodes are online; each node applies
+        them, saves its state and measures its accuracy. A node that fails
+        here joins ``failures``; returns {peer: accuracy} of the others."""
         fed = self.fed
-        acc = torch.tensor([peer_acc[p] for p in sorted(peer_acc)])
-        g = fed.method.global_params()
-        global_acc = None
-        if g is not None:
-            group = fed.population.single_group
-            global_acc = self._mean_accuracy(
-                group.predict(fed.data.x_test, params=group.unflatten(g[None]))[0])
-        now, cum = fed.ledger.totals(r), fed.ledger.totals()
-        mean_acc = float(acc.mean())
-        return {
-            "method": self.cfg.method, "seed": self.cfg.seed, "round": r,
-            "accuracy": global_acc if global_acc is not None else mean_acc,
-            "peer_acc_mean": mean_acc, "peer_acc_min": float(acc.min()),
-            "peer_acc_max": float(acc.max()), "global_acc": global_acc,
-            "consensus_acc": stats.consensus_acc, "agreement": stats.agreement,
-            "kept_fraction": stats.kept_fraction,
-            "bytes_up": now["uplink"], "bytes_down": now["downlink"], "bytes": now["total"],
-            "cum_bytes_up": cum["uplink"], "cum_bytes_down": cum["downlink"],
-            "cum_bytes": cum["total"],
-        }
+        sent = [env for env in closing if self.peer_nodes.get(env.receiver) in online]
+        fed.channel.deliver(r, sent)
+        by_peer = defaultdict(list)
+        for env in sent:
+            by_peer[env.receiver].append(env)
+        peers = sorted(by_peer)
+        out = [Message(records.instruction(self._cfg_json, self.options.threads, r, p,
+                                           by_peer[p]),
+                       self.peer_nodes[p], records.REPLY, group_id=f"{r}-reply",
+                       ttl=self.options.round_timeout) for p in peers]
+        replies = exchange(grid, out, self.options.round_timeout)
+        accuracy = {}
+        for i, p in enumerate(peers):
+            reply = replies.get(i)
+            if reply is None:
+                failures.setdefault(p, f"no answer to the round's reply within "
+                                       f"flower.round-timeout = {self.options.round_timeout} s")
+            elif reply.has_error():
+                failures.setdefault(p, f"error applying the round's reply (code "
+                                       f"{reply.error.code}): {reply.error.reason}")
+            else:
+                accuracy[p] = float(reply.content.metric_records[records.METRICS]["accuracy"])
+        if not accuracy:
+            raise RuntimeError(f"round {r}: no peer applied the round's reply; " + "; ".join(
+                f"peer {p}: {why}" for p, why in sorted(failures.items())))
+        return accuracy
 
     # ---- the whole run ---------------------------------------------------------------
     def start(self, grid: Grid) -> dict:

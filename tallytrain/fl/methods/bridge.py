@@ -92,9 +92,10 @@ class Bridge(TallyTrain):
         self.anchor[p] += change
 
     def uplink(self, r, selected):
-        out = super().uplink(r, selected)
+        votes = super().uplink(r, selected)  # server mode: one VOTES message per peer
         if not self.merges(r):
-            return out
+            return votes
+        out = []
         fed = self.fed
         rows = self.rows[list(selected)]
         flat = self.group.flatten(rows)
@@ -116,7 +117,7 @@ class Bridge(TallyTrain):
                                       fed.generator(ADVERSARY_STREAM, r, p, SPARSE)).to(self.dtype)
             with fed.timer("messaging"):
                 msg = wire.encode_sparse(idx, sent, self.size, dtype=self.dtype, round=r, sender=p)
-            out.append(Envelope(p, SERVER, msg, SPARSE))
+            out += [votes[i], Envelope(p, SERVER, msg, SPARSE)]  # each peer's messages together
         return out
 
     # ---- 3. server: tally, merge the sparse changes, reply ------------------------
@@ -151,12 +152,15 @@ class Bridge(TallyTrain):
     # ---- checkpoints ------------------------------------------------------------
     def state_dict(self):
         state = super().state_dict()
-        # What a peer sent is settled by the same round's reply, so between
-        # rounds (where checkpoints are taken) ``sent`` is always empty.
-        state.update(anchor=self.anchor.clone(), residual=self.residual.clone())
+        # In the simulator ``sent`` is settled by the same round's reply, so it
+        # is empty at checkpoints; a deployed peer (tallytrain.flower) saves
+        # its state between its uplink and the reply, where it is not.
+        state.update(anchor=self.anchor.clone(), residual=self.residual.clone(),
+                     sent={int(p): [i.clone(), v.clone()] for p, (i, v) in self.sent.items()})
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.anchor = state["anchor"].clone()
         self.residual = state["residual"].clone()
+        self.sent = {int(p): (i.clone(), v.clone()) for p, (i, v) in state["sent"].items()}
