@@ -190,3 +190,35 @@ def test_many_class_synthetic_runs():
     fed.run()
     votes = [e for e in fed.ledger.entries if e.kind == "votes"]
     assert {e.bytes for e in votes} == {32 + (300 * 11 + 7) // 8}  # bits_for(2001) = 11
+
+
+def test_predict_each_hands_every_peer_its_own_logits_in_order():
+    """Votes and evaluation take each peer's logits one peer at a time
+    (Population.predict_each); they must be the logits of predict, for each
+    peer in the order asked, across architectures."""
+    cfg = dataclasses.replace(tiny("tallytrain"), model=ModelConfig(hidden=16, archs=("mlp", "mlp1")))
+    fed = Federation(cfg, data(0))
+    x = fed.data.x_test[:50]
+    order = [3, 0, 2, 1]
+    together = fed.population.predict(x, order)
+    seen = []
+    rows = fed.population.predict_each(x, order, lambda j, logits: (seen.append(j), logits)[1])
+    assert seen == list(range(len(order)))
+    for j in range(len(order)):
+        torch.testing.assert_close(rows[j], together[j], rtol=1e-5, atol=1e-5)
+    # Mixed architectures really differ, so the order is checked.
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_tallytrain_votes_are_the_packed_argmax_of_the_probe_logits():
+    """The fused uplink sends, for each peer, pack_argmax of its logits on the
+    round's probes (with abstention), the same stream as from the logits of
+    every peer computed together."""
+    from tallytrain import ops
+    fed = Federation(tiny("tallytrain"), data(0))
+    fed.run_round(0)
+    sent = fed.method._votes
+    logits = fed.population.predict(fed.data.x_probe[fed.probe_indices(0)], sorted(sent))
+    for i, p in enumerate(sorted(sent)):
+        torch.testing.assert_close(sent[p], ops.pack_argmax(logits[i], abstain_below=0.5),
+                                   rtol=0, atol=0)

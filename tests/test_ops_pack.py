@@ -168,6 +168,14 @@ def test_pack_argmax_hostile_rows(c, float_dtype, device, gen, ref, bitstream):
     assert_equal(packed, ref.pack_argmax(logits)[0])
     assert_prob_close(prob, ref.pack_argmax(logits, True)[1])
     assert_prob_close(prob, softmax_top1(logits))
+    # Abstention without return_prob finds the argmax (and the runner-up
+    # logit) on a path of its own: threshold 0 makes every row with a
+    # probability vote, so the stream is the argmax with NaN rows abstaining.
+    voted = ops.pack_argmax(logits, abstain_below=0.0)
+    abstaining = torch.isnan(softmax_top1(logits)).tolist()
+    assert_equal(voted.cpu(), bitstream.pack([c if a else e for a, e in zip(abstaining, expected)],
+                                             c + 1))
+    assert_equal(voted, ref.pack_argmax(logits, False, 0.0)[0])
 
 
 def _layout(x, layout):
@@ -330,6 +338,57 @@ def test_pack_argmax_abstain(n, c, threshold, float_dtype, device, gen, ref, bit
     ref_symbols = bitstream.unpack(ref_packed, rows, c + 1)
     assert all(a == b for a, b, p in zip(symbols, ref_symbols, expected_prob.tolist())
                if not abs(p - threshold) <= ATOL + RTOL * threshold)
+
+
+def gap_rows(c, threshold, dtype):
+    """Rows whose top-1 probability sits at, or just beside, the point where
+    the bounds from the gap d = max - runner-up decide the abstention.
+
+    With every other logit -inf, p = 1 / (1 + e^-d) exactly (the upper
+    bound); with every other logit equal to the runner-up, p = 1 / (1 +
+    (C-1) e^-d) (the lower bound). For each, d is swept across the gap where
+    p = threshold, from 1e-2 to 1e-7 relative on both sides. The maximum and
+    the runner-up sit in different vector lanes and chains."""
+    t = threshold
+    odds = 1 / t - 1  # p = t  <=>  (sum of the other terms) = odds
+    rows = []
+    for others in ("-inf", "runner-up"):
+        count = 1 if others == "-inf" else c - 1
+        if odds == 0:
+            continue
+        d0 = math.log(count / odds)
+        for rel in (0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
+            for d in {d0 * (1 + rel), d0 * (1 - rel), d0 + rel, d0 - rel}:
+                row = torch.full((c,), -float("inf") if others == "-inf" else -d)
+                row[c // 3] = 0.0
+                row[c - 1 if others == "-inf" else 0] = -d
+                rows.append(row)
+    return torch.stack(rows).to(dtype)
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.95, 0.999])
+@pytest.mark.parametrize("c", [257, 1000, 50257])
+def test_pack_argmax_abstain_at_the_decision_bounds(c, threshold, float_dtype, device, ref,
+                                                    bitstream):
+    """Abstention without return_prob decides most rows from the gap between
+    the two largest logits; at and around the bounds' edges it must make the
+    decision of the full probability."""
+    logits = gap_rows(c, threshold, float_dtype).to(device)
+    rows = logits.shape[0]
+    decided = ops.pack_argmax(logits, abstain_below=threshold)
+    full, prob = ops.pack_argmax(logits, return_prob=True, abstain_below=threshold)
+    assert_equal(decided, full)
+    # In double: float32 softmax over 50,256 equal terms is itself ~1e-4 off.
+    exact = torch.softmax(logits.double(), dim=-1).amax(-1)
+    assert_prob_close(prob.double(), exact)
+    symbols = bitstream.unpack(decided, rows, c + 1)
+    labels = logits.argmax(-1).tolist()
+    ref_symbols = bitstream.unpack(ref.pack_argmax(logits, False, threshold)[0], rows, c + 1)
+    for row, (symbol, label, ref_symbol, p) in enumerate(
+            zip(symbols, labels, ref_symbols, exact.tolist())):
+        assert symbol in (label, c), row
+        if abs(p - threshold) > 1e-3 * threshold:  # beyond both computations' errors
+            assert symbol == ref_symbol == (label if p >= threshold else c), (row, p)
 
 
 @pytest.mark.parametrize("c", [2, 10, 255, 65536])

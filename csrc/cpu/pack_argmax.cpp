@@ -13,6 +13,11 @@
 //    so a block of rows is transposed in L1 and lane r of each vector carries
 //    row r through the argmax and the probability.
 // The probability is 1 / sum_j exp(x_j - max) with a polynomial exp (simd.h).
+// When only the abstention decision is wanted (no return_prob), a long row
+// usually skips that pass: the argmax pass also keeps the second-largest
+// logit, which bounds the probability from both sides (DecisionGaps),
+// and a row the bounds leave open stops summing once the partial sum alone
+// decides it. The decision is the one the full sum would make.
 // Rows go to threads in runs of whole groups of 8, so each writes whole bytes.
 #include <ATen/ops/empty.h>
 
@@ -24,6 +29,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "cpu_common.h"
 #include "simd.h"
@@ -125,6 +131,7 @@ template <class F>
 struct RowArgmax {
   int64_t index;
   typename F::Key key;
+  typename F::Key second;  // the second-largest key (ties count twice); with kSecond only
 };
 
 // The keys of the first `count` elements at p (count < kLanes); other lanes 0,
@@ -137,7 +144,39 @@ TT_INLINE typename F::KeyVec partial_keys(const typename F::Raw* p, int count) {
   return F::lane_index() < static_cast<Lane>(count) ? k : KeyVec{};
 }
 
-template <class F>
+// Lane-wise top two of everything merged in so far (a lane's two largest
+// values, ties counted twice). V: key vectors, or float vectors without NaN.
+template <typename V, typename T>
+struct LaneTop2 {
+  V first, second;
+  explicit LaneTop2(T lowest) : first(V{} + lowest), second(V{} + lowest) {}
+  LaneTop2(const V& first_, const V& second_) : first(first_), second(second_) {}
+  TT_INLINE void add(const V& k) {
+    second = vmax(second, vmin(first, k));
+    first = vmax(first, k);
+  }
+  TT_INLINE void merge(const LaneTop2& o) {
+    second = vmax(vmax(second, o.second), vmin(first, o.first));
+    first = vmax(first, o.first);
+  }
+  // The second-largest value over all lanes.
+  TT_INLINE T second_value(T lowest) const {
+    T top = lowest, next = hmax(second);
+    for (int lane = 0; lane < int(sizeof(V) / sizeof(T)); ++lane) {
+      const T k = first[lane];
+      if (k > top) {
+        next = std::max(next, top);
+        top = k;
+      } else {
+        next = std::max(next, k);
+      }
+    }
+    return next;
+  }
+};
+
+// kSecond: also find the second-largest key (for the abstention bounds).
+template <class F, bool kSecond>
 TT_INLINE RowArgmax<F> long_row_argmax(const typename F::Raw* row, int64_t cols) {
   using Key = typename F::Key;
   using KeyVec = typename F::KeyVec;
@@ -147,37 +186,124 @@ TT_INLINE RowArgmax<F> long_row_argmax(const typename F::Raw* row, int64_t cols)
   // Every real key is > 0, so the first chunk always takes over.
   Key best = 0;
   int64_t best_chunk = 0;
+  LaneTop2<KeyVec, Key> top2(0);
   for (int64_t start = 0; start < whole; start += kChunk) {
     const int64_t end = std::min(start + kChunk, whole);
-    KeyVec acc0 = F::keys(load<KeyVec>(row + start));
-    KeyVec acc1 = acc0;  // two chains of max, for throughput
-    int64_t j = start + L;
-    for (; j + 2 * L <= end; j += 2 * L) {
-      acc0 = vmax(acc0, F::keys(load<KeyVec>(row + j)));
-      acc1 = vmax(acc1, F::keys(load<KeyVec>(row + j + L)));
+    KeyVec m;
+    if constexpr (kSecond) {
+      // One chain per lane pair of top-two accumulators (their updates are
+      // twice the work of a plain max, so one chain already fills the ports).
+      LaneTop2<KeyVec, Key> chunk(0);
+      for (int64_t j = start; j < end; j += L) chunk.add(F::keys(load<KeyVec>(row + j)));
+      m = chunk.first;
+      top2.merge(chunk);
+    } else {
+      KeyVec acc0 = F::keys(load<KeyVec>(row + start));
+      KeyVec acc1 = acc0;  // two chains of max, for throughput
+      int64_t j = start + L;
+      for (; j + 2 * L <= end; j += 2 * L) {
+        acc0 = vmax(acc0, F::keys(load<KeyVec>(row + j)));
+        acc1 = vmax(acc1, F::keys(load<KeyVec>(row + j + L)));
+      }
+      if (j < end) acc0 = vmax(acc0, F::keys(load<KeyVec>(row + j)));
+      m = vmax(acc0, acc1);
     }
-    if (j < end) acc0 = vmax(acc0, F::keys(load<KeyVec>(row + j)));
-    const Key m = hmax(vmax(acc0, acc1));
-    if (m > best) {
-      best = m;
+    const Key chunk_max = hmax(m);
+    if (chunk_max > best) {
+      best = chunk_max;
       best_chunk = start;
-      // Nothing beats the first NaN.
-      if (m == F::kNaNKey) return {find_key<F>(row, start, end, best), best};
+      // Nothing beats the first NaN (and a NaN row needs no second).
+      if (chunk_max == F::kNaNKey) return {find_key<F>(row, start, end, best), best, best};
     }
   }
   if (whole < cols) {
-    const Key m = hmax(partial_keys<F>(row + whole, static_cast<int>(cols - whole)));
+    const KeyVec k = partial_keys<F>(row + whole, static_cast<int>(cols - whole));
+    if constexpr (kSecond) top2.add(k);
+    const Key m = hmax(k);
     if (m > best) {
       best = m;
       best_chunk = whole;
     }
   }
-  return {find_key<F>(row, best_chunk, cols, best), best};
+  const Key second = kSecond ? top2.second_value(0) : Key(0);
+  return {find_key<F>(row, best_chunk, cols, best), best, second};
+}
+
+// float32 rows compare the floats themselves, each lane keeping its own
+// maximum and where it was (strict >, so the first), in four independent
+// chains; one reduction per row picks the smallest index among the lanes
+// holding the maximum. No key transform and no second scan for the index.
+// Plain float order agrees with torch.argmax except for NaN (-0.0 == +0.0
+// either way), so NaN lanes are noticed on the side (an integer max of |x|'s
+// bits: GCC scalarises a float x != x in these loops) and such a row takes
+// the key path.
+template <bool kSecond>
+TT_INLINE RowArgmax<Float32> long_row_argmax_f32(const uint32_t* bits, int64_t cols) {
+  constexpr int L = 16;
+  constexpr int kChains = 4;
+  constexpr float kLowest = -std::numeric_limits<float>::infinity();
+  const float* row = reinterpret_cast<const float*>(bits);
+  f32x16 best[kChains], second[kChains];
+  i32x16 where[kChains];  // the index of lane 0 of the vector that set `best`
+  for (int c = 0; c < kChains; ++c) {
+    best[c] = second[c] = f32x16{} + kLowest;  // an all -inf row: index 0
+    where[c] = i32x16{};
+  }
+  u32x16 magnitude = {};
+  const auto step = [&](int c, const f32x16& v, int32_t at) {
+    magnitude = vmax(magnitude, (u32x16)v & 0x7fffffffu);
+    if constexpr (kSecond) second[c] = vmax(second[c], vmin(best[c], v));
+    const auto greater = v > best[c];
+    best[c] = greater ? v : best[c];
+    where[c] = greater ? i32x16{} + at : where[c];
+  };
+  int64_t j = 0;
+  for (; j + kChains * L <= cols; j += kChains * L)
+    for (int c = 0; c < kChains; ++c) step(c, load<f32x16>(row + j + c * L), int32_t(j + c * L));
+  for (; j + L <= cols; j += L) step(0, load<f32x16>(row + j), int32_t(j));
+  if (j < cols) {
+    const int count = static_cast<int>(cols - j);
+    const f32x16 v = load_partial<f32x16>(row + j, count);  // zero lanes past the row
+    step(1, iota32() < count ? v : kLowest, int32_t(j));
+  }
+  if (hmax(magnitude) > 0x7f800000u) return long_row_argmax<Float32, kSecond>(bits, cols);
+  f32x16 top = best[0];
+  for (int c = 1; c < kChains; ++c) top = vmax(top, best[c]);
+  const float max_value = hmax(top);
+  i32x16 first = i32x16{} + std::numeric_limits<int32_t>::max();
+  for (int c = 0; c < kChains; ++c)
+    first = vmin(first, best[c] == max_value ? where[c] + iota32() : first);
+  int32_t index = first[0];
+  for (int lane = 1; lane < L; ++lane) index = std::min(index, first[lane]);
+  float second_value = kLowest;
+  if constexpr (kSecond) {
+    LaneTop2<f32x16, float> all(kLowest);
+    for (int c = 0; c < kChains; ++c) {
+      all.merge(LaneTop2<f32x16, float>(best[c], second[c]));
+    }
+    second_value = all.second_value(kLowest);
+  }
+  uint32_t max_bits, second_bits;
+  memcpy(&max_bits, &max_value, 4);
+  memcpy(&second_bits, &second_value, 4);
+  return {index, key_f32(max_bits), key_f32(second_bits)};
+}
+
+template <class F, bool kSecond>
+TT_INLINE RowArgmax<F> row_argmax(const typename F::Raw* row, int64_t cols) {
+  // (The float32 path holds indices in 32-bit lanes.)
+  if constexpr (std::is_same_v<F, Float32>)
+    if (cols < (int64_t(1) << 30)) return long_row_argmax_f32<kSecond>(row, cols);
+  return long_row_argmax<F, kSecond>(row, cols);
 }
 
 // 1 / sum_j exp(x_j - max) for a row with a finite maximum `max_value`.
+// The sum only grows, so once it passes `stop_above` the probability is
+// known to be below 1 / stop_above and the rest is skipped (the value then
+// returned is that upper bound, not the probability).
 template <class F>
-TT_INLINE float long_row_prob(const typename F::Raw* row, int64_t cols, float max_value) {
+TT_INLINE float long_row_prob(const typename F::Raw* row, int64_t cols, float max_value,
+                              double stop_above) {
   using KeyVec = typename F::KeyVec;
   constexpr int L = F::kLanes;
   constexpr int64_t kChunk = 16 * L;
@@ -195,6 +321,7 @@ TT_INLINE float long_row_prob(const typename F::Raw* row, int64_t cols, float ma
       for (int v = 0; v < F::kFloatVecs; ++v) acc += exp_nonpositive(x[v] - shift);
     }
     total += hsum(acc);
+    if (total > stop_above) return 1.0f / static_cast<float>(total);
   }
   if (whole < cols) {
     const int count = static_cast<int>(cols - whole);
@@ -209,6 +336,41 @@ TT_INLINE float long_row_prob(const typename F::Raw* row, int64_t cols, float ma
   }
   return 1.0f / static_cast<float>(total);
 }
+
+// Relative margin by which a bound must clear the threshold to decide a row
+// without the full sum. The full sum (polynomial exp, float lanes, double
+// chunks) is within a few 1e-6 of the exact one, so outside this margin the
+// full computation could not decide otherwise.
+constexpr double kDecisionMargin = 1e-4;
+
+enum class Decision { kOpen, kVote, kAbstain };
+
+// The top-1 probability p = 1 / sum_j e^(x_j - max) of a row with a finite
+// maximum and a gap d = max - second to its second-largest logit lies in
+// [1 / (1 + (C-1) e^-d), 1 / (1 + e^-d)]. Both ends are monotone in d, so a
+// row is decided by comparing d with two gaps worked out once per call.
+struct DecisionGaps {
+  double abstain_below_gap;  // d below this: p < threshold surely
+  double vote_from_gap;      // d at or above this: p >= threshold surely
+
+  DecisionGaps(float threshold, int64_t cols) {
+    constexpr double kInf = std::numeric_limits<double>::infinity();
+    const double t = threshold;
+    // 1 / (1 + e^-d) < t (1 - margin)  <=>  e^-d > 1 / (t (1 - margin)) - 1.
+    const double lo = 1.0 / (t * (1.0 - kDecisionMargin)) - 1.0;  // > 0 for t <= 1
+    abstain_below_gap = t > 0.0 ? -std::log(lo) : -kInf;
+    // 1 / (1 + (C-1) e^-d) >= t (1 + margin)  <=>  (C-1) e^-d <= 1 / (t (1 + margin)) - 1.
+    const double hi = 1.0 / (t * (1.0 + kDecisionMargin)) - 1.0;  // +inf for t = 0
+    vote_from_gap = hi > 0.0 ? std::log(static_cast<double>(cols - 1) / hi) : kInf;
+  }
+
+  TT_INLINE Decision decide(float max_value, float second_value) const {
+    const double gap = static_cast<double>(max_value) - static_cast<double>(second_value);
+    if (gap < abstain_below_gap) return Decision::kAbstain;
+    if (gap >= vote_from_gap) return Decision::kVote;
+    return Decision::kOpen;
+  }
+};
 
 // Everything one task needs; the task packs rows [r0, r1), r0 a multiple of 8.
 struct Job {
@@ -234,22 +396,45 @@ TT_INLINE uint64_t emit(const Job& job, int64_t row, int64_t index, float prob) 
                                                    : static_cast<uint64_t>(index);
 }
 
-template <class F>
-TT_INLINE void pack_long_rows(const Job& job, int64_t r0, int64_t r1) {
+// kDecisionOnly: abstention without return_prob, where only p >= threshold
+// matters (see DecisionGaps).
+template <class F, bool kDecisionOnly>
+TT_INLINE void pack_long_rows_as(const Job& job, int64_t r0, int64_t r1) {
   using Raw = typename F::Raw;
   const Raw* data = static_cast<const Raw*>(job.data);
+  constexpr double kNoStop = std::numeric_limits<double>::infinity();
+  // A partial sum above this makes p < threshold by more than the margin.
+  const double stop_above =
+      kDecisionOnly && job.threshold > 0.0f
+          ? (1.0 + kDecisionMargin) / static_cast<double>(job.threshold)
+          : kNoStop;
+  const DecisionGaps gaps(job.threshold, job.cols);
   BitWriter out(job.packed + r0 * job.bits / 8);
   for (int64_t r = r0; r < r1; ++r) {
     const Raw* row = data + r * job.row_stride;
-    const RowArgmax<F> a = long_row_argmax<F>(row, job.cols);
+    const RowArgmax<F> a = row_argmax<F, kDecisionOnly>(row, job.cols);
     float prob = kNaN;
     if (job.need_prob) {
       const float max_value = F::value(raw_of_key<F>(a.key));
-      if (std::isfinite(max_value)) prob = long_row_prob<F>(row, job.cols, max_value);
+      if (std::isfinite(max_value)) {
+        Decision d = Decision::kOpen;
+        if constexpr (kDecisionOnly) d = gaps.decide(max_value, F::value(raw_of_key<F>(a.second)));
+        // Stand-ins on the decided side of the threshold (never returned:
+        // this mode has no probability output).
+        if (d == Decision::kVote) prob = 1.0f;
+        else if (d == Decision::kAbstain) prob = 0.0f;
+        else prob = long_row_prob<F>(row, job.cols, max_value, stop_above);
+      }
     }
     out.put(emit(job, r, a.index, prob), job.bits);
   }
   out.flush();
+}
+
+template <class F>
+TT_INLINE void pack_long_rows(const Job& job, int64_t r0, int64_t r1) {
+  if (job.abstain && job.prob == nullptr) pack_long_rows_as<F, true>(job, r0, r1);
+  else pack_long_rows_as<F, false>(job, r0, r1);
 }
 
 // The element bits of each lane's key (see raw_of_key).

@@ -77,6 +77,11 @@ TT_INLINE V vmax(const V& a, const V& b) {
   return a > b ? a : b;
 }
 
+template <typename V>
+TT_INLINE V vmin(const V& a, const V& b) {
+  return a < b ? a : b;
+}
+
 // Lane index vectors, for masking the unused lanes of a partial vector.
 TT_INLINE i32x16 iota32() { return i32x16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 TT_INLINE i16x32 iota16() {
@@ -99,6 +104,15 @@ TT_INLINE uint16_t hmax(const u16x32& v) {
   uint16_t m = b[0];
   for (int i = 1; i < 8; ++i) m = b[i] > m ? b[i] : m;
   return m;
+}
+
+// Largest lane of a vector with no NaN lane.
+TT_INLINE float hmax(const f32x16& v) {
+  const f32x8 a = vmax(half<f32x8>(v, 0), half<f32x8>(v, 1));
+  const f32x4 b = vmax(half<f32x4>(a, 0), half<f32x4>(a, 1));
+  const float c = b[0] > b[1] ? b[0] : b[1];
+  const float d = b[2] > b[3] ? b[2] : b[3];
+  return c > d ? c : d;
 }
 
 TT_INLINE float hsum(const f32x16& v) {

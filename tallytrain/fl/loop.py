@@ -14,7 +14,7 @@ import contextlib
 import os
 import time
 from collections import defaultdict
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -178,12 +178,16 @@ class Federation:
             self.train_local(r, peers)
             distill()
 
-    def predict_probes(self, r: int, peers: Sequence[int],
-                       probe_seed: Optional[int] = None) -> torch.Tensor:
-        """The peers' logits [P, N, C] on round r's probes."""
+    def consume_probe_logits(self, r: int, peers: Sequence[int],
+                             consume: Callable[[int, torch.Tensor], Any]) -> List[Any]:
+        """``consume(peer, logits [N, C])`` on round r's probes, one peer at a
+        time (Population.predict_each): uplinks turn each peer's logits into
+        its payload (a packed vote, soft labels) while they are still in
+        cache, and the logits of every peer are never held at once. Time in
+        ``consume`` counts in the phases it opens, the rest as inference."""
+        x = self.data.x_probe[self.probe_indices(r)]
         with self.timer("inference"):
-            return self.population.predict(self.data.x_probe[self.probe_indices(r, probe_seed)],
-                                           peers, self.cfg.train.peer_batch)
+            return self.population.predict_each(x, peers, lambda j, logits: consume(peers[j], logits))
 
     def adversary_generator(self, r: int, peer: int) -> torch.Generator:
         return self.generator(ADVERSARY_STREAM, r, peer)
@@ -220,9 +224,11 @@ class Federation:
 
     @torch.no_grad()
     def evaluate(self, r: int, stats) -> dict:
-        all_peers = list(range(self.cfg.peers))
-        logits = self.population.predict(self.data.x_test, all_peers, self.cfg.train.peer_batch)
-        return self.metrics_row(r, stats, (logits.argmax(-1) == self.data.y_test).float().mean(-1))
+        y = self.data.y_test
+        peer_acc = self.population.predict_each(
+            self.data.x_test, range(self.cfg.peers),
+            lambda j, logits: (logits.argmax(-1) == y).float().mean())
+        return self.metrics_row(r, stats, torch.stack(peer_acc))
 
     @torch.no_grad()
     def metrics_row(self, r: int, stats, peer_acc: torch.Tensor) -> dict:

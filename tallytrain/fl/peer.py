@@ -16,7 +16,7 @@ saving between rounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -169,8 +169,8 @@ class PeerGroup:
             sub = {k: v[p0:p0 + step] for k, v in params.items()}
             parts = [self._shared(sub, x[i:i + _PREDICT_ROWS])
                      for i in range(0, max(len(x), 1), _PREDICT_ROWS)]
-            outs.append(torch.cat(parts, dim=1))
-        return torch.cat(outs, dim=0)
+            outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     # ---- training -----------------------------------------------------------
     def fit(self, rows: torch.Tensor, steps: Sequence[int], objectives: Sequence["Batches"],
@@ -288,6 +288,25 @@ class Population:
             if out is None:
                 out = logits.new_empty((len(peers),) + tuple(logits.shape[1:]))
             out[pos] = logits
+        return out
+
+    def predict_each(self, x: torch.Tensor, peers: Sequence[int],
+                     consume: Callable[[int, torch.Tensor], Any]) -> List[Any]:
+        """``consume(j, logits [N, C] of peers[j])`` for each peer in turn.
+
+        One peer's logits exist at a time, consumed right after they are
+        computed: they are still in cache, and memory holds N x C logits
+        instead of P x N x C (800 MB for 10 peers, 2,000 probes, C = 10,000).
+        It is also faster than one vectorised call over the peers for
+        inference-sized inputs (measured 62 vs 220 ms for 10 peers, 2,000
+        rows, C = 1,000: the batched matmul with a shared input is slower
+        than ten plain ones); training keeps the vectorised calls."""
+        out = []
+        for j, p in enumerate(peers):
+            group, row = self.where[p]
+            logits = self.groups[group].predict(x, torch.tensor([row]))[0]
+            out.append(consume(j, logits))
+            del logits
         return out
 
     def fit(self, peers: Sequence[int], steps: Sequence[int], objectives: Sequence[Objective],

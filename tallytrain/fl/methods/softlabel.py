@@ -57,8 +57,9 @@ class SoftLabel(Method):
 
     def uplink(self, r, selected):
         fed = self.fed
-        logits = fed.predict_probes(r, selected)
-        probs = torch.softmax(logits / fed.cfg.train.temperature, dim=-1)
+        t = fed.cfg.train.temperature
+        probs = fed.consume_probe_logits(r, selected,
+                                         lambda p, logits: torch.softmax(logits / t, dim=-1))
         out = []
         for i, p in enumerate(selected):
             payload = probs[i]

@@ -84,18 +84,20 @@ class TallyTrain(Method):
     def uplink(self, r, selected):
         fed = self.fed
         proto = fed.cfg.protocol
-        logits = fed.predict_probes(r, selected)
-        n = logits.shape[1]
+        n = proto.probes_per_round
         out = []
         self._votes = {}
-        for i, p in enumerate(selected):
+
+        def vote(p, logits):  # each peer's logits are packed while still in cache
             with fed.timer("ops"):
                 if fed.adversarial[p]:
-                    bad = corrupt_labels(logits[i].argmax(-1), self.num_classes,
+                    bad = corrupt_labels(logits.argmax(-1), self.num_classes,
                                          proto.adversarial_mode, fed.adversary_generator(r, p))
-                    packed = ops.pack_labels(bad, self.num_classes + int(self.abstain))
-                else:
-                    packed = ops.pack_argmax(logits[i], abstain_below=proto.abstain_below)
+                    return ops.pack_labels(bad, self.num_classes + int(self.abstain))
+                return ops.pack_argmax(logits, abstain_below=proto.abstain_below)
+
+        packed_votes = fed.consume_probe_logits(r, selected, vote)
+        for p, packed in zip(selected, packed_votes):
             self._votes[p] = packed
             with fed.timer("messaging"):
                 msg = wire.encode_votes(packed, n, self.num_classes, abstain=self.abstain,
