@@ -1,7 +1,7 @@
 """Benchmarks of every tallytrain op against the plain-PyTorch way (KERNELS.md).
 
     python -m benchmarks.ops [--device cpu|cuda] [--quick] [--json PATH]
-                             [--ops pack_argmax,tally,...]
+                             [--ops pack_argmax,tally,...] [--threads N]
 
 For each op and each size KERNELS.md lists for the device (the 2-core CPU
 table, or the H100 table for cuda) it prints the op as dispatched
@@ -56,6 +56,13 @@ def plain_unpack(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
 
 def plain_pack_argmax(logits: torch.Tensor) -> torch.Tensor:
     return plain_pack(logits.argmax(-1), bits_for(logits.shape[1]))
+
+
+def plain_pack_argmax_abstain(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    c = logits.shape[1]
+    prob = torch.softmax(logits.float(), dim=-1).amax(-1)
+    idx = torch.where(prob >= threshold, logits.argmax(-1), c)
+    return plain_pack(idx, bits_for(c + 1))
 
 
 def plain_tally(votes: torch.Tensor, n: int, num_classes: int, hist_budget_bytes: int):
@@ -116,6 +123,25 @@ def pack_argmax_case(device: str, n: int, c: int, dtype: str,
     nbytes = n * c * dt.itemsize + packed_size(n, c)
     return Case("pack_argmax", f"N={n} C={c} {dtype}", make, nbytes, target,
                 check=torch.equal)
+
+
+# The simulator's default abstention threshold (ProtocolConfig.abstain_below).
+ABSTAIN_BELOW = 0.95
+
+
+def pack_argmax_abstain_case(device: str, n: int, c: int, dtype: str) -> Case:
+    """Votes with abstention, as a peer sends them: logits scaled like a
+    half-trained peer's (randn * 4), abstaining below ABSTAIN_BELOW."""
+    dt = _DTYPES[dtype]
+
+    def make():
+        logits = (torch.randn(n, c, device=device, generator=_generator(device, 0)) * 4).to(dt)
+        return (lambda: _native.pack_argmax(logits, False, ABSTAIN_BELOW)[0],
+                lambda: plain_pack_argmax_abstain(logits, ABSTAIN_BELOW))
+
+    nbytes = n * c * dt.itemsize + packed_size(n, c + 1)
+    return Case("pack_argmax", f"N={n} C={c} {dtype} abstain<{ABSTAIN_BELOW}", make, nbytes,
+                None, check=torch.equal)
 
 
 def unpack_labels_case(device: str, n: int, c: int) -> Case:
@@ -210,35 +236,42 @@ SCALES = ("full", "quick", "micro")
 # Sizes per device and scale: "full" is the KERNELS.md table for the device
 # (CPU: the 2-core table; cuda: the H100 table), "quick" the same shapes
 # smaller, "micro" small enough for repeated pytest-benchmark rounds.
-# pack_argmax (N, C, dtype); tally (P, N, C); topk (M, k), run plain and with
+# pack_argmax (N, C, dtype), also with abstention; tally (P, N, C); topk (M, k), run plain and with
 # error feedback; sparse_merge (peers, k, size); unpack_labels N (C = 1000).
 SIZES = {
     ("cpu", "full"): dict(
         pack_argmax=[(4096, 50257, "bf16"), (65536, 1000, "fp32"), (1 << 20, 10, "fp32")],
+        # one peer's vote at the README's C = 1000 run (2,000 probes per round)
+        pack_argmax_abstain=[(2000, 1000, "fp32")],
         tally=[(100, 16384, 50257), (100, 65536, 1000), (20, 262144, 10)],
         topk=[(10 ** 7, 10 ** 5)], sparse_merge=(8, 10 ** 5, 10 ** 7), unpack_labels=1 << 22),
     ("cpu", "quick"): dict(
         pack_argmax=[(512, 50257, "bf16"), (8192, 1000, "fp32"), (1 << 17, 10, "fp32")],
+        pack_argmax_abstain=[(2000, 1000, "fp32")],
         tally=[(20, 2048, 50257), (20, 8192, 1000), (20, 32768, 10)],
         topk=[(10 ** 6, 10 ** 4)], sparse_merge=(4, 10 ** 4, 10 ** 6), unpack_labels=1 << 20),
     ("cpu", "micro"): dict(
         pack_argmax=[(32, 50257, "bf16"), (1024, 1000, "fp32"), (1 << 14, 10, "fp32")],
+        pack_argmax_abstain=[(1024, 1000, "fp32")],
         tally=[(10, 512, 50257), (10, 2048, 1000), (10, 8192, 10)],
         topk=[(10 ** 5, 10 ** 3)], sparse_merge=(4, 10 ** 3, 10 ** 5), unpack_labels=1 << 16),
     ("cuda", "full"): dict(
         pack_argmax=[(65536, 50257, "bf16"), (65536, 1000, "fp32"), (1 << 22, 10, "fp32"),
                      (1 << 20, 100, "fp16")],
+        pack_argmax_abstain=[(65536, 1000, "fp32")],
         tally=[(100, 65536, 50257), (1000, 262144, 1000), (20, 1 << 20, 10)],
         topk=[(10 ** 8, 10 ** 6), (10 ** 9, 10 ** 6)], sparse_merge=(8, 10 ** 6, 10 ** 8),
         unpack_labels=1 << 26),
     ("cuda", "quick"): dict(
         pack_argmax=[(8192, 50257, "bf16"), (65536, 1000, "fp32"), (1 << 20, 10, "fp32"),
                      (1 << 18, 100, "fp16")],
+        pack_argmax_abstain=[(65536, 1000, "fp32")],
         tally=[(100, 8192, 50257), (100, 65536, 1000), (20, 1 << 18, 10)],
         topk=[(10 ** 7, 10 ** 5)], sparse_merge=(8, 10 ** 5, 10 ** 7), unpack_labels=1 << 22),
     ("cuda", "micro"): dict(
         pack_argmax=[(256, 50257, "bf16"), (4096, 1000, "fp32"), (1 << 16, 10, "fp32"),
                      (1 << 14, 100, "fp16")],
+        pack_argmax_abstain=[(4096, 1000, "fp32")],
         tally=[(10, 2048, 50257), (10, 8192, 1000), (10, 1 << 16, 10)],
         topk=[(10 ** 6, 10 ** 4)], sparse_merge=(4, 10 ** 4, 10 ** 6), unpack_labels=1 << 18),
 }
@@ -267,6 +300,7 @@ def build_cases(device: str, scale: str = "full") -> List[Case]:
     sizes, targets, hist = SIZES[kind, scale], TARGETS[kind], HISTOGRAM_BUDGET[kind]
     cases = [pack_argmax_case(device, n, c, dt, t)
              for (n, c, dt), t in zip(sizes["pack_argmax"], targets["pack_argmax"])]
+    cases += [pack_argmax_abstain_case(device, n, c, dt) for n, c, dt in sizes["pack_argmax_abstain"]]
     cases += [tally_case(device, p, n, c, hist, targets["tally"]) for p, n, c in sizes["tally"]]
     cases += [topk_case(device, m, k, targets["topk_sparse"]) for m, k in sizes["topk"]]
     cases += [topk_ef_case(device, m, k, targets["topk_sparse_ef"]) for m, k in sizes["topk"]]
@@ -328,7 +362,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     parser.add_argument("--quick", action="store_true", help="small sizes, about 20 s")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and run info here")
     parser.add_argument("--ops", help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads for both ways (default: torch's own; the "
+                             "simulator runs with 1)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     chosen = parse_ops(args.ops)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
