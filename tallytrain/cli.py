@@ -33,7 +33,7 @@ HELP = {
     "sharpen_temperature": "softlabel: DS-FL sharpening softmax(avg / T) ('none' = off)",
     "adversarial_fraction": "share of peers that send random or flipped payloads",
     "adversarial_mode": "random | flip",
-    "peer_batch": "peers per vectorised call (0 = every peer of an architecture at once)",
+    "peer_batch": "peers per vectorised training call (0 = every peer of an architecture at once)",
     "merge_period": "fedavg/fedprox/feddf: average every this many rounds; bridge: sparse merge "
                     "every this many rounds (0 = never)",
     "topk_fraction": "bridge: share of its parameters a peer sends per merge (top-k)",

@@ -82,7 +82,7 @@ class TrainConfig:
     temperature: float = 2.0             # softlabel / feddf distillation temperature
     undertrained_fraction: float = 0.0   # share of peers doing only undertrained_steps
     undertrained_steps: int = 1
-    peer_batch: int = 0                  # peers per vectorised call (0 = all of an arch)
+    peer_batch: int = 0                  # peers per vectorised training call (0 = all of an arch)
     order: str = "joint"                 # distillation methods: see docs/protocol.md
     distill_weight: float = 1.0          # order="joint": weight of the consensus loss
 
