@@ -176,6 +176,11 @@ def test_pack_argmax_hostile_rows(c, float_dtype, device, gen, ref, bitstream):
     assert_equal(voted.cpu(), bitstream.pack([c if a else e for a, e in zip(abstaining, expected)],
                                              c + 1))
     assert_equal(voted, ref.pack_argmax(logits, False, 0.0)[0])
+    # At a threshold that splits these rows, deciding from the gap to the
+    # runner-up (ties, NaN, inf, signed zeros included) is the full decision.
+    for threshold in (0.5, 0.99):
+        assert_equal(ops.pack_argmax(logits, abstain_below=threshold),
+                     ops.pack_argmax(logits, return_prob=True, abstain_below=threshold)[0])
 
 
 def _layout(x, layout):
