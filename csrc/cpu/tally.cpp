@@ -51,7 +51,7 @@ constexpr int kTinyMaxBits = 6;  // bits_for(kTinyMaxClasses + 1)
 // C is small next to the number of votes per probe, or small outright, and
 // while the block of counts stays in cache.
 constexpr int64_t kClassMajorMaxClasses = 4096;
-constexpr int64_t kClassMajorClassesPerVote = 4;
+constexpr int64_t kClassMajorClassesPerVote = 16;
 constexpr int64_t kClassMajorAlwaysClasses = 128;
 constexpr int kClassMajorMaxBits = 13;  // bits_for(kClassMajorMaxClasses + 1)
 // The per-probe table has one entry per possible symbol (2^b); larger tables
@@ -365,7 +365,10 @@ __attribute__((noinline)) void tally_table(const Problem& pr, const Outputs& out
       for (int64_t p = 0; p < pr.peers; ++p) {
         const uint32_t s = sym[p * block];
         const bool other = s != winner && (!kAbstain || s != abstain);
-        runner = std::max(runner, other ? key[s] : 0);
+        // A mask, not a select: compilers turn `other ? key[s] : 0` into a
+        // branch around the load, which mispredicts on every vote when the
+        // winner holds a large but partial share (the usual regime).
+        runner = std::max(runner, key[s] & (uint64_t(0) - uint64_t(other)));
         key[s] = kClassMask - s;  // a repeated class reads count 0 afterwards
       }
       const uint64_t total = pr.weight_sum - (ignored >> kClassBits);
