@@ -125,11 +125,13 @@ void unpack_bits(int b, const uint8_t* stream, int64_t nbytes, int64_t i0, int64
 }
 
 // Whether any of v[0, len) is >= limit (which fits in Out).
+// A max reduction: GCC leaves an OR of comparisons scalar for 16-bit lanes,
+// and this check runs over every unpacked symbol.
 template <typename Out>
 __attribute__((always_inline)) inline bool any_at_least(const Out* v, int64_t len, Out limit) {
-  bool any = false;
-  for (int64_t j = 0; j < len; ++j) any |= v[j] >= limit;
-  return any;
+  Out top = 0;  // symbols are >= 0
+  for (int64_t j = 0; j < len; ++j) top = std::max(top, v[j]);
+  return top >= limit;
 }
 TT_VECTOR_CLONES bool any_at_least(const uint32_t* v, int64_t len, uint32_t limit) {
   return any_at_least<uint32_t>(v, len, limit);
@@ -230,15 +232,19 @@ __attribute__((always_inline)) inline void tiny_count(const Lane* tile, int64_t 
 
 // Class-major: probes [j0, j0 + len) from counts[c * block + j].
 template <typename Lane>
-__attribute__((always_inline)) inline void class_major_reduce(const Lane* counts, int64_t block,
+__attribute__((always_inline)) inline void class_major_reduce(Lane* counts, int64_t block,
                                                               Lane classes, int64_t j0,
                                                               int64_t len, const Outputs& out) {
   typedef Lane V __attribute__((vector_size(64)));
   constexpr int64_t kLanes = 64 / sizeof(Lane);
   for (int64_t j = 0; j < len; j += kLanes) {
+    // Each count is read once here, so it is zeroed for the next block in
+    // the same pass instead of by a separate fill of the whole block.
     auto count_of = [&](Lane c) {
       V count;
       std::memcpy(&count, counts + c * block + j, sizeof(V));
+      const V zero = {};
+      std::memcpy(counts + c * block + j, &zero, sizeof(V));
       return count;
     };
     reduce_classes<Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
@@ -255,12 +261,12 @@ TT_VECTOR_CLONES void tiny_count_i32(const int32_t* tile, int64_t block, int64_t
                                      int64_t len, const Outputs& out) {
   tiny_count<int32_t>(tile, block, peers, classes, weights, j0, len, out);
 }
-TT_VECTOR_CLONES void class_major_reduce_i16(const int16_t* counts, int64_t block,
+TT_VECTOR_CLONES void class_major_reduce_i16(int16_t* counts, int64_t block,
                                              int16_t classes, int64_t j0, int64_t len,
                                              const Outputs& out) {
   class_major_reduce<int16_t>(counts, block, classes, j0, len, out);
 }
-TT_VECTOR_CLONES void class_major_reduce_i32(const int32_t* counts, int64_t block,
+TT_VECTOR_CLONES void class_major_reduce_i32(int32_t* counts, int64_t block,
                                              int32_t classes, int64_t j0, int64_t len,
                                              const Outputs& out) {
   class_major_reduce<int32_t>(counts, block, classes, j0, len, out);
@@ -297,12 +303,14 @@ __attribute__((noinline)) void tally_class_major(const Problem& pr, const Output
                                                  int64_t* first_bad) {
   const Lane classes = static_cast<Lane>(pr.num_classes);
   const uint32_t sentinel = static_cast<uint32_t>(pr.num_classes);  // abstain or invalid
+  // Zero here; the reduce leaves rows [0, C) zeroed behind it, and row C
+  // (never read) is cleared per block only so that it cannot wrap.
   std::vector<Lane> counts((pr.num_classes + 1) * block);
   std::vector<uint32_t> symbols(block);
   const std::vector<Lane> w = lane_weights<Lane>(pr);
   for (int64_t j0 = i0; j0 < i1; j0 += block) {
     const int64_t len = std::min(block, i1 - j0);
-    std::fill(counts.begin(), counts.end(), Lane(0));
+    std::fill_n(counts.begin() + pr.num_classes * block, block, Lane(0));
     for (int64_t p = 0; p < pr.peers; ++p) {
       unpack_block<uint32_t, kClassMajorMaxBits>(pr, p, j0, len, symbols.data(),
                                                        first_bad);
