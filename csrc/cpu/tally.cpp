@@ -331,57 +331,111 @@ __attribute__((noinline)) void tally_class_major(const Problem& pr, const Output
 // running maximum over a probe's increments is its winner's final key.
 constexpr int kClassBits = kTableMaxBits;
 constexpr uint64_t kClassMask = (uint64_t(1) << kClassBits) - 1;
-// Summed weight below this keeps count << kClassBits inside 64 bits.
+// Summed weight below this keeps count << kClassBits inside 64 bits; below
+// kTableMaxWeight32, inside 32 bits (half the table, so more of it in cache).
 constexpr uint64_t kTableMaxWeight = uint64_t(1) << (64 - kClassBits);
+constexpr uint64_t kTableMaxWeight32 = uint64_t(1) << (32 - kClassBits);
+// Probes counted side by side, each in a table of its own: a class voted many
+// times makes a chain of increments through memory (load, add, store, load
+// the same entry ...), and K independent chains overlap where one would
+// stall. Used while the K tables fit in kTableInterleaveBytes (L2).
+constexpr int kTableInterleave = 4;
+constexpr int64_t kTableInterleaveBytes = 1 << 20;
 
-template <bool kWeighted, bool kAbstain>
+// Counts K probes from tile columns [j, j + K) (rows of `block` symbols, one
+// per peer) into tables keys + k * num_keys, writes probes [i, i + K), and
+// leaves every touched entry reset to its count-0 key.
+template <int K, bool kWeighted, bool kAbstain, typename Key>
+__attribute__((always_inline)) inline void table_probes(const Problem& pr, const Outputs& out,
+                                                        const uint32_t* tile, int64_t block,
+                                                        int64_t j, int64_t i, Key* keys,
+                                                        uint32_t num_keys, const Key* increment) {
+  constexpr Key kOne = Key(1) << kClassBits;
+  const uint32_t abstain = static_cast<uint32_t>(pr.num_classes);
+  Key best[K] = {}, ignored[K] = {}, runner[K] = {};
+  uint32_t winner[K];
+  for (int64_t p = 0; p < pr.peers; ++p) {
+    const uint32_t* sym = tile + p * block + j;
+    const Key inc = kWeighted ? increment[p] : kOne;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const uint32_t s = sym[k];
+      Key* key = keys + k * num_keys;
+      Key v = key[s] + inc;
+      key[s] = v;
+      // An abstention adds to the ignored weight and must not lead.
+      if constexpr (kAbstain) {
+        const bool skip = s == abstain;
+        ignored[k] += skip ? inc : 0;
+        v = skip ? 0 : v;
+      }
+      best[k] = std::max(best[k], v);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k)
+    winner[k] = static_cast<uint32_t>(kClassMask - (best[k] & kClassMask));
+  // Runner-up: every read before any reset, so that no load waits on a
+  // store to the same entry (a class voted twice would otherwise read the
+  // reset key back through the store buffer).
+  for (int64_t p = 0; p < pr.peers; ++p) {
+    const uint32_t* sym = tile + p * block + j;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const uint32_t s = sym[k];
+      const bool other = s != winner[k] && (!kAbstain || s != abstain);
+      // A mask, not a select: compilers turn `other ? key[s] : 0` into a
+      // branch around the load, which mispredicts on every vote when the
+      // winner holds a large but partial share (the usual regime).
+      runner[k] = std::max(runner[k], Key(keys[k * num_keys + s] & (Key(0) - Key(other))));
+    }
+  }
+  for (int64_t p = 0; p < pr.peers; ++p) {
+    const uint32_t* sym = tile + p * block + j;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const uint32_t s = sym[k];
+      keys[k * num_keys + s] = static_cast<Key>(kClassMask - s);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    const uint64_t total = pr.weight_sum - (static_cast<uint64_t>(ignored[k]) >> kClassBits);
+    store(out, i + k, total, winner[k], static_cast<uint64_t>(best[k] >> kClassBits),
+          static_cast<uint64_t>(runner[k] >> kClassBits));
+  }
+}
+
+template <bool kWeighted, bool kAbstain, typename Key>
 __attribute__((noinline)) void tally_table(const Problem& pr, const Outputs& out, int64_t block,
                                            int64_t i0, int64_t i1, int64_t* first_bad) {
   // One key per possible symbol, so symbols need no clamping: an invalid one
   // gets a key of its own and the tally fails afterwards anyway.
   const uint32_t num_keys = uint32_t(1) << pr.b;
-  const uint32_t abstain = static_cast<uint32_t>(pr.num_classes);
-  std::vector<uint64_t> keys(num_keys);  // count 0 between probes
-  for (uint32_t s = 0; s < num_keys; ++s) keys[s] = kClassMask - s;
+  const int tables =
+      kTableInterleave * int64_t(num_keys) * int64_t(sizeof(Key)) <= kTableInterleaveBytes
+          ? kTableInterleave
+          : 1;
+  std::vector<Key> keys(size_t(tables) * num_keys);  // count 0 between probes
+  for (int t = 0; t < tables; ++t)
+    for (uint32_t s = 0; s < num_keys; ++s) keys[size_t(t) * num_keys + s] = kClassMask - s;
   std::vector<uint32_t> tile(pr.peers * block);  // [P][block]
-  std::vector<uint64_t> increment(pr.peers);
-  for (int64_t p = 0; p < pr.peers; ++p) increment[p] = weight_of(pr, p) << kClassBits;
-  constexpr uint64_t kOne = uint64_t(1) << kClassBits;
-  uint64_t* key = keys.data();
+  std::vector<Key> increment(pr.peers);
+  for (int64_t p = 0; p < pr.peers; ++p)
+    increment[p] = static_cast<Key>(weight_of(pr, p) << kClassBits);
   for (int64_t j0 = i0; j0 < i1; j0 += block) {
     const int64_t len = std::min(block, i1 - j0);
     for (int64_t p = 0; p < pr.peers; ++p)
       unpack_block<uint32_t, kTableMaxBits>(pr, p, j0, len, tile.data() + p * block, first_bad);
-    for (int64_t j = 0; j < len; ++j) {
-      const uint32_t* sym = tile.data() + j;
-      uint64_t best = 0, ignored = 0;
-      for (int64_t p = 0; p < pr.peers; ++p) {
-        const uint32_t s = sym[p * block];
-        const uint64_t inc = kWeighted ? increment[p] : kOne;
-        uint64_t k = key[s] + inc;
-        key[s] = k;
-        // An abstention adds to the ignored weight and must not lead.
-        if constexpr (kAbstain) {
-          const bool skip = s == abstain;
-          ignored += skip ? inc : 0;
-          k = skip ? 0 : k;
-        }
-        best = std::max(best, k);
-      }
-      const uint32_t winner = static_cast<uint32_t>(kClassMask - (best & kClassMask));
-      uint64_t runner = 0;
-      for (int64_t p = 0; p < pr.peers; ++p) {
-        const uint32_t s = sym[p * block];
-        const bool other = s != winner && (!kAbstain || s != abstain);
-        // A mask, not a select: compilers turn `other ? key[s] : 0` into a
-        // branch around the load, which mispredicts on every vote when the
-        // winner holds a large but partial share (the usual regime).
-        runner = std::max(runner, key[s] & (uint64_t(0) - uint64_t(other)));
-        key[s] = kClassMask - s;  // a repeated class reads count 0 afterwards
-      }
-      const uint64_t total = pr.weight_sum - (ignored >> kClassBits);
-      store(out, j0 + j, total, winner, best >> kClassBits, runner >> kClassBits);
-    }
+    int64_t j = 0;
+    if (tables == kTableInterleave)
+      for (; j + kTableInterleave <= len; j += kTableInterleave)
+        table_probes<kTableInterleave, kWeighted, kAbstain>(pr, out, tile.data(), block, j,
+                                                            j0 + j, keys.data(), num_keys,
+                                                            increment.data());
+    for (; j < len; ++j)
+      table_probes<1, kWeighted, kAbstain>(pr, out, tile.data(), block, j, j0 + j, keys.data(),
+                                           num_keys, increment.data());
   }
 }
 
@@ -428,6 +482,17 @@ __attribute__((noinline)) void tally_sorted(const Problem& pr, const Outputs& ou
       store(out, j0 + j, total, win, best, second);
     }
   }
+}
+
+template <typename Key>
+void tally_table_keys(const Problem& pr, const Outputs& out, int64_t block, int64_t i0,
+                      int64_t i1, int64_t* first_bad, bool abstain) {
+  if (pr.weights)
+    abstain ? tally_table<true, true, Key>(pr, out, block, i0, i1, first_bad)
+            : tally_table<true, false, Key>(pr, out, block, i0, i1, first_bad);
+  else
+    abstain ? tally_table<false, true, Key>(pr, out, block, i0, i1, first_bad)
+            : tally_table<false, false, Key>(pr, out, block, i0, i1, first_bad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
@@ -511,12 +576,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
                : tally_class_major<int32_t>(pr, out, block, i0, i1, &bad);
         break;
       case Strategy::kTable:
-        if (pr.weights)
-          abstain ? tally_table<true, true>(pr, out, block, i0, i1, &bad)
-                  : tally_table<true, false>(pr, out, block, i0, i1, &bad);
+        if (wsum < kTableMaxWeight32)
+          tally_table_keys<uint32_t>(pr, out, block, i0, i1, &bad, abstain);
         else
-          abstain ? tally_table<false, true>(pr, out, block, i0, i1, &bad)
-                  : tally_table<false, false>(pr, out, block, i0, i1, &bad);
+          tally_table_keys<uint64_t>(pr, out, block, i0, i1, &bad, abstain);
         break;
       case Strategy::kSorted:
         tally_sorted(pr, out, block, i0, i1, &bad);
