@@ -36,6 +36,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -96,6 +97,17 @@ void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len
   const uint8_t* src = stream + i0 / 8 * B;
   const int64_t avail = nbytes - i0 / 8 * B;
   int64_t j = 0;
+  if constexpr (B == 8 || B == 16) {
+    // Whole bytes per symbol (a little-endian stream, as the 64-bit loads
+    // below also assume): a widening copy that the compiler vectorises.
+    using Word = std::conditional_t<B == 8, uint8_t, uint16_t>;
+    const int64_t whole = std::min(len, avail / int64_t(sizeof(Word)));
+    for (; j < whole; ++j) {
+      Word w;
+      std::memcpy(&w, src + j * int64_t(sizeof(Word)), sizeof(Word));
+      out[j] = static_cast<Out>(w);
+    }
+  } else {
   for (; j + 8 <= len && j / 8 * B + kReach <= avail; j += 8) {
     const uint8_t* group = src + j / 8 * B;
     if constexpr (B <= 8) {  // one load holds the whole group
@@ -111,6 +123,7 @@ void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len
         out[j + k] = static_cast<Out>((word >> ((k * B) & 7)) & kMask);
       }
     }
+  }
   }
   for (; j < len; ++j) out[j] = static_cast<Out>(read_symbol(stream, nbytes, i0 + j, B));
 }
