@@ -90,8 +90,8 @@ struct Outputs {
 // Symbols [i0, i0 + len) of a stream of B-bit symbols into out[0, len). i0 is
 // a multiple of 8, so each group of 8 symbols starts on a byte boundary B
 // bytes after the previous one and every shift is a compile-time constant.
-template <int B, typename Out>
-void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len, Out* out) {
+template <int B, typename Out, bool kVector>
+__attribute__((always_inline)) inline void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len, Out* out) {
   constexpr uint64_t kMask = (uint64_t(1) << B) - 1;
   constexpr int64_t kReach = B <= 8 ? 8 : (7 * B) / 8 + 8;  // bytes a group's loads touch
   const uint8_t* src = stream + i0 / 8 * B;
@@ -113,8 +113,18 @@ void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len
     if constexpr (B <= 8) {  // one load holds the whole group
       uint64_t word;
       std::memcpy(&word, group, 8);
+      if constexpr (kVector) {
+        // One variable shift per group instead of 8 scalar shifts and lane
+        // inserts (only worth it with AVX2 / AVX-512: see unpack_tiny).
+        typedef uint64_t W __attribute__((vector_size(64)));
+        typedef Out O __attribute__((vector_size(8 * sizeof(Out))));
+        constexpr W kShift = {0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};
+        const O v = __builtin_convertvector(((W{} + word) >> kShift) & kMask, O);
+        std::memcpy(out + j, &v, sizeof(O));
+      } else {
 #pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) out[j + k] = static_cast<Out>((word >> (k * B)) & kMask);
+        for (int k = 0; k < 8; ++k) out[j + k] = static_cast<Out>((word >> (k * B)) & kMask);
+      }
     } else {
 #pragma GCC unroll 8
       for (int k = 0; k < 8; ++k) {
@@ -129,11 +139,12 @@ void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len
 }
 
 // unpack_fixed for a run-time b in [B, kMaxBits].
-template <typename Out, int kMaxBits, int B = 1>
-void unpack_bits(int b, const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len,
+template <typename Out, int kMaxBits, bool kVector = false, int B = 1>
+__attribute__((always_inline)) inline void unpack_bits(int b, const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len,
                  Out* out) {
-  if (b == B) return unpack_fixed<B>(stream, nbytes, i0, len, out);
-  if constexpr (B < kMaxBits) return unpack_bits<Out, kMaxBits, B + 1>(b, stream, nbytes, i0, len, out);
+  if (b == B) return unpack_fixed<B, Out, kVector>(stream, nbytes, i0, len, out);
+  if constexpr (B < kMaxBits)
+    return unpack_bits<Out, kMaxBits, kVector, B + 1>(b, stream, nbytes, i0, len, out);
   TORCH_INTERNAL_ASSERT(false, "unpack_bits: ", b, " bits is outside 1..", kMaxBits);
 }
 
@@ -160,11 +171,11 @@ TT_VECTOR_CLONES bool any_at_least(const int32_t* v, int64_t len, int32_t limit)
 // out[0, len). If the range holds a symbol >= num_symbols (possible only when
 // num_symbols < 2^b), the flat position (p * n + i) of the first lowers
 // *first_bad.
-template <typename Out, int kMaxBits = 32>
-void unpack_block(const Problem& pr, int64_t p, int64_t i0, int64_t len, Out* out,
+template <typename Out, int kMaxBits = 32, bool kVector = false>
+__attribute__((always_inline)) inline void unpack_block(const Problem& pr, int64_t p, int64_t i0, int64_t len, Out* out,
                   int64_t* first_bad) {
   const uint8_t* stream = pr.votes + p * pr.nbytes;
-  unpack_bits<Out, kMaxBits>(pr.b, stream, pr.nbytes, i0, len, out);
+  unpack_bits<Out, kMaxBits, kVector>(pr.b, stream, pr.nbytes, i0, len, out);
   if (pr.num_symbols < (uint64_t(1) << pr.b) &&
       __builtin_expect(any_at_least(out, len, static_cast<Out>(pr.num_symbols)), 0)) {
     const int64_t j = std::find_if(out, out + len, [&](Out v) {
@@ -291,6 +302,18 @@ std::vector<Lane> lane_weights(const Problem& pr) {
   return pr.weights ? std::vector<Lane>(pr.weights, pr.weights + pr.peers) : std::vector<Lane>();
 }
 
+// The tiny strategy's unpack, with the vector ISA of the counting: its
+// symbols are narrow lanes, and the generic build shuffles them into place
+// one at a time.
+TT_VECTOR_CLONES void unpack_tiny(const Problem& pr, int64_t p, int64_t i0, int64_t len,
+                                  int16_t* out, int64_t* first_bad) {
+  unpack_block<int16_t, kTinyMaxBits, true>(pr, p, i0, len, out, first_bad);
+}
+TT_VECTOR_CLONES void unpack_tiny(const Problem& pr, int64_t p, int64_t i0, int64_t len,
+                                  int32_t* out, int64_t* first_bad) {
+  unpack_block<int32_t, kTinyMaxBits, true>(pr, p, i0, len, out, first_bad);
+}
+
 template <typename Lane>
 __attribute__((noinline)) void tally_tiny(const Problem& pr, const Outputs& out, int64_t block,
                                           int64_t i0, int64_t i1, int64_t* first_bad) {
@@ -300,7 +323,7 @@ __attribute__((noinline)) void tally_tiny(const Problem& pr, const Outputs& out,
   for (int64_t j0 = i0; j0 < i1; j0 += block) {
     const int64_t len = std::min(block, i1 - j0);
     for (int64_t p = 0; p < pr.peers; ++p)
-      unpack_block<Lane, kTinyMaxBits>(pr, p, j0, len, tile.data() + p * block, first_bad);
+      unpack_tiny(pr, p, j0, len, tile.data() + p * block, first_bad);
     const Lane* wp = pr.weights ? w.data() : nullptr;
     if constexpr (sizeof(Lane) == 2)
       tiny_count_i16(tile.data(), block, pr.peers, classes, wp, j0, len, out);
