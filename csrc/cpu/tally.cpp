@@ -448,8 +448,10 @@ __attribute__((noinline)) void tally_table(const Problem& pr, const Outputs& out
   // One key per possible symbol, so symbols need no clamping: an invalid one
   // gets a key of its own and the tally fails afterwards anyway.
   const uint32_t num_keys = uint32_t(1) << pr.b;
+  // (Fewer probes than tables: one table, no more to fill.)
   const int tables =
-      kTableInterleave * int64_t(num_keys) * int64_t(sizeof(Key)) <= kTableInterleaveBytes
+      i1 - i0 >= kTableInterleave &&
+              kTableInterleave * int64_t(num_keys) * int64_t(sizeof(Key)) <= kTableInterleaveBytes
           ? kTableInterleave
           : 1;
   std::vector<Key> keys(size_t(tables) * num_keys);  // count 0 between probes
