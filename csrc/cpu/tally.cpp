@@ -9,13 +9,15 @@
 //  - tiny C (<= kTinyMaxClasses): for each class, compare a vector of probes'
 //    symbols with the class and add, peer by peer; counts live in registers,
 //    so there is no scatter;
-//  - class-major (C up to 4 P, or up to 128): counts[c][probe]
+//  - class-major (C up to 16 P, or up to 128): counts[c][probe]
 //    for the whole block, one scatter increment per vote, then winner and
-//    runner-up by a branch-free vector scan over the classes;
+//    runner-up by a branch-free vector scan over the classes (which also
+//    zeroes the counts for the next block);
 //  - per-probe table (b <= kTableMaxBits): a (count, class) key per symbol
-//    for one probe at a time, reset only where touched. Counts only grow, so
-//    the running maximum of the keys over the increments is the winner; one
-//    more pass over the probe's votes reads the runner-up and resets;
+//    for one probe, reset only where touched; 4 probes side by side, each in
+//    a table of its own, where the tables fit in L2. Counts only grow, so
+//    the running maximum of the keys over the increments is the winner; more
+//    passes over the probe's votes read the runner-up, then reset;
 //  - sort (larger C, where a table per thread would not fit in cache, or
 //    weights too large for the packed keys): sort the probe's votes by class
 //    and count runs.
