@@ -9,13 +9,15 @@
 //  - tiny C (<= kTinyMaxClasses): for each class, compare a vector of probes'
 //    symbols with the class and add, peer by peer; counts live in registers,
 //    so there is no scatter;
-//  - class-major (C up to 4 P, or up to 128): counts[c][probe]
+//  - class-major (C up to 16 P, or up to 128): counts[c][probe]
 //    for the whole block, one scatter increment per vote, then winner and
-//    runner-up by a branch-free vector scan over the classes;
+//    runner-up by a branch-free vector scan over the classes (which also
+//    zeroes the counts for the next block);
 //  - per-probe table (b <= kTableMaxBits): a (count, class) key per symbol
-//    for one probe at a time, reset only where touched. Counts only grow, so
-//    the running maximum of the keys over the increments is the winner; one
-//    more pass over the probe's votes reads the runner-up and resets;
+//    for one probe, reset only where touched; 4 probes side by side, each in
+//    a table of its own, where the tables fit in L2. Counts only grow, so
+//    the running maximum of the keys over the increments is the winner; more
+//    passes over the probe's votes read the runner-up, then reset;
 //  - sort (larger C, where a table per thread would not fit in cache, or
 //    weights too large for the packed keys): sort the probe's votes by class
 //    and count runs.
@@ -36,6 +38,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -51,7 +54,7 @@ constexpr int kTinyMaxBits = 6;  // bits_for(kTinyMaxClasses + 1)
 // C is small next to the number of votes per probe, or small outright, and
 // while the block of counts stays in cache.
 constexpr int64_t kClassMajorMaxClasses = 4096;
-constexpr int64_t kClassMajorClassesPerVote = 4;
+constexpr int64_t kClassMajorClassesPerVote = 16;
 constexpr int64_t kClassMajorAlwaysClasses = 128;
 constexpr int kClassMajorMaxBits = 13;  // bits_for(kClassMajorMaxClasses + 1)
 // The per-probe table has one entry per possible symbol (2^b); larger tables
@@ -89,20 +92,41 @@ struct Outputs {
 // Symbols [i0, i0 + len) of a stream of B-bit symbols into out[0, len). i0 is
 // a multiple of 8, so each group of 8 symbols starts on a byte boundary B
 // bytes after the previous one and every shift is a compile-time constant.
-template <int B, typename Out>
-void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len, Out* out) {
+template <int B, typename Out, bool kVector>
+__attribute__((always_inline)) inline void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len, Out* out) {
   constexpr uint64_t kMask = (uint64_t(1) << B) - 1;
   constexpr int64_t kReach = B <= 8 ? 8 : (7 * B) / 8 + 8;  // bytes a group's loads touch
   const uint8_t* src = stream + i0 / 8 * B;
   const int64_t avail = nbytes - i0 / 8 * B;
   int64_t j = 0;
+  if constexpr (B == 8 || B == 16) {
+    // Whole bytes per symbol (a little-endian stream, as the 64-bit loads
+    // below also assume): a widening copy that the compiler vectorises.
+    using Word = std::conditional_t<B == 8, uint8_t, uint16_t>;
+    const int64_t whole = std::min(len, avail / int64_t(sizeof(Word)));
+    for (; j < whole; ++j) {
+      Word w;
+      std::memcpy(&w, src + j * int64_t(sizeof(Word)), sizeof(Word));
+      out[j] = static_cast<Out>(w);
+    }
+  } else {
   for (; j + 8 <= len && j / 8 * B + kReach <= avail; j += 8) {
     const uint8_t* group = src + j / 8 * B;
     if constexpr (B <= 8) {  // one load holds the whole group
       uint64_t word;
       std::memcpy(&word, group, 8);
+      if constexpr (kVector) {
+        // One variable shift per group instead of 8 scalar shifts and lane
+        // inserts (only worth it with AVX2 / AVX-512: see unpack_tiny).
+        typedef uint64_t W __attribute__((vector_size(64)));
+        typedef Out O __attribute__((vector_size(8 * sizeof(Out))));
+        constexpr W kShift = {0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};
+        const O v = __builtin_convertvector(((W{} + word) >> kShift) & kMask, O);
+        std::memcpy(out + j, &v, sizeof(O));
+      } else {
 #pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) out[j + k] = static_cast<Out>((word >> (k * B)) & kMask);
+        for (int k = 0; k < 8; ++k) out[j + k] = static_cast<Out>((word >> (k * B)) & kMask);
+      }
     } else {
 #pragma GCC unroll 8
       for (int k = 0; k < 8; ++k) {
@@ -112,24 +136,28 @@ void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len
       }
     }
   }
+  }
   for (; j < len; ++j) out[j] = static_cast<Out>(read_symbol(stream, nbytes, i0 + j, B));
 }
 
 // unpack_fixed for a run-time b in [B, kMaxBits].
-template <typename Out, int kMaxBits, int B = 1>
-void unpack_bits(int b, const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len,
+template <typename Out, int kMaxBits, bool kVector = false, int B = 1>
+__attribute__((always_inline)) inline void unpack_bits(int b, const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len,
                  Out* out) {
-  if (b == B) return unpack_fixed<B>(stream, nbytes, i0, len, out);
-  if constexpr (B < kMaxBits) return unpack_bits<Out, kMaxBits, B + 1>(b, stream, nbytes, i0, len, out);
+  if (b == B) return unpack_fixed<B, Out, kVector>(stream, nbytes, i0, len, out);
+  if constexpr (B < kMaxBits)
+    return unpack_bits<Out, kMaxBits, kVector, B + 1>(b, stream, nbytes, i0, len, out);
   TORCH_INTERNAL_ASSERT(false, "unpack_bits: ", b, " bits is outside 1..", kMaxBits);
 }
 
 // Whether any of v[0, len) is >= limit (which fits in Out).
+// A max reduction: GCC leaves an OR of comparisons scalar for 16-bit lanes,
+// and this check runs over every unpacked symbol.
 template <typename Out>
 __attribute__((always_inline)) inline bool any_at_least(const Out* v, int64_t len, Out limit) {
-  bool any = false;
-  for (int64_t j = 0; j < len; ++j) any |= v[j] >= limit;
-  return any;
+  Out top = 0;  // symbols are >= 0
+  for (int64_t j = 0; j < len; ++j) top = std::max(top, v[j]);
+  return top >= limit;
 }
 TT_VECTOR_CLONES bool any_at_least(const uint32_t* v, int64_t len, uint32_t limit) {
   return any_at_least<uint32_t>(v, len, limit);
@@ -145,11 +173,11 @@ TT_VECTOR_CLONES bool any_at_least(const int32_t* v, int64_t len, int32_t limit)
 // out[0, len). If the range holds a symbol >= num_symbols (possible only when
 // num_symbols < 2^b), the flat position (p * n + i) of the first lowers
 // *first_bad.
-template <typename Out, int kMaxBits = 32>
-void unpack_block(const Problem& pr, int64_t p, int64_t i0, int64_t len, Out* out,
+template <typename Out, int kMaxBits = 32, bool kVector = false>
+__attribute__((always_inline)) inline void unpack_block(const Problem& pr, int64_t p, int64_t i0, int64_t len, Out* out,
                   int64_t* first_bad) {
   const uint8_t* stream = pr.votes + p * pr.nbytes;
-  unpack_bits<Out, kMaxBits>(pr.b, stream, pr.nbytes, i0, len, out);
+  unpack_bits<Out, kMaxBits, kVector>(pr.b, stream, pr.nbytes, i0, len, out);
   if (pr.num_symbols < (uint64_t(1) << pr.b) &&
       __builtin_expect(any_at_least(out, len, static_cast<Out>(pr.num_symbols)), 0)) {
     const int64_t j = std::find_if(out, out + len, [&](Out v) {
@@ -230,15 +258,19 @@ __attribute__((always_inline)) inline void tiny_count(const Lane* tile, int64_t 
 
 // Class-major: probes [j0, j0 + len) from counts[c * block + j].
 template <typename Lane>
-__attribute__((always_inline)) inline void class_major_reduce(const Lane* counts, int64_t block,
+__attribute__((always_inline)) inline void class_major_reduce(Lane* counts, int64_t block,
                                                               Lane classes, int64_t j0,
                                                               int64_t len, const Outputs& out) {
   typedef Lane V __attribute__((vector_size(64)));
   constexpr int64_t kLanes = 64 / sizeof(Lane);
   for (int64_t j = 0; j < len; j += kLanes) {
+    // Each count is read once here, so it is zeroed for the next block in
+    // the same pass instead of by a separate fill of the whole block.
     auto count_of = [&](Lane c) {
       V count;
       std::memcpy(&count, counts + c * block + j, sizeof(V));
+      const V zero = {};
+      std::memcpy(counts + c * block + j, &zero, sizeof(V));
       return count;
     };
     reduce_classes<Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
@@ -255,12 +287,12 @@ TT_VECTOR_CLONES void tiny_count_i32(const int32_t* tile, int64_t block, int64_t
                                      int64_t len, const Outputs& out) {
   tiny_count<int32_t>(tile, block, peers, classes, weights, j0, len, out);
 }
-TT_VECTOR_CLONES void class_major_reduce_i16(const int16_t* counts, int64_t block,
+TT_VECTOR_CLONES void class_major_reduce_i16(int16_t* counts, int64_t block,
                                              int16_t classes, int64_t j0, int64_t len,
                                              const Outputs& out) {
   class_major_reduce<int16_t>(counts, block, classes, j0, len, out);
 }
-TT_VECTOR_CLONES void class_major_reduce_i32(const int32_t* counts, int64_t block,
+TT_VECTOR_CLONES void class_major_reduce_i32(int32_t* counts, int64_t block,
                                              int32_t classes, int64_t j0, int64_t len,
                                              const Outputs& out) {
   class_major_reduce<int32_t>(counts, block, classes, j0, len, out);
@@ -272,6 +304,18 @@ std::vector<Lane> lane_weights(const Problem& pr) {
   return pr.weights ? std::vector<Lane>(pr.weights, pr.weights + pr.peers) : std::vector<Lane>();
 }
 
+// The tiny strategy's unpack, with the vector ISA of the counting: its
+// symbols are narrow lanes, and the generic build shuffles them into place
+// one at a time.
+TT_VECTOR_CLONES void unpack_tiny(const Problem& pr, int64_t p, int64_t i0, int64_t len,
+                                  int16_t* out, int64_t* first_bad) {
+  unpack_block<int16_t, kTinyMaxBits, true>(pr, p, i0, len, out, first_bad);
+}
+TT_VECTOR_CLONES void unpack_tiny(const Problem& pr, int64_t p, int64_t i0, int64_t len,
+                                  int32_t* out, int64_t* first_bad) {
+  unpack_block<int32_t, kTinyMaxBits, true>(pr, p, i0, len, out, first_bad);
+}
+
 template <typename Lane>
 __attribute__((noinline)) void tally_tiny(const Problem& pr, const Outputs& out, int64_t block,
                                           int64_t i0, int64_t i1, int64_t* first_bad) {
@@ -281,7 +325,7 @@ __attribute__((noinline)) void tally_tiny(const Problem& pr, const Outputs& out,
   for (int64_t j0 = i0; j0 < i1; j0 += block) {
     const int64_t len = std::min(block, i1 - j0);
     for (int64_t p = 0; p < pr.peers; ++p)
-      unpack_block<Lane, kTinyMaxBits>(pr, p, j0, len, tile.data() + p * block, first_bad);
+      unpack_tiny(pr, p, j0, len, tile.data() + p * block, first_bad);
     const Lane* wp = pr.weights ? w.data() : nullptr;
     if constexpr (sizeof(Lane) == 2)
       tiny_count_i16(tile.data(), block, pr.peers, classes, wp, j0, len, out);
@@ -297,12 +341,14 @@ __attribute__((noinline)) void tally_class_major(const Problem& pr, const Output
                                                  int64_t* first_bad) {
   const Lane classes = static_cast<Lane>(pr.num_classes);
   const uint32_t sentinel = static_cast<uint32_t>(pr.num_classes);  // abstain or invalid
+  // Zero here; the reduce leaves rows [0, C) zeroed behind it, and row C
+  // (never read) is cleared per block only so that it cannot wrap.
   std::vector<Lane> counts((pr.num_classes + 1) * block);
   std::vector<uint32_t> symbols(block);
   const std::vector<Lane> w = lane_weights<Lane>(pr);
   for (int64_t j0 = i0; j0 < i1; j0 += block) {
     const int64_t len = std::min(block, i1 - j0);
-    std::fill(counts.begin(), counts.end(), Lane(0));
+    std::fill_n(counts.begin() + pr.num_classes * block, block, Lane(0));
     for (int64_t p = 0; p < pr.peers; ++p) {
       unpack_block<uint32_t, kClassMajorMaxBits>(pr, p, j0, len, symbols.data(),
                                                        first_bad);
@@ -323,54 +369,113 @@ __attribute__((noinline)) void tally_class_major(const Problem& pr, const Output
 // running maximum over a probe's increments is its winner's final key.
 constexpr int kClassBits = kTableMaxBits;
 constexpr uint64_t kClassMask = (uint64_t(1) << kClassBits) - 1;
-// Summed weight below this keeps count << kClassBits inside 64 bits.
+// Summed weight below this keeps count << kClassBits inside 64 bits; below
+// kTableMaxWeight32, inside 32 bits (half the table, so more of it in cache).
 constexpr uint64_t kTableMaxWeight = uint64_t(1) << (64 - kClassBits);
+constexpr uint64_t kTableMaxWeight32 = uint64_t(1) << (32 - kClassBits);
+// Probes counted side by side, each in a table of its own: a class voted many
+// times makes a chain of increments through memory (load, add, store, load
+// the same entry ...), and K independent chains overlap where one would
+// stall. Used while the K tables fit in kTableInterleaveBytes (L2).
+constexpr int kTableInterleave = 4;
+constexpr int64_t kTableInterleaveBytes = 1 << 20;
 
-template <bool kWeighted, bool kAbstain>
+// Counts K probes from tile columns [j, j + K) (rows of `block` symbols, one
+// per peer) into tables keys + k * num_keys, writes probes [i, i + K), and
+// leaves every touched entry reset to its count-0 key.
+template <int K, bool kWeighted, bool kAbstain, typename Key>
+__attribute__((always_inline)) inline void table_probes(const Problem& pr, const Outputs& out,
+                                                        const uint32_t* tile, int64_t block,
+                                                        int64_t j, int64_t i, Key* keys,
+                                                        uint32_t num_keys, const Key* increment) {
+  constexpr Key kOne = Key(1) << kClassBits;
+  const uint32_t abstain = static_cast<uint32_t>(pr.num_classes);
+  Key best[K] = {}, ignored[K] = {}, runner[K] = {};
+  uint32_t winner[K];
+  for (int64_t p = 0; p < pr.peers; ++p) {
+    const uint32_t* sym = tile + p * block + j;
+    const Key inc = kWeighted ? increment[p] : kOne;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const uint32_t s = sym[k];
+      Key* key = keys + k * num_keys;
+      Key v = key[s] + inc;
+      key[s] = v;
+      // An abstention adds to the ignored weight and must not lead.
+      if constexpr (kAbstain) {
+        const bool skip = s == abstain;
+        ignored[k] += skip ? inc : 0;
+        v = skip ? 0 : v;
+      }
+      best[k] = std::max(best[k], v);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k)
+    winner[k] = static_cast<uint32_t>(kClassMask - (best[k] & kClassMask));
+  // Runner-up: every read before any reset, so that no load waits on a
+  // store to the same entry (a class voted twice would otherwise read the
+  // reset key back through the store buffer).
+  for (int64_t p = 0; p < pr.peers; ++p) {
+    const uint32_t* sym = tile + p * block + j;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const uint32_t s = sym[k];
+      const bool other = s != winner[k] && (!kAbstain || s != abstain);
+      // A mask, not a select: compilers turn `other ? key[s] : 0` into a
+      // branch around the load, which mispredicts on every vote when the
+      // winner holds a large but partial share (the usual regime).
+      runner[k] = std::max(runner[k], Key(keys[k * num_keys + s] & (Key(0) - Key(other))));
+    }
+  }
+  for (int64_t p = 0; p < pr.peers; ++p) {
+    const uint32_t* sym = tile + p * block + j;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const uint32_t s = sym[k];
+      keys[k * num_keys + s] = static_cast<Key>(kClassMask - s);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    const uint64_t total = pr.weight_sum - (static_cast<uint64_t>(ignored[k]) >> kClassBits);
+    store(out, i + k, total, winner[k], static_cast<uint64_t>(best[k] >> kClassBits),
+          static_cast<uint64_t>(runner[k] >> kClassBits));
+  }
+}
+
+template <bool kWeighted, bool kAbstain, typename Key>
 __attribute__((noinline)) void tally_table(const Problem& pr, const Outputs& out, int64_t block,
                                            int64_t i0, int64_t i1, int64_t* first_bad) {
   // One key per possible symbol, so symbols need no clamping: an invalid one
   // gets a key of its own and the tally fails afterwards anyway.
   const uint32_t num_keys = uint32_t(1) << pr.b;
-  const uint32_t abstain = static_cast<uint32_t>(pr.num_classes);
-  std::vector<uint64_t> keys(num_keys);  // count 0 between probes
-  for (uint32_t s = 0; s < num_keys; ++s) keys[s] = kClassMask - s;
+  // (Fewer probes than tables: one table, no more to fill.)
+  const int tables =
+      i1 - i0 >= kTableInterleave &&
+              kTableInterleave * int64_t(num_keys) * int64_t(sizeof(Key)) <= kTableInterleaveBytes
+          ? kTableInterleave
+          : 1;
+  std::vector<Key> keys(size_t(tables) * num_keys);  // count 0 between probes
+  for (int t = 0; t < tables; ++t)
+    for (uint32_t s = 0; s < num_keys; ++s) keys[size_t(t) * num_keys + s] = kClassMask - s;
   std::vector<uint32_t> tile(pr.peers * block);  // [P][block]
-  std::vector<uint64_t> increment(pr.peers);
-  for (int64_t p = 0; p < pr.peers; ++p) increment[p] = weight_of(pr, p) << kClassBits;
-  constexpr uint64_t kOne = uint64_t(1) << kClassBits;
-  uint64_t* key = keys.data();
+  std::vector<Key> increment(pr.peers);
+  for (int64_t p = 0; p < pr.peers; ++p)
+    increment[p] = static_cast<Key>(weight_of(pr, p) << kClassBits);
   for (int64_t j0 = i0; j0 < i1; j0 += block) {
     const int64_t len = std::min(block, i1 - j0);
     for (int64_t p = 0; p < pr.peers; ++p)
       unpack_block<uint32_t, kTableMaxBits>(pr, p, j0, len, tile.data() + p * block, first_bad);
-    for (int64_t j = 0; j < len; ++j) {
-      const uint32_t* sym = tile.data() + j;
-      uint64_t best = 0, ignored = 0;
-      for (int64_t p = 0; p < pr.peers; ++p) {
-        const uint32_t s = sym[p * block];
-        const uint64_t inc = kWeighted ? increment[p] : kOne;
-        uint64_t k = key[s] + inc;
-        key[s] = k;
-        // An abstention adds to the ignored weight and must not lead.
-        if constexpr (kAbstain) {
-          const bool skip = s == abstain;
-          ignored += skip ? inc : 0;
-          k = skip ? 0 : k;
-        }
-        best = std::max(best, k);
-      }
-      const uint32_t winner = static_cast<uint32_t>(kClassMask - (best & kClassMask));
-      uint64_t runner = 0;
-      for (int64_t p = 0; p < pr.peers; ++p) {
-        const uint32_t s = sym[p * block];
-        const bool other = s != winner && (!kAbstain || s != abstain);
-        runner = std::max(runner, other ? key[s] : 0);
-        key[s] = kClassMask - s;  // a repeated class reads count 0 afterwards
-      }
-      const uint64_t total = pr.weight_sum - (ignored >> kClassBits);
-      store(out, j0 + j, total, winner, best >> kClassBits, runner >> kClassBits);
-    }
+    int64_t j = 0;
+    if (tables == kTableInterleave)
+      for (; j + kTableInterleave <= len; j += kTableInterleave)
+        table_probes<kTableInterleave, kWeighted, kAbstain>(pr, out, tile.data(), block, j,
+                                                            j0 + j, keys.data(), num_keys,
+                                                            increment.data());
+    for (; j < len; ++j)
+      table_probes<1, kWeighted, kAbstain>(pr, out, tile.data(), block, j, j0 + j, keys.data(),
+                                           num_keys, increment.data());
   }
 }
 
@@ -417,6 +522,17 @@ __attribute__((noinline)) void tally_sorted(const Problem& pr, const Outputs& ou
       store(out, j0 + j, total, win, best, second);
     }
   }
+}
+
+template <typename Key>
+void tally_table_keys(const Problem& pr, const Outputs& out, int64_t block, int64_t i0,
+                      int64_t i1, int64_t* first_bad, bool abstain) {
+  if (pr.weights)
+    abstain ? tally_table<true, true, Key>(pr, out, block, i0, i1, first_bad)
+            : tally_table<true, false, Key>(pr, out, block, i0, i1, first_bad);
+  else
+    abstain ? tally_table<false, true, Key>(pr, out, block, i0, i1, first_bad)
+            : tally_table<false, false, Key>(pr, out, block, i0, i1, first_bad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
@@ -500,12 +616,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
                : tally_class_major<int32_t>(pr, out, block, i0, i1, &bad);
         break;
       case Strategy::kTable:
-        if (pr.weights)
-          abstain ? tally_table<true, true>(pr, out, block, i0, i1, &bad)
-                  : tally_table<true, false>(pr, out, block, i0, i1, &bad);
+        if (wsum < kTableMaxWeight32)
+          tally_table_keys<uint32_t>(pr, out, block, i0, i1, &bad, abstain);
         else
-          abstain ? tally_table<false, true>(pr, out, block, i0, i1, &bad)
-                  : tally_table<false, false>(pr, out, block, i0, i1, &bad);
+          tally_table_keys<uint64_t>(pr, out, block, i0, i1, &bad, abstain);
         break;
       case Strategy::kSorted:
         tally_sorted(pr, out, block, i0, i1, &bad);
