@@ -319,3 +319,50 @@ def test_tally_property(data, num_classes, peers, n, abstain, weighted, ref):
     weights = None if weight_list is None else torch.tensor(weight_list, dtype=torch.int64)
     result = ops.tally(votes, n, num_classes, weights=weights, abstain=abstain)
     check_tally(result, brute_tally(symbols, n, num_classes, weight_list, abstain), n, "cpu")
+
+
+# --------------------------------------------------------------------------- #
+# the kernel's strategies at their edges
+# --------------------------------------------------------------------------- #
+# (C, P, N): tiny C (vector unpack of 4-bit symbols); class-major at 10-bit
+# symbols; the per-probe table with 4 probes side by side (C = 1000, few
+# peers) and with one table (C = 50257, too large for 4).
+STRATEGY_CASES = [(10, 5, 103), (257, 33, 67), (1000, 7, 103), (50257, 7, 103)]
+
+
+@pytest.mark.parametrize("abstain", [False, True], ids=["vote", "abstain"])
+@pytest.mark.parametrize("heavy", [False, True], ids=["small-weights", "large-weights"])
+@pytest.mark.parametrize("num_classes,peers,n", STRATEGY_CASES,
+                         ids=[f"C{c}-P{p}-N{n}" for c, p, n in STRATEGY_CASES])
+def test_tally_strategies_with_wide_counts(num_classes, peers, n, heavy, abstain, device, gen,
+                                           ref):
+    """Weights summing past 2^12 and 2^15 switch the counts to wider lanes
+    and keys; every strategy must still agree with the brute force."""
+    symbols = random_votes(peers, n, num_classes, abstain, gen)
+    votes = pack_votes(ref, symbols, n, num_classes + 1 if abstain else num_classes, device)
+    high = 20_000 if heavy else 4
+    weight_list = torch.randint(0, high, (peers,), generator=gen).tolist()
+    weights = torch.tensor(weight_list, device=device)
+    result = ops.tally(votes, n, num_classes, weights=weights, abstain=abstain)
+    check_tally(result, brute_tally(symbols, n, num_classes, weight_list, abstain), n, device)
+    check_against_reference(result, ref.tally(votes, n, num_classes, weights, abstain))
+
+
+@pytest.mark.parametrize("num_classes,peers", [(10, 3), (200, 3), (257, 33), (50257, 3)])
+def test_tally_rejects_an_out_of_range_symbol_mid_stream(num_classes, peers, device, gen, ref):
+    """A symbol >= the number of symbols deep inside a long stream (where the
+    vectorised unpack reads it) is an error naming `votes`, as at the tail."""
+    n = 77
+    symbols = random_votes(peers, n, num_classes, False, gen)
+    b = ref.bits_for(num_classes)
+    if (1 << b) == num_classes:
+        pytest.skip("every b-bit pattern is a class")
+    votes = pack_votes(ref, symbols, n, num_classes, device).cpu()
+    # Overwrite probe 41 of the last peer with the all-ones pattern (>= C).
+    stream = [int(bit) for byte in votes[-1].tolist() for bit in format(byte, "08b")[::-1]]
+    for j in range(b):
+        stream[41 * b + j] = 1
+    votes[-1] = torch.tensor([sum(bit << k for k, bit in enumerate(stream[i:i + 8]))
+                              for i in range(0, len(stream), 8)], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="votes"):
+        ops.tally(votes.to(device), n, num_classes)
