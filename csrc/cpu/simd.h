@@ -89,14 +89,18 @@ TT_INLINE i16x32 iota16() {
                 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 }
 
-// Horizontal reductions, by halving.
-TT_INLINE uint32_t hmax(const u32x16& v) {
-  const u32x8 a = vmax(half<u32x8>(v, 0), half<u32x8>(v, 1));
-  const u32x4 b = vmax(half<u32x4>(a, 0), half<u32x4>(a, 1));
-  const uint32_t c = b[0] > b[1] ? b[0] : b[1];
-  const uint32_t d = b[2] > b[3] ? b[2] : b[3];
+// Horizontal reductions, by halving (H8 / H4: the vector types of 8 and 4
+// lanes of the element type).
+template <typename H8, typename H4, typename V>
+TT_INLINE auto hmax_of_16(const V& v) {
+  const H8 a = vmax(half<H8>(v, 0), half<H8>(v, 1));
+  const H4 b = vmax(half<H4>(a, 0), half<H4>(a, 1));
+  const auto c = b[0] > b[1] ? b[0] : b[1];
+  const auto d = b[2] > b[3] ? b[2] : b[3];
   return c > d ? c : d;
 }
+
+TT_INLINE uint32_t hmax(const u32x16& v) { return hmax_of_16<u32x8, u32x4>(v); }
 
 TT_INLINE uint16_t hmax(const u16x32& v) {
   const u16x16 a = vmax(half<u16x16>(v, 0), half<u16x16>(v, 1));
@@ -107,13 +111,7 @@ TT_INLINE uint16_t hmax(const u16x32& v) {
 }
 
 // Largest lane of a vector with no NaN lane.
-TT_INLINE float hmax(const f32x16& v) {
-  const f32x8 a = vmax(half<f32x8>(v, 0), half<f32x8>(v, 1));
-  const f32x4 b = vmax(half<f32x4>(a, 0), half<f32x4>(a, 1));
-  const float c = b[0] > b[1] ? b[0] : b[1];
-  const float d = b[2] > b[3] ? b[2] : b[3];
-  return c > d ? c : d;
-}
+TT_INLINE float hmax(const f32x16& v) { return hmax_of_16<f32x8, f32x4>(v); }
 
 TT_INLINE float hsum(const f32x16& v) {
   const f32x8 a = half<f32x8>(v, 0) + half<f32x8>(v, 1);
