@@ -196,7 +196,8 @@ def test_predict_each_hands_every_peer_its_own_logits_in_order():
     """Votes and evaluation take each peer's logits one peer at a time
     (Population.predict_each); they must be the logits of predict, for each
     peer in the order asked, across architectures."""
-    cfg = dataclasses.replace(tiny("tallytrain"), model=ModelConfig(hidden=16, archs=("mlp", "mlp1")))
+    cfg = dataclasses.replace(tiny("tallytrain"),
+                              model=ModelConfig(hidden=16, archs=("mlp", "mlp1", "cnn")))
     fed = Federation(cfg, data(0))
     x = fed.data.x_test[:50]
     order = [3, 0, 2, 1]

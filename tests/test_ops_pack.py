@@ -396,6 +396,40 @@ def test_pack_argmax_abstain_at_the_decision_bounds(c, threshold, float_dtype, d
             assert symbol == ref_symbol == (label if p >= threshold else c), (row, p)
 
 
+def shared_lane_rows(c):
+    """Rows whose two largest logits lie 128 positions apart (one vector lane
+    of one block chain of the float32 kernel, whose runner-up is then only a
+    lower bound) or 64 apart, or in one block, at the start, the middle and
+    the end of the row: an exact tie (p = 0.5), a gap whose lower bound alone
+    would vote, and a clear vote. Every other logit is far below."""
+    rows = []
+    for apart in (128, 64, 16, 1):
+        for first in (0, (c // 2) - (c // 2) % 64 + 5, c - 1 - apart):
+            for gap in (0.0, 1.0, 3.0, 12.0):
+                if first < 0 or first + apart >= c:
+                    continue
+                row = torch.full((c,), -40.0)
+                row[first] = 10.0
+                row[first + apart] = 10.0 - gap
+                rows.append(row)
+                flipped = row.clone()  # the larger one second
+                flipped[first], flipped[first + apart] = 10.0 - gap, 10.0
+                rows.append(flipped)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.95])
+@pytest.mark.parametrize("c", [200, 1000, 4099])
+def test_pack_argmax_abstain_with_the_top_two_in_one_lane(c, threshold, device, ref):
+    """The float32 kernel bounds the runner-up from below by the second
+    largest of its lane maxima; a row it would vote on from that bound alone
+    must still abstain when the true runner-up is close."""
+    logits = shared_lane_rows(c).to(device)
+    got = ops.pack_argmax(logits, abstain_below=threshold)
+    assert_equal(got.cpu(), ref.pack_argmax(logits.cpu(), False, threshold)[0])
+    assert_equal(ops.pack_argmax(logits).cpu(), ref.pack_argmax(logits.cpu(), False, None)[0])
+
+
 @pytest.mark.parametrize("c", [2, 10, 255, 65536])
 def test_pack_argmax_all_abstain(c, float_dtype, device, bitstream):
     # Equal logits: probability 1/C < 1, so threshold 1 makes every row abstain.

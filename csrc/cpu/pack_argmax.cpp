@@ -132,6 +132,7 @@ struct RowArgmax {
   int64_t index;
   typename F::Key key;
   typename F::Key second;  // the second-largest key (ties count twice); with kSecond only
+  bool second_exact = true;  // else `second` is a lower bound (see long_row_argmax_f32)
 };
 
 // The keys of the first `count` elements at p (count < kLanes); other lanes 0,
@@ -159,19 +160,20 @@ struct LaneTop2 {
     second = vmax(vmax(second, o.second), vmin(first, o.first));
     first = vmax(first, o.first);
   }
-  // The second-largest value over all lanes.
+  // The second-largest value over all lanes, counting repeats: when two
+  // lanes hold the top value it is the second value too. Lane operations
+  // only (a scalar walk over the lanes mispredicted on most rows).
   TT_INLINE T second_value(T lowest) const {
-    T top = lowest, next = hmax(second);
-    for (int lane = 0; lane < int(sizeof(V) / sizeof(T)); ++lane) {
-      const T k = first[lane];
-      if (k > top) {
-        next = std::max(next, top);
-        top = k;
-      } else {
-        next = std::max(next, k);
-      }
-    }
-    return next;
+    constexpr int kCount = sizeof(V) / sizeof(T);
+    using U = std::conditional_t<kCount == 16, u32x16, u16x32>;
+    const T top = hmax(first);
+    const auto at_top = first == top;
+    const U lane = lane_index<U>(), none = {};
+    // The last lane holding top, and the first one counted from the end.
+    const auto last = hmax(at_top ? lane : none);
+    const auto from_end = hmax(at_top ? (U{} + (kCount - 1)) - lane : none);
+    if (int(last) + int(from_end) != kCount - 1) return top;
+    return std::max(hmax(second), hmax(at_top ? V{} + lowest : first));
   }
 };
 
@@ -229,70 +231,134 @@ TT_INLINE RowArgmax<F> long_row_argmax(const typename F::Raw* row, int64_t cols)
   return {find_key<F>(row, best_chunk, cols, best), best, second};
 }
 
-// float32 rows compare the floats themselves, each lane keeping its own
-// maximum and where it was (strict >, so the first), in four independent
-// chains; one reduction per row picks the smallest index among the lanes
-// holding the maximum. No key transform and no second scan for the index.
+// Whether a float32 row holds a NaN (|x|'s bits above +inf's).
+TT_INLINE bool row_has_nan(const uint32_t* bits, int64_t cols) {
+  u32x16 magnitude = {};
+  int64_t j = 0;
+  for (; j + 16 <= cols; j += 16) magnitude = vmax(magnitude, load<u32x16>(bits + j) & 0x7fffffffu);
+  if (j < cols) magnitude = vmax(magnitude, load_partial<u32x16>(bits + j, int(cols - j)) & 0x7fffffffu);
+  return hmax(magnitude) > 0x7f800000u;
+}
+
+// The largest element of a float32 row without NaN other than the one at
+// `skip` (the exact second-largest value when `skip` is the argmax).
+TT_INLINE float max_excluding(const float* row, int64_t cols, int64_t skip) {
+  constexpr float kLowest = -std::numeric_limits<float>::infinity();
+  const auto masked = [&](const f32x16& x, int64_t at, int64_t count) {
+    const i32x16 lane = iota32();
+    return (lane < int32_t(count)) & (lane != int32_t(skip - at)) ? x : kLowest;
+  };
+  f32x16 acc = f32x16{} + kLowest;
+  int64_t j = 0;
+  for (; j + 16 <= cols; j += 16) {
+    const f32x16 x = load<f32x16>(row + j);
+    acc = vmax(acc, skip - j >= 0 && skip - j < 16 ? masked(x, j, 16) : x);
+  }
+  if (j < cols) acc = vmax(acc, masked(load_partial<f32x16>(row + j, int(cols - j)), j, cols - j));
+  return hmax(acc);
+}
+
+// float32 rows compare the floats themselves. The row is read in blocks of
+// 64 floats: a block's lane-wise maximum (three vmax for four vectors) is
+// compared with each lane's best so far, which remembers the block where it
+// was first reached (strict >). Two chains of blocks, interleaved. The
+// smallest such block among the lanes holding the row's maximum contains
+// its first occurrence: any element equal to the maximum lifts its lane to
+// the maximum in its own block or earlier. One scan of that block finds it.
+// About 2.5 vector operations per 16 floats (a lane-wise max and index per
+// vector took 6 to 9), so a row in cache is read at load speed.
+//
 // Plain float order agrees with torch.argmax except for NaN (-0.0 == +0.0
-// either way), so NaN lanes are noticed on the side (an integer max of |x|'s
-// bits: GCC scalarises a float x != x in these loops) and such a row takes
-// the key path.
+// either way). Non-finite elements are noticed on the side: v * 0 is 0 for
+// finite v and NaN for NaN and for +-inf, so a NaN sum flags the row. Then
+// an exact test; rows with a NaN take the key path (infinities compare
+// correctly as floats).
+//
+// kSecond: `second` is the second largest of the 32 (chain, lane) maxima, a
+// lower bound on the row's second-largest value, exact unless the two
+// largest elements share a chain and lane (then second_exact is false).
 template <bool kSecond>
 TT_INLINE RowArgmax<Float32> long_row_argmax_f32(const uint32_t* bits, int64_t cols) {
+  static_assert(kShortRowLimit >= 16, "long rows must hold a whole vector");
   constexpr int L = 16;
-  constexpr int kChains = 4;
+  constexpr int64_t kBlock = 4 * L;
   // Rows just written by inference are mostly out of L2 by the time they
   // are packed; fetching 4 KiB ahead measured 4-20% faster there and no
   // slower on cached rows.
   constexpr int64_t kPrefetchAhead = 1024;  // floats
   constexpr float kLowest = -std::numeric_limits<float>::infinity();
   const float* row = reinterpret_cast<const float*>(bits);
-  f32x16 best[kChains], second[kChains];
-  i32x16 where[kChains];  // the index of lane 0 of the vector that set `best`
-  for (int c = 0; c < kChains; ++c) {
-    best[c] = second[c] = f32x16{} + kLowest;  // an all -inf row: index 0
-    where[c] = i32x16{};
-  }
-  u32x16 magnitude = {};
-  const auto step = [&](int c, const f32x16& v, int32_t at) {
-    magnitude = vmax(magnitude, (u32x16)v & 0x7fffffffu);
-    if constexpr (kSecond) second[c] = vmax(second[c], vmin(best[c], v));
-    const auto greater = v > best[c];
-    best[c] = greater ? v : best[c];
-    where[c] = greater ? i32x16{} + at : where[c];
+  f32x16 best[2] = {f32x16{} + kLowest, f32x16{} + kLowest};  // an all -inf row: index 0
+  i32x16 where[2] = {i32x16{}, i32x16{}};
+  f32x16 poison[4] = {};
+  const auto block = [&](int c, int64_t at, const f32x16 (&v)[4]) {
+    const f32x16 m = vmax(vmax(v[0], v[1]), vmax(v[2], v[3]));
+    const auto greater = m > best[c];
+    best[c] = greater ? m : best[c];
+    where[c] = greater ? i32x16{} + int32_t(at) : where[c];
   };
   int64_t j = 0;
-  for (; j + kChains * L <= cols; j += kChains * L) {
-    for (int q = 0; q < kChains; ++q) __builtin_prefetch(row + j + kPrefetchAhead + q * L);
-    for (int c = 0; c < kChains; ++c) step(c, load<f32x16>(row + j + c * L), int32_t(j + c * L));
-  }
-  for (; j + L <= cols; j += L) step(0, load<f32x16>(row + j), int32_t(j));
-  if (j < cols) {
-    const int count = static_cast<int>(cols - j);
-    const f32x16 v = load_partial<f32x16>(row + j, count);  // zero lanes past the row
-    step(1, iota32() < count ? v : kLowest, int32_t(j));
-  }
-  if (hmax(magnitude) > 0x7f800000u) return long_row_argmax<Float32, kSecond>(bits, cols);
-  f32x16 top = best[0];
-  for (int c = 1; c < kChains; ++c) top = vmax(top, best[c]);
-  const float max_value = hmax(top);
-  i32x16 first = i32x16{} + std::numeric_limits<int32_t>::max();
-  for (int c = 0; c < kChains; ++c)
-    first = vmin(first, best[c] == max_value ? where[c] + iota32() : first);
-  int32_t index = first[0];
-  for (int lane = 1; lane < L; ++lane) index = std::min(index, first[lane]);
-  float second_value = kLowest;
-  if constexpr (kSecond) {
-    LaneTop2<f32x16, float> all(kLowest);
-    for (int c = 0; c < kChains; ++c) {
-      all.merge(LaneTop2<f32x16, float>(best[c], second[c]));
+  for (; j + 2 * kBlock <= cols; j += 2 * kBlock) {
+    for (int q = 0; q < 8; ++q) __builtin_prefetch(row + j + kPrefetchAhead + q * L);
+    for (int c = 0; c < 2; ++c) {
+      const float* p = row + j + c * kBlock;
+      const f32x16 v[4] = {load<f32x16>(p), load<f32x16>(p + L), load<f32x16>(p + 2 * L),
+                           load<f32x16>(p + 3 * L)};
+      for (int q = 0; q < 4; ++q) poison[q] += v[q] * 0.0f;
+      block(c, j + c * kBlock, v);
     }
-    second_value = all.second_value(kLowest);
+  }
+  // At most two blocks left, the last one partial. A vector that would run
+  // past the row is the row's last 16 elements instead (long rows have at
+  // least 64), with those already seen masked: no partial loads, whose
+  // stores to the stack stalled the next load.
+  for (; j < cols; j += kBlock) {
+    f32x16 v[4];
+    for (int q = 0; q < 4; ++q) {
+      const int64_t at = j + q * L;
+      if (at + L <= cols) {
+        v[q] = load<f32x16>(row + at);
+        poison[q] += v[q] * 0.0f;
+      } else if (at < cols) {
+        const f32x16 x = load<f32x16>(row + cols - L);
+        poison[q] += x * 0.0f;
+        v[q] = iota32() >= int32_t(at - (cols - L)) ? x : kLowest;
+      } else {
+        v[q] = f32x16{} + kLowest;
+      }
+    }
+    block(0, j, v);
+  }
+  if (std::isnan(hsum((poison[0] + poison[1]) + (poison[2] + poison[3]))) && row_has_nan(bits, cols))
+    return long_row_argmax<Float32, kSecond>(bits, cols);
+  const float max_value = hmax(vmax(best[0], best[1]));
+  constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
+  const auto smallest = [](const i32x16& v) {  // of lanes in 0..kMax
+    return kMax - static_cast<int32_t>(hmax((u32x16)(kMax - v)));
+  };
+  i32x16 first = i32x16{} + kMax;
+  for (int c = 0; c < 2; ++c) first = vmin(first, best[c] == max_value ? where[c] : first);
+  // The first element equal to the maximum, in that block (see above).
+  const int64_t start = smallest(first);
+  const int64_t end = std::min(start + kBlock, cols);
+  i32x16 found = i32x16{} + kMax;
+  for (int64_t at = start; at < end; at += L) {
+    const int64_t from = std::min(at, cols - L);
+    found = vmin(found, load<f32x16>(row + from) == max_value ? iota32() + int32_t(from) : found);
+  }
+  const int64_t index = smallest(found);
+  float second_value = kLowest;
+  bool second_exact = true;
+  if constexpr (kSecond) {
+    LaneTop2<f32x16, float> lanes(best[0], f32x16{} + kLowest);
+    lanes.merge(LaneTop2<f32x16, float>(best[1], f32x16{} + kLowest));
+    second_value = lanes.second_value(kLowest);
+    second_exact = false;
   }
   uint32_t max_bits, second_bits;
   memcpy(&max_bits, &max_value, 4);
   memcpy(&second_bits, &second_value, 4);
-  return {index, key_f32(max_bits), key_f32(second_bits)};
+  return {index, key_f32(max_bits), key_f32(second_bits), second_exact};
 }
 
 template <class F, bool kSecond>
@@ -355,6 +421,8 @@ enum class Decision { kOpen, kVote, kAbstain };
 // maximum and a gap d = max - second to its second-largest logit lies in
 // [1 / (1 + (C-1) e^-d), 1 / (1 + e^-d)]. Both ends are monotone in d, so a
 // row is decided by comparing d with two gaps worked out once per call.
+constexpr double kInfinity = std::numeric_limits<double>::infinity();
+
 struct DecisionGaps {
   double abstain_below_gap;  // d below this: p < threshold surely
   double vote_from_gap;      // d at or above this: p >= threshold surely
@@ -424,7 +492,17 @@ TT_INLINE void pack_long_rows_as(const Job& job, int64_t r0, int64_t r1) {
       const float max_value = F::value(raw_of_key<F>(a.key));
       if (std::isfinite(max_value)) {
         Decision d = Decision::kOpen;
-        if constexpr (kDecisionOnly) d = gaps.decide(max_value, F::value(raw_of_key<F>(a.second)));
+        if constexpr (kDecisionOnly) {
+          d = gaps.decide(max_value, F::value(raw_of_key<F>(a.second)));
+          // A lower bound on the second value overstates the gap: sound for
+          // abstaining, not for voting, which needs the exact second (unless
+          // every gap votes: threshold 0).
+          if (d == Decision::kVote && !a.second_exact && gaps.vote_from_gap > -kInfinity) {
+            if constexpr (std::is_same_v<F, Float32>)
+              d = gaps.decide(max_value, max_excluding(reinterpret_cast<const float*>(row),
+                                                       job.cols, a.index));
+          }
+        }
         // Stand-ins on the decided side of the threshold (never returned:
         // this mode has no probability output).
         if (d == Decision::kVote) prob = 1.0f;

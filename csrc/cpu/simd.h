@@ -89,6 +89,13 @@ TT_INLINE i16x32 iota16() {
                 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 }
 
+// iota of the unsigned lane type U.
+template <typename U>
+TT_INLINE U lane_index() {
+  if constexpr (sizeof(U) / sizeof(U{}[0]) == 16) return (U)iota32();
+  else return (U)iota16();
+}
+
 // Horizontal reductions, by halving (H8 / H4: the vector types of 8 and 4
 // lanes of the element type).
 template <typename H8, typename H4, typename V>
