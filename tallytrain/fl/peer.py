@@ -33,6 +33,14 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _PREDICT_ROWS = 4096
 
 
+def in_row_chunks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  dim: int) -> torch.Tensor:
+    """f over x in chunks of _PREDICT_ROWS rows (bounded activation memory),
+    the outputs joined along ``dim`` (their row dimension)."""
+    parts = [f(x[i:i + _PREDICT_ROWS]) for i in range(0, max(len(x), 1), _PREDICT_ROWS)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def seed_int(*key: int) -> int:
     """A 63-bit seed derived from integers (numpy SeedSequence hashing)."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
@@ -167,9 +175,7 @@ class PeerGroup:
         outs = []
         for p0 in range(0, count, step):
             sub = {k: v[p0:p0 + step] for k, v in params.items()}
-            parts = [self._shared(sub, x[i:i + _PREDICT_ROWS])
-                     for i in range(0, max(len(x), 1), _PREDICT_ROWS)]
-            outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+            outs.append(in_row_chunks(lambda xs: self._shared(sub, xs), x, dim=1))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     @torch.no_grad()
@@ -183,9 +189,7 @@ class PeerGroup:
         measured bit-identical to the vmapped call's for the bundled
         architectures at one and two threads, so results did not change."""
         params = {k: v[row] for k, v in self.params.items()}
-        parts = [functional_call(self.template, params, (x[i:i + _PREDICT_ROWS],))
-                 for i in range(0, max(len(x), 1), _PREDICT_ROWS)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return in_row_chunks(lambda xs: functional_call(self.template, params, (xs,)), x, dim=0)
 
     # ---- training -----------------------------------------------------------
     def fit(self, rows: torch.Tensor, steps: Sequence[int], objectives: Sequence["Batches"],
