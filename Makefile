@@ -1,6 +1,7 @@
 # One entry point for setting up, running and testing tallytrain.
 #   make demo    set up (venv + torch + build) and run the main federated comparison
-#   make test    set up and run the test suite twice: native kernels required, then the reference
+#   make test    set up and run the test suite twice: native kernels required, then the reference;
+#                then the CUDA kernels once more on the CPU execution model, with AddressSanitizer
 #   make bench   op microbenchmarks against the plain-PyTorch way
 # Everything installs from this repository's own files into $(VENV).
 
@@ -21,7 +22,7 @@ SOURCES = setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu
 DEMO_OUT ?= runs/digits-alpha0.1
 PYTEST_ARGS ?=
 
-.PHONY: setup install demo test test-native test-reference bench info clean
+.PHONY: setup install demo test test-native test-reference test-simt-asan bench info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,13 +46,22 @@ demo: install
 	$(BIN)/tallytrain compare --dataset digits --methods all --peers 10 --alpha 0.1 \
 	  --rounds 20 --seeds 3 --out $(DEMO_OUT) --overwrite
 
-test: install test-native test-reference
+test: install test-native test-reference test-simt-asan
 
 test-native: install
 	TALLYTRAIN_BACKEND=native $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 test-reference: install
 	TALLYTRAIN_BACKEND=reference $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+# The simt cases (the CUDA kernels on tests/simt's CPU execution model) built
+# with AddressSanitizer, so that a kernel reading or writing past a tensor
+# fails. --capture=sys leaves file descriptor 2 alone: a sanitizer report
+# ends the process, and must not end in pytest's capture file with it.
+test-simt-asan: install
+	LD_PRELOAD="$$($(BIN)/python tests/simt/build.py --asan-preload)" ASAN_OPTIONS=detect_leaks=0 \
+	  TALLYTRAIN_SIMT_SANITIZE=address TALLYTRAIN_BACKEND=native \
+	  $(BIN)/python -m pytest -q -m simt --capture=sys $(PYTEST_ARGS) tests
 
 bench: install
 	$(BIN)/python -m benchmarks.ops

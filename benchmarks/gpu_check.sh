@@ -8,7 +8,10 @@
 #   1. nvidia-smi
 #   2. build from source for sm_90 (pip editable install; fallback: build_ext
 #      --inplace), and stop unless backend_info() says CUDA is native
-#   3. the CUDA tests of tests/test_cuda_large.py (pytest -m cuda)
+#   3. one C++ exception from a CUDA binding, which must reach Python (where it
+#      crashes the process, the libraries involved are printed and a retry
+#      with the extension's libstdc++ preloaded is kept if it works); then
+#      the CUDA tests of tests/test_cuda_large.py (pytest -m cuda)
 #   4. the other CUDA tests: the device-parametrised op tests (pytest -k cuda,
 #      without tests/test_cuda_large.py, which step 3 ran)
 #   5. compute-sanitizer memcheck over benchmarks/sanitize_cases.py
@@ -130,7 +133,34 @@ for name, t, p, ratio, tbs, frac in rows:
     print("%-40s %9.3f %9.3f %7.1f %6.2f %6.0f%%" % (name, t, p, ratio, tbs, 100 * frac))
 '
 }
-export -f build check_native quick_bench
+# A C++ exception thrown in the extension must reach Python as an error. On
+# the 2026-11-26 GPU image it crashed the process instead, for any freshly
+# built extension. AddressSanitizer shows the same crash wherever a library
+# that intercepts __cxa_throw is loaded before libstdc++ (tests/simt), so
+# where it happens this step prints which libstdc++ the process and the
+# extension use, and tries again with the extension's libstdc++ loaded first.
+raise_check() {
+  "$PY" -c '
+import torch
+import tallytrain.ops as ops
+try:
+    ops.pack_labels(torch.tensor([5], device="cuda"), 2)
+except ValueError as e:
+    print("the CUDA binding raised ValueError as it should:", e)
+else:
+    raise SystemExit("no error raised for an out-of-range label")
+'
+}
+
+libraries() {
+  echo "gcc: $(gcc --version 2>/dev/null | head -1)"
+  echo "extension links:"; ldd tallytrain/_C*.so | grep -E "stdc\+\+|gcc_s" || true
+  echo "the process maps:"
+  "$PY" -c 'import torch, tallytrain.ops; print(open("/proc/self/maps").read())' \
+    | awk '/stdc\+\+|gcc_s|asan|preload/ {print $6}' | sort -u
+  echo "LD_PRELOAD=${LD_PRELOAD:-}"
+}
+export -f build check_native quick_bench raise_check libraries
 
 log "nvidia-smi"
 nvidia-smi | tee "$OUT/nvidia_smi.txt"
@@ -140,6 +170,16 @@ step "backend_info says CUDA native" 30 backend_info.log bash -c check_native
 if [[ ${#FAILED[@]} -ne 0 ]]; then
   log "no native CUDA build: stopping here"
   exit 1
+fi
+
+step "C++ exceptions reach Python" 60 raise_check.log bash -c raise_check
+if [[ " ${FAILED[*]} " == *" C++ exceptions reach Python "* ]]; then
+  libraries 2>&1 | tee "$OUT/libraries.log"
+  STDCXX="$(ldd tallytrain/_C*.so | awk '/libstdc\+\+/ {print $3; exit}')"
+  if [[ -n "$STDCXX" ]] && LD_PRELOAD="$STDCXX" timeout 60 bash -c raise_check; then
+    export LD_PRELOAD="$STDCXX"
+    log "with LD_PRELOAD=$STDCXX exceptions reach Python: kept for the later steps"
+  fi
 fi
 
 # Much of the tests' time is the reference on the CPU: spread it over 4

@@ -1,7 +1,11 @@
 """Fixtures shared by the op tests.
 
-- ``device``: every test that takes it runs on the CPU and, marked ``cuda``, on
-  a CUDA device (skipped where there is none).
+- ``device``: every test that takes it runs on the CPU, marked ``cuda`` on a
+  CUDA device (skipped where there is none), and marked ``simt`` on the CUDA
+  kernels run by the CPU execution model of tests/simt (the device is then
+  "cpu" and tallytrain.ops calls ``torch.ops.tallytrain_simt``). A module
+  whose tests call ``torch.ops.tallytrain`` directly sets
+  ``EMULATED_CUDA = False`` to leave the simt case out.
 - ``float_dtype``: float32, float16 and bfloat16, the logits dtypes.
 - ``ref``: ``tallytrain.ops.reference``, the specification, called directly so
   that the dispatched op (native where the extension serves) is compared with
@@ -16,12 +20,17 @@
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 import zlib
+from pathlib import Path
 from typing import Callable, List, Sequence
 
 import pytest
 import torch
 
+import tallytrain.ops
 from tallytrain.ops import reference
 
 DEVICE_PARAMS = [
@@ -31,6 +40,7 @@ DEVICE_PARAMS = [
         pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
     ]),
 ]
+SIMT_PARAM = pytest.param("simt", id="simt", marks=pytest.mark.simt)
 
 FLOAT_DTYPE_PARAMS = [
     pytest.param(torch.float32, id="float32"),
@@ -39,8 +49,44 @@ FLOAT_DTYPE_PARAMS = [
 ]
 
 
-@pytest.fixture(params=DEVICE_PARAMS)
-def device(request) -> str:
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        params = list(DEVICE_PARAMS)
+        if getattr(metafunc.module, "EMULATED_CUDA", True):
+            params.append(SIMT_PARAM)
+        metafunc.parametrize("device", params, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def simt_build():
+    """tests/simt/build.py as a module. The emulated kernels do not depend on
+    TALLYTRAIN_BACKEND, so they run in the native pass only."""
+    if reference_requested():
+        pytest.skip("the emulated CUDA kernels are tested in the native pass")
+    path = Path(__file__).resolve().parent / "simt" / "build.py"
+    spec = importlib.util.spec_from_file_location("tallytrain_simt_build", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # keeps its op definitions alive
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def simt_ops(simt_build):
+    """torch.ops.tallytrain_simt, built on first use into build/simt/; a build
+    failure fails the tests."""
+    return simt_build.load()
+
+
+def reference_requested() -> bool:
+    return os.environ.get("TALLYTRAIN_BACKEND", "").strip().lower() == "reference"
+
+
+@pytest.fixture
+def device(request, monkeypatch) -> str:
+    if request.param == "simt":
+        monkeypatch.setattr(tallytrain.ops, "_ops", request.getfixturevalue("simt_ops"))
+        return "cpu"
     return request.param
 
 

@@ -1,15 +1,22 @@
 // Helpers for the CUDA bindings (the .cpp files that register the kernels for
 // the CUDA dispatch key): argument checks shared with the CPU kernels (same
-// wording as the reference), dtype mapping, and the device workspace handed
-// to the launchers.
+// wording as the reference), dtype mapping, the device workspace handed to
+// the launchers, and the few device-runtime calls they make.
+//
+// Built with TALLYTRAIN_SIMT (tests/simt/build.py), the same bindings and
+// kernels serve CPU tensors through the CUDA execution model of
+// tests/simt/include/simt.h, registered as the ops of the `tallytrain_simt`
+// namespace, so that the tests exercise them where no GPU is.
 #pragma once
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <torch/library.h>
+#ifndef TALLYTRAIN_SIMT
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -29,6 +36,27 @@ using cpu::check_stream_bytes;
 using cpu::check_tally_votes;
 using cpu::check_unpack_args;
 using cpu::is_integer_dtype;
+
+#ifdef TALLYTRAIN_SIMT
+#define TALLYTRAIN_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(tallytrain_simt, CPU, m)
+#define TALLYTRAIN_CUDA_CHECK(expr)                                                    \
+  do {                                                                                 \
+    const cudaError_t tallytrain_err_ = (expr);                                        \
+    TORCH_CHECK(tallytrain_err_ == cudaSuccess, "CUDA error: ",                        \
+                cudaGetErrorString(tallytrain_err_));                                  \
+  } while (0)
+struct DeviceGuard {
+  explicit DeviceGuard(const c10::Device&) {}
+};
+inline cudaStream_t current_stream() { return nullptr; }
+inline bool on_device(const c10::Device& d) { return d.is_cpu(); }
+#else
+#define TALLYTRAIN_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(tallytrain, CUDA, m)
+#define TALLYTRAIN_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline bool on_device(const c10::Device& d) { return d.is_cuda(); }
+#endif
 
 inline FloatType float_type(at::ScalarType t) {
   switch (t) {

@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor> pack_argmax_cuda(const at::Tensor& logits, bo
   const int64_t c = logits.size(1);
   const bool abstain = abstain_below.has_value();
 
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const DeviceGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
   at::Tensor packed = at::empty({packed_bytes(n, b)}, logits.options().dtype(at::kByte));
   const bool need_prob = return_prob || abstain;
@@ -36,8 +36,8 @@ std::tuple<at::Tensor, at::Tensor> pack_argmax_cuda(const at::Tensor& logits, bo
     args.out = packed.data_ptr<uint8_t>();
     args.out_bytes = packed.numel();
     args.prob = need_prob ? prob.data_ptr<float>() : nullptr;
-    C10_CUDA_CHECK(launch_pack_argmax(args, workspace.allocator(),
-                                      at::cuda::getCurrentCUDAStream()));
+    TALLYTRAIN_CUDA_CHECK(launch_pack_argmax(args, workspace.allocator(),
+                                      current_stream()));
   }
   if (!return_prob) prob = at::empty({0}, logits.options().dtype(at::kFloat));
   return {packed, prob};
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> pack_argmax_cuda(const at::Tensor& logits, bo
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CUDA, m) { m.impl("pack_argmax", &pack_argmax_cuda); }
+TALLYTRAIN_CUDA_IMPL(m) { m.impl("pack_argmax", &pack_argmax_cuda); }
 
 }  // namespace cuda
 }  // namespace tallytrain

@@ -12,7 +12,7 @@ at::Tensor pack_labels_cuda(const at::Tensor& labels, int64_t num_symbols) {
                    "labels must be an integer tensor, got ", labels.scalar_type());
   TORCH_CHECK_VALUE(labels.dim() == 1, "labels must be 1-D [N], got shape ", labels.sizes());
   const int b = check_num_symbols(num_symbols);
-  const c10::cuda::CUDAGuard guard(labels.device());
+  const DeviceGuard guard(labels.device());
   const at::Tensor lab = labels.contiguous();
   const int64_t n = lab.numel();
   at::Tensor out = at::empty({packed_bytes(n, b)}, labels.options().dtype(at::kByte));
@@ -27,7 +27,7 @@ at::Tensor pack_labels_cuda(const at::Tensor& labels, int64_t num_symbols) {
   args.out = out.data_ptr<uint8_t>();
   args.out_bytes = out.numel();
   args.first_bad = flag_ptr(flag);
-  C10_CUDA_CHECK(launch_pack_labels(args, at::cuda::getCurrentCUDAStream()));
+  TALLYTRAIN_CUDA_CHECK(launch_pack_labels(args, current_stream()));
   const int64_t bad = read_first_bad(flag);
   if (bad >= 0) {
     TORCH_CHECK_VALUE(false, "labels[", bad, "] = ", lab[bad].item<int64_t>(), " is outside 0..",
@@ -38,7 +38,7 @@ at::Tensor pack_labels_cuda(const at::Tensor& labels, int64_t num_symbols) {
 
 at::Tensor unpack_labels_cuda(const at::Tensor& packed, int64_t n, int64_t num_symbols) {
   const int b = check_unpack_args(packed, n, num_symbols);
-  const c10::cuda::CUDAGuard guard(packed.device());
+  const DeviceGuard guard(packed.device());
   const at::Tensor stream = packed.contiguous();
   at::Tensor out = at::empty({n}, packed.options().dtype(at::kLong));
   if (n == 0) return out;
@@ -52,7 +52,7 @@ at::Tensor unpack_labels_cuda(const at::Tensor& packed, int64_t n, int64_t num_s
   args.bits = b;
   args.out = out.data_ptr<int64_t>();
   args.first_bad = check ? flag_ptr(flag) : nullptr;
-  C10_CUDA_CHECK(launch_unpack_labels(args, at::cuda::getCurrentCUDAStream()));
+  TALLYTRAIN_CUDA_CHECK(launch_unpack_labels(args, current_stream()));
   if (check) {
     const int64_t bad = read_first_bad(flag);
     if (bad >= 0) {
@@ -65,7 +65,7 @@ at::Tensor unpack_labels_cuda(const at::Tensor& packed, int64_t n, int64_t num_s
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CUDA, m) {
+TALLYTRAIN_CUDA_IMPL(m) {
   m.impl("pack_labels", &pack_labels_cuda);
   m.impl("unpack_labels", &unpack_labels_cuda);
 }

@@ -65,13 +65,13 @@ at::Tensor sparse_merge_cuda(at::TensorList indices, at::TensorList values, int6
   // where the reference puts it, on indices[0]'s device.
   c10::Device device = indices[0].device();
   for (const at::Tensor& t : indices)
-    if (!device.is_cuda() && t.is_cuda()) device = t.device();
+    if (!on_device(device) && on_device(t.device())) device = t.device();
   for (const at::Tensor& t : values)
-    if (!device.is_cuda() && t.is_cuda()) device = t.device();
-  if (!device.is_cuda() && counts.has_value() && counts->is_cuda()) device = counts->device();
-  TORCH_CHECK(device.is_cuda(), "sparse_merge_cuda called without a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    if (!on_device(device) && on_device(t.device())) device = t.device();
+  if (!on_device(device) && counts.has_value() && on_device(counts->device())) device = counts->device();
+  TORCH_CHECK(on_device(device), "sparse_merge_cuda called without a CUDA tensor");
+  const DeviceGuard guard(device);
+  const cudaStream_t stream = current_stream();
 
   // Peers before the first one with a dtype or shape error have their index
   // lists checked on the device, all at once.
@@ -94,7 +94,7 @@ at::Tensor sparse_merge_cuda(at::TensorList indices, at::TensorList values, int6
   if (checked > 0) {
     const at::Tensor lists = lists_host.to(device);
     at::Tensor flags = at::zeros({2 * checked}, at::TensorOptions().dtype(at::kInt).device(device));
-    C10_CUDA_CHECK(launch_sparse_merge_validate(reinterpret_cast<const IndexList*>(lists.data_ptr()),
+    TALLYTRAIN_CUDA_CHECK(launch_sparse_merge_validate(reinterpret_cast<const IndexList*>(lists.data_ptr()),
                                                 checked, size, max_length,
                                                 flags.data_ptr<int>(), stream));
     const at::Tensor flags_host = flags.cpu();
@@ -122,14 +122,14 @@ at::Tensor sparse_merge_cuda(at::TensorList indices, at::TensorList values, int6
     args.scale = scales[p];
     args.out = out.data_ptr();
     args.out_dtype = float_type(out_dtype);
-    C10_CUDA_CHECK(launch_sparse_merge_peer(args, stream));
+    TALLYTRAIN_CUDA_CHECK(launch_sparse_merge_peer(args, stream));
   }
   return out.to(indices[0].device());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CUDA, m) { m.impl("sparse_merge", &sparse_merge_cuda); }
+TALLYTRAIN_CUDA_IMPL(m) { m.impl("sparse_merge", &sparse_merge_cuda); }
 
 }  // namespace cuda
 }  // namespace tallytrain

@@ -44,7 +44,7 @@ Tally tally_cuda(const at::Tensor& votes, int64_t n, int64_t num_classes,
     weights_dev = w_host.to(votes.device());
   }
 
-  const c10::cuda::CUDAGuard guard(votes.device());
+  const DeviceGuard guard(votes.device());
   const auto i64 = votes.options().dtype(at::kLong);
   at::Tensor label = at::empty({n}, i64);
   at::Tensor count = at::empty({n}, i64);
@@ -71,7 +71,7 @@ Tally tally_cuda(const at::Tensor& votes, int64_t n, int64_t num_classes,
   args.total = total.data_ptr<int64_t>();
   args.runner_up = runner_up.data_ptr<int64_t>();
   args.first_bad = check ? flag_ptr(flag) : nullptr;
-  C10_CUDA_CHECK(launch_tally(args, workspace.allocator(), at::cuda::getCurrentCUDAStream()));
+  TALLYTRAIN_CUDA_CHECK(launch_tally(args, workspace.allocator(), current_stream()));
   if (check) {
     const int64_t bad = read_first_bad(flag);
     if (bad >= 0) {
@@ -93,7 +93,7 @@ Tally tally_cuda(const at::Tensor& votes, int64_t n, int64_t num_classes,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CUDA, m) { m.impl("tally", &tally_cuda); }
+TALLYTRAIN_CUDA_IMPL(m) { m.impl("tally", &tally_cuda); }
 
 }  // namespace cuda
 }  // namespace tallytrain

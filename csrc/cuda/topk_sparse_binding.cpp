@@ -22,7 +22,7 @@ void check_topk_input(const at::Tensor& x, int64_t k) {
 // residual: a contiguous tensor updated in place, or undefined for plain top-k.
 std::tuple<at::Tensor, at::Tensor> run_topk(const at::Tensor& x, const at::Tensor& residual,
                                             int64_t k, const char* what) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor indices = at::empty({k}, x.options().dtype(at::kLong));
   at::Tensor values = at::empty({k}, x.options());
@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> run_topk(const at::Tensor& x, const at::Tenso
   args.out_indices = indices.data_ptr<int64_t>();
   args.out_values = values.data_ptr();
   int64_t nan_index = -1;
-  C10_CUDA_CHECK(launch_topk(args, workspace.allocator(), at::cuda::getCurrentCUDAStream(),
+  TALLYTRAIN_CUDA_CHECK(launch_topk(args, workspace.allocator(), current_stream(),
                              &nan_index));
   TORCH_CHECK_VALUE(nan_index < 0, what, " contains NaN (first at index ", nan_index, ")");
   return {indices, values};
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cuda(const at::Tensor& x,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CUDA, m) {
+TALLYTRAIN_CUDA_IMPL(m) {
   m.impl("topk_sparse", &topk_sparse_cuda);
   m.impl("topk_sparse_ef", &topk_sparse_ef_cuda);
 }
