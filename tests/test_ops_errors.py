@@ -29,6 +29,12 @@ def _f32(values, device):
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+def _nan_at(size, index, device):
+    x = torch.linspace(-1, 1, size, device=device)
+    x[index] = NAN
+    return x
+
+
 def case(call, error, name, id):
     """`call(device)` must raise `error` with `name` as a word in the message."""
     return pytest.param(call, error, name, id=id)
@@ -160,6 +166,9 @@ TOPK = [
          ValueError, "x", "topk-nan-float16"),
     case(lambda d: ops.topk_sparse(torch.tensor([NAN] + [1.0] * 3000, device=d), 3001),
          ValueError, "x", "topk-nan-k-equals-M"),
+    # Large M and small k: the CUDA kernel's sampled path meets the NaN.
+    case(lambda d: ops.topk_sparse(_nan_at(50_000, 31_337, d), 10),
+         ValueError, "x", "topk-nan-sampled"),
 ]
 
 TOPK_EF = [
@@ -181,6 +190,8 @@ TOPK_EF = [
          ValueError, "residual", "ef-nan-in-residual"),
     case(lambda d: ops.topk_sparse_ef(_f32([1, INF, 0], d), _f32([0, -INF, 0], d), 1),
          ValueError, "residual", "ef-inf-minus-inf"),
+    case(lambda d: ops.topk_sparse_ef(torch.ones(50_000, device=d), _nan_at(50_000, 49_999, d), 10),
+         ValueError, "residual", "ef-nan-in-residual-sampled"),
 ]
 
 SPARSE_MERGE = [
@@ -231,10 +242,13 @@ def test_bad_input_raises_naming_the_argument(call, error, name, device):
     assert re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", message), message
 
 
-def test_topk_sparse_ef_leaves_residual_on_error(device):
-    # A failed call must not have half-updated the residual.
-    x = torch.tensor([5.0, 1.0, INF, 2.0], device=device)
-    residual = torch.tensor([0.5, -0.25, -INF, 1.0], device=device)
+@pytest.mark.parametrize("size", [4, 50_000])
+def test_topk_sparse_ef_leaves_residual_on_error(size, device):
+    # A failed call must not have half-updated the residual, on the direct
+    # path (small M) or the sampled one (large M, small k).
+    x = torch.linspace(-3, 3, size, device=device)
+    residual = torch.linspace(1, 2, size, device=device)
+    x[size * 3 // 4], residual[size * 3 // 4] = INF, -INF
     before = residual.clone()
     with pytest.raises(ValueError):
         ops.topk_sparse_ef(x, residual, 2)

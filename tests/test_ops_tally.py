@@ -348,6 +348,32 @@ def test_tally_strategies_with_wide_counts(num_classes, peers, n, heavy, abstain
     check_against_reference(result, ref.tally(votes, n, num_classes, weights, abstain))
 
 
+# (C, P, N, weight) for the plans of the CUDA warp-per-probe kernel (P > 32),
+# found unexercised by a coverage run of the simt cases: 64-bit counts
+# (weights summing past 2^31) with class-indexed and with hashed tables; a
+# block over 48 KiB of shared memory (C = 4096 tables beside the staged
+# streams); tables in global memory (over 2,048 peers and 4,096 classes).
+WARP_PLAN_CASES = [(1000, 40, 37, 2**40), (70_000, 40, 37, 2**40), (4096, 100, 150, 1),
+                   (5000, 2100, 19, 1)]
+
+
+@pytest.mark.parametrize("num_classes,peers,n,weight", WARP_PLAN_CASES,
+                         ids=["wide-direct", "wide-hashed", "large-shared", "global-tables"])
+def test_tally_warp_per_probe_plans(num_classes, peers, n, weight, device, gen, ref):
+    # Half the votes on a few classes (ties, runner-ups), half spread over
+    # all classes (many distinct keys in the hashed tables).
+    symbols = torch.tensor(random_votes(peers, n, num_classes, True, gen))
+    spread = torch.rand(peers, n, generator=gen) < 0.5
+    symbols[spread] = torch.randint(num_classes, (int(spread.sum()),), generator=gen)
+    symbols = symbols.tolist()
+    votes = pack_votes(ref, symbols, n, num_classes + 1, device)
+    weight_list = [weight + q % 3 for q in range(peers)]
+    weights = torch.tensor(weight_list, device=device)
+    result = ops.tally(votes, n, num_classes, weights=weights, abstain=True)
+    check_tally(result, brute_tally(symbols, n, num_classes, weight_list, True), n, device)
+    check_against_reference(result, ref.tally(votes, n, num_classes, weights, True))
+
+
 @pytest.mark.parametrize("num_classes,peers", [(10, 3), (200, 3), (257, 33), (50257, 3)])
 def test_tally_rejects_an_out_of_range_symbol_mid_stream(num_classes, peers, device, gen, ref):
     """A symbol >= the number of symbols deep inside a long stream (where the

@@ -259,6 +259,7 @@ MERGE_DTYPES = {
     "float32": [torch.float32], "float16": [torch.float16], "bfloat16": [torch.bfloat16],
     "float64": [torch.float64], "mixed16": [torch.float16, torch.bfloat16, torch.float32],
     "mixed64": [torch.float16, torch.float64],
+    "mixed64b": [torch.float32, torch.bfloat16, torch.float64],
 }
 
 
