@@ -3,6 +3,7 @@
 #   make test    set up and run the test suite twice: native kernels required, then the reference;
 #                then the CUDA kernels once more on the CPU execution model, with AddressSanitizer
 #   make bench   op microbenchmarks against the plain-PyTorch way
+#   make simt-coverage   which lines of the CUDA kernels the tests never run (on the CPU model)
 # Everything installs from this repository's own files into $(VENV).
 
 PYTHON ?= python3
@@ -22,7 +23,8 @@ SOURCES = setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu
 DEMO_OUT ?= runs/digits-alpha0.1
 PYTEST_ARGS ?=
 
-.PHONY: setup install demo test test-native test-reference test-simt-asan bench info clean
+.PHONY: setup install demo test test-native test-reference test-simt-asan simt-coverage bench info \
+        clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,8 +62,15 @@ test-reference: install
 # ends the process, and must not end in pytest's capture file with it.
 test-simt-asan: install
 	LD_PRELOAD="$$($(BIN)/python tests/simt/build.py --asan-preload)" ASAN_OPTIONS=detect_leaks=0 \
-	  TALLYTRAIN_SIMT_SANITIZE=address TALLYTRAIN_BACKEND=native \
+	  TALLYTRAIN_SIMT_INSTRUMENT=address TALLYTRAIN_BACKEND=native \
 	  $(BIN)/python -m pytest -q -m simt --capture=sys $(PYTEST_ARGS) tests
+
+# Which lines of csrc/cuda/*.cu the simt cases never run (gcov), from fresh counters.
+simt-coverage: install
+	rm -f build/simt/tallytrain_simt_kernels_cov/*.gcda
+	TALLYTRAIN_SIMT_INSTRUMENT=coverage TALLYTRAIN_BACKEND=native \
+	  $(BIN)/python -m pytest -q -m simt $(PYTEST_ARGS) tests
+	$(BIN)/python tests/simt/build.py --coverage-report
 
 bench: install
 	$(BIN)/python -m benchmarks.ops

@@ -100,7 +100,7 @@ def test_the_sanitizer_build_finds_an_out_of_bounds_read(simt_build, tmp_path):
         print("in bounds", selftest.warp_sums(x).tolist(), flush=True)
         print("past the end", selftest.sum_past_end(x).tolist(), flush=True)
     """))
-    env = dict(os.environ, TALLYTRAIN_SIMT_SANITIZE="address",
+    env = dict(os.environ, TALLYTRAIN_SIMT_INSTRUMENT="address",
                LD_PRELOAD=simt_build.asan_preload(), ASAN_OPTIONS="detect_leaks=0")
     child = subprocess.run([sys.executable, str(program)], env=env, capture_output=True,
                            text=True, timeout=600)

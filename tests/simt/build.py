@@ -14,6 +14,7 @@ second call with unchanged sources only loads the library.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -68,14 +69,23 @@ def _define_schemas() -> None:
     _library.append(lib)
 
 
-def sanitize_requested() -> bool:
-    """TALLYTRAIN_SIMT_SANITIZE=address: build with AddressSanitizer, whose
-    runtime must then be loaded first (LD_PRELOAD=asan_preload(), as `make
-    test-simt-asan` does)."""
-    mode = os.environ.get("TALLYTRAIN_SIMT_SANITIZE", "").strip().lower()
-    if mode not in ("", "address"):
-        raise ValueError(f"TALLYTRAIN_SIMT_SANITIZE must be 'address' or empty, got {mode!r}")
-    return mode == "address"
+# TALLYTRAIN_SIMT_INSTRUMENT: (compiler flags, linker flags, library suffix).
+#   address   AddressSanitizer; its runtime must then be loaded first
+#             (LD_PRELOAD=asan_preload(), as `make test-simt-asan` does)
+#   coverage  gcov counters, read by coverage_report() (`make simt-coverage`)
+INSTRUMENTS = {
+    "": ([], [], ""),
+    "address": (["-fsanitize=address", "-fno-omit-frame-pointer"], ["-fsanitize=address"], "_asan"),
+    "coverage": (["-O0", "--coverage"], ["--coverage"], "_cov"),
+}
+
+
+def instrument() -> str:
+    mode = os.environ.get("TALLYTRAIN_SIMT_INSTRUMENT", "").strip().lower()
+    if mode not in INSTRUMENTS:
+        raise ValueError(f"TALLYTRAIN_SIMT_INSTRUMENT must be one of "
+                         f"{', '.join(m for m in INSTRUMENTS if m)} or empty, got {mode!r}")
+    return mode
 
 
 def asan_preload() -> str:
@@ -100,11 +110,9 @@ def _build(name: str, cu_files, cpp_files, python_module: bool, verbose: bool):
 
     flags = ["-O1", "-DTALLYTRAIN_SIMT", "-ffp-contract=off", "-fno-strict-aliasing",
              "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable"]
-    ldflags = []
-    if sanitize_requested():
-        name += "_asan"
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
-        ldflags += ["-fsanitize=address"]
+    extra_flags, ldflags, suffix = INSTRUMENTS[instrument()]
+    flags += extra_flags  # a later -O wins
+    name += suffix
     build_dir = ROOT / "build" / "simt" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []
@@ -143,8 +151,41 @@ def load_selftest(verbose: bool = False):
                   [here / "selftest_binding.cpp"], True, verbose)
 
 
+def coverage_report() -> int:
+    """Prints the lines of csrc/cuda/*.cu that no run of the coverage build
+    has executed (counters add up over runs until build/simt/*_cov/*.gcda are
+    deleted); returns how many. A line counts as run if any template
+    instance ran it."""
+    build_dir = ROOT / "build" / "simt" / ("tallytrain_simt_kernels" + INSTRUMENTS["coverage"][2])
+    counters = sorted(build_dir.glob("*_cu.gcda"))
+    if not counters:
+        raise RuntimeError(f"no coverage counters in {build_dir}: run the simt tests with "
+                           f"TALLYTRAIN_SIMT_INSTRUMENT=coverage first")
+    never_run = 0
+    for gcda in counters:
+        out = subprocess.run(["gcov", "--json-format", "--stdout", "-o", str(build_dir), str(gcda)],
+                             check=True, capture_output=True, text=True, cwd=build_dir).stdout
+        for report in map(json.loads, filter(None, out.splitlines())):
+            for source in report["files"]:
+                if not source["file"].endswith(".cu"):
+                    continue
+                runs = {}
+                for line in source["lines"]:
+                    n = line["line_number"]
+                    runs[n] = max(runs.get(n, 0), line["count"])
+                text = Path(source["file"]).read_text().splitlines()
+                missed = sorted(n for n, count in runs.items() if count == 0)
+                never_run += len(missed)
+                print(f"{source['file']}: {len(runs) - len(missed)} of {len(runs)} lines run")
+                for n in missed:
+                    print(f"  {n:5d}  {text[n - 1].strip()}")
+    return never_run
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--asan-preload"]:
         print(asan_preload())
+    elif sys.argv[1:] == ["--coverage-report"]:
+        coverage_report()
     else:
         print("loaded", load(verbose=True), "and", load_selftest(verbose=True))

@@ -22,7 +22,7 @@
 // for a later block fails as a spin-wait never satisfied; one that waits for
 // an earlier block, as a decoupled look-back does, works), memory ordering and
 // data races, speed. Device memory is host memory, so out-of-bounds accesses
-// show only in the AddressSanitizer build (build.py's sanitize=True), which
+// show only in the AddressSanitizer build (TALLYTRAIN_SIMT_INSTRUMENT=address), which
 // finds them in the tensors' memory. Floating-point intrinsics are the host's
 // IEEE operations: __fadd_rn and friends round exactly as on the GPU (the
 // build passes -ffp-contract=off), __expf is expf.
@@ -228,7 +228,7 @@ inline std::string where(const Thread& t) {
 [[noreturn]] inline void fault(const std::string& what) { throw Fault{where(*self) + ": " + what}; }
 
 // Switches between a fiber and the scheduler. Under AddressSanitizer
-// (build.py's sanitize=True) each switch is announced, so that it follows the
+// (TALLYTRAIN_SIMT_INSTRUMENT=address) each switch is announced, so that it follows the
 // stacks; an exiting fiber's fake stack is dropped.
 inline void switch_to(Context* from, Context* to, const void* to_stack, size_t to_bytes,
                       bool exiting = false) {
