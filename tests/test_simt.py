@@ -42,6 +42,17 @@ def test_translate_rewrites_launches_and_dynamic_shared_memory(simt_build):
             "(::simt::dynamic_shared());") in out
 
 
+def test_translate_keeps_every_line_in_place(simt_build):
+    # Compiler messages and coverage counts name the .cu file's lines.
+    for cu in sorted((simt_build.CUDA_DIR).glob("*.cu")):
+        source = cu.read_text()
+        body = simt_build.translate(source, cu).split("\n", 3)[3]
+        assert body.count("\n") == source.count("\n"), cu.name
+        kernel_lines = [i for i, line in enumerate(source.splitlines()) if "__global__" in line]
+        assert kernel_lines and all(
+            "__global__" in body.splitlines()[i] for i in kernel_lines), cu.name
+
+
 def test_translate_refuses_a_launch_it_cannot_rewrite(simt_build):
     with pytest.raises(RuntimeError, match="could rewrite only 0 launches"):
         simt_build.translate("(*table[i])<<<1, 32>>>(p);", "x.cu")
@@ -58,24 +69,56 @@ def test_shuffles_barriers_and_match_groups_compute_what_a_gpu_does(selftest):
     assert torch.equal(selftest.match_counts(groups), expected.view(-1))
 
 
-def test_dynamic_shared_memory_starts_as_garbage(selftest):
-    assert selftest.read_dynamic_shared(8).tolist() == [0xCDCDCDCD - (1 << 32)] * 8
+def test_shuffle_widths_and_votes_follow_cuda(selftest):
+    x = torch.tensor([(-1) ** i * (i + 1) for i in range(32)], dtype=torch.int32)
+    got = selftest.shuffle_widths(x).tolist()
+    v = x.tolist()
+    ballot = sum(1 << i for i in range(32) if v[i] > 0)
+    ballot -= (1 << 32) if ballot >= (1 << 31) else 0
+    for lane in range(32):
+        base, end = lane // 8 * 8, lane // 8 * 8 + 8
+        xor = lane ^ 5
+        want = [v[base + 3],                                   # index within the group of 8
+                v[lane - 2] if lane - 2 >= base else v[lane],   # the group's first lanes keep theirs
+                v[lane + 2] if lane + 2 < end else v[lane],     # its last lanes keep theirs
+                v[xor] if xor < end else v[lane],               # later groups: one's own value
+                ballot]
+        assert got[5 * lane:5 * lane + 5] == want, lane
+    assert got[160:] == [1, 0]
+
+
+def test_shared_memory_starts_as_garbage_in_every_block(selftest):
+    garbage = 0xCDCDCDCD - (1 << 32)
+    assert selftest.read_fresh_shared(3).flatten().tolist() == [garbage] * (3 * 2 * 32)
+
+
+def test_threads_run_in_both_orders(selftest):
+    # A read of another thread's write without a barrier sees it in one
+    # block and garbage in the other.
+    assert sorted(selftest.order_dependent(2).tolist()) == [0xCDCDCDCD - (1 << 32), 1]
 
 
 @pytest.mark.parametrize("which, message", [
-    (0, r"^kernel fault: deadlock in block \(0,0,0\): thread 0 waits in __syncthreads; "
-        r"thread 1 waits in __shfl_\*_sync"),
-    (1, r"deadlock .* \(lane 31 of the mask has exited\)"),
-    (2, r"shuffle reads lane 31, which is not in the mask"),
-    (3, r"thread \(0,0,0\) \[warp 0 lane 0\]: __shfl_\*_sync called with mask 0x2, "
+    (0, r"^kernel fault: deadlock in block \(0,0,0\): threads 0-0 wait in __syncthreads; "
+        r"threads 1-31 wait in __shfl_xor_sync with mask 0xffffffff"),
+    # Which lane notices depends on the order threads run in (both happen).
+    (1, r"lane 31\b.*exited"),
+    (2, r"shuffle reads lane (1[6-9]|2\d|3[01]), which is not in the mask"),
+    (3, r"thread \(0,0,0\) \[warp 0 lane 0\]: __shfl_xor_sync called with mask 0x2, "
         r"which leaves out the caller"),
     (4, r"spin-wait with __nanosleep never satisfied"),
     (5, r"block \(0,0,0\) .* spin-wait with __nanosleep never satisfied"),
     (6, r"65536 bytes of dynamic shared memory, over the kernel's limit of 49152"),
     (7, r"launch with block of 2048x1x1 threads"),
+    (9, r"__syncthreads in block \(0,0,0\) reached by 16 threads after 16 exited"),
+    (10, r"deadlock .*threads 0-15 wait in __shfl_xor_sync with mask 0xffffffff; "
+         r"threads 16-31 wait in __shfl_down_sync with mask 0xffffffff"),
+    (11, r"launched with 128 threads per block, over its __launch_bounds__\(64\)"),
+    (12, r"^invalid argument$"),
 ], ids=["barrier-against-shuffle", "exited-lane", "shuffle-outside-mask",
         "caller-not-in-mask", "spin-forever", "wait-for-later-block",
-        "too-much-shared-memory", "too-many-threads"])
+        "too-much-shared-memory", "too-many-threads", "barrier-after-exit",
+        "mixed-shuffles", "over-launch-bounds", "error-after-fault"])
 def test_programming_errors_are_reported(selftest, which, message):
     error = selftest.fault(which)
     assert re.search(message, error), error

@@ -32,20 +32,42 @@ _LAUNCH = re.compile(
     r"\b(?P<kernel>[A-Za-z_]\w*(?:\s*<[^<>;(){}]*>)?)\s*<<<(?P<config>.*?)>>>\s*\(", re.S)
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[\w\s]+?)\s+(?P<name>\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+(?P<decl>[^;]*?\b(?P<name>\w+)\s*(?:\[[^;]*\])?)\s*;")
+_LAUNCH_BOUNDS = re.compile(r"__global__\s+void\s+__launch_bounds__\((?P<bound>[^,()]+)[^()]*\)\s*\w+\s*\(")
+
+
+def _body_start(source: str, open_paren: int) -> int:
+    """Index just past the `{` that follows the parameter list opened at `open_paren`."""
+    depth = 0
+    for i in range(open_paren, len(source)):
+        depth += {"(": 1, ")": -1}.get(source[i], 0)
+        if depth == 0:
+            return source.index("{", i) + 1
+    raise RuntimeError("unbalanced parameter list")
 
 
 def translate(source: str, path: Path) -> str:
-    """The C++ that simt.h compiles for one .cu file."""
+    """The C++ that simt.h compiles for one .cu file, line for line: each
+    rewrite keeps the newlines it replaces, so that compiler messages and
+    coverage counts name the .cu file's own lines."""
     launches = len(_LAUNCH.findall(source))
     if launches != source.count("<<<"):
         raise RuntimeError(f"{path}: found {source.count('<<<')} '<<<' but could rewrite only "
                            f"{launches} launches")
+    # Kernels with __launch_bounds__(N) check their block size on entry.
+    for m in reversed(list(_LAUNCH_BOUNDS.finditer(source))):
+        at = _body_start(source, m.end() - 1)
+        source = f"{source[:at]} ::simt::launch_bounds({m['bound'].strip()});{source[at:]}"
     out = _LAUNCH.sub(
-        lambda m: f"::simt::launch({m['kernel']}, ::simt::Config({m['config']}))(", source)
+        lambda m: (f"::simt::launch({m['kernel']}, ::simt::Config({m['config']}))("
+                   + "\n" * (m[0].count("\n") - m["kernel"].count("\n")
+                             - m["config"].count("\n"))), source)
     out = _EXTERN_SHARED.sub(
         lambda m: (f"{m['type']}* const {m['name']} = "
                    f"reinterpret_cast<{m['type']}*>(::simt::dynamic_shared());"), out)
-    # Launch rewrites join lines; #line keeps compiler messages pointing near the original.
+    out = _STATIC_SHARED.sub(
+        lambda m: (f"__shared__ {m['decl']}; "
+                   f"::simt::fresh_shared(&{m['name']}, sizeof({m['name']}));"), out)
     # __CUDACC__: the shared headers (tallytrain/common.h) then offer their device helpers.
     return f'#include "simt.h"\n#define __CUDACC__ 1\n#line 1 "{path}"\n{out}'
 

@@ -51,10 +51,50 @@ __global__ void big_shared_kernel(int* out) {
   out[threadIdx.x] = smem[threadIdx.x];
 }
 
-// The first words of dynamic shared memory, never written.
-__global__ void read_dynamic_shared_kernel(uint32_t* out) {
+// What each block first finds in a static and a dynamic shared array, before
+// writing them (so that a later block would see the writes if shared memory
+// carried over): out[block][0][thread] and out[block][1][thread].
+__global__ void read_fresh_shared_kernel(uint32_t* out) {
+  __shared__ uint32_t fixed[32];
   extern __shared__ __align__(16) unsigned char smem[];
-  out[threadIdx.x] = reinterpret_cast<const uint32_t*>(smem)[threadIdx.x];
+  uint32_t* dynamic = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* mine = out + blockIdx.x * 2 * blockDim.x;
+  mine[threadIdx.x] = fixed[threadIdx.x];
+  mine[blockDim.x + threadIdx.x] = dynamic[threadIdx.x];
+  __syncthreads();
+  fixed[threadIdx.x] = dynamic[threadIdx.x] = 7;
+}
+
+// Each lane's results of the shuffles at width 8 and a ballot:
+// out[5 * lane + k] for __shfl_sync(src 3), __shfl_up_sync(2),
+// __shfl_down_sync(2), __shfl_xor_sync(5), __ballot_sync(x > 0); any/all
+// over x > 0 in out[160], out[161].
+__global__ void shuffle_widths_kernel(const int* x, int* out) {
+  const int lane = threadIdx.x;
+  const int v = x[lane];
+  out[5 * lane + 0] = __shfl_sync(kFull, v, 3, 8);
+  out[5 * lane + 1] = __shfl_up_sync(kFull, v, 2, 8);
+  out[5 * lane + 2] = __shfl_down_sync(kFull, v, 2, 8);
+  out[5 * lane + 3] = __shfl_xor_sync(kFull, v, 5, 8);
+  out[5 * lane + 4] = static_cast<int>(__ballot_sync(kFull, v > 0));
+  const int any = __any_sync(kFull, v > 0), all = __all_sync(kFull, v > 0);
+  if (lane == 0) {
+    out[160] = any;
+    out[161] = all;
+  }
+}
+
+// Thread 1 reads what thread 0 wrote without a barrier between: right only
+// when thread 0 happens to run first. out[block] = what thread 1 read.
+__global__ void order_dependent_kernel(int* out) {
+  __shared__ int cell;
+  if (threadIdx.x == 0) cell = 1;
+  if (threadIdx.x == 1) out[blockIdx.x] = cell;
+}
+
+template <int kBound>
+__global__ void __launch_bounds__(kBound) bounded_kernel(int* out) {
+  out[threadIdx.x] = 1;
 }
 
 // Sums x[0..n]: one element past the end, which only the AddressSanitizer
@@ -77,6 +117,10 @@ enum Fault {
   kTooMuchSharedMemory = 6,    // 64 KiB without cudaFuncSetAttribute
   kTooManyThreads = 7,         // 2048 threads per block
   kSharedMemoryAttribute = 8,  // 64 KiB after cudaFuncSetAttribute: runs
+  kBarrierAfterExit = 9,       // threads 16-31 return, 0-15 wait at __syncthreads
+  kMixedShuffles = 10,         // lanes 0-15 in __shfl_xor_sync, 16-31 in __shfl_down_sync
+  kOverLaunchBounds = 11,      // 128 threads for __launch_bounds__(64)
+  kErrorAfterFault = 12,       // a bad cudaFuncSetAttribute after a kernel fault
 };
 
 __global__ void fault_kernel(int which, int* flag, int* out) {
@@ -107,6 +151,13 @@ __global__ void fault_kernel(int which, int* flag, int* out) {
       else
         atomicAdd(flag, 1);
       break;
+    case kBarrierAfterExit:
+      if (threadIdx.x >= 16) return;
+      __syncthreads();
+      break;
+    case kMixedShuffles:
+      out[threadIdx.x] = lane < 16 ? __shfl_xor_sync(kFull, lane, 1) : __shfl_down_sync(kFull, lane, 1);
+      break;
     default:
       out[threadIdx.x] = lane;
   }
@@ -128,8 +179,16 @@ cudaError_t launch_sum_past_end(const int* x, int n, int* out) {
   sum_past_end_kernel<<<1, 32>>>(x, n, out);
   return cudaGetLastError();
 }
-cudaError_t launch_read_dynamic_shared(uint32_t* out, int threads) {
-  read_dynamic_shared_kernel<<<1, threads, threads * sizeof(uint32_t)>>>(out);
+cudaError_t launch_read_fresh_shared(uint32_t* out, int blocks) {
+  read_fresh_shared_kernel<<<blocks, 32, 32 * sizeof(uint32_t)>>>(out);
+  return cudaGetLastError();
+}
+cudaError_t launch_shuffle_widths(const int* x, int, int* out) {
+  shuffle_widths_kernel<<<1, 32>>>(x, out);
+  return cudaGetLastError();
+}
+cudaError_t launch_order_dependent(const int*, int blocks, int* out) {
+  order_dependent_kernel<<<blocks, 32>>>(out);
   return cudaGetLastError();
 }
 cudaError_t launch_fault(int which, int* flag, int* out) {
@@ -141,6 +200,13 @@ cudaError_t launch_fault(int which, int* flag, int* out) {
         big_shared_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kBig));
     if (err != cudaSuccess) return err;
     big_shared_kernel<1><<<1, 32, kBig>>>(out);
+  } else if (which == kOverLaunchBounds) {
+    bounded_kernel<64><<<1, 128>>>(out);
+  } else if (which == kErrorAfterFault) {
+    fault_kernel<<<1, 32>>>(kBarrierAgainstShuffle, flag, out);
+    cudaGetLastError();  // the fault, consumed
+    return cudaFuncSetAttribute(big_shared_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                1 << 30);
   } else {
     const unsigned blocks = which == kWaitForLaterBlock ? 2 : 1;
     const unsigned threads = which == kTooManyThreads ? 2048 : 32;

@@ -9,7 +9,9 @@ cudaError_t launch_warp_sums(const int* x, int n, int* out);
 cudaError_t launch_block_scan(const int* x, int n, int* out);
 cudaError_t launch_match_counts(const int* x, int n, int* out);
 cudaError_t launch_sum_past_end(const int* x, int n, int* out);
-cudaError_t launch_read_dynamic_shared(uint32_t* out, int threads);
+cudaError_t launch_read_fresh_shared(uint32_t* out, int blocks);
+cudaError_t launch_shuffle_widths(const int* x, int n, int* out);
+cudaError_t launch_order_dependent(const int* unused, int blocks, int* out);
 cudaError_t launch_fault(int which, int* flag, int* out);
 }  // namespace selftest
 
@@ -32,10 +34,17 @@ std::string fault(int which) {
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
 }
 
-torch::Tensor read_dynamic_shared(int threads) {
-  torch::Tensor out = torch::zeros({threads}, torch::kInt);
+torch::Tensor read_fresh_shared(int blocks) {
+  torch::Tensor out = torch::zeros({blocks, 2, 32}, torch::kInt);
   const cudaError_t err =
-      selftest::launch_read_dynamic_shared(reinterpret_cast<uint32_t*>(out.data_ptr<int>()), threads);
+      selftest::launch_read_fresh_shared(reinterpret_cast<uint32_t*>(out.data_ptr<int>()), blocks);
+  TORCH_CHECK(err == cudaSuccess, cudaGetErrorString(err));
+  return out;
+}
+
+torch::Tensor order_dependent(int blocks) {
+  torch::Tensor out = torch::zeros({blocks}, torch::kInt);
+  const cudaError_t err = selftest::launch_order_dependent(nullptr, blocks, out.data_ptr<int>());
   TORCH_CHECK(err == cudaSuccess, cudaGetErrorString(err));
   return out;
 }
@@ -55,6 +64,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sum_past_end", [](const torch::Tensor& x) {
     return run(selftest::launch_sum_past_end, x, 1);
   });
-  m.def("read_dynamic_shared", &read_dynamic_shared);
+  m.def("shuffle_widths", [](const torch::Tensor& x) {
+    return run(selftest::launch_shuffle_widths, x, 162);
+  });
+  m.def("read_fresh_shared", &read_fresh_shared);
+  m.def("order_dependent", &order_dependent);
   m.def("fault", &fault);
 }

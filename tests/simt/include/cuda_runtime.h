@@ -39,10 +39,16 @@ inline cudaError_t cudaGetLastError() {
   return e;
 }
 inline cudaError_t cudaPeekAtLastError() { return ::simt::last_error; }
+// The model's description of the last failed launch where `e` is its error,
+// else the runtime's generic text.
 inline const char* cudaGetErrorString(cudaError_t e) {
   if (e == cudaSuccess) return "no error";
-  if (!::simt::last_message.empty()) return ::simt::last_message.c_str();
-  return e == cudaErrorInvalidValue ? "invalid argument" : "unspecified launch failure";
+  if (e == ::simt::last_message_error) return ::simt::last_message.c_str();
+  switch (e) {
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    default: return "unspecified launch failure";
+  }
 }
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;

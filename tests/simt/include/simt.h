@@ -2,30 +2,37 @@
 // where no GPU is: tests/simt/build.py compiles every .cu file as C++ with
 // this header (and the small cuda_runtime.h, cuda_fp16.h, math_constants.h
 // and cuda/atomic beside it) after rewriting `k<<<grid, block, smem,
-// stream>>>(args)` into `::simt::launch(k, ::simt::Config(...))(args)`.
+// stream>>>(args)` into `::simt::launch(k, ::simt::Config(...))(args)`, and
+// adding calls to fresh_shared() after static __shared__ declarations and to
+// launch_bounds() at the start of kernels that declare __launch_bounds__.
 //
 // What it models: every CUDA thread is a fiber with its own stack; the blocks
 // of a grid run one after another, the threads of a block interleave only at
-// __syncthreads, warp collectives (__shfl_*_sync, __match_any_sync,
-// __reduce_add_sync, __ballot_sync, __syncwarp) and __nanosleep. That is
-// enough for the kernels' results to come out as on a GPU whenever the
-// kernel is free of races, and it makes the programming errors a GPU leaves
-// undefined fail loudly instead: a barrier some threads never reach, a warp
-// collective whose mask names a lane that exited, lanes that wait in
-// different collectives or with different masks and never converge, a
-// shuffle from a lane outside the mask, a spin-wait on work that is never
-// done, a launch with more threads or dynamic shared memory than the device
-// allows. Dynamic shared memory starts filled with 0xCD so that a kernel
-// reading it before writing it shows. tests/test_simt.py shows each of these.
+// __syncthreads, warp collectives (__shfl*_sync, __match_any_sync,
+// __reduce_add_sync, __ballot_sync, __syncwarp) and __nanosleep, starting in
+// index order in some blocks and in reverse in others. That is enough for
+// the kernels' results to come out as on a GPU whenever the kernel is free of
+// races, and it makes the programming errors a GPU leaves undefined fail
+// loudly instead: a barrier some threads never reach or reach after others
+// exited, a warp collective whose mask names a lane that exited or leaves out
+// the caller, lanes that wait in different collectives (or the same one with
+// another mask or width) and never converge, a shuffle from a lane outside
+// the mask, a spin-wait on work that is never done, a launch with more
+// threads than the device or the kernel's __launch_bounds__ allow or more
+// dynamic shared memory than its limit. Shared memory, static and dynamic,
+// starts every block filled with 0xCD, so that reading it before writing it
+// shows. tests/test_simt.py shows each of these.
 //
 // What it does not model: concurrency between blocks (a kernel that waits
 // for a later block fails as a spin-wait never satisfied; one that waits for
-// an earlier block, as a decoupled look-back does, works), memory ordering and
-// data races, speed. Device memory is host memory, so out-of-bounds accesses
-// show only in the AddressSanitizer build (TALLYTRAIN_SIMT_INSTRUMENT=address), which
-// finds them in the tensors' memory. Floating-point intrinsics are the host's
-// IEEE operations: __fadd_rn and friends round exactly as on the GPU (the
-// build passes -ffp-contract=off), __expf is expf.
+// an earlier block, as a decoupled look-back does, works), memory ordering
+// and data races, speed, and static shared memory's share of the 48 KiB
+// limit. Device memory is host memory, so out-of-bounds accesses show only in
+// the AddressSanitizer build (TALLYTRAIN_SIMT_INSTRUMENT=address), which finds
+// them in the tensors' memory. Floating point is the host's IEEE arithmetic
+// without contraction (-ffp-contract=off): __fadd_rn and friends round
+// exactly as on the GPU, while plain a * b + c, which nvcc may fuse into an
+// FMA, can differ in the last bit; __expf is expf.
 #pragma once
 
 #include <stddef.h>
@@ -58,7 +65,7 @@ extern "C" void simt_switch_stack(void** save_sp, void* load_sp);
 // Weak and hidden: every translation unit including this header defines the
 // same function, and each shared library keeps its own.
 __asm__(
-    ".text\n"
+    ".pushsection .text\n"
     ".weak simt_switch_stack\n"
     ".hidden simt_switch_stack\n"
     ".type simt_switch_stack,@function\n"
@@ -84,7 +91,8 @@ __asm__(
     "  popq %rbx\n"
     "  popq %rbp\n"
     "  ret\n"
-    ".size simt_switch_stack,.-simt_switch_stack\n");
+    ".size simt_switch_stack,.-simt_switch_stack\n"
+    ".popsection\n");
 
 namespace simt {
 struct Context {
@@ -169,12 +177,15 @@ struct Fault {
 };
 
 enum class State { kReady, kBarrier, kWarp, kDone };
-enum class Op { kSyncwarp, kShfl, kMatchAny, kReduceAdd, kBallot };
+enum class Op { kSyncwarp, kShfl, kShflUp, kShflDown, kShflXor, kMatchAny, kReduceAdd, kBallot };
 
 inline const char* op_name(Op op) {
   switch (op) {
     case Op::kSyncwarp: return "__syncwarp";
-    case Op::kShfl: return "__shfl_*_sync";
+    case Op::kShfl: return "__shfl_sync";
+    case Op::kShflUp: return "__shfl_up_sync";
+    case Op::kShflDown: return "__shfl_down_sync";
+    case Op::kShflXor: return "__shfl_xor_sync";
     case Op::kMatchAny: return "__match_any_sync";
     case Op::kReduceAdd: return "__reduce_add_sync";
     case Op::kBallot: return "__ballot_sync/__any_sync/__all_sync";
@@ -191,6 +202,7 @@ struct Thread {
   // The warp collective this thread waits in, and what it brought.
   Op op = Op::kSyncwarp;
   unsigned mask = 0;
+  int width = 32;
   uint64_t value = 0;
   uint64_t gathered[32];  // every participating lane's value, filled on release
   int spins = 0;
@@ -202,6 +214,9 @@ struct Block {
   std::vector<Thread> threads;
   size_t at_barrier = 0, done = 0;
   unsigned char* dynamic_shared = nullptr;
+  size_t dynamic_shared_bytes = 0;
+  std::vector<const void*> fresh_shared;  // static __shared__ variables poisoned in this block
+  bool reverse_order = false;
   const std::function<void()>* body = nullptr;
   Context scheduler;
   const void* scheduler_stack = nullptr;  // for AddressSanitizer's fiber switches
@@ -213,7 +228,9 @@ struct Block {
 inline thread_local Block* block = nullptr;
 inline thread_local Thread* self = nullptr;
 inline thread_local cudaError_t last_error = cudaSuccess;
-inline thread_local std::string last_message;
+inline thread_local std::string last_message;  // describes last_message_error
+inline thread_local cudaError_t last_message_error = cudaSuccess;
+inline thread_local uint64_t launches = 0;
 inline thread_local std::vector<void*> stack_pool;
 inline thread_local std::unordered_map<const void*, size_t> max_dynamic_shared;
 
@@ -293,7 +310,7 @@ inline void try_release(Thread& t) {
     // A lane in another collective (or the same one with another mask, as
     // when match_any groups reduce separately) has not arrived yet; lanes
     // that never agree end in the scheduler's deadlock report.
-    if (o.state != State::kWarp || o.mask != t.mask || o.op != t.op) return;
+    if (o.state != State::kWarp || o.mask != t.mask || o.op != t.op || o.width != t.width) return;
   }
   uint64_t values[32];
   for (unsigned l = 0; l < 32; ++l)
@@ -307,7 +324,7 @@ inline void try_release(Thread& t) {
 
 // Joins a warp collective; returns every lane's value (valid for the lanes
 // of `mask`) once all of them have joined.
-inline const uint64_t* collective(Op op, unsigned mask, uint64_t value) {
+inline const uint64_t* collective(Op op, unsigned mask, uint64_t value, int width = 32) {
   Thread& t = *self;
   if (!((mask >> t.lane) & 1u)) {
     std::ostringstream s;
@@ -316,6 +333,7 @@ inline const uint64_t* collective(Op op, unsigned mask, uint64_t value) {
   }
   t.op = op;
   t.mask = mask;
+  t.width = width;
   t.value = value;
   t.state = State::kWarp;
   t.spins = 0;
@@ -339,8 +357,10 @@ T from_bits(uint64_t u) {
 }
 
 template <class T>
-T shuffle_from(unsigned mask, T v, unsigned src) {
-  const uint64_t* all = collective(Op::kShfl, mask, to_bits(v));
+T shuffle_from(Op op, unsigned mask, T v, unsigned src, int width) {
+  if (width < 1 || width > 32 || (width & (width - 1)))
+    fault("shuffle width " + std::to_string(width) + " is not a power of two in 1..32");
+  const uint64_t* all = collective(op, mask, to_bits(v), width);
   if (src == self->lane) return v;
   if (!((mask >> src) & 1u))
     fault("shuffle reads lane " + std::to_string(src) + ", which is not in the mask");
@@ -357,7 +377,12 @@ struct Config {
 inline void fail_launch(cudaError_t err, const std::string& message) {
   last_error = err;
   last_message = message;
+  last_message_error = err;
 }
+
+// Fiber stacks: kStackBytes above an inaccessible guard page, so that an
+// overflow faults instead of corrupting the neighbouring stack.
+constexpr size_t kGuardBytes = 4096;
 
 inline void* take_stack() {
   if (!stack_pool.empty()) {
@@ -365,10 +390,14 @@ inline void* take_stack() {
     stack_pool.pop_back();
     return s;
   }
-  void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (s == MAP_FAILED) throw std::bad_alloc();
-  return s;
+  void* base = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED || mprotect(base, kGuardBytes, PROT_NONE) != 0) throw std::bad_alloc();
+  return static_cast<char*>(base) + kGuardBytes;
+}
+
+inline void drop_stack(void* stack) {
+  munmap(static_cast<char*>(stack) - kGuardBytes, kGuardBytes + kStackBytes);
 }
 
 // Runs one block to completion (or to its first fault).
@@ -392,10 +421,13 @@ inline void run_block(Block& b) {
     context_make(&t.context, t.stack, kStackBytes, entry);
   }
   b.at_barrier = b.done = 0;
+  // Shared memory holds garbage at the start of every block.
+  std::memset(b.dynamic_shared, 0xCD, b.dynamic_shared_bytes);
+  b.fresh_shared.clear();
   while (b.done < n) {
     bool ran = false;
-    for (size_t i = 0; i < n && !b.failed; ++i) {
-      Thread& t = b.threads[i];
+    for (size_t k = 0; k < n && !b.failed; ++k) {
+      Thread& t = b.threads[b.reverse_order ? n - 1 - k : k];
       if (t.state != State::kReady) continue;
       self = &t;
       switch_to(&b.scheduler, &t.context, t.stack, kStackBytes);
@@ -403,26 +435,46 @@ inline void run_block(Block& b) {
     }
     if (b.failed) return;
     if (b.at_barrier > 0 && b.at_barrier + b.done == n) {
+      if (b.done > 0) {
+        std::ostringstream s;
+        s << "__syncthreads in block (" << b.idx.x << "," << b.idx.y << "," << b.idx.z
+          << ") reached by " << b.at_barrier << " threads after " << b.done
+          << " exited (a barrier in code the block does not run uniformly)";
+        b.failed = true;
+        b.error = s.str();
+        return;
+      }
       for (Thread& t : b.threads)
         if (t.state == State::kBarrier) t.state = State::kReady;
       b.at_barrier = 0;
       continue;
     }
     if (!ran && b.done < n) {
-      std::ostringstream s;
-      s << "deadlock in block (" << b.idx.x << "," << b.idx.y << "," << b.idx.z << "): ";
-      size_t shown = 0;
-      for (const Thread& t : b.threads) {
-        if (t.state == State::kDone || shown == 4) continue;
-        s << (shown++ ? "; " : "") << "thread " << (&t - b.threads.data()) << " waits in "
-          << (t.state == State::kBarrier ? "__syncthreads" : op_name(t.op));
-        if (t.state != State::kWarp) continue;
-        s << " with mask 0x" << std::hex << t.mask << std::dec;
+      // Runs of consecutive threads waiting in the same place, the first few.
+      auto waits_in = [&](const Thread& t) {
+        if (t.state == State::kBarrier) return std::string("__syncthreads");
+        std::ostringstream w;
+        w << op_name(t.op) << " with mask 0x" << std::hex << t.mask << std::dec;
         for (unsigned l = 0; l < warp_width(t); ++l)
           if (((t.mask >> l) & 1u) && warp_lanes(t)[l].state == State::kDone) {
-            s << " (lane " << l << " of the mask has exited)";
+            w << " (lane " << l << " of the mask has exited)";
             break;
           }
+        return w.str();
+      };
+      std::ostringstream s;
+      s << "deadlock in block (" << b.idx.x << "," << b.idx.y << "," << b.idx.z << "): ";
+      size_t runs = 0;
+      for (size_t i = 0; i < n && runs < 6;) {
+        if (b.threads[i].state == State::kDone) {
+          ++i;
+          continue;
+        }
+        const std::string where = waits_in(b.threads[i]);
+        size_t j = i + 1;
+        while (j < n && b.threads[j].state != State::kDone && waits_in(b.threads[j]) == where) ++j;
+        s << (runs++ ? "; " : "") << "threads " << i << "-" << j - 1 << " wait in " << where;
+        i = j;
       }
       s << " (" << b.done << " of " << n << " threads exited)";
       b.failed = true;
@@ -454,8 +506,10 @@ inline void run_grid(const Config& c, const void* kernel, const std::function<vo
   b.grid = c.grid;
   b.body = &body;
   b.threads.resize(threads);
-  std::vector<unsigned char> shared(c.shared + 16, 0xCD);
+  std::vector<unsigned char> shared(c.shared + 16);
   b.dynamic_shared = shared.data() + ((16 - reinterpret_cast<uintptr_t>(shared.data()) % 16) % 16);
+  b.dynamic_shared_bytes = c.shared;
+  const uint64_t launch = launches++;
   Block* const saved_block = block;
   Thread* const saved_self = self;
   block = &b;
@@ -463,6 +517,10 @@ inline void run_grid(const Config& c, const void* kernel, const std::function<vo
     for (unsigned y = 0; y < c.grid.y && !b.failed; ++y)
       for (unsigned x = 0; x < c.grid.x && !b.failed; ++x) {
         b.idx = uint3{x, y, z};
+        // Threads start in index order in even blocks, in reverse in odd
+        // ones (alternating per launch), so that a kernel that works only
+        // for one order shows it.
+        b.reverse_order = ((launch + x + y + z) & 1) != 0;
         run_block(b);
       }
   block = saved_block;
@@ -475,7 +533,7 @@ inline void run_grid(const Config& c, const void* kernel, const std::function<vo
 #if defined(__SANITIZE_ADDRESS__)
       __asan_unpoison_memory_region(t.stack, kStackBytes);  // frames that never returned
 #endif
-      munmap(t.stack, kStackBytes);
+      drop_stack(t.stack);
     }
     else
       stack_pool.push_back(t.stack);
@@ -503,6 +561,25 @@ Launch<P...> launch(void (*kernel)(P...), Config config) {
 
 inline unsigned char* dynamic_shared() { return block->dynamic_shared; }
 
+// Called (by build.py's rewrite) after every static __shared__ declaration:
+// the first thread of each block to get there fills the variable with 0xCD,
+// as dynamic shared memory is, before any thread can write it.
+inline void fresh_shared(const void* p, size_t bytes) {
+  for (const void* q : block->fresh_shared)
+    if (q == p) return;
+  std::memset(const_cast<void*>(p), 0xCD, bytes);
+  block->fresh_shared.push_back(p);
+}
+
+// Called (by build.py's rewrite) at the start of every kernel declared with
+// __launch_bounds__(max_threads): a GPU refuses a larger block.
+inline void launch_bounds(unsigned max_threads) {
+  const unsigned threads = block->dim.x * block->dim.y * block->dim.z;
+  if (threads > max_threads)
+    fault("launched with " + std::to_string(threads) + " threads per block, over its "
+          "__launch_bounds__(" + std::to_string(max_threads) + ")");
+}
+
 }  // namespace simt
 
 // ---- built-in variables ---------------------------------------------------------------
@@ -528,26 +605,29 @@ inline void __nanosleep(unsigned) {
 template <class T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
   const unsigned base = ::simt::self->lane & ~unsigned(width - 1);
-  return ::simt::shuffle_from(mask, v, base + (unsigned(src) & unsigned(width - 1)));
+  return ::simt::shuffle_from(::simt::Op::kShfl, mask, v,
+                              base + (unsigned(src) & unsigned(width - 1)), width);
 }
 template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   const unsigned lane = ::simt::self->lane;
   unsigned src = lane ^ unsigned(lane_mask);
-  if (src >= (lane / width + 1) * width) src = lane;
-  return ::simt::shuffle_from(mask, v, src);
+  if (src >= (lane / width + 1) * width) src = lane;  // later groups: one's own value
+  return ::simt::shuffle_from(::simt::Op::kShflXor, mask, v, src, width);
 }
 template <class T>
 T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   const unsigned lane = ::simt::self->lane;
   const unsigned base = lane & ~unsigned(width - 1);
-  return ::simt::shuffle_from(mask, v, lane >= base + delta ? lane - delta : lane);
+  return ::simt::shuffle_from(::simt::Op::kShflUp, mask, v,
+                              lane >= base + delta ? lane - delta : lane, width);
 }
 template <class T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   const unsigned lane = ::simt::self->lane;
   const unsigned end = (lane / width + 1) * width;
-  return ::simt::shuffle_from(mask, v, lane + delta < end ? lane + delta : lane);
+  return ::simt::shuffle_from(::simt::Op::kShflDown, mask, v,
+                              lane + delta < end ? lane + delta : lane, width);
 }
 template <class T>
 unsigned __match_any_sync(unsigned mask, T v) {
@@ -576,10 +656,22 @@ inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask,
 inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
 
 // ---- atomics: one fiber runs at a time, so a read-modify-write is atomic -----------------
+namespace simt {
+// Integer sums wrap as on the device (in the unsigned type: no C++ overflow).
+template <class T>
+T wrapping_add(T a, T b) {
+  if constexpr (std::is_integral<T>::value) {
+    using U = std::make_unsigned_t<T>;
+    return static_cast<T>(static_cast<U>(a) + static_cast<U>(b));
+  } else {
+    return a + b;
+  }
+}
+}  // namespace simt
 template <class T, class U>
 T atomicAdd(T* p, U v) {
   const T old = *p;
-  *p = static_cast<T>(old + static_cast<T>(v));
+  *p = ::simt::wrapping_add(old, static_cast<T>(v));
   return old;
 }
 template <class T, class U>
