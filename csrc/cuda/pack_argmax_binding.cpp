@@ -36,8 +36,7 @@ std::tuple<at::Tensor, at::Tensor> pack_argmax_cuda(const at::Tensor& logits, bo
     args.out = packed.data_ptr<uint8_t>();
     args.out_bytes = packed.numel();
     args.prob = need_prob ? prob.data_ptr<float>() : nullptr;
-    TALLYTRAIN_CUDA_CHECK(launch_pack_argmax(args, workspace.allocator(),
-                                      current_stream()));
+    TALLYTRAIN_CUDA_CHECK(launch_pack_argmax(args, workspace.allocator(), current_stream()));
   }
   if (!return_prob) prob = at::empty({0}, logits.options().dtype(at::kFloat));
   return {packed, prob};

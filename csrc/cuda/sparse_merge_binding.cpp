@@ -68,7 +68,8 @@ at::Tensor sparse_merge_cuda(at::TensorList indices, at::TensorList values, int6
     if (!on_device(device) && on_device(t.device())) device = t.device();
   for (const at::Tensor& t : values)
     if (!on_device(device) && on_device(t.device())) device = t.device();
-  if (!on_device(device) && counts.has_value() && on_device(counts->device())) device = counts->device();
+  if (!on_device(device) && counts.has_value() && on_device(counts->device()))
+    device = counts->device();
   TORCH_CHECK(on_device(device), "sparse_merge_cuda called without a CUDA tensor");
   const DeviceGuard guard(device);
   const cudaStream_t stream = current_stream();
@@ -94,9 +95,9 @@ at::Tensor sparse_merge_cuda(at::TensorList indices, at::TensorList values, int6
   if (checked > 0) {
     const at::Tensor lists = lists_host.to(device);
     at::Tensor flags = at::zeros({2 * checked}, at::TensorOptions().dtype(at::kInt).device(device));
-    TALLYTRAIN_CUDA_CHECK(launch_sparse_merge_validate(reinterpret_cast<const IndexList*>(lists.data_ptr()),
-                                                checked, size, max_length,
-                                                flags.data_ptr<int>(), stream));
+    TALLYTRAIN_CUDA_CHECK(launch_sparse_merge_validate(
+        reinterpret_cast<const IndexList*>(lists.data_ptr()), checked, size, max_length,
+        flags.data_ptr<int>(), stream));
     const at::Tensor flags_host = flags.cpu();
     const int* fp = flags_host.data_ptr<int>();
     for (int64_t p = 0; p < checked; ++p) {

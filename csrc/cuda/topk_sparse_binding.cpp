@@ -36,8 +36,7 @@ std::tuple<at::Tensor, at::Tensor> run_topk(const at::Tensor& x, const at::Tenso
   args.out_indices = indices.data_ptr<int64_t>();
   args.out_values = values.data_ptr();
   int64_t nan_index = -1;
-  TALLYTRAIN_CUDA_CHECK(launch_topk(args, workspace.allocator(), current_stream(),
-                             &nan_index));
+  TALLYTRAIN_CUDA_CHECK(launch_topk(args, workspace.allocator(), current_stream(), &nan_index));
   TORCH_CHECK_VALUE(nan_index < 0, what, " contains NaN (first at index ", nan_index, ")");
   return {indices, values};
 }

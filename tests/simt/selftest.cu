@@ -156,7 +156,8 @@ __global__ void fault_kernel(int which, int* flag, int* out) {
       __syncthreads();
       break;
     case kMixedShuffles:
-      out[threadIdx.x] = lane < 16 ? __shfl_xor_sync(kFull, lane, 1) : __shfl_down_sync(kFull, lane, 1);
+      out[threadIdx.x] =
+          lane < 16 ? __shfl_xor_sync(kFull, lane, 1) : __shfl_down_sync(kFull, lane, 1);
       break;
     default:
       out[threadIdx.x] = lane;

@@ -22,7 +22,8 @@ using Launcher = cudaError_t (*)(const int*, int, int*);
 torch::Tensor run(Launcher launch, const torch::Tensor& x, int64_t out_size) {
   TORCH_CHECK(x.dtype() == torch::kInt && x.dim() == 1 && x.is_contiguous(), "x: 1-D int32");
   torch::Tensor out = torch::zeros({out_size}, torch::kInt);
-  const cudaError_t err = launch(x.data_ptr<int>(), static_cast<int>(x.numel()), out.data_ptr<int>());
+  const cudaError_t err =
+      launch(x.data_ptr<int>(), static_cast<int>(x.numel()), out.data_ptr<int>());
   TORCH_CHECK(err == cudaSuccess, cudaGetErrorString(err));
   return out;
 }

@@ -150,7 +150,9 @@ struct dim3 {
 struct __align__(16) uint4 {
   unsigned x, y, z, w;
 };
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+  return uint4{x, y, z, w};
+}
 
 enum cudaError_t {
   cudaSuccess = 0,
@@ -328,7 +330,8 @@ inline const uint64_t* collective(Op op, unsigned mask, uint64_t value, int widt
   Thread& t = *self;
   if (!((mask >> t.lane) & 1u)) {
     std::ostringstream s;
-    s << op_name(op) << " called with mask 0x" << std::hex << mask << ", which leaves out the caller";
+    s << op_name(op) << " called with mask 0x" << std::hex << mask
+      << ", which leaves out the caller";
     fault(s.str());
   }
   t.op = op;
@@ -499,7 +502,8 @@ inline void run_grid(const Config& c, const void* kernel, const std::function<vo
   else if (c.shared > shared_limit)
     bad << c.shared << " bytes of dynamic shared memory, over the kernel's limit of "
         << shared_limit << " (cudaFuncSetAttribute raises it up to " << kMaxDynamicShared << ")";
-  if (!bad.str().empty()) return fail_launch(cudaErrorInvalidConfiguration, "launch with " + bad.str());
+  if (!bad.str().empty())
+    return fail_launch(cudaErrorInvalidConfiguration, "launch with " + bad.str());
 
   Block b;
   b.dim = c.block;
@@ -653,7 +657,9 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
   return bits;
 }
 inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
-inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
+inline int __all_sync(unsigned mask, int predicate) {
+  return __ballot_sync(mask, predicate) == mask;
+}
 
 // ---- atomics: one fiber runs at a time, so a read-modify-write is atomic -----------------
 namespace simt {
