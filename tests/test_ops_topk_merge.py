@@ -302,6 +302,20 @@ def test_sparse_merge_adds_in_peer_order(device, ref):
     assert_equal(out, ref.sparse_merge(indices, values, 5))
 
 
+@pytest.mark.parametrize("counts", [[2**62] * 3, [2**63 - 1, 1], [2**63 - 1] * 4 + [0]],
+                         ids=["three-2^62", "max-and-1", "four-max"])
+def test_sparse_merge_counts_summing_past_int64(counts, device, ref):
+    # Each count fits in int64 but their sum does not: the reference sums
+    # Python ints, so every backend must sum exactly too (a 64-bit sum wraps
+    # negative and would refuse the counts, or scale by garbage).
+    peers = len(counts)
+    indices = [torch.tensor([0, 2, 3], device=device)] * peers
+    values = [torch.tensor([3.0, -1.5, 0.25], device=device)] * peers
+    out = ops.sparse_merge(indices, values, 5, counts=counts)
+    check_merge(out, indices, values, 5, counts, device, ref)
+    assert_sum_close(out.cpu(), torch.tensor([3.0, 0.0, -1.5, 0.25, 0.0]))
+
+
 def test_sparse_merge_no_peers():
     out = ops.sparse_merge([], [], 6)
     assert_equal(out, torch.zeros(6, dtype=torch.float32))

@@ -20,15 +20,13 @@ void pack_rows(const T* labels, int64_t n, int64_t num_symbols, int b, uint8_t* 
     for (int64_t i = r0; i < r1; ++i) {
       const int64_t v = static_cast<int64_t>(labels[i]);
       if (v < 0 || v >= num_symbols) {
-        int64_t cur = first_bad.load();
-        while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {}
+        record_first(first_bad, i);
         break;
       }
     }
   });
   const int64_t bad = first_bad.load();
-  TORCH_CHECK_VALUE(bad == n, "labels[", bad, "] = ", bad < n ? int64_t(labels[bad]) : 0,
-                    " is outside 0..", num_symbols - 1, " (num_symbols=", num_symbols, ")");
+  if (bad < n) fail_label_out_of_range(bad, static_cast<int64_t>(labels[bad]), num_symbols);
   // Parallel over groups of 8 rows: a group's b bits per row are exactly b
   // whole bytes, so every task starts on a byte boundary and threads never
   // share a byte, however parallel_for splits the range.
@@ -42,10 +40,7 @@ void pack_rows(const T* labels, int64_t n, int64_t num_symbols, int b, uint8_t* 
 }
 
 at::Tensor pack_labels_cpu(const at::Tensor& labels, int64_t num_symbols) {
-  TORCH_CHECK_TYPE(is_integer_dtype(labels.scalar_type()),
-                   "labels must be an integer tensor, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 1, "labels must be 1-D [N], got shape ", labels.sizes());
-  const int b = check_num_symbols(num_symbols);
+  const int b = check_pack_labels_args(labels, num_symbols);
   const at::Tensor lab = labels.contiguous();
   const int64_t n = lab.numel();
   at::Tensor out = at::empty({packed_bytes(n, b)}, labels.options().dtype(at::kByte));

@@ -34,52 +34,24 @@ void add_peer(const int64_t* idx, const Value* val, int64_t lo, int64_t hi, bool
   }
 }
 
-bool is_topk_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_peer(const at::Tensor& idx, const at::Tensor& val, int64_t size, int64_t p) {
-  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "indices[", p, "] must be int64, got ",
-                   idx.scalar_type());
-  TORCH_CHECK_TYPE(is_topk_dtype(val.scalar_type()), "values[", p,
-                   "] must be a floating tensor, got ", val.scalar_type());
-  TORCH_CHECK_VALUE(idx.dim() == 1 && val.dim() == 1 && idx.sizes() == val.sizes(), "indices[", p,
-                    "] and values[", p, "] must be 1-D of equal length, got ", idx.sizes(),
-                    " and ", val.sizes());
+// Peer p's indices: in 0..size-1 and strictly increasing (contiguous).
+void check_peer_indices(const at::Tensor& idx, int64_t size, int64_t p) {
   const int64_t k = idx.numel();
   if (k == 0) return;
-  const int64_t* ip = idx.const_data_ptr<int64_t>();  // contiguous (the caller made it so)
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
   if (ip[0] < 0 || ip[k - 1] >= size) {
     const auto [lo, hi] = std::minmax_element(ip, ip + k);
-    TORCH_CHECK_VALUE(false, "indices[", p, "] must lie in 0..size-1 = ", size - 1, ", got ", *lo,
-                      "..", *hi);
+    fail_indices_out_of_range(p, size, *lo, *hi);
   }
   bool increasing = true;
   for (int64_t j = 1; j < k; ++j) increasing &= ip[j] > ip[j - 1];
-  TORCH_CHECK_VALUE(increasing, "indices[", p, "] must be strictly increasing");
+  if (!increasing) fail_indices_not_increasing(p);
 }
 
 at::Tensor sparse_merge_cpu(at::TensorList indices, at::TensorList values, int64_t size,
                             const std::optional<at::Tensor>& counts) {
-  check_merge_args(indices, values, size, counts);
+  const std::vector<double> scales = check_merge_args(indices, values, size, counts);
   const int64_t peers = static_cast<int64_t>(indices.size());
-
-  // Per-peer scales: counts[p] / sum(counts) in double, as the reference
-  // computes them (the same double whenever the sum is below 2^53).
-  std::vector<double> scales(peers, 1.0);
-  if (counts.has_value()) {
-    const at::Tensor& c = *counts;
-    const at::Tensor c64 = c.to(at::kLong).contiguous();
-    const int64_t* cp = c64.const_data_ptr<int64_t>();
-    __int128 sum = 0;  // exact, like the reference's Python ints
-    for (int64_t p = 0; p < peers; ++p) {
-      TORCH_CHECK_VALUE(cp[p] >= 0, "counts must be >= 0, got counts[", p, "] = ", cp[p]);
-      sum += cp[p];
-    }
-    TORCH_CHECK_VALUE(peers == 0 || sum > 0, "counts must sum to a positive number");
-    const double total = static_cast<double>(sum);
-    for (int64_t p = 0; p < peers; ++p) scales[p] = static_cast<double>(cp[p]) / total;
-  }
 
   bool any_double = false;
   for (const auto& v : values) any_double |= v.scalar_type() == at::kDouble;
@@ -87,9 +59,10 @@ at::Tensor sparse_merge_cpu(at::TensorList indices, at::TensorList values, int64
 
   std::vector<at::Tensor> idx(peers), val(peers);
   for (int64_t p = 0; p < peers; ++p) {
+    if (const auto error = merge_peer_shape_error(indices[p], values[p], p)) error->raise();
     idx[p] = indices[p].contiguous();
     val[p] = values[p].contiguous();
-    check_peer(idx[p], val[p], size, p);
+    check_peer_indices(idx[p], size, p);
   }
 
   const auto device = peers ? indices[0].device() : at::Device(at::kCPU);

@@ -542,18 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
   const int64_t num_symbols = abstain ? num_classes + 1 : num_classes;
   const int64_t peers = votes.size(0);
 
-  at::Tensor w;
-  if (weights.has_value()) {
-    TORCH_CHECK_TYPE(is_integer_dtype(weights->scalar_type()),
-                     "weights must be an integer tensor, got ", weights->scalar_type());
-    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == peers,
-                      "weights must be 1-D with one entry per peer (", peers, "), got shape ",
-                      weights->sizes());
-    w = weights->to(at::kLong).contiguous();
-    const int64_t* wp = w.data_ptr<int64_t>();
-    for (int64_t p = 0; p < peers; ++p)
-      TORCH_CHECK_VALUE(wp[p] >= 0, "weights must be >= 0, got weights[", p, "] = ", wp[p]);
-  }
+  const TallyWeights w = check_tally_weights(weights, peers);
 
   const at::Tensor v = votes.contiguous();
   const auto opts = votes.options().dtype(at::kLong);
@@ -562,8 +551,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
   if (n == 0) return {label, count, total, runner_up};
 
   Problem pr{v.data_ptr<uint8_t>(), peers, v.size(1), n, b, static_cast<uint64_t>(num_classes),
-             static_cast<uint64_t>(num_symbols), w.defined() ? w.data_ptr<int64_t>() : nullptr, 0};
-  for (int64_t p = 0; p < peers; ++p) pr.weight_sum += weight_of(pr, p);
+             static_cast<uint64_t>(num_symbols),
+             w.host.defined() ? w.host.const_data_ptr<int64_t>() : nullptr, w.sum};
   const Outputs out{label.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
                     total.data_ptr<int64_t>(), runner_up.data_ptr<int64_t>()};
   // Counts never exceed the summed weight: narrow counts when it fits.
@@ -624,15 +613,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
       case Strategy::kSorted:
         tally_sorted(pr, out, block, i0, i1, &bad);
     }
-    int64_t cur = first_bad.load();
-    while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {}
+    record_first(first_bad, bad);
   });
 
   const int64_t bad = first_bad.load();
   if (bad != std::numeric_limits<int64_t>::max()) {
     const int64_t p = bad / n, i = bad % n;
-    TORCH_CHECK_VALUE(false, "votes holds symbol ", read_symbol(pr.votes + p * pr.nbytes, pr.nbytes, i, b),
-                      " at position ", bad, ", outside 0..", num_symbols - 1);
+    fail_symbol_out_of_range(
+        "votes", static_cast<int64_t>(read_symbol(pr.votes + p * pr.nbytes, pr.nbytes, i, b)),
+        bad, num_symbols);
   }
   return {label, count, total, runner_up};
 }

@@ -133,12 +133,6 @@ struct Candidate {
   int64_t index;
 };
 
-// Lowers `target` to `value` if smaller (several threads may race).
-inline void atomic_min(std::atomic<int64_t>& target, int64_t value) {
-  int64_t cur = target.load();
-  while (value < cur && !target.compare_exchange_weak(cur, value)) {}
-}
-
 // ---- 1. threshold from a sample --------------------------------------------- //
 // Sample i of s lies at a golden-ratio jitter inside the i-th of s equal
 // strata: spread like random picks, immune to periodic data, reproducible.
@@ -207,7 +201,7 @@ Scan<BitsOf<T>> collect(const Values& values, int64_t m, BitsOf<T> threshold, in
         const Bits key = K::key(bits);
         if (!K::at_least(key, threshold)) return true;
         if (key > K::kInf) {
-          atomic_min(first_nan, i);
+          record_first(first_nan, i);
           return false;
         }
         if (collecting) {
@@ -376,15 +370,6 @@ void topk_into(const Values& values, int64_t m, int64_t k, const char* what, int
   }
 }
 
-void check_topk_input(const at::Tensor& x, int64_t k) {
-  const auto t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-                   "x must be a floating tensor, got ", t);
-  TORCH_CHECK_VALUE(x.dim() == 1, "x must be 1-D [M], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(0 <= k && k <= x.numel(), "k must satisfy 0 <= k <= M = ", x.numel(),
-                    ", got ", k);
-}
-
 std::tuple<at::Tensor, at::Tensor> topk_sparse_cpu(const at::Tensor& x, int64_t k) {
   check_topk_input(x, k);
   const at::Tensor xc = x.contiguous();
@@ -400,12 +385,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_cpu(const at::Tensor& x, int64_t 
 
 std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                       int64_t k) {
-  check_topk_input(x, k);
-  TORCH_CHECK_VALUE(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
-                        residual.device() == x.device(),
-                    "residual must match x in shape, dtype and device: x is ", x.sizes(), " ",
-                    x.scalar_type(), " ", x.device(), ", residual is ", residual.sizes(), " ",
-                    residual.scalar_type(), " ", residual.device());
+  check_topk_ef_args(x, residual, k);
   // A strided residual is updated through a contiguous copy written back.
   const at::Tensor work = residual.contiguous();
   const at::Tensor xc = x.contiguous();

@@ -52,13 +52,10 @@ at::Tensor unpack_labels_cpu(const at::Tensor& packed, int64_t n, int64_t num_sy
   std::atomic<int64_t> first_bad{n};
   at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
     const int64_t bad = unpack_range(in, nbytes, b, num_symbols, i0, i1, out);
-    if (bad == i1) return;
-    int64_t cur = first_bad.load();
-    while (bad < cur && !first_bad.compare_exchange_weak(cur, bad)) {}
+    if (bad < i1) record_first(first_bad, bad);
   });
   const int64_t bad = first_bad.load();
-  TORCH_CHECK_VALUE(bad == n, "packed holds symbol ", bad < n ? out[bad] : 0, " at position ",
-                    bad, ", outside 0..", num_symbols - 1);
+  if (bad < n) fail_symbol_out_of_range("packed", out[bad], bad, num_symbols);
   return labels;
 }
 

@@ -1,6 +1,6 @@
 // Helpers for the CUDA bindings (the .cpp files that register the kernels for
-// the CUDA dispatch key): argument checks shared with the CPU kernels (same
-// wording as the reference), dtype mapping, the device workspace handed to
+// the CUDA dispatch key): the argument checks shared with the CPU kernels
+// (tallytrain/checks.h, the reference's wording), dtype mapping, the device workspace handed to
 // the launchers, and the few device-runtime calls they make.
 //
 // Built with TALLYTRAIN_SIMT (tests/simt/build.py), the same bindings and
@@ -23,19 +23,11 @@
 #include <limits>
 #include <vector>
 
-#include "../cpu/cpu_common.h"
 #include "launchers.h"
+#include "tallytrain/checks.h"
 
 namespace tallytrain {
 namespace cuda {
-
-using cpu::check_merge_args;
-using cpu::check_num_symbols;
-using cpu::check_pack_argmax_args;
-using cpu::check_stream_bytes;
-using cpu::check_tally_votes;
-using cpu::check_unpack_args;
-using cpu::is_integer_dtype;
 
 #ifdef TALLYTRAIN_SIMT
 #define TALLYTRAIN_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(tallytrain_simt, CPU, m)

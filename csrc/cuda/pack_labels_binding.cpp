@@ -8,10 +8,7 @@ namespace cuda {
 namespace {
 
 at::Tensor pack_labels_cuda(const at::Tensor& labels, int64_t num_symbols) {
-  TORCH_CHECK_TYPE(is_integer_dtype(labels.scalar_type()),
-                   "labels must be an integer tensor, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 1, "labels must be 1-D [N], got shape ", labels.sizes());
-  const int b = check_num_symbols(num_symbols);
+  const int b = check_pack_labels_args(labels, num_symbols);
   const DeviceGuard guard(labels.device());
   const at::Tensor lab = labels.contiguous();
   const int64_t n = lab.numel();
@@ -29,10 +26,7 @@ at::Tensor pack_labels_cuda(const at::Tensor& labels, int64_t num_symbols) {
   args.first_bad = flag_ptr(flag);
   TALLYTRAIN_CUDA_CHECK(launch_pack_labels(args, current_stream()));
   const int64_t bad = read_first_bad(flag);
-  if (bad >= 0) {
-    TORCH_CHECK_VALUE(false, "labels[", bad, "] = ", lab[bad].item<int64_t>(), " is outside 0..",
-                      num_symbols - 1, " (num_symbols=", num_symbols, ")");
-  }
+  if (bad >= 0) fail_label_out_of_range(bad, lab[bad].item<int64_t>(), num_symbols);
   return out;
 }
 
@@ -55,10 +49,8 @@ at::Tensor unpack_labels_cuda(const at::Tensor& packed, int64_t n, int64_t num_s
   TALLYTRAIN_CUDA_CHECK(launch_unpack_labels(args, current_stream()));
   if (check) {
     const int64_t bad = read_first_bad(flag);
-    if (bad >= 0) {
-      TORCH_CHECK_VALUE(false, "packed holds symbol ", out[bad].item<int64_t>(), " at position ",
-                        bad, ", outside 0..", num_symbols - 1);
-    }
+    if (bad >= 0)
+      fail_symbol_out_of_range("packed", out[bad].item<int64_t>(), bad, num_symbols);
   }
   return out;
 }

@@ -4,7 +4,6 @@
 #include <ATen/ops/zeros.h>
 
 #include <optional>
-#include <string>
 
 #include "binding.h"
 
@@ -12,50 +11,11 @@ namespace tallytrain {
 namespace cuda {
 namespace {
 
-bool is_topk_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-// A check of peer p that needs no data failed: TypeError or ValueError.
-struct PeerError {
-  bool type_error;
-  std::string message;
-};
-
-// The checks of peer p that need no data, in the reference's order.
-std::optional<PeerError> peer_shape_error(const at::Tensor& idx, const at::Tensor& val, int64_t p) {
-  if (idx.scalar_type() != at::kLong)
-    return PeerError{true, c10::str("indices[", p, "] must be int64, got ", idx.scalar_type())};
-  if (!is_topk_float(val.scalar_type()))
-    return PeerError{true, c10::str("values[", p, "] must be a floating tensor, got ",
-                                    val.scalar_type())};
-  if (idx.dim() != 1 || val.dim() != 1 || idx.sizes() != val.sizes())
-    return PeerError{false, c10::str("indices[", p, "] and values[", p,
-                                     "] must be 1-D of equal length, got ", idx.sizes(), " and ",
-                                     val.sizes())};
-  return std::nullopt;
-}
-
 at::Tensor sparse_merge_cuda(at::TensorList indices, at::TensorList values, int64_t size,
                              const std::optional<at::Tensor>& counts) {
-  check_merge_args(indices, values, size, counts);
-  const int64_t peers = static_cast<int64_t>(indices.size());
-
   // Per-peer scales, in double on the host like the reference.
-  std::vector<double> scales(peers, 1.0);
-  if (counts.has_value()) {
-    const at::Tensor& c = *counts;
-    const at::Tensor c_host = c.to(at::kCPU, at::kLong).contiguous();
-    const int64_t* cp = c_host.data_ptr<int64_t>();
-    int64_t total = 0;
-    for (int64_t p = 0; p < peers; ++p) {
-      TORCH_CHECK_VALUE(cp[p] >= 0, "counts must be >= 0, got counts[", p, "] = ", cp[p]);
-      total += cp[p];
-    }
-    TORCH_CHECK_VALUE(peers == 0 || total > 0, "counts must sum to a positive number");
-    for (int64_t p = 0; p < peers; ++p)
-      scales[p] = static_cast<double>(cp[p]) / static_cast<double>(total);
-  }
+  const std::vector<double> scales = check_merge_args(indices, values, size, counts);
+  const int64_t peers = static_cast<int64_t>(indices.size());
   bool any_double = false;
   for (const at::Tensor& v : values) any_double = any_double || v.scalar_type() == at::kDouble;
   const at::ScalarType out_dtype = any_double ? at::kDouble : at::kFloat;
@@ -79,7 +39,7 @@ at::Tensor sparse_merge_cuda(at::TensorList indices, at::TensorList values, int6
   int64_t checked = 0;
   std::optional<PeerError> shape_error;
   for (; checked < peers; ++checked) {
-    shape_error = peer_shape_error(indices[checked], values[checked], checked);
+    shape_error = merge_peer_shape_error(indices[checked], values[checked], checked);
     if (shape_error) break;
   }
   std::vector<at::Tensor> idx(checked);
@@ -101,15 +61,13 @@ at::Tensor sparse_merge_cuda(at::TensorList indices, at::TensorList values, int6
     const at::Tensor flags_host = flags.cpu();
     const int* fp = flags_host.data_ptr<int>();
     for (int64_t p = 0; p < checked; ++p) {
-      TORCH_CHECK_VALUE(fp[2 * p] == 0, "indices[", p, "] must lie in 0..size-1 = ", size - 1,
-                        ", got ", idx[p].min().item<int64_t>(), "..", idx[p].max().item<int64_t>());
-      TORCH_CHECK_VALUE(fp[2 * p + 1] == 0, "indices[", p, "] must be strictly increasing");
+      if (fp[2 * p] != 0)
+        fail_indices_out_of_range(p, size, idx[p].min().item<int64_t>(),
+                                  idx[p].max().item<int64_t>());
+      if (fp[2 * p + 1] != 0) fail_indices_not_increasing(p);
     }
   }
-  if (shape_error) {
-    TORCH_CHECK_TYPE(!shape_error->type_error, shape_error->message);
-    TORCH_CHECK_VALUE(false, shape_error->message);
-  }
+  if (shape_error) shape_error->raise();
 
   at::Tensor out = at::zeros({size}, at::TensorOptions().dtype(out_dtype).device(device));
   for (int64_t p = 0; p < peers; ++p) {

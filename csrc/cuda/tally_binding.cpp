@@ -5,8 +5,6 @@
 #include <optional>
 #include <tuple>
 
-#include <ATen/ops/empty.h>
-
 #include "binding.h"
 
 namespace tallytrain {
@@ -23,26 +21,9 @@ Tally tally_cuda(const at::Tensor& votes, int64_t n, int64_t num_classes,
 
   // Weights: P integers, checked and summed on the host. Counts fit in 32
   // bits unless the summed weight exceeds INT32_MAX.
-  at::Tensor weights_dev;
-  bool wide = peers > std::numeric_limits<int32_t>::max();
-  if (weights.has_value()) {
-    const at::Tensor& w = *weights;
-    TORCH_CHECK_TYPE(is_integer_dtype(w.scalar_type()), "weights must be an integer tensor, got ",
-                     w.scalar_type());
-    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == peers,
-                      "weights must be 1-D with one entry per peer (", peers, "), got shape ",
-                      w.sizes());
-    const at::Tensor w_host = w.to(at::kCPU, at::kLong).contiguous();
-    const int64_t* wp = w_host.data_ptr<int64_t>();
-    int64_t sum = 0;
-    for (int64_t p = 0; p < peers; ++p) {
-      TORCH_CHECK_VALUE(wp[p] >= 0, "weights must be >= 0, got weights[", p, "] = ", wp[p]);
-      sum = wp[p] > std::numeric_limits<int64_t>::max() - sum ? std::numeric_limits<int64_t>::max()
-                                                               : sum + wp[p];
-    }
-    wide = wide || sum > std::numeric_limits<int32_t>::max();
-    weights_dev = w_host.to(votes.device());
-  }
+  const TallyWeights w = check_tally_weights(weights, peers);
+  const bool wide = w.sum > static_cast<uint64_t>(std::numeric_limits<int32_t>::max());
+  const at::Tensor weights_dev = w.host.defined() ? w.host.to(votes.device()) : at::Tensor();
 
   const DeviceGuard guard(votes.device());
   const auto i64 = votes.options().dtype(at::kLong);
@@ -84,8 +65,7 @@ Tally tally_cuda(const at::Tensor& votes, int64_t n, int64_t num_classes,
         word |= static_cast<uint64_t>(bytes.data_ptr<uint8_t>()[k]) << (8 * k);
       const int64_t symbol =
           static_cast<int64_t>((word >> ((i * b) & 7)) & ((uint64_t(1) << b) - 1));
-      TORCH_CHECK_VALUE(false, "votes holds symbol ", symbol, " at position ", bad, ", outside 0..",
-                        num_symbols - 1);
+      fail_symbol_out_of_range("votes", symbol, bad, num_symbols);
     }
   }
   return {label, count, total, runner_up};

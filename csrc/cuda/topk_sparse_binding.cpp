@@ -10,15 +10,6 @@ namespace tallytrain {
 namespace cuda {
 namespace {
 
-void check_topk_input(const at::Tensor& x, int64_t k) {
-  const at::ScalarType t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-                   "x must be a floating tensor, got ", t);
-  TORCH_CHECK_VALUE(x.dim() == 1, "x must be 1-D [M], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(k >= 0 && k <= x.numel(), "k must satisfy 0 <= k <= M = ", x.numel(),
-                    ", got ", k);
-}
-
 // residual: a contiguous tensor updated in place, or undefined for plain top-k.
 std::tuple<at::Tensor, at::Tensor> run_topk(const at::Tensor& x, const at::Tensor& residual,
                                             int64_t k, const char* what) {
@@ -48,12 +39,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_cuda(const at::Tensor& x, int64_t
 
 std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cuda(const at::Tensor& x,
                                                        const at::Tensor& residual, int64_t k) {
-  check_topk_input(x, k);
-  TORCH_CHECK_VALUE(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
-                        residual.device() == x.device(),
-                    "residual must match x in shape, dtype and device: x is ", x.sizes(), " ",
-                    x.scalar_type(), " ", x.device(), ", residual is ", residual.sizes(), " ",
-                    residual.scalar_type(), " ", residual.device());
+  check_topk_ef_args(x, residual, k);
   if (residual.is_contiguous()) return run_topk(x, residual, k, "x + residual");
   // Work on a contiguous copy and write it back.
   const at::Tensor work = residual.contiguous();
