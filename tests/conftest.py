@@ -49,6 +49,14 @@ FLOAT_DTYPE_PARAMS = [
 ]
 
 
+def pytest_report_header(config):
+    info = tallytrain.ops.backend_info()
+    level = (f"CPU level {info['cpu_level']} of {', '.join(info['cpu_levels'])}"
+             if info["cpu_level"] else "no CPU level (the reference serves the CPU)")
+    return [f"tallytrain: backend {info['mode']}, {level}; {info['cpu_model']}; "
+            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"]
+
+
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         params = list(DEVICE_PARAMS)

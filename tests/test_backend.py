@@ -1,10 +1,12 @@
-"""Backend selection (DESIGN.md §3, TALLYTRAIN_BACKEND) and backend_info().
+"""Backend selection (DESIGN.md §3, TALLYTRAIN_BACKEND), the CPU level
+(TALLYTRAIN_CPU_LEVEL) and backend_info().
 
-The first test checks that this very run is served by the backend it asked
-for: a CI job that requires the native kernels fails here, rather than
-silently testing the reference. The others start fresh interpreters with the
-extension made unimportable (a meta path finder that refuses tallytrain._C,
-installed before tallytrain is imported) and check each mode's contract.
+The first tests check that this very run is served by the backend and the CPU
+level it asked for: a CI job that requires the native kernels, or a level,
+fails here rather than silently testing something else. The others start
+fresh interpreters, some with the extension made unimportable (a meta path
+finder that refuses tallytrain._C, installed before tallytrain is imported),
+and check each mode's contract.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 
 import tallytrain
 import tallytrain.ops as ops
-from tallytrain.ops._backend import MODES
+from tallytrain.ops import _backend
+from tallytrain.ops._backend import CPU_LEVELS, MODES
 from tallytrain.ops._schema import SCHEMAS
 
 # The folder that holds the tallytrain package this session imported, so the
@@ -69,6 +72,7 @@ USE_OPS = textwrap.dedent("""
                                  tallied.label.tolist(), idx.tolist(), merged.tolist()]
             info = ops.backend_info()
             report["info"] = {k: info[k] for k in ("mode", "cpu", "native_error")}
+            report["cpu_level"] = info["cpu_level"]
     report["warnings"] = [[w.category.__name__, str(w.message)] for w in caught]
     report["extension_imported"] = "tallytrain._C" in sys.modules
     report["extension_attempts"] = len(attempts)
@@ -85,16 +89,27 @@ EXPECTED_RESULTS = [
 ]
 
 
-def run_child(mode, failure="missing"):
-    """Run USE_OPS in a fresh interpreter where importing the extension fails."""
+def child_env(**variables):
+    """This environment, with the package on the path and TALLYTRAIN_*
+    variables set (a value of None removes the variable)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    if mode is None:
-        env.pop("TALLYTRAIN_BACKEND", None)
-    else:
-        env["TALLYTRAIN_BACKEND"] = mode
-    program = f"FAILURE = {failure!r}\n" + BLOCK_EXTENSION + USE_OPS
+    for name, value in variables.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def run_child(mode, failure="missing", cpu_level=None):
+    """Run USE_OPS in a fresh interpreter where importing the extension fails
+    ("missing", "broken") or does not (failure=None)."""
+    env = child_env(TALLYTRAIN_BACKEND=mode, TALLYTRAIN_CPU_LEVEL=cpu_level)
+    program = (f"FAILURE = {failure!r}\n" + BLOCK_EXTENSION if failure
+               else "import sys\nattempts = []\n")
+    program += USE_OPS
     proc = subprocess.run([sys.executable, "-c", program], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -129,10 +144,24 @@ def test_requested_backend_serves():
         assert (info["extension"] is not None) != (info["native_error"] is not None), info
 
 
+def test_requested_cpu_level_serves():
+    requested = os.environ.get("TALLYTRAIN_CPU_LEVEL", "auto").strip().lower() or "auto"
+    info = ops.backend_info()
+    if info["extension"] is None:
+        assert info["cpu_level"] is None and info["cpu_levels"] == []
+        return
+    levels = info["cpu_levels"]
+    assert levels and set(levels) <= set(CPU_LEVELS) - {"auto"}
+    assert levels[-1] == "baseline"
+    assert info["cpu_level"] == (levels[0] if requested == "auto" else requested)
+    assert list(info["extension_build"]["cpu_levels"])[-1] == "baseline"
+
+
 def test_backend_info_keys():
     info = ops.backend_info()
     assert {"mode", "cpu", "cuda", "ops", "extension", "extension_built_with_cuda",
-            "extension_build", "native_error", "torch", "torch_cuda", "cuda_device"} <= set(info)
+            "extension_build", "native_error", "torch", "torch_cuda", "cuda_device",
+            "cpu_level", "cpu_levels", "cpu_model"} <= set(info)
     assert info["mode"] in MODES
     assert info["cpu"] in ("native", "reference")
     assert info["cuda"] in (("native", "reference") if torch.cuda.is_available()
@@ -190,3 +219,91 @@ def test_invalid_mode_lists_the_modes():
     assert kind == "ValueError"
     assert "TALLYTRAIN_BACKEND" in message and "'fastest'" in message
     assert all(mode in message for mode in MODES)
+
+
+# --------------------------------------------------------------------------- #
+# TALLYTRAIN_CPU_LEVEL
+# --------------------------------------------------------------------------- #
+def test_invalid_cpu_level_lists_the_levels():
+    for mode in ("native", "reference"):
+        report = run_child(mode, failure=None, cpu_level="avx512")
+        kind, message = report["error"]
+        assert kind == "ValueError"
+        assert "TALLYTRAIN_CPU_LEVEL" in message and "'avx512'" in message
+        assert all(level in message for level in CPU_LEVELS)
+
+
+needs_extension = pytest.mark.skipif(ops.backend_info()["extension"] is None,
+                                     reason="needs the native extension")
+
+
+@needs_extension
+@pytest.mark.parametrize("level", ["auto", " V3 ", "baseline"])
+def test_cpu_level_is_chosen_at_import(level):
+    supported = ops.backend_info()["cpu_levels"]
+    want = level.strip().lower()
+    want = supported[0] if want == "auto" else want
+    if want not in supported:
+        pytest.skip(f"this CPU does not run {want}")
+    report = run_child("native", failure=None, cpu_level=level)
+    assert "error" not in report, report
+    assert report["cpu_level"] == want
+    assert report["results"] == EXPECTED_RESULTS
+
+
+@needs_extension
+def test_cpu_level_this_cpu_lacks_is_refused():
+    """Where the CPU lacks a level of the build, forcing it fails at import,
+    naming the level, what it needs and what the machine runs."""
+    info = ops.backend_info()
+    lacking = [lv for lv in info["extension_build"]["cpu_levels"] if lv not in info["cpu_levels"]]
+    if not lacking:
+        pytest.skip("this CPU runs every level of the build (see the stand-in test below)")
+    report = run_child("native", failure=None, cpu_level=lacking[0])
+    kind, message = report["error"]
+    assert kind == "ValueError"
+    assert f"TALLYTRAIN_CPU_LEVEL={lacking[0]}" in message and "lacks" in message
+    assert all(level in message for level in info["cpu_levels"])
+
+
+class _StandInExtension:
+    """The parts of tallytrain._C that choosing a level uses, for a CPU with
+    AVX2 and no AVX-512 under a build of every level, or a portable build."""
+
+    def __init__(self, built, runs):
+        self.built, self.runs, self.chosen = built, runs, None
+
+    def build_info(self):
+        return {"cpu_levels": self.built}
+
+    def cpu_levels(self):
+        return self.runs
+
+    def set_cpu_level(self, level):
+        self.chosen = level
+
+
+@pytest.mark.parametrize("built,runs,asked,cause", [
+    (["v4", "v3", "v2", "baseline"], ["v3", "v2", "baseline"], "v4", "lacks x86-64-v4"),
+    (["baseline"], ["baseline"], "v3", "has no copy of the kernels for it"),
+], ids=["cpu-lacks-v4", "portable-build"])
+def test_cpu_level_refusal_names_the_cause(built, runs, asked, cause, monkeypatch):
+    stand_in = _StandInExtension(built, runs)
+    monkeypatch.setitem(_backend._state, "module", stand_in)
+    with pytest.raises(ValueError) as info:
+        _backend.set_cpu_level(asked)
+    message = str(info.value)
+    assert f"TALLYTRAIN_CPU_LEVEL={asked}" in message and cause in message
+    assert ", ".join(runs) in message and "auto" in message
+    assert stand_in.chosen is None
+    _backend.set_cpu_level("auto")
+    assert stand_in.chosen == runs[0]
+
+
+@needs_extension
+def test_extension_refuses_unknown_level():
+    from tallytrain import _C
+
+    with pytest.raises(ValueError, match="not in this build"):
+        _C.set_cpu_level("v5")
+    assert _C.cpu_level() == ops.backend_info()["cpu_level"]

@@ -7,8 +7,8 @@
 // NaN the largest (the first NaN wins), -0.0 == +0.0. Two row shapes:
 //  - long rows: per row, a vectorised max over 1 KiB chunks remembers the
 //    first chunk that reached the maximum; a scalar scan of that chunk (still
-//    in L1) finds the first index. The probability pass re-reads the row from
-//    L2.
+//    in L1) finds the first index (float32 rows: blocks of 4 vectors, below).
+//    The probability pass re-reads the row from L2.
 //  - short rows (C below kShortRowLimit): rows are too short to fill vectors,
 //    so a block of rows is transposed in L1 and lane r of each vector carries
 //    row r through the argmax and the probability.
@@ -19,15 +19,15 @@
 // and a row the bounds leave open stops summing once the partial sum alone
 // decides it. The decision is the one the full sum would make.
 // Rows go to threads in runs of whole groups of 8, so each writes whole bytes.
+// Every loop over the logits is a template over the CPU level's vectors
+// (simd.h) and runs at the level chosen at run time.
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>
-#include <charconv>
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -53,22 +53,26 @@ constexpr bool uses_short_rows(int64_t cols, bool need_prob) {
 // Elements of logits per short-row block: its transpose stays in L1.
 constexpr int64_t kShortBlockElems = 4096;
 
-// Per-dtype lane operations. Raw is the bit pattern of one element; Key its
-// orderable key (same width); a KeyVec holds kLanes elements (64 bytes).
+// Per-dtype lane operations on the vectors of the CPU level S. Raw is the bit
+// pattern of one element; Key its orderable key (same width); a KeyVec holds
+// kLanes elements (one register); a Float holds kLanes of 4 bytes.
+template <class S>
 struct Float32 {
+  using Isa = S;
+  static constexpr bool kIsFloat32 = true;
   using Raw = uint32_t;
   using Key = uint32_t;
-  using KeyVec = u32x16;
-  using LaneIndex = i32x16;
-  static constexpr int kLanes = 16;
+  using KeyVec = typename S::u32;
+  using LaneIndex = typename S::i32;
+  using Float = typename S::f32;
+  static constexpr int kLanes = S::kBytes / 4;
   static constexpr Key kNaNKey = 0xffffffffu;
   static constexpr Key kZeroKey = 0x80000000u;
   static TT_INLINE KeyVec keys(const KeyVec& raw) { return keys_f32(raw); }
   static TT_INLINE Key key(Raw raw) { return key_f32(raw); }
-  static TT_INLINE LaneIndex lane_index() { return iota32(); }
   // The kLanes elements of `raw` as float vectors (1 for float32).
   static constexpr int kFloatVecs = 1;
-  static TT_INLINE void to_float(const KeyVec& raw, f32x16* out) { out[0] = (f32x16)raw; }
+  static TT_INLINE void to_float(const KeyVec& raw, Float* out) { out[0] = (Float)raw; }
   static TT_INLINE float value(Raw raw) {
     float f;
     memcpy(&f, &raw, 4);
@@ -76,32 +80,39 @@ struct Float32 {
   }
 };
 
-template <uint16_t kExpMask>
+template <class S, uint16_t kExpMask_>
 struct Float16Bits {
+  using Isa = S;
+  static constexpr bool kIsFloat32 = false;
   using Raw = uint16_t;
   using Key = uint16_t;
-  using KeyVec = u16x32;
-  using LaneIndex = i16x32;
-  static constexpr int kLanes = 32;
+  using KeyVec = typename S::u16;
+  using LaneIndex = typename S::i16;
+  using Float = typename S::f32;
+  static constexpr int kLanes = S::kBytes / 2;
   static constexpr Key kNaNKey = 0xffffu;
   static constexpr Key kZeroKey = 0x8000u;
+  static constexpr uint16_t kExpMask = kExpMask_;
   static TT_INLINE KeyVec keys(const KeyVec& raw) { return keys_f16bits<kExpMask>(raw); }
   static TT_INLINE Key key(Raw raw) { return key_f16bits(raw, kExpMask); }
-  static TT_INLINE LaneIndex lane_index() { return iota16(); }
   static constexpr int kFloatVecs = 2;
-  static TT_INLINE f32x16 widen_to_float(const u32x16& h) {
+  static TT_INLINE Float widen_to_float(const typename S::u32& h) {
     if constexpr (kExpMask == kBFloat16ExpMask) return bf16_to_f32(h);
     else return f16_to_f32(h);
   }
-  static TT_INLINE void to_float(const KeyVec& raw, f32x16* out) {
-    out[0] = widen_to_float(widen(raw, 0));
-    out[1] = widen_to_float(widen(raw, 1));
+  static TT_INLINE void to_float(const KeyVec& raw, Float* out) {
+    out[0] = widen_to_float(widen<0>(raw));
+    out[1] = widen_to_float(widen<1>(raw));
   }
   // One lane of the vector conversion, so that scalar and lanes agree.
-  static TT_INLINE float value(Raw raw) { return widen_to_float(u32x16{} + uint32_t(raw))[0]; }
+  static TT_INLINE float value(Raw raw) {
+    return widen_to_float(typename S::u32{} + uint32_t(raw))[0];
+  }
 };
-using BFloat16 = Float16Bits<kBFloat16ExpMask>;
-using Float16 = Float16Bits<kHalfExpMask>;
+template <class S>
+using BFloat16 = Float16Bits<S, kBFloat16ExpMask>;
+template <class S>
+using Float16 = Float16Bits<S, kHalfExpMask>;
 
 // The element whose key is `key` (a NaN for the NaN key, +0.0 for the zero key).
 template <class F>
@@ -141,8 +152,8 @@ template <class F>
 TT_INLINE typename F::KeyVec partial_keys(const typename F::Raw* p, int count) {
   using KeyVec = typename F::KeyVec;
   const KeyVec k = F::keys(load_partial<KeyVec>(p, count));
-  using Lane = decltype(F::lane_index()[0]);
-  return F::lane_index() < static_cast<Lane>(count) ? k : KeyVec{};
+  using LaneIndex = typename F::LaneIndex;
+  return iota<LaneIndex>() < static_cast<Lane<LaneIndex>>(count) ? k : KeyVec{};
 }
 
 // Lane-wise top two of everything merged in so far (a lane's two largest
@@ -150,8 +161,8 @@ TT_INLINE typename F::KeyVec partial_keys(const typename F::Raw* p, int count) {
 template <typename V, typename T>
 struct LaneTop2 {
   V first, second;
-  explicit LaneTop2(T lowest) : first(V{} + lowest), second(V{} + lowest) {}
-  LaneTop2(const V& first_, const V& second_) : first(first_), second(second_) {}
+  TT_INLINE explicit LaneTop2(T lowest) : first(V{} + lowest), second(V{} + lowest) {}
+  TT_INLINE LaneTop2(const V& first_, const V& second_) : first(first_), second(second_) {}
   TT_INLINE void add(const V& k) {
     second = vmax(second, vmin(first, k));
     first = vmax(first, k);
@@ -164,11 +175,11 @@ struct LaneTop2 {
   // lanes hold the top value it is the second value too. Lane operations
   // only (a scalar walk over the lanes mispredicted on most rows).
   TT_INLINE T second_value(T lowest) const {
-    constexpr int kCount = sizeof(V) / sizeof(T);
-    using U = std::conditional_t<kCount == 16, u32x16, u16x32>;
+    constexpr int kCount = kLanes<V>;
+    using U = Like<std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>, V>;
     const T top = hmax(first);
     const auto at_top = first == top;
-    const U lane = lane_index<U>(), none = {};
+    const U lane = iota<U>(), none = {};
     // The last lane holding top, and the first one counted from the end.
     const auto last = hmax(at_top ? lane : none);
     const auto from_end = hmax(at_top ? (U{} + (kCount - 1)) - lane : none);
@@ -183,7 +194,7 @@ TT_INLINE RowArgmax<F> long_row_argmax(const typename F::Raw* row, int64_t cols)
   using Key = typename F::Key;
   using KeyVec = typename F::KeyVec;
   constexpr int L = F::kLanes;
-  constexpr int64_t kChunk = 16 * L;  // 1 KiB
+  constexpr int64_t kChunk = 1024 / sizeof(typename F::Raw);  // 1 KiB, a multiple of 2L
   const int64_t whole = cols - cols % L;
   // Every real key is > 0, so the first chunk always takes over.
   Key best = 0;
@@ -195,8 +206,9 @@ TT_INLINE RowArgmax<F> long_row_argmax(const typename F::Raw* row, int64_t cols)
     if constexpr (kSecond) {
       // One chain per lane pair of top-two accumulators (their updates are
       // twice the work of a plain max, so one chain already fills the ports).
-      LaneTop2<KeyVec, Key> chunk(0);
-      for (int64_t j = start; j < end; j += L) chunk.add(F::keys(load<KeyVec>(row + j)));
+      // (Key 0 is below every key, as a lane's second while it has one.)
+      LaneTop2<KeyVec, Key> chunk(F::keys(load<KeyVec>(row + start)), KeyVec{});
+      for (int64_t j = start + L; j < end; j += L) chunk.add(F::keys(load<KeyVec>(row + j)));
       m = chunk.first;
       top2.merge(chunk);
     } else {
@@ -231,42 +243,105 @@ TT_INLINE RowArgmax<F> long_row_argmax(const typename F::Raw* row, int64_t cols)
   return {find_key<F>(row, best_chunk, cols, best), best, second};
 }
 
+// 16-bit float rows when only the argmax is wanted, without a key per
+// element. As int16 the bits order the non-negative floats (+0.0 = 0 below
+// them, every negative float below that) and, in reverse, the negative
+// floats (-0.0 = INT16_MIN the smallest). So the row's maximum is its
+// largest int16 if that is >= 0, else (every element negative) its smallest:
+// a signed max and min per vector (SSE2 has both), where the keys took 8 to
+// 10 operations (on AVX2 more, without unsigned compares). A NaN, which must
+// win, shows in the largest magnitude; such rows take the key path. Chunks
+// of 1 KiB, as there, locate the first occurrence.
+template <class F>
+TT_INLINE RowArgmax<F> long_row_argmax_16bit(const uint16_t* row, int64_t cols) {
+  using U = typename F::KeyVec;
+  using I = Like<int16_t, U>;
+  constexpr int L = F::kLanes;
+  constexpr int64_t kChunk = 512;
+  static_assert(kShortRowLimit >= 64 && L <= 64, "long rows must hold a whole vector");
+  constexpr uint16_t kSignFlip = 0x8000;  // int16 order <-> uint16 order
+  const int64_t whole = cols - cols % L;
+  int16_t best_top = INT16_MIN, best_bottom = INT16_MAX;
+  int64_t chunk_top = 0, chunk_bottom = 0;
+  I magnitude = {};
+  const auto chunk_done = [&](const I& top, const I& bottom, int64_t at) {
+    // (Unsigned lanes: zero-filled reductions. 0x7fff - b reverses int16 order.)
+    const auto t = static_cast<int16_t>(hmax((U)top ^ kSignFlip) ^ kSignFlip);
+    const auto b = static_cast<int16_t>(INT16_MAX - int(hmax(uint16_t(INT16_MAX) - (U)bottom)));
+    if (t > best_top) best_top = t, chunk_top = at;
+    if (b < best_bottom) best_bottom = b, chunk_bottom = at;
+  };
+  for (int64_t start = 0; start < whole; start += kChunk) {
+    const int64_t end = std::min(start + kChunk, whole);
+    I top = I{} + INT16_MIN, bottom = I{} + INT16_MAX;
+    for (int64_t j = start; j < end; j += L) {
+      const I v = load<I>(row + j);
+      top = vmax(top, v);
+      bottom = vmin(bottom, v);
+      magnitude = vmax(magnitude, v & int16_t(0x7fff));
+    }
+    chunk_done(top, bottom, start);
+  }
+  if (whole < cols) {
+    // The row's last L elements: those seen before cannot beat themselves.
+    const I v = load<I>(row + cols - L);
+    magnitude = vmax(magnitude, v & int16_t(0x7fff));
+    chunk_done(v, v, whole);
+  }
+  if (hmax((U)magnitude) > F::kExpMask) return long_row_argmax<F, false>(row, cols);
+  const bool nonnegative = best_top >= 0;
+  const auto raw = static_cast<uint16_t>(nonnegative ? best_top : best_bottom);
+  // A maximum of +0.0 ties with every -0.0, which the signed max skipped.
+  const int64_t from = raw == 0 ? 0 : nonnegative ? chunk_top : chunk_bottom;
+  const typename F::Key key = F::key(raw);
+  return {find_key<F>(row, from, cols, key), key, key};
+}
+
 // Whether a float32 row holds a NaN (|x|'s bits above +inf's).
+template <class S>
 TT_INLINE bool row_has_nan(const uint32_t* bits, int64_t cols) {
-  u32x16 magnitude = {};
+  using U = typename S::u32;
+  constexpr int L = kLanes<U>;
+  U magnitude = {};
   int64_t j = 0;
-  for (; j + 16 <= cols; j += 16) magnitude = vmax(magnitude, load<u32x16>(bits + j) & 0x7fffffffu);
-  if (j < cols) magnitude = vmax(magnitude, load_partial<u32x16>(bits + j, int(cols - j)) & 0x7fffffffu);
+  for (; j + L <= cols; j += L) magnitude = vmax(magnitude, load<U>(bits + j) & 0x7fffffffu);
+  if (j < cols)
+    magnitude = vmax(magnitude, load_partial<U>(bits + j, int(cols - j)) & 0x7fffffffu);
   return hmax(magnitude) > 0x7f800000u;
 }
 
 // The largest element of a float32 row without NaN other than the one at
-// `skip` (the exact second-largest value when `skip` is the argmax).
+// `skip` (the exact second-largest value when `skip` is the argmax). Long
+// rows only: the tail is the row's last L elements (a max may see an element
+// twice).
+template <class S>
 TT_INLINE float max_excluding(const float* row, int64_t cols, int64_t skip) {
+  using F = typename S::f32;
+  using I = typename S::i32;
+  constexpr int L = kLanes<F>;
   constexpr float kLowest = -std::numeric_limits<float>::infinity();
-  const auto masked = [&](const f32x16& x, int64_t at, int64_t count) {
-    const i32x16 lane = iota32();
-    return (lane < int32_t(count)) & (lane != int32_t(skip - at)) ? x : kLowest;
+  const I lane = iota<I>();
+  // (Such rows have fewer than 2^30 elements: the differences fit.)
+  const auto without_skip = [&](int64_t at) {
+    return lane != int32_t(skip - at) ? load<F>(row + at) : kLowest;
   };
-  f32x16 acc = f32x16{} + kLowest;
+  F acc = F{} + kLowest;
   int64_t j = 0;
-  for (; j + 16 <= cols; j += 16) {
-    const f32x16 x = load<f32x16>(row + j);
-    acc = vmax(acc, skip - j >= 0 && skip - j < 16 ? masked(x, j, 16) : x);
-  }
-  if (j < cols) acc = vmax(acc, masked(load_partial<f32x16>(row + j, int(cols - j)), j, cols - j));
+  for (; j + L <= cols; j += L) acc = vmax(acc, without_skip(j));
+  if (j < cols) acc = vmax(acc, without_skip(cols - L));
   return hmax(acc);
 }
 
 // float32 rows compare the floats themselves. The row is read in blocks of
-// 64 floats: a block's lane-wise maximum (three vmax for four vectors) is
-// compared with each lane's best so far, which remembers the block where it
-// was first reached (strict >). Two chains of blocks, interleaved. The
-// smallest such block among the lanes holding the row's maximum contains
-// its first occurrence: any element equal to the maximum lifts its lane to
-// the maximum in its own block or earlier. One scan of that block finds it.
-// About 2.5 vector operations per 16 floats (a lane-wise max and index per
-// vector took 6 to 9), so a row in cache is read at load speed.
+// four vectors (64 floats at v4, 32 at v3, 16 with 16-byte vectors): a
+// block's lane-wise maximum (three vmax) is compared with each lane's best so
+// far, which remembers the block where it was first reached (strict >). Two
+// chains of blocks, interleaved. The smallest such block among the lanes
+// holding the row's maximum contains its first occurrence: any element equal
+// to the maximum lifts its lane to the maximum in its own block or earlier.
+// One scan of that block finds it. About 2.5 vector operations per vector
+// read (a lane-wise max and index per vector took 6 to 9), so a row in cache
+// is read at load speed.
 //
 // Plain float order agrees with torch.argmax except for NaN (-0.0 == +0.0
 // either way). Non-finite elements are noticed on the side: v * 0 is 0 for
@@ -274,84 +349,88 @@ TT_INLINE float max_excluding(const float* row, int64_t cols, int64_t skip) {
 // an exact test; rows with a NaN take the key path (infinities compare
 // correctly as floats).
 //
-// kSecond: `second` is the second largest of the 32 (chain, lane) maxima, a
-// lower bound on the row's second-largest value, exact unless the two
+// kSecond: `second` is the second largest of the 2 x L (chain, lane) maxima,
+// a lower bound on the row's second-largest value, exact unless the two
 // largest elements share a chain and lane (then second_exact is false).
-template <bool kSecond>
-TT_INLINE RowArgmax<Float32> long_row_argmax_f32(const uint32_t* bits, int64_t cols) {
-  static_assert(kShortRowLimit >= 16, "long rows must hold a whole vector");
-  constexpr int L = 16;
+template <class S, bool kSecond>
+TT_INLINE RowArgmax<Float32<S>> long_row_argmax_f32(const uint32_t* bits, int64_t cols) {
+  using F = typename S::f32;
+  using I = typename S::i32;
+  constexpr int L = kLanes<F>;
+  static_assert(kShortRowLimit >= 4 * 16, "long rows must hold a block of the widest vectors");
   constexpr int64_t kBlock = 4 * L;
   // Rows just written by inference are mostly out of L2 by the time they
   // are packed; fetching 4 KiB ahead measured 4-20% faster there and no
   // slower on cached rows.
   constexpr int64_t kPrefetchAhead = 1024;  // floats
+  constexpr int kFloatsPerLine = 16;
   constexpr float kLowest = -std::numeric_limits<float>::infinity();
   const float* row = reinterpret_cast<const float*>(bits);
-  f32x16 best[2] = {f32x16{} + kLowest, f32x16{} + kLowest};  // an all -inf row: index 0
-  i32x16 where[2] = {i32x16{}, i32x16{}};
-  f32x16 poison[4] = {};
-  const auto block = [&](int c, int64_t at, const f32x16 (&v)[4]) {
-    const f32x16 m = vmax(vmax(v[0], v[1]), vmax(v[2], v[3]));
+  F best[2] = {F{} + kLowest, F{} + kLowest};  // an all -inf row: index 0
+  I where[2] = {I{}, I{}};
+  F poison[4] = {};
+  const auto block = [&](int c, int64_t at, const F (&v)[4]) {
+    const F m = vmax(vmax(v[0], v[1]), vmax(v[2], v[3]));
     const auto greater = m > best[c];
     best[c] = greater ? m : best[c];
-    where[c] = greater ? i32x16{} + int32_t(at) : where[c];
+    where[c] = greater ? I{} + int32_t(at) : where[c];
   };
   int64_t j = 0;
   for (; j + 2 * kBlock <= cols; j += 2 * kBlock) {
-    for (int q = 0; q < 8; ++q) __builtin_prefetch(row + j + kPrefetchAhead + q * L);
+    for (int q = 0; q < 2 * kBlock; q += kFloatsPerLine)
+      __builtin_prefetch(row + j + kPrefetchAhead + q);
     for (int c = 0; c < 2; ++c) {
       const float* p = row + j + c * kBlock;
-      const f32x16 v[4] = {load<f32x16>(p), load<f32x16>(p + L), load<f32x16>(p + 2 * L),
-                           load<f32x16>(p + 3 * L)};
+      const F v[4] = {load<F>(p), load<F>(p + L), load<F>(p + 2 * L), load<F>(p + 3 * L)};
       for (int q = 0; q < 4; ++q) poison[q] += v[q] * 0.0f;
       block(c, j + c * kBlock, v);
     }
   }
   // At most two blocks left, the last one partial. A vector that would run
-  // past the row is the row's last 16 elements instead (long rows have at
-  // least 64), with those already seen masked: no partial loads, whose
+  // past the row is the row's last L elements instead (long rows have at
+  // least 4L), with those already seen masked: no partial loads, whose
   // stores to the stack stalled the next load.
   for (; j < cols; j += kBlock) {
-    f32x16 v[4];
+    F v[4];
     for (int q = 0; q < 4; ++q) {
       const int64_t at = j + q * L;
       if (at + L <= cols) {
-        v[q] = load<f32x16>(row + at);
+        v[q] = load<F>(row + at);
         poison[q] += v[q] * 0.0f;
       } else if (at < cols) {
-        const f32x16 x = load<f32x16>(row + cols - L);
+        const F x = load<F>(row + cols - L);
         poison[q] += x * 0.0f;
-        v[q] = iota32() >= int32_t(at - (cols - L)) ? x : kLowest;
+        v[q] = iota<I>() >= int32_t(at - (cols - L)) ? x : kLowest;
       } else {
-        v[q] = f32x16{} + kLowest;
+        v[q] = F{} + kLowest;
       }
     }
     block(0, j, v);
   }
-  if (std::isnan(hsum((poison[0] + poison[1]) + (poison[2] + poison[3]))) && row_has_nan(bits, cols))
-    return long_row_argmax<Float32, kSecond>(bits, cols);
+  if (std::isnan(hsum((poison[0] + poison[1]) + (poison[2] + poison[3]))) &&
+      row_has_nan<S>(bits, cols))
+    return long_row_argmax<Float32<S>, kSecond>(bits, cols);
   const float max_value = hmax(vmax(best[0], best[1]));
   constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
-  const auto smallest = [](const i32x16& v) {  // of lanes in 0..kMax
-    return kMax - static_cast<int32_t>(hmax((u32x16)(kMax - v)));
+  const auto smallest = [](const I& v) {  // of lanes in 0..kMax
+    return kMax - static_cast<int32_t>(hmax((typename S::u32)(kMax - v)));
   };
-  i32x16 first = i32x16{} + kMax;
+  I first = I{} + kMax;
   for (int c = 0; c < 2; ++c) first = vmin(first, best[c] == max_value ? where[c] : first);
   // The first element equal to the maximum, in that block (see above).
   const int64_t start = smallest(first);
   const int64_t end = std::min(start + kBlock, cols);
-  i32x16 found = i32x16{} + kMax;
+  I found = I{} + kMax;
   for (int64_t at = start; at < end; at += L) {
     const int64_t from = std::min(at, cols - L);
-    found = vmin(found, load<f32x16>(row + from) == max_value ? iota32() + int32_t(from) : found);
+    found = vmin(found, load<F>(row + from) == max_value ? iota<I>() + int32_t(from) : found);
   }
   const int64_t index = smallest(found);
   float second_value = kLowest;
   bool second_exact = true;
   if constexpr (kSecond) {
-    LaneTop2<f32x16, float> lanes(best[0], f32x16{} + kLowest);
-    lanes.merge(LaneTop2<f32x16, float>(best[1], f32x16{} + kLowest));
+    LaneTop2<F, float> lanes(best[0], F{} + kLowest);
+    lanes.merge(LaneTop2<F, float>(best[1], F{} + kLowest));
     second_value = lanes.second_value(kLowest);
     second_exact = false;
   }
@@ -364,8 +443,11 @@ TT_INLINE RowArgmax<Float32> long_row_argmax_f32(const uint32_t* bits, int64_t c
 template <class F, bool kSecond>
 TT_INLINE RowArgmax<F> row_argmax(const typename F::Raw* row, int64_t cols) {
   // (The float32 path holds indices in 32-bit lanes.)
-  if constexpr (std::is_same_v<F, Float32>)
-    if (cols < (int64_t(1) << 30)) return long_row_argmax_f32<kSecond>(row, cols);
+  if constexpr (F::kIsFloat32) {
+    if (cols < (int64_t(1) << 30)) return long_row_argmax_f32<typename F::Isa, kSecond>(row, cols);
+  } else if constexpr (!kSecond) {
+    return long_row_argmax_16bit<F>(row, cols);
+  }
   return long_row_argmax<F, kSecond>(row, cols);
 }
 
@@ -377,18 +459,20 @@ template <class F>
 TT_INLINE float long_row_prob(const typename F::Raw* row, int64_t cols, float max_value,
                               double stop_above) {
   using KeyVec = typename F::KeyVec;
+  using Float = typename F::Float;
   constexpr int L = F::kLanes;
+  constexpr int kFloatLanes = kLanes<Float>;
   constexpr int64_t kChunk = 16 * L;
   const int64_t whole = cols - cols % L;
-  const f32x16 shift = f32x16{} + max_value;
-  // Float lanes within a chunk (at most 512 terms over 16 lanes), the chunks
-  // in double, so the sum stays accurate at any C.
+  const Float shift = Float{} + max_value;
+  // Float lanes within a chunk (at most 32 terms per lane), the chunks in
+  // double, so the sum stays accurate at any C.
   double total = 0.0;
   for (int64_t start = 0; start < whole; start += kChunk) {
     const int64_t end = std::min(start + kChunk, whole);
-    f32x16 acc = {};
+    Float acc = {};
     for (int64_t j = start; j < end; j += L) {
-      f32x16 x[F::kFloatVecs];
+      Float x[F::kFloatVecs];
       F::to_float(load<KeyVec>(row + j), x);
       for (int v = 0; v < F::kFloatVecs; ++v) acc += exp_nonpositive(x[v] - shift);
     }
@@ -397,12 +481,12 @@ TT_INLINE float long_row_prob(const typename F::Raw* row, int64_t cols, float ma
   }
   if (whole < cols) {
     const int count = static_cast<int>(cols - whole);
-    f32x16 x[F::kFloatVecs];
+    Float x[F::kFloatVecs];
     F::to_float(load_partial<KeyVec>(row + whole, count), x);
-    f32x16 acc = {};
+    Float acc = {};
     for (int v = 0; v < F::kFloatVecs; ++v) {
-      const f32x16 e = exp_nonpositive(x[v] - shift);
-      acc += (iota32() + 16 * v) < count ? e : f32x16{};
+      const Float e = exp_nonpositive(x[v] - shift);
+      acc += (iota<Like<int32_t, Float>>() + kFloatLanes * v) < count ? e : Float{};
     }
     total += hsum(acc);
   }
@@ -498,9 +582,10 @@ TT_INLINE void pack_long_rows_as(const Job& job, int64_t r0, int64_t r1) {
           // abstaining, not for voting, which needs the exact second (unless
           // every gap votes: threshold 0).
           if (d == Decision::kVote && !a.second_exact && gaps.vote_from_gap > -kInfinity) {
-            if constexpr (std::is_same_v<F, Float32>)
-              d = gaps.decide(max_value, max_excluding(reinterpret_cast<const float*>(row),
-                                                       job.cols, a.index));
+            if constexpr (F::kIsFloat32)
+              d = gaps.decide(max_value, max_excluding<typename F::Isa>(
+                                             reinterpret_cast<const float*>(row), job.cols,
+                                             a.index));
           }
         }
         // Stand-ins on the decided side of the threshold (never returned:
@@ -537,6 +622,7 @@ TT_INLINE void pack_short_rows(const Job& job, int64_t r0, int64_t r1) {
   using Raw = typename F::Raw;
   using Key = typename F::Key;
   using KeyVec = typename F::KeyVec;
+  using Float = typename F::Float;
   constexpr int L = F::kLanes;
   constexpr int FV = F::kFloatVecs;
   // A block holds block_rows * cols <= kCapacity elements, and at most
@@ -552,7 +638,6 @@ TT_INLINE void pack_short_rows(const Job& job, int64_t r0, int64_t r1) {
   alignas(64) Raw columns[kCapacity] = {};
   alignas(64) Key index[kMaxRows];
   alignas(64) float prob[kMaxRows];
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   BitWriter out(job.packed + r0 * job.bits / 8);
   for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
     const int64_t rows = std::min(block_rows, r1 - b0);
@@ -576,20 +661,20 @@ TT_INLINE void pack_short_rows(const Job& job, int64_t r0, int64_t r1) {
       }
       memcpy(index + g, &arg, sizeof(arg));
       if (!job.need_prob) continue;
-      f32x16 max_value[FV], shift[FV], sum[FV];
+      Float max_value[FV], shift[FV], sum[FV];
       F::to_float(raw_of_keys<F>(best), max_value);
       for (int q = 0; q < FV; ++q) {
-        shift[q] = max_value[q] > -kInf && max_value[q] < kInf ? max_value[q] : 0.0f;
-        sum[q] = f32x16{};
+        shift[q] = finite(max_value[q]) ? max_value[q] : 0.0f;
+        sum[q] = Float{};
       }
       for (int64_t j = 0; j < cols; ++j) {
-        f32x16 v[FV];
+        Float v[FV];
         F::to_float(load<KeyVec>(col + j * block_rows), v);
         for (int q = 0; q < FV; ++q) sum[q] += exp_nonpositive(v[q] - shift[q]);
       }
       for (int q = 0; q < FV; ++q) {
-        const f32x16 p = max_value[q] > -kInf && max_value[q] < kInf ? 1.0f / sum[q] : kNaN;
-        memcpy(prob + g + 16 * q, &p, sizeof(p));
+        const Float p = finite(max_value[q]) ? 1.0f / sum[q] : kNaN;
+        memcpy(prob + g + kLanes<Float> * q, &p, sizeof(p));
       }
     }
     for (int64_t r = 0; r < rows; ++r)
@@ -604,16 +689,15 @@ TT_INLINE void pack_rows(const Job& job, int64_t r0, int64_t r1) {
   else pack_long_rows<F>(job, r0, r1);
 }
 
-// One compiled copy per ISA level (simd.h), chosen at load time.
-TT_SIMD_CLONES void pack_rows_f32(const Job& job, int64_t r0, int64_t r1) {
-  pack_rows<Float32>(job, r0, r1);
-}
-TT_SIMD_CLONES void pack_rows_bf16(const Job& job, int64_t r0, int64_t r1) {
-  pack_rows<BFloat16>(job, r0, r1);
-}
-TT_SIMD_CLONES void pack_rows_f16(const Job& job, int64_t r0, int64_t r1) {
-  pack_rows<Float16>(job, r0, r1);
-}
+// Rows [r0, r1) of one dtype (Float32, BFloat16 or Float16), compiled for
+// every CPU level and run at the active one (simd.h).
+template <template <class> class Dtype>
+struct PackRows {
+  template <class S>
+  static TT_INLINE void run(const Job& job, int64_t r0, int64_t r1) {
+    pack_rows<Dtype<S>>(job, r0, r1);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> pack_argmax_cpu(const at::Tensor& logits, bool return_prob,
                                                     std::optional<double> abstain_below) {
@@ -646,8 +730,11 @@ std::tuple<at::Tensor, at::Tensor> pack_argmax_cpu(const at::Tensor& logits, boo
   job.prob = return_prob ? prob.data_ptr<float>() : nullptr;
   job.packed = packed.data_ptr<uint8_t>();
 
-  void (*kernel)(const Job&, int64_t, int64_t) =
-      dtype == at::kFloat ? pack_rows_f32 : dtype == at::kBFloat16 ? pack_rows_bf16 : pack_rows_f16;
+  const auto pack = [&](int64_t r0, int64_t r1) {
+    if (dtype == at::kFloat) dispatch<PackRows<Float32>>(job, r0, r1);
+    else if (dtype == at::kBFloat16) dispatch<PackRows<BFloat16>>(job, r0, r1);
+    else dispatch<PackRows<Float16>>(job, r0, r1);
+  };
   // Tasks are runs of whole groups of 8 rows, so that each starts and ends on
   // a byte boundary of the stream, of at least ~64K elements. Threads take
   // the next task from a shared counter rather than a fixed half each: on a
@@ -657,7 +744,7 @@ std::tuple<at::Tensor, at::Tensor> pack_argmax_cpu(const at::Tensor& logits, boo
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
     for (int64_t t = next_task++; t < tasks; t = next_task++)
-      kernel(job, t * rows_per_task, std::min(n, (t + 1) * rows_per_task));
+      pack(t * rows_per_task, std::min(n, (t + 1) * rows_per_task));
   });
   return {packed, prob};
 }

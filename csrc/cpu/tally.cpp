@@ -23,29 +23,32 @@
 //    and count runs.
 //
 // The vector strategies count in 16-bit lanes while the summed weight fits
-// (else 32-bit). Symbols >= C (abstain, or out of range) are never counted as
-// a class; an
-// out-of-range symbol (>= the number of symbols) records its position, and the
-// error is raised once the tally is done.
-// Each strategy is kept out of line so that its loops get the registers.
-// Counts are integers, so every strategy and thread split gives the same
-// answer; ties go to the smallest class. Per-probe weight sums are assumed
-// to stay below 2^63 (int64 outputs).
+// (else 32-bit), in vectors of the CPU level's width, and run at the level
+// chosen at run time (simd.h); the table and sort strategies are scalar, the
+// same at every level, and only unpack at the level's. Symbols >= C (abstain,
+// or out of range) are never counted as a class; an out-of-range symbol (>=
+// the number of symbols) records its position, and the error is raised once
+// the tally is done. Each strategy is kept out of line so that its loops get
+// the registers. Counts are integers, so every strategy, level and thread
+// split gives the same answer; ties go to the smallest class. Per-probe
+// weight sums are assumed to stay below 2^63 (int64 outputs).
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
+#include "simd.h"
 
 namespace tallytrain {
 namespace cpu {
 namespace {
+
+using namespace simd;
 
 // Tiny-C counting costs C vector compares per peer and vector of probes.
 constexpr int64_t kTinyMaxClasses = 32;
@@ -78,22 +81,71 @@ struct Outputs {
   int64_t *label, *count, *total, *runner_up;
 };
 
-// x86-64 builds get AVX-512 and AVX2 clones of the vector loops, chosen at
-// load time; elsewhere GCC's generic vectors map to the target's SIMD width.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define TT_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TT_VECTOR_CLONES
-#endif
-// Vectors only pass between always-inlined functions, so the ABI note about
-// passing 64-byte vectors without AVX-512 does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+// ---- unpacking ------------------------------------------------------------------ //
+// Everything here is compiled for the CPU level S of the strategy that
+// unpacks (simd.h).
+
+// Stores the 16 bytes of v as 16 Out (2 or 4 bytes) at out: interleaved
+// with zeros (little-endian), one instruction per step at every level, where
+// __builtin_convertvector went byte by byte. One store per register: two
+// stores read back as one wider load stall (store forwarding fails).
+template <typename Out>
+TT_INLINE void store_widened(const Vec<uint8_t, 16>& v, Out* out) {
+  using U8 = Vec<uint8_t, 16>;
+  using U16 = Vec<uint16_t, 16>;
+  const U8 zero = {};
+  const U16 low = (U16)__builtin_shufflevector(v, zero, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
+                                               6, 22, 7, 23);
+  const U16 high = (U16)__builtin_shufflevector(v, zero, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                                29, 14, 30, 15, 31);
+  if constexpr (sizeof(Out) == 2) {
+    memcpy(out, &low, sizeof(U16));
+    memcpy(out + 8, &high, sizeof(U16));
+  } else {
+    static_assert(sizeof(Out) == 4, "16- or 32-bit lanes");
+    using U32 = Vec<uint32_t, 16>;
+    const U16 zero16 = {};
+    const U16 words[2] = {low, high};
+    for (int h = 0; h < 2; ++h) {
+      const U32 a = (U32)__builtin_shufflevector(words[h], zero16, 0, 8, 1, 9, 2, 10, 3, 11);
+      const U32 b = (U32)__builtin_shufflevector(words[h], zero16, 4, 12, 5, 13, 6, 14, 7, 15);
+      memcpy(out + 8 * h, &a, sizeof(U32));
+      memcpy(out + 8 * h + 4, &b, sizeof(U32));
+    }
+  }
+}
+
+// Symbols [j, j + 16 * 8 / B) from 16 bytes at src, B in {1, 2, 4}: the B-bit
+// fields of every byte, each shifted down in all bytes at once, then put in
+// stream order by rounds of byte interleaving (the fields of byte i end up
+// at 8/B * i, lowest first). SSE2 has all of it; 16-byte vectors at every
+// level (one interleave is one instruction on 16 bytes).
+template <int B, typename Out>
+TT_INLINE void unpack_fields_of_16_bytes(const uint8_t* src, Out* out) {
+  using U8 = Vec<uint8_t, 16>;
+  constexpr int kFields = 8 / B;
+  const U8 bytes = load<U8>(src);
+  U8 v[kFields];
+  for (int k = 0; k < kFields; ++k) v[k] = (bytes >> uint8_t(k * B)) & uint8_t((1 << B) - 1);
+  for (int half = kFields / 2; half >= 1; half /= 2) {
+    U8 next[kFields];
+    for (int k = 0; k < kFields / 2; ++k) {
+      next[2 * k] = __builtin_shufflevector(v[k], v[k + kFields / 2], 0, 16, 1, 17, 2, 18, 3, 19,
+                                            4, 20, 5, 21, 6, 22, 7, 23);
+      next[2 * k + 1] = __builtin_shufflevector(v[k], v[k + kFields / 2], 8, 24, 9, 25, 10, 26,
+                                                11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    }
+    for (int k = 0; k < kFields; ++k) v[k] = next[k];
+  }
+  for (int k = 0; k < kFields; ++k) store_widened(v[k], out + 16 * k);
+}
 
 // Symbols [i0, i0 + len) of a stream of B-bit symbols into out[0, len). i0 is
 // a multiple of 8, so each group of 8 symbols starts on a byte boundary B
 // bytes after the previous one and every shift is a compile-time constant.
-template <int B, typename Out, bool kVector>
-__attribute__((always_inline)) inline void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len, Out* out) {
+template <class S, int B, typename Out>
+TT_INLINE void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len,
+                            Out* out) {
   constexpr uint64_t kMask = (uint64_t(1) << B) - 1;
   constexpr int64_t kReach = B <= 8 ? 8 : (7 * B) / 8 + 8;  // bytes a group's loads touch
   const uint8_t* src = stream + i0 / 8 * B;
@@ -106,78 +158,79 @@ __attribute__((always_inline)) inline void unpack_fixed(const uint8_t* stream, i
     const int64_t whole = std::min(len, avail / int64_t(sizeof(Word)));
     for (; j < whole; ++j) {
       Word w;
-      std::memcpy(&w, src + j * int64_t(sizeof(Word)), sizeof(Word));
+      memcpy(&w, src + j * int64_t(sizeof(Word)), sizeof(Word));
       out[j] = static_cast<Out>(w);
     }
-  } else {
-  for (; j + 8 <= len && j / 8 * B + kReach <= avail; j += 8) {
-    const uint8_t* group = src + j / 8 * B;
-    if constexpr (B <= 8) {  // one load holds the whole group
+  } else if constexpr (B == 1 || B == 2 || B == 4) {
+    constexpr int64_t kSymbols = 16 * 8 / B;  // from 16 bytes
+    for (; j + kSymbols <= len && j / 8 * B + 16 <= avail; j += kSymbols)
+      unpack_fields_of_16_bytes<B, Out>(src + j / 8 * B, out + j);
+  } else if constexpr (B < 8 && S::kLevel >= Level::kV3) {
+    // 8 symbols by one variable shift of 8 32-bit lanes (AVX2 and later; in
+    // one register from v3 on): lanes 0-3 shift the group's first 32 bits,
+    // lanes 4-7 the 32 bits from symbol 4 on (4 * B + 4 * B <= 56 bits).
+    using W = Vec<uint32_t, 32>;
+    using O = Vec<Out, int(8 * sizeof(Out))>;
+    constexpr W kShift = {0, B, 2 * B, 3 * B, 0, B, 2 * B, 3 * B};
+    for (; j + 8 <= len && j / 8 * B + 8 <= avail; j += 8) {
       uint64_t word;
-      std::memcpy(&word, group, 8);
-      if constexpr (kVector) {
-        // One variable shift per group instead of 8 scalar shifts and lane
-        // inserts (only worth it with AVX2 / AVX-512: see unpack_tiny).
-        typedef uint64_t W __attribute__((vector_size(64)));
-        typedef Out O __attribute__((vector_size(8 * sizeof(Out))));
-        constexpr W kShift = {0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};
-        const O v = __builtin_convertvector(((W{} + word) >> kShift) & kMask, O);
-        std::memcpy(out + j, &v, sizeof(O));
-      } else {
+      memcpy(&word, src + j / 8 * B, 8);
+      const uint32_t low = static_cast<uint32_t>(word);
+      const uint32_t high = static_cast<uint32_t>(word >> (4 * B));
+      const W lanes = {low, low, low, low, high, high, high, high};
+      const O v = __builtin_convertvector((lanes >> kShift) & uint32_t(kMask), O);
+      memcpy(out + j, &v, sizeof(O));
+    }
+  } else {
+    for (; j + 8 <= len && j / 8 * B + kReach <= avail; j += 8) {
+      const uint8_t* group = src + j / 8 * B;
+      if constexpr (B <= 8) {  // one load holds the whole group
+        uint64_t word;
+        memcpy(&word, group, 8);
 #pragma GCC unroll 8
         for (int k = 0; k < 8; ++k) out[j + k] = static_cast<Out>((word >> (k * B)) & kMask);
-      }
-    } else {
+      } else {
 #pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) {
-        uint64_t word;
-        std::memcpy(&word, group + (k * B >> 3), 8);
-        out[j + k] = static_cast<Out>((word >> ((k * B) & 7)) & kMask);
+        for (int k = 0; k < 8; ++k) {
+          uint64_t word;
+          memcpy(&word, group + (k * B >> 3), 8);
+          out[j + k] = static_cast<Out>((word >> ((k * B) & 7)) & kMask);
+        }
       }
     }
-  }
   }
   for (; j < len; ++j) out[j] = static_cast<Out>(read_symbol(stream, nbytes, i0 + j, B));
 }
 
 // unpack_fixed for a run-time b in [B, kMaxBits].
-template <typename Out, int kMaxBits, bool kVector = false, int B = 1>
-__attribute__((always_inline)) inline void unpack_bits(int b, const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len,
-                 Out* out) {
-  if (b == B) return unpack_fixed<B, Out, kVector>(stream, nbytes, i0, len, out);
+template <class S, typename Out, int kMaxBits, int B = 1>
+TT_INLINE void unpack_bits(int b, const uint8_t* stream, int64_t nbytes, int64_t i0, int64_t len,
+                           Out* out) {
+  if (b == B) return unpack_fixed<S, B, Out>(stream, nbytes, i0, len, out);
   if constexpr (B < kMaxBits)
-    return unpack_bits<Out, kMaxBits, kVector, B + 1>(b, stream, nbytes, i0, len, out);
+    return unpack_bits<S, Out, kMaxBits, B + 1>(b, stream, nbytes, i0, len, out);
   TORCH_INTERNAL_ASSERT(false, "unpack_bits: ", b, " bits is outside 1..", kMaxBits);
 }
 
-// Whether any of v[0, len) is >= limit (which fits in Out).
-// A max reduction: GCC leaves an OR of comparisons scalar for 16-bit lanes,
-// and this check runs over every unpacked symbol.
+// Whether any of v[0, len) is >= limit (which fits in Out). A max
+// reduction, which vectorises at every level (an OR of comparisons stayed
+// scalar for 16-bit lanes).
 template <typename Out>
-__attribute__((always_inline)) inline bool any_at_least(const Out* v, int64_t len, Out limit) {
+TT_INLINE bool any_at_least(const Out* v, int64_t len, Out limit) {
   Out top = 0;  // symbols are >= 0
   for (int64_t j = 0; j < len; ++j) top = std::max(top, v[j]);
   return top >= limit;
-}
-TT_VECTOR_CLONES bool any_at_least(const uint32_t* v, int64_t len, uint32_t limit) {
-  return any_at_least<uint32_t>(v, len, limit);
-}
-TT_VECTOR_CLONES bool any_at_least(const int16_t* v, int64_t len, int16_t limit) {
-  return any_at_least<int16_t>(v, len, limit);
-}
-TT_VECTOR_CLONES bool any_at_least(const int32_t* v, int64_t len, int32_t limit) {
-  return any_at_least<int32_t>(v, len, limit);
 }
 
 // Unpacks symbols [i0, i0 + len) of peer p's stream (i0 a multiple of 8) into
 // out[0, len). If the range holds a symbol >= num_symbols (possible only when
 // num_symbols < 2^b), the flat position (p * n + i) of the first lowers
 // *first_bad.
-template <typename Out, int kMaxBits = 32, bool kVector = false>
-__attribute__((always_inline)) inline void unpack_block(const Problem& pr, int64_t p, int64_t i0, int64_t len, Out* out,
-                  int64_t* first_bad) {
+template <class S, typename Out, int kMaxBits = 32>
+TT_INLINE void unpack_block(const Problem& pr, int64_t p, int64_t i0, int64_t len, Out* out,
+                            int64_t* first_bad) {
   const uint8_t* stream = pr.votes + p * pr.nbytes;
-  unpack_bits<Out, kMaxBits, kVector>(pr.b, stream, pr.nbytes, i0, len, out);
+  unpack_bits<S, Out, kMaxBits>(pr.b, stream, pr.nbytes, i0, len, out);
   if (pr.num_symbols < (uint64_t(1) << pr.b) &&
       __builtin_expect(any_at_least(out, len, static_cast<Out>(pr.num_symbols)), 0)) {
     const int64_t j = std::find_if(out, out + len, [&](Out v) {
@@ -186,6 +239,17 @@ __attribute__((always_inline)) inline void unpack_block(const Problem& pr, int64
     *first_bad = std::min(*first_bad, p * pr.n + i0 + j);
   }
 }
+
+// unpack_block as a kernel of its own, for the scalar strategies (table,
+// sort), which run the same code at every level but unpack at the level's.
+template <int kMaxBits>
+struct UnpackBlock {
+  template <class S>
+  static TT_INLINE void run(const Problem* pr, int64_t p, int64_t i0, int64_t len,
+                            uint32_t* out, int64_t* first_bad) {
+    unpack_block<S, uint32_t, kMaxBits>(*pr, p, i0, len, out, first_bad);
+  }
+};
 
 inline uint64_t weight_of(const Problem& pr, int64_t p) {
   return pr.weights ? static_cast<uint64_t>(pr.weights[p]) : 1;
@@ -202,18 +266,17 @@ inline void store(const Outputs& out, int64_t i, uint64_t total, uint32_t winner
 }
 
 // ---- vector strategies: tiny C and class-major -------------------------------- //
-// Both hold counts for a vector of probes (one per lane) and reduce over the
-// classes with branch-free vector code.
+// Both hold counts for a vector of probes (one per lane, one register of the
+// level S) and reduce over the classes with branch-free vector code.
 
 // Winner, count, runner-up and total of the lanes' probes [first, first +
 // len), len <= lanes, from count_of(c): the vector of the lanes' counts for
 // class c. Strictly greater keeps the smallest class on ties; a class with
 // count 0 never beats a winner with positive support.
-template <typename Lane, typename CountOf>
-__attribute__((always_inline)) inline void reduce_classes(Lane classes, const CountOf& count_of,
-                                                          int64_t first, int64_t len,
-                                                          const Outputs& out) {
-  typedef Lane V __attribute__((vector_size(64)));
+template <class S, typename Lane, typename CountOf>
+TT_INLINE void reduce_classes(Lane classes, const CountOf& count_of, int64_t first, int64_t len,
+                              const Outputs& out) {
+  using V = Vec<Lane, S::kBytes>;
   V best = {}, second = {}, winner = {}, total = {};
   for (Lane c = 0; c < classes; ++c) {
     const V count = count_of(c);
@@ -231,20 +294,17 @@ __attribute__((always_inline)) inline void reduce_classes(Lane classes, const Co
 // Tiny C: probes [j0, j0 + len) from tile[p * block + j] (symbols; those >=
 // C match no class). Each class's counts are summed from vector compares, so
 // they never leave the registers. `weights` is null for unweighted votes.
-template <typename Lane>
-__attribute__((always_inline)) inline void tiny_count(const Lane* tile, int64_t block,
-                                                      int64_t peers, Lane classes,
-                                                      const Lane* weights, int64_t j0,
-                                                      int64_t len, const Outputs& out) {
-  typedef Lane V __attribute__((vector_size(64)));
-  constexpr int64_t kLanes = 64 / sizeof(Lane);
+template <class S, typename Lane>
+TT_INLINE void tiny_count(const Lane* tile, int64_t block, int64_t peers, Lane classes,
+                          const Lane* weights, int64_t j0, int64_t len, const Outputs& out) {
+  using V = Vec<Lane, S::kBytes>;
+  constexpr int64_t kLanes = S::kBytes / sizeof(Lane);
   for (int64_t j = 0; j < len; j += kLanes) {
-    auto count_of = [&](Lane c) {
+    const auto count_of = [&](Lane c) {
       const V cls = V{} + c;
       V count = {};
       for (int64_t p = 0; p < peers; ++p) {
-        V sym;
-        std::memcpy(&sym, tile + p * block + j, sizeof(V));
+        const V sym = load<V>(tile + p * block + j);
         if (weights)
           count += (sym == cls) & weights[p];
         else
@@ -252,50 +312,27 @@ __attribute__((always_inline)) inline void tiny_count(const Lane* tile, int64_t 
       }
       return count;
     };
-    reduce_classes<Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
+    reduce_classes<S, Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
   }
 }
 
 // Class-major: probes [j0, j0 + len) from counts[c * block + j].
-template <typename Lane>
-__attribute__((always_inline)) inline void class_major_reduce(Lane* counts, int64_t block,
-                                                              Lane classes, int64_t j0,
-                                                              int64_t len, const Outputs& out) {
-  typedef Lane V __attribute__((vector_size(64)));
-  constexpr int64_t kLanes = 64 / sizeof(Lane);
+template <class S, typename Lane>
+TT_INLINE void class_major_reduce(Lane* counts, int64_t block, Lane classes, int64_t j0,
+                                  int64_t len, const Outputs& out) {
+  using V = Vec<Lane, S::kBytes>;
+  constexpr int64_t kLanes = S::kBytes / sizeof(Lane);
   for (int64_t j = 0; j < len; j += kLanes) {
     // Each count is read once here, so it is zeroed for the next block in
     // the same pass instead of by a separate fill of the whole block.
-    auto count_of = [&](Lane c) {
-      V count;
-      std::memcpy(&count, counts + c * block + j, sizeof(V));
+    const auto count_of = [&](Lane c) {
+      const V count = load<V>(counts + c * block + j);
       const V zero = {};
-      std::memcpy(counts + c * block + j, &zero, sizeof(V));
+      memcpy(counts + c * block + j, &zero, sizeof(V));
       return count;
     };
-    reduce_classes<Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
+    reduce_classes<S, Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
   }
-}
-
-TT_VECTOR_CLONES void tiny_count_i16(const int16_t* tile, int64_t block, int64_t peers,
-                                     int16_t classes, const int16_t* weights, int64_t j0,
-                                     int64_t len, const Outputs& out) {
-  tiny_count<int16_t>(tile, block, peers, classes, weights, j0, len, out);
-}
-TT_VECTOR_CLONES void tiny_count_i32(const int32_t* tile, int64_t block, int64_t peers,
-                                     int32_t classes, const int32_t* weights, int64_t j0,
-                                     int64_t len, const Outputs& out) {
-  tiny_count<int32_t>(tile, block, peers, classes, weights, j0, len, out);
-}
-TT_VECTOR_CLONES void class_major_reduce_i16(int16_t* counts, int64_t block,
-                                             int16_t classes, int64_t j0, int64_t len,
-                                             const Outputs& out) {
-  class_major_reduce<int16_t>(counts, block, classes, j0, len, out);
-}
-TT_VECTOR_CLONES void class_major_reduce_i32(int32_t* counts, int64_t block,
-                                             int32_t classes, int64_t j0, int64_t len,
-                                             const Outputs& out) {
-  class_major_reduce<int32_t>(counts, block, classes, j0, len, out);
 }
 
 // Lane-wide copies of the weights (which fit: their sum does), or none.
@@ -304,64 +341,53 @@ std::vector<Lane> lane_weights(const Problem& pr) {
   return pr.weights ? std::vector<Lane>(pr.weights, pr.weights + pr.peers) : std::vector<Lane>();
 }
 
-// The tiny strategy's unpack, with the vector ISA of the counting: its
-// symbols are narrow lanes, and the generic build shuffles them into place
-// one at a time.
-TT_VECTOR_CLONES void unpack_tiny(const Problem& pr, int64_t p, int64_t i0, int64_t len,
-                                  int16_t* out, int64_t* first_bad) {
-  unpack_block<int16_t, kTinyMaxBits, true>(pr, p, i0, len, out, first_bad);
-}
-TT_VECTOR_CLONES void unpack_tiny(const Problem& pr, int64_t p, int64_t i0, int64_t len,
-                                  int32_t* out, int64_t* first_bad) {
-  unpack_block<int32_t, kTinyMaxBits, true>(pr, p, i0, len, out, first_bad);
-}
-
+// The tiny strategy over probes [i0, i1), compiled for each level (simd.h).
 template <typename Lane>
-__attribute__((noinline)) void tally_tiny(const Problem& pr, const Outputs& out, int64_t block,
-                                          int64_t i0, int64_t i1, int64_t* first_bad) {
-  std::vector<Lane> tile(pr.peers * block);  // [P][block]
-  const std::vector<Lane> w = lane_weights<Lane>(pr);
-  const Lane classes = static_cast<Lane>(pr.num_classes);
-  for (int64_t j0 = i0; j0 < i1; j0 += block) {
-    const int64_t len = std::min(block, i1 - j0);
-    for (int64_t p = 0; p < pr.peers; ++p)
-      unpack_tiny(pr, p, j0, len, tile.data() + p * block, first_bad);
-    const Lane* wp = pr.weights ? w.data() : nullptr;
-    if constexpr (sizeof(Lane) == 2)
-      tiny_count_i16(tile.data(), block, pr.peers, classes, wp, j0, len, out);
-    else
-      tiny_count_i32(tile.data(), block, pr.peers, classes, wp, j0, len, out);
+struct TinyTally {
+  template <class S>
+  static TT_INLINE void run(const Problem* pr_, const Outputs* out_, int64_t block, int64_t i0,
+                            int64_t i1, int64_t* first_bad) {
+    const Problem& pr = *pr_;
+    std::vector<Lane> tile(pr.peers * block);  // [P][block]
+    const std::vector<Lane> w = lane_weights<Lane>(pr);
+    const Lane classes = static_cast<Lane>(pr.num_classes);
+    for (int64_t j0 = i0; j0 < i1; j0 += block) {
+      const int64_t len = std::min(block, i1 - j0);
+      for (int64_t p = 0; p < pr.peers; ++p)
+        unpack_block<S, Lane, kTinyMaxBits>(pr, p, j0, len, tile.data() + p * block, first_bad);
+      tiny_count<S, Lane>(tile.data(), block, pr.peers, classes, pr.weights ? w.data() : nullptr,
+                          j0, len, *out_);
+    }
   }
-}
+};
 
 // counts[c][probe] for a block of probes; row C collects the ignored votes.
 template <typename Lane>
-__attribute__((noinline)) void tally_class_major(const Problem& pr, const Outputs& out,
-                                                 int64_t block, int64_t i0, int64_t i1,
-                                                 int64_t* first_bad) {
-  const Lane classes = static_cast<Lane>(pr.num_classes);
-  const uint32_t sentinel = static_cast<uint32_t>(pr.num_classes);  // abstain or invalid
-  // Zero here; the reduce leaves rows [0, C) zeroed behind it, and row C
-  // (never read) is cleared per block only so that it cannot wrap.
-  std::vector<Lane> counts((pr.num_classes + 1) * block);
-  std::vector<uint32_t> symbols(block);
-  const std::vector<Lane> w = lane_weights<Lane>(pr);
-  for (int64_t j0 = i0; j0 < i1; j0 += block) {
-    const int64_t len = std::min(block, i1 - j0);
-    std::fill_n(counts.begin() + pr.num_classes * block, block, Lane(0));
-    for (int64_t p = 0; p < pr.peers; ++p) {
-      unpack_block<uint32_t, kClassMajorMaxBits>(pr, p, j0, len, symbols.data(),
-                                                       first_bad);
-      const Lane wp = pr.weights ? w[p] : Lane(1);
-      Lane* cnt = counts.data();
-      for (int64_t j = 0; j < len; ++j) cnt[std::min(symbols[j], sentinel) * block + j] += wp;
+struct ClassMajorTally {
+  template <class S>
+  static TT_INLINE void run(const Problem* pr_, const Outputs* out_, int64_t block, int64_t i0,
+                            int64_t i1, int64_t* first_bad) {
+    const Problem& pr = *pr_;
+    const Lane classes = static_cast<Lane>(pr.num_classes);
+    const uint32_t sentinel = static_cast<uint32_t>(pr.num_classes);  // abstain or invalid
+    // Zero here; the reduce leaves rows [0, C) zeroed behind it, and row C
+    // (never read) is cleared per block only so that it cannot wrap.
+    std::vector<Lane> counts((pr.num_classes + 1) * block);
+    std::vector<uint32_t> symbols(block);
+    const std::vector<Lane> w = lane_weights<Lane>(pr);
+    for (int64_t j0 = i0; j0 < i1; j0 += block) {
+      const int64_t len = std::min(block, i1 - j0);
+      std::fill_n(counts.begin() + pr.num_classes * block, block, Lane(0));
+      for (int64_t p = 0; p < pr.peers; ++p) {
+        unpack_block<S, uint32_t, kClassMajorMaxBits>(pr, p, j0, len, symbols.data(), first_bad);
+        const Lane wp = pr.weights ? w[p] : Lane(1);
+        Lane* cnt = counts.data();
+        for (int64_t j = 0; j < len; ++j) cnt[std::min(symbols[j], sentinel) * block + j] += wp;
+      }
+      class_major_reduce<S, Lane>(counts.data(), block, classes, j0, len, *out_);
     }
-    if constexpr (sizeof(Lane) == 2)
-      class_major_reduce_i16(counts.data(), block, classes, j0, len, out);
-    else
-      class_major_reduce_i32(counts.data(), block, classes, j0, len, out);
   }
-}
+};
 
 // ---- per-probe table --------------------------------------------------------- //
 // keys[s] = count_s << kClassBits | (kClassMask - s), so comparing keys
@@ -384,7 +410,7 @@ constexpr int64_t kTableInterleaveBytes = 1 << 20;
 // per peer) into tables keys + k * num_keys, writes probes [i, i + K), and
 // leaves every touched entry reset to its count-0 key.
 template <int K, bool kWeighted, bool kAbstain, typename Key>
-__attribute__((always_inline)) inline void table_probes(const Problem& pr, const Outputs& out,
+TT_INLINE void table_probes(const Problem& pr, const Outputs& out,
                                                         const uint32_t* tile, int64_t block,
                                                         int64_t j, int64_t i, Key* keys,
                                                         uint32_t num_keys, const Key* increment) {
@@ -466,7 +492,7 @@ __attribute__((noinline)) void tally_table(const Problem& pr, const Outputs& out
   for (int64_t j0 = i0; j0 < i1; j0 += block) {
     const int64_t len = std::min(block, i1 - j0);
     for (int64_t p = 0; p < pr.peers; ++p)
-      unpack_block<uint32_t, kTableMaxBits>(pr, p, j0, len, tile.data() + p * block, first_bad);
+      dispatch<UnpackBlock<kTableMaxBits>>(&pr, p, j0, len, tile.data() + p * block, first_bad);
     int64_t j = 0;
     if (tables == kTableInterleave)
       for (; j + kTableInterleave <= len; j += kTableInterleave)
@@ -480,15 +506,15 @@ __attribute__((noinline)) void tally_table(const Problem& pr, const Outputs& out
 }
 
 // ---- sort per probe ---------------------------------------------------------- //
-__attribute__((noinline)) void tally_sorted(const Problem& pr, const Outputs& out, int64_t block, int64_t i0, int64_t i1,
-                  int64_t* first_bad) {
+__attribute__((noinline)) void tally_sorted(const Problem& pr, const Outputs& out, int64_t block,
+                                            int64_t i0, int64_t i1, int64_t* first_bad) {
   std::vector<uint32_t> tile(pr.peers * block);
   std::vector<std::pair<uint32_t, uint64_t>> votes;
   votes.reserve(pr.peers);
   for (int64_t j0 = i0; j0 < i1; j0 += block) {
     const int64_t len = std::min(block, i1 - j0);
     for (int64_t p = 0; p < pr.peers; ++p)
-      unpack_block<uint32_t>(pr, p, j0, len, tile.data() + p * block, first_bad);
+      dispatch<UnpackBlock<32>>(&pr, p, j0, len, tile.data() + p * block, first_bad);
     for (int64_t j = 0; j < len; ++j) {
       votes.clear();
       uint64_t total = 0;
@@ -597,12 +623,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
     int64_t bad = std::numeric_limits<int64_t>::max();
     switch (strategy) {
       case Strategy::kTiny:
-        fits16 ? tally_tiny<int16_t>(pr, out, block, i0, i1, &bad)
-               : tally_tiny<int32_t>(pr, out, block, i0, i1, &bad);
+        fits16 ? dispatch<TinyTally<int16_t>>(&pr, &out, block, i0, i1, &bad)
+               : dispatch<TinyTally<int32_t>>(&pr, &out, block, i0, i1, &bad);
         break;
       case Strategy::kClassMajor:
-        fits16 ? tally_class_major<int16_t>(pr, out, block, i0, i1, &bad)
-               : tally_class_major<int32_t>(pr, out, block, i0, i1, &bad);
+        fits16 ? dispatch<ClassMajorTally<int16_t>>(&pr, &out, block, i0, i1, &bad)
+               : dispatch<ClassMajorTally<int32_t>>(&pr, &out, block, i0, i1, &bad);
         break;
       case Strategy::kTable:
         if (wsum < kTableMaxWeight32)

@@ -14,14 +14,15 @@
 //  4. Only when the sample misled (fewer than k candidates, or far more than
 //     planned, e.g. a mass of ties at t) an exact radix select over all keys
 //     finds K, and a count-then-write pass emits the same selection.
-// The result is exact in every case, and independent of the thread count.
+// The result is exact in every case, and independent of the thread count
+// and of the CPU level (the candidate pass and the residual update run at the
+// level chosen at run time, simd.h).
 //
 // topk_sparse_ef reads x and residual in the candidate pass but writes
 // residual only in a second pass, after the NaN check has passed: like the
 // reference, a ValueError leaves residual untouched.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/copy.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -36,13 +37,15 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "simd.h"
 
 namespace tallytrain {
 namespace cpu {
 namespace {
 
+using namespace simd;
+
 constexpr int64_t kBlock = int64_t(1) << 15;   // elements per parallel block
-constexpr int64_t kGroup = 16;                 // elements tested together
 // Sample size: 1/16 of x within these bounds (all of a small x). Selecting in the sample costs
 // about as much as the candidate pass over x, so a small x takes a small
 // sample (bridge merges select in ~1e5 parameters every round).
@@ -98,18 +101,31 @@ inline BitsOf<T> bits_of(T v) {
   return b;
 }
 
-// The values selected on: x itself, or x + residual.
+// The values selected on: x itself, or x + residual; their bits one at a
+// time, or (kVectors) as a vector V of bits from index i on.
 template <typename T>
 struct PlainValues {
+  static constexpr bool kVectors = true;
   const T* x;
   BitsOf<T> operator()(int64_t i) const { return bits_of(x[i]); }
+  template <typename V>
+  TT_INLINE V bits(int64_t i) const {
+    return load<V>(x + i);
+  }
 };
 template <typename T>
 struct SumValues {
+  // 16-bit floats are added in float32 and rounded: one at a time.
+  static constexpr bool kVectors = std::is_floating_point_v<T>;
   const T* x;
   const T* residual;
   BitsOf<T> operator()(int64_t i) const {
     return bits_of(FloatTraits<T>::add(x[i], residual[i]));
+  }
+  template <typename V>
+  TT_INLINE V bits(int64_t i) const {
+    using F = Like<T, V>;
+    return (V)(load<F>(x + i) + load<F>(residual + i));
   }
 };
 
@@ -177,6 +193,65 @@ struct Scan {
   int64_t first_nan = -1;
 };
 
+// Top bits set in the lanes of the L entries from i on whose key is >= the
+// threshold, `below` = threshold - 1 in every lane (see ScanBlock).
+template <typename T, typename V, typename Values>
+TT_INLINE V hits(const Values& values, int64_t i, const V& below) {
+  constexpr auto kTop = Lane<V>(Lane<V>(1) << (8 * sizeof(Lane<V>) - 1));
+  return (below - (values.template bits<V>(i) & Keys<T>::kMask)) & kTop;
+}
+
+// Entries [i0, i1) whose key is >= threshold, in index order: appended to
+// *out while `collect`, until it holds more than cap (the caller then sees
+// the overflow). Returns the index of the first NaN, or -1 (nothing after a
+// NaN matters). Compiled for each CPU level: where the values load as
+// vectors, the keys are tested four vectors at a time, without compares:
+// key >= t exactly when t - 1 - key has its top bit set (keys and t are
+// below 2^(bits-1); t = 0 wraps to all ones), so the test is a subtraction,
+// and a group is skipped when the OR of its differences has no top bit set.
+template <typename T, typename Values>
+struct ScanBlock {
+  template <class S>
+  static TT_INLINE int64_t run(const Values* values_, int64_t i0, int64_t i1,
+                               BitsOf<T> threshold, bool collect, int64_t cap,
+                               std::vector<Candidate<BitsOf<T>>>* out) {
+    using K = Keys<T>;
+    using Bits = BitsOf<T>;
+    const Values& values = *values_;
+    // Returns false at a NaN.
+    const auto take = [&](int64_t i) {
+      const Bits bits = values(i);
+      const Bits key = K::key(bits);
+      if (!K::at_least(key, threshold)) return true;
+      if (key > K::kInf) return false;
+      if (collect) {
+        out->push_back({bits, i});
+        collect = static_cast<int64_t>(out->size()) <= cap;
+      }
+      return true;
+    };
+    int64_t i = i0;
+    if constexpr (Values::kVectors) {
+      using V = Vec<Bits, S::kBytes>;
+      constexpr int L = kLanes<V>;
+      const V below = V{} + Bits(threshold - 1);
+      for (; i + 4 * L <= i1; i += 4 * L) {
+        const V h[4] = {hits<T>(values, i, below), hits<T>(values, i + L, below),
+                        hits<T>(values, i + 2 * L, below), hits<T>(values, i + 3 * L, below)};
+        if (!any_nonzero((h[0] | h[1]) | (h[2] | h[3]))) continue;
+        for (int q = 0; q < 4; ++q) {
+          if (!any_nonzero(h[q])) continue;
+          for (int64_t j = i + q * L; j < i + (q + 1) * L; ++j)
+            if (!take(j)) return j;
+        }
+      }
+    }
+    for (; i < i1; ++i)
+      if (!take(i)) return i;
+    return -1;
+  }
+};
+
 // Collects every entry with key >= threshold (at most `cap` of them) and finds
 // the first NaN. cap = 0 only checks for NaN.
 template <typename T, typename Values>
@@ -194,37 +269,12 @@ Scan<BitsOf<T>> collect(const Values& values, int64_t m, BitsOf<T> threshold, in
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kBlock, i1 = std::min(m, i0 + kBlock);
       auto& out = scan.blocks[blk];
-      bool collecting = !overflow.load(std::memory_order_relaxed);
-      // Returns false at the block's first NaN: nothing after it matters.
-      auto take = [&](int64_t i) {
-        const Bits bits = values(i);
-        const Bits key = K::key(bits);
-        if (!K::at_least(key, threshold)) return true;
-        if (key > K::kInf) {
-          record_first(first_nan, i);
-          return false;
-        }
-        if (collecting) {
-          out.push_back({bits, i});
-          if (static_cast<int64_t>(out.size()) > cap) {
-            collecting = false;
-            overflow = true;
-          }
-        }
-        return true;
-      };
-      int64_t i = i0;
-      bool clean = true;
-      for (; clean && i + kGroup <= i1; i += kGroup) {
-        bool hit = false;
-        for (int64_t g = 0; g < kGroup; ++g) hit |= K::at_least(K::key(values(i + g)), threshold);
-        if (!hit) continue;
-        for (int64_t g = 0; clean && g < kGroup; ++g) clean = take(i + g);
-      }
-      for (; clean && i < i1; ++i) clean = take(i);
-      if (collecting && total.fetch_add(static_cast<int64_t>(out.size())) +
-                                static_cast<int64_t>(out.size()) > cap)
-        overflow = true;
+      const bool collecting = !overflow.load(std::memory_order_relaxed);
+      const int64_t nan = dispatch<ScanBlock<T, Values>>(&values, i0, i1, threshold, collecting,
+                                                         cap, &out);
+      if (nan >= 0) record_first(first_nan, nan);
+      const auto size = static_cast<int64_t>(out.size());
+      if (collecting && (size > cap || total.fetch_add(size) + size > cap)) overflow = true;
     }
   });
   scan.count = total.load();
@@ -335,6 +385,16 @@ void emit_exact(const Values& values, int64_t m, BitsOf<T> kth, int64_t ties, in
 }
 
 // ---- driver ------------------------------------------------------------------ //
+// residual[i] = x[i] + residual[i] for i < n, rounded as FloatTraits::add
+// rounds, compiled for each CPU level (the compiler vectorises it).
+template <typename T>
+struct AddInto {
+  template <class S>
+  static TT_INLINE void run(const T* x, T* residual, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) residual[i] = FloatTraits<T>::add(x[i], residual[i]);
+  }
+};
+
 // Selects the top k of `values` into idx / val (bits of T); `what` names the
 // input in the NaN error.
 template <typename T, typename Values>
@@ -383,8 +443,8 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_cpu(const at::Tensor& x, int64_t 
   return {idx, val};
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x, const at::Tensor& residual,
-                                                      int64_t k) {
+std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x,
+                                                      const at::Tensor& residual, int64_t k) {
   check_topk_ef_args(x, residual, k);
   // A strided residual is updated through a contiguous copy written back.
   const at::Tensor work = residual.contiguous();
@@ -402,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x, const
     // residual := acc with the selected entries zeroed, block by block so the
     // zeroing hits cache. Only now, after every check has passed.
     at::parallel_for(0, m, kBlock, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i) rp[i] = FloatTraits<T>::add(xp[i], rp[i]);
+      dispatch<AddInto<T>>(xp + a, rp + a, b - a);
       for (const int64_t* s = std::lower_bound(ip, ip + k, a); s < ip + k && *s < b; ++s)
         rp[*s] = T(0);
     });
