@@ -3,6 +3,9 @@
 #   make test    set up and run the test suite twice: native kernels required, then the reference;
 #                then the CUDA kernels once more on the CPU execution model, with AddressSanitizer
 #   make bench   op microbenchmarks against the plain-PyTorch way
+#   make test-levels     the op tests at every other CPU level this machine runs (CI runs it)
+#   make vector-check    the CPU kernels compile with every vector operation in SIMD
+#   make check-aarch64   the CPU kernels compile for aarch64 (needs g++-aarch64-linux-gnu)
 #   make simt-coverage   which lines of the CUDA kernels the tests never run (on the CPU model)
 # Everything installs from this repository's own files into $(VENV).
 
@@ -23,8 +26,8 @@ SOURCES = setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu
 DEMO_OUT ?= runs/digits-alpha0.1
 PYTEST_ARGS ?=
 
-.PHONY: setup install demo test test-native test-reference test-simt-asan simt-coverage bench info \
-        clean
+.PHONY: setup install demo test test-native test-reference test-simt-asan test-levels \
+        vector-check check-aarch64 simt-coverage bench info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +67,61 @@ test-simt-asan: install
 	LD_PRELOAD="$$($(BIN)/python tests/simt/build.py --asan-preload)" ASAN_OPTIONS=detect_leaks=0 \
 	  TALLYTRAIN_SIMT_INSTRUMENT=address TALLYTRAIN_BACKEND=native \
 	  $(BIN)/python -m pytest -q -m simt --capture=sys $(PYTEST_ARGS) tests
+
+# The op tests (native kernels, CPU cases; tests/test_ops_*.py and
+# tests/test_backend.py) once per CPU level this machine runs, except the best
+# one, which test-native runs (TALLYTRAIN_CPU_LEVEL=auto); CPU_LEVELS="v3 v2"
+# chooses. torch's own kernels run at the capability such a CPU gives them,
+# so that no oracle leans on how this CPU's float32 kernels accumulate.
+OP_TESTS = $(sort $(wildcard tests/test_ops_*.py)) tests/test_backend.py
+CPU_LEVELS ?=
+test-levels: install
+	@levels="$(CPU_LEVELS)"; \
+	if [ -z "$$levels" ]; then \
+	  levels="$$($(BIN)/python -c \
+	    'import tallytrain.ops as o; print(*o.backend_info()["cpu_levels"][1:])')"; \
+	fi; \
+	for level in $$levels; do \
+	  case $$level in v4) capability=avx512;; v3) capability=avx2;; *) capability=default;; esac; \
+	  echo "test-levels: TALLYTRAIN_CPU_LEVEL=$$level ATEN_CPU_CAPABILITY=$$capability"; \
+	  start=$$(date +%s); \
+	  TALLYTRAIN_CPU_LEVEL=$$level ATEN_CPU_CAPABILITY=$$capability TALLYTRAIN_BACKEND=native \
+	    $(BIN)/python -m pytest -q -m "not simt and not cuda" $(PYTEST_ARGS) $(OP_TESTS) || exit 1; \
+	  echo "test-levels: $$level passed in $$(( $$(date +%s) - start )) s"; \
+	done
+
+# The CPU kernels compiled as the extension compiles them, with GCC's
+# -Wvector-operation-performance an error: it fires wherever a vector
+# operation of some CPU level's copy would be done lane by lane (docs/ops.md,
+# Checking the vectorisation). Objects go to build/vector-check.
+TORCH_INCLUDE = $(shell $(BIN)/python -c 'from torch.utils import cpp_extension as c; \
+                  print(" ".join("-I" + p for p in c.include_paths()))' 2>/dev/null)
+CPU_SOURCES = $(sort $(wildcard csrc/cpu/*.cpp))
+CPU_FLAGS = -std=c++20 -O3 -fPIC -fopenmp -fno-math-errno -fno-trapping-math -Wall \
+            -Wno-unused-function -Icsrc/include $(TORCH_INCLUDE) -DTORCH_EXTENSION_NAME=_C
+vector-check: install
+	@mkdir -p build/vector-check
+	@for f in $(CPU_SOURCES); do \
+	  echo "vector-check: $$f"; \
+	  $${CXX:-c++} $(CPU_FLAGS) -Werror=vector-operation-performance -c $$f \
+	    -o build/vector-check/$$(basename $$f .cpp).o || exit 1; \
+	done
+	$(BIN)/python -m benchmarks.isa_report build/vector-check/*.o
+
+# Compile-only check that the CPU kernels build for aarch64 (the portable
+# build: one copy, NEON), also with every vector operation in SIMD. Debian:
+# apt-get install g++-aarch64-linux-gnu.
+AARCH64_CXX ?= aarch64-linux-gnu-g++
+check-aarch64: install
+	@command -v $(AARCH64_CXX) >/dev/null || { echo "check-aarch64: $(AARCH64_CXX) not found;" \
+	  "install it (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu)"; exit 1; }
+	@mkdir -p build/aarch64
+	@for f in $(CPU_SOURCES); do \
+	  echo "check-aarch64: $$f"; \
+	  $(AARCH64_CXX) $(CPU_FLAGS) -Werror=vector-operation-performance \
+	    -c $$f -o build/aarch64/$$(basename $$f .cpp).o || exit 1; \
+	done
+	@echo "check-aarch64: every CPU source compiles for aarch64"
 
 # Which lines of csrc/cuda/*.cu the simt cases never run (gcov), from fresh counters.
 simt-coverage: install

@@ -12,7 +12,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -148,6 +148,7 @@ class Row:
     op: str
     case: str
     served: str                 # "native" or "reference": who served the op call
+    level: str                  # the CPU level of the native CPU kernels, or "-"
     native_s: float
     baseline_s: float
     bytes_moved: int
@@ -176,34 +177,58 @@ class Row:
 
 
 def run_case(case: Case, device: str, served: str, copy_gbps: float, *,
-             budget_s: float = 1.0, indicative: bool = False) -> Row:
-    """Times one case, native then plain, and judges its target.
+             budget_s: float = 1.0, indicative: bool = False,
+             levels: Union[str, Sequence[str]] = "-",
+             use_level: Optional[Callable[[str], None]] = None) -> List[Row]:
+    """Times one case, native then plain, and judges its target: one Row, or
+    with several CPU levels one Row per level, the native call at each level
+    (use_level(level) switches) timed in turn with the plain one.
 
     A case whose op the reference served is reported as "reference" and never
     judged against a native target."""
+    levels = [levels] if isinstance(levels, str) else list(levels)
     native, plain = case.make()
+
+    def at_level(level: str) -> Callable[[], Any]:
+        if use_level is None or len(levels) == 1:
+            return native
+
+        def call():
+            use_level(level)
+            return native()
+        return call
+
+    natives = [at_level(level) for level in levels]
     # The first calls warm up, and their outputs are compared.
-    native_out, warm_native = timed_call(native, device)
+    warm, agrees = [], []
     plain_out, warm_plain = timed_call(plain, device)
-    agrees = case.check(native_out, plain_out) if case.check is not None else None
-    del native_out, plain_out
-    t_native, t_plain = measure_interleaved([native, plain], device, budget_s=budget_s,
-                                            warm_s=[warm_native, warm_plain])
-    row = Row(case.op, case.name, served, t_native.median_s, t_plain.median_s,
-              case.bytes_moved, copy_gbps,
-              target=case.target.describe() if case.target else None, agrees=agrees,
-              extra={"native_repeats": t_native.repeats, "plain_repeats": t_plain.repeats})
-    if case.target is not None:
-        if served != "native":
-            row.status = "n/a (reference served)"
-        else:
-            row.status = "met" if case.target.met(row.ratio, row.copy_fraction) else "missed"
-            if indicative:
-                row.status += " (indicative)"
-    del native, plain
+    for fn in natives:
+        native_out, seconds = timed_call(fn, device)
+        warm.append(seconds)
+        agrees.append(case.check(native_out, plain_out) if case.check is not None else None)
+        del native_out
+    del plain_out
+    timings = measure_interleaved(natives + [plain], device, budget_s=budget_s,
+                                  warm_s=warm + [warm_plain])
+    t_plain = timings[-1]
+    rows = []
+    for level, t_native, agree in zip(levels, timings, agrees):
+        row = Row(case.op, case.name, served, level if served == "native" else "-",
+                  t_native.median_s, t_plain.median_s, case.bytes_moved, copy_gbps,
+                  target=case.target.describe() if case.target else None, agrees=agree,
+                  extra={"native_repeats": t_native.repeats, "plain_repeats": t_plain.repeats})
+        if case.target is not None:
+            if served != "native":
+                row.status = "n/a (reference served)"
+            else:
+                row.status = "met" if case.target.met(row.ratio, row.copy_fraction) else "missed"
+                if indicative:
+                    row.status += " (indicative)"
+        rows.append(row)
+    del native, plain, natives
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return row
+    return rows
 
 
 # --------------------------------------------------------------------------- #
@@ -216,15 +241,36 @@ def _ms(seconds: float) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """A Markdown table of the rows."""
-    head = ["op", "case", "served", "native ms", "plain ms", "ratio", "GB/s",
+    head = ["op", "case", "served", "level", "native ms", "plain ms", "ratio", "GB/s",
             "copy GB/s", "of copy", "target", "status", "agrees"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         agrees = "-" if r.agrees is None else ("yes" if r.agrees else "NO")
-        cells = [r.op, r.case, r.served, _ms(r.native_s), _ms(r.baseline_s),
+        cells = [r.op, r.case, r.served, r.level, _ms(r.native_s), _ms(r.baseline_s),
                  f"{r.ratio:.1f}x", f"{r.gbps:.2f}", f"{r.copy_gbps:.1f}",
                  f"{r.copy_fraction:.0%}",
                  r.target or "-", r.status, agrees]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_levels_table(rows: Sequence[Row], levels: Sequence[str]) -> str:
+    """The same cases at several CPU levels side by side: each level's time
+    and ratio against the plain way (timed in the same rounds), and each
+    level's time over the first level's."""
+    by_case: Dict[Tuple[str, str], Dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault((r.op, r.case), {})[r.level] = r
+    first = levels[0]
+    head = ["op", "case"] + [f"{lv} ms" for lv in levels] + ["plain ms"]
+    head += [f"{lv} ratio" for lv in levels] + [f"{lv} / {first}" for lv in levels[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (op, case), at in by_case.items():
+        if not all(lv in at for lv in levels):
+            continue
+        cells = [op, case] + [_ms(at[lv].native_s) for lv in levels]
+        cells += [_ms(at[first].baseline_s)] + [f"{at[lv].ratio:.1f}x" for lv in levels]
+        cells += [f"{at[lv].native_s / at[first].native_s:.2f}" for lv in levels[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.ops [--device cpu|cuda] [--quick] [--json PATH]
                              [--ops pack_argmax,tally,...] [--threads N]
+                             [--levels v4,v3,...]
 
 For each op and each size KERNELS.md lists for the device (the 2-core CPU
 table, or the H100 table for cuda) it prints the op as dispatched
@@ -10,6 +11,10 @@ else the reference, and says which), the plain-PyTorch recipe, their ratio,
 the GB/s of the minimum bytes the op must move, that as a fraction of the copy
 ceiling measured in the same run, and the KERNELS.md target (met / missed).
 --quick runs smaller sizes in about 20 s; targets there are indicative only.
+Every table names the CPU level the native CPU kernels ran at (set by
+TALLYTRAIN_CPU_LEVEL, default the best this CPU runs); --levels times the
+native CPU kernels at each listed level in turn with the plain way, in the
+same rounds, and adds a table of the levels side by side.
 """
 from __future__ import annotations
 
@@ -24,9 +29,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from tallytrain import ops as tt
-from tallytrain.ops import bits_for, packed_size
+from tallytrain.ops import _backend, bits_for, packed_size
 
-from .harness import Case, Row, Target, copy_bandwidth, print_table, run_case
+from .harness import (Case, Row, Target, copy_bandwidth, format_levels_table, print_table,
+                      run_case)
 
 OPS = ("pack_argmax", "tally", "topk_sparse", "topk_sparse_ef", "sparse_merge", "unpack_labels")
 _native = torch.ops.tallytrain
@@ -300,7 +306,8 @@ def build_cases(device: str, scale: str = "full") -> List[Case]:
     sizes, targets, hist = SIZES[kind, scale], TARGETS[kind], HISTOGRAM_BUDGET[kind]
     cases = [pack_argmax_case(device, n, c, dt, t)
              for (n, c, dt), t in zip(sizes["pack_argmax"], targets["pack_argmax"])]
-    cases += [pack_argmax_abstain_case(device, n, c, dt) for n, c, dt in sizes["pack_argmax_abstain"]]
+    cases += [pack_argmax_abstain_case(device, n, c, dt)
+              for n, c, dt in sizes["pack_argmax_abstain"]]
     cases += [tally_case(device, p, n, c, hist, targets["tally"]) for p, n, c in sizes["tally"]]
     cases += [topk_case(device, m, k, targets["topk_sparse"]) for m, k in sizes["topk"]]
     cases += [topk_ef_case(device, m, k, targets["topk_sparse_ef"]) for m, k in sizes["topk"]]
@@ -319,27 +326,22 @@ def served_by(device: str) -> Dict[str, str]:
     return {op: info["ops"][op][kind] for op in OPS}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def describe_machine(device: str) -> List[str]:
     info = tt.backend_info()
     if torch.device(device).type == "cuda":
         where = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     else:
-        where = (f"{cpu_name()}, {os.cpu_count()} logical CPUs, "
+        where = (f"{_backend.cpu_model()}, {os.cpu_count()} logical CPUs, "
                  f"torch uses {torch.get_num_threads()} threads")
     lines = [f"device: {device}: {where}",
-             f"torch {torch.__version__}, python {platform.python_version()}",
+             f"torch {torch.__version__} (CPU capability "
+             f"{torch.backends.cpu.get_cpu_capability()}), python {platform.python_version()}",
              f"backend mode {info['mode']}, extension {info['extension']}"]
+    if info["cpu_level"]:
+        requested = os.environ.get("TALLYTRAIN_CPU_LEVEL", "").strip() or "auto"
+        lines.append(f"CPU level of the native kernels: {info['cpu_level']} "
+                     f"(TALLYTRAIN_CPU_LEVEL={requested}; this machine runs "
+                     f"{', '.join(info['cpu_levels'])})")
     if info["native_error"]:
         lines.append(f"native extension failed to load: {info['native_error']}")
     return lines
@@ -365,6 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads for both ways (default: torch's own; the "
                              "simulator runs with 1)")
+    parser.add_argument("--levels", metavar="L1,L2",
+                        help="CPU levels to time the native CPU kernels at, side by side "
+                             "(e.g. v4,v3; default: the active one)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -374,6 +379,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    levels = [tt.backend_info()["cpu_level"] or "-"]
+    if args.levels:
+        if device != "cpu":
+            raise SystemExit("--levels: CPU levels apply to --device cpu only")
+        levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+        supported = _backend.supported_cpu_levels()
+        unknown = [lv for lv in levels if lv not in supported]
+        if unknown:
+            raise SystemExit(f"--levels: {', '.join(unknown)} not run by this machine and build "
+                             f"(it runs {', '.join(supported) or 'none: no native extension'})")
+    elif device != "cpu":
+        levels = ["-"]
 
     started = time.perf_counter()
     served = served_by(device)
@@ -396,8 +413,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         try:
             # Next to the case, so that both see the same machine load.
             copy_gbps = copy_bandwidth(device, budget_s=budget / 2)
-            rows.append(run_case(case, device, served[case.op], copy_gbps, budget_s=budget,
-                                 indicative=args.quick))
+            rows += run_case(case, device, served[case.op], copy_gbps, budget_s=budget,
+                             indicative=args.quick, levels=levels,
+                             use_level=_backend.set_cpu_level if len(levels) > 1 else None)
             status = "done"
         except (RuntimeError, MemoryError) as exc:  # e.g. out of memory: report, go on
             failures.append(f"{case.op} {case.name}: {type(exc).__name__}: {exc}")
@@ -405,9 +423,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
             if device == "cuda":
                 torch.cuda.empty_cache()
         print(f"  {case.op} {case.name}: {status}", file=sys.stderr, flush=True)
+    if len(levels) > 1:
+        _backend.set_cpu_level(os.environ.get("TALLYTRAIN_CPU_LEVEL", "").strip() or "auto")
     elapsed = time.perf_counter() - started
     print()
     print_table(rows)
+    if len(levels) > 1:
+        print(f"\nThe CPU levels side by side (native times at each level and the plain "
+              f"way's, timed in turn in the same rounds; the last columns: time / {levels[0]} "
+              f"time):\n")
+        print(format_levels_table(rows, levels))
     for line in failures:
         print(f"FAILED {line}")
     if rows:
@@ -418,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(["python -m benchmarks.ops"] + list(
                            argv if argv is not None else sys.argv[1:])),
-                       "header": header, "seconds": elapsed,
+                       "header": header, "seconds": elapsed, "levels": levels,
                        "backend_info": tt.backend_info(),
                        "rows": [r.as_dict() for r in rows], "failures": failures},
                       f, indent=2, default=str)
