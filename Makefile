@@ -108,20 +108,22 @@ vector-check: install
 	done
 	$(BIN)/python -m benchmarks.isa_report build/vector-check/*.o
 
-# Compile-only check that the CPU kernels build for aarch64 (the portable
-# build: one copy, NEON), also with every vector operation in SIMD. Debian:
-# apt-get install g++-aarch64-linux-gnu.
+# Compile-only check that the CPU kernels and the module build for aarch64
+# (the portable build: one copy, NEON), with every vector operation in SIMD
+# (the host's Python headers stand in for the target's). Debian: apt-get
+# install g++-aarch64-linux-gnu.
 AARCH64_CXX ?= aarch64-linux-gnu-g++
+PYTHON_INCLUDE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 check-aarch64: install
 	@command -v $(AARCH64_CXX) >/dev/null || { echo "check-aarch64: $(AARCH64_CXX) not found;" \
 	  "install it (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu)"; exit 1; }
 	@mkdir -p build/aarch64
-	@for f in $(CPU_SOURCES); do \
+	@for f in $(CPU_SOURCES) csrc/module.cpp; do \
 	  echo "check-aarch64: $$f"; \
-	  $(AARCH64_CXX) $(CPU_FLAGS) -Werror=vector-operation-performance \
+	  $(AARCH64_CXX) $(CPU_FLAGS) -I$(PYTHON_INCLUDE) -Werror=vector-operation-performance \
 	    -c $$f -o build/aarch64/$$(basename $$f .cpp).o || exit 1; \
 	done
-	@echo "check-aarch64: every CPU source compiles for aarch64"
+	@echo "check-aarch64: the CPU sources compile for aarch64"
 
 # Which lines of csrc/cuda/*.cu the simt cases never run (gcov), from fresh counters.
 simt-coverage: install

@@ -140,6 +140,59 @@ TT_INLINE void unpack_fields_of_16_bytes(const uint8_t* src, Out* out) {
   for (int k = 0; k < kFields; ++k) store_widened(v[k], out + 16 * k);
 }
 
+// Symbols of up to kWindowMaxBits bits by 32-bit windows: symbol k of a
+// group of 8 (B bytes) lies within the 4 bytes from byte kB/8, kB%8 bits in,
+// so one byte shuffle (pshufb: SSSE3, so v2 and up) puts every symbol's
+// window in a lane, and a per-lane shift and a mask finish: one variable
+// shift at v3 and v4 (8 lanes, one register), a multiply by 2^(8 - kB%8)
+// and a shift by 8 at v2 (4 lanes a register; SSE4.1's pmulld), which keeps
+// the symbol while B + 8 <= 32.
+constexpr int kWindowMaxBits = 24;
+
+// Byte i of the windows of symbols kFirst + i/4 (four bytes each), from 16
+// bytes loaded at the byte where symbol kFirst starts.
+template <int B, int kFirst>
+constexpr int window_byte(int i) {
+  const int k = kFirst + i / 4;
+  return k * B / 8 - kFirst * B / 8 + i % 4;
+}
+
+template <int B, int kFirst, size_t... I>
+TT_INLINE Vec<uint32_t, 16> window_lanes(const uint8_t* group, std::index_sequence<I...>) {
+  using U8 = Vec<uint8_t, 16>;
+  const U8 bytes = load<U8>(group + kFirst * B / 8);
+  return (Vec<uint32_t, 16>)__builtin_shufflevector(bytes, bytes, window_byte<B, kFirst>(I)...);
+}
+
+template <class S, int B, typename Out>
+TT_INLINE void window_symbols(const uint8_t* group, Out* out) {
+  constexpr uint32_t kMask = (uint32_t(1) << B) - 1;
+  using W4 = Vec<uint32_t, 16>;
+  const auto bytes16 = std::make_index_sequence<16>();
+  const W4 first = window_lanes<B, 0>(group, bytes16);
+  const W4 second = window_lanes<B, 4>(group, bytes16);
+  constexpr int o0 = 0, o1 = B % 8, o2 = 2 * B % 8, o3 = 3 * B % 8;
+  constexpr int o4 = 4 * B % 8, o5 = 5 * B % 8, o6 = 6 * B % 8, o7 = 7 * B % 8;
+  if constexpr (S::kLevel >= Level::kV3) {
+    using W8 = Vec<uint32_t, 32>;
+    constexpr W8 kShift = {o0, o1, o2, o3, o4, o5, o6, o7};
+    const W8 lanes = __builtin_shufflevector(first, second, 0, 1, 2, 3, 4, 5, 6, 7);
+    const W8 symbols = (lanes >> kShift) & kMask;
+    using O = Vec<Out, int(8 * sizeof(Out))>;
+    const O v = __builtin_convertvector(symbols, O);
+    memcpy(out, &v, sizeof(O));
+  } else {
+    constexpr W4 kUp0 = {1u << (8 - o0), 1u << (8 - o1), 1u << (8 - o2), 1u << (8 - o3)};
+    constexpr W4 kUp1 = {1u << (8 - o4), 1u << (8 - o5), 1u << (8 - o6), 1u << (8 - o7)};
+    const W4 symbols[2] = {((first * kUp0) >> 8) & kMask, ((second * kUp1) >> 8) & kMask};
+    using O = Vec<Out, int(4 * sizeof(Out))>;
+    for (int h = 0; h < 2; ++h) {
+      const O v = __builtin_convertvector(symbols[h], O);
+      memcpy(out + 4 * h, &v, sizeof(O));
+    }
+  }
+}
+
 // Symbols [i0, i0 + len) of a stream of B-bit symbols into out[0, len). i0 is
 // a multiple of 8, so each group of 8 symbols starts on a byte boundary B
 // bytes after the previous one and every shift is a compile-time constant.
@@ -165,22 +218,12 @@ TT_INLINE void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, i
     constexpr int64_t kSymbols = 16 * 8 / B;  // from 16 bytes
     for (; j + kSymbols <= len && j / 8 * B + 16 <= avail; j += kSymbols)
       unpack_fields_of_16_bytes<B, Out>(src + j / 8 * B, out + j);
-  } else if constexpr (B < 8 && S::kLevel >= Level::kV3) {
-    // 8 symbols by one variable shift of 8 32-bit lanes (AVX2 and later; in
-    // one register from v3 on): lanes 0-3 shift the group's first 32 bits,
-    // lanes 4-7 the 32 bits from symbol 4 on (4 * B + 4 * B <= 56 bits).
-    using W = Vec<uint32_t, 32>;
-    using O = Vec<Out, int(8 * sizeof(Out))>;
-    constexpr W kShift = {0, B, 2 * B, 3 * B, 0, B, 2 * B, 3 * B};
-    for (; j + 8 <= len && j / 8 * B + 8 <= avail; j += 8) {
-      uint64_t word;
-      memcpy(&word, src + j / 8 * B, 8);
-      const uint32_t low = static_cast<uint32_t>(word);
-      const uint32_t high = static_cast<uint32_t>(word >> (4 * B));
-      const W lanes = {low, low, low, low, high, high, high, high};
-      const O v = __builtin_convertvector((lanes >> kShift) & uint32_t(kMask), O);
-      memcpy(out + j, &v, sizeof(O));
-    }
+  } else if constexpr (B <= kWindowMaxBits && S::kLevel >= Level::kV2) {
+    // Any width up to 24 bits from SSSE3 on: each symbol from the 32-bit
+    // window at its first byte (see window_symbols), 8 a step.
+    constexpr int64_t kWindowReach = 4 * B / 8 + 16;  // bytes a group's loads touch
+    for (; j + 8 <= len && j / 8 * B + kWindowReach <= avail; j += 8)
+      window_symbols<S, B>(src + j / 8 * B, out + j);
   } else {
     for (; j + 8 <= len && j / 8 * B + kReach <= avail; j += 8) {
       const uint8_t* group = src + j / 8 * B;
@@ -269,50 +312,62 @@ inline void store(const Outputs& out, int64_t i, uint64_t total, uint32_t winner
 // Both hold counts for a vector of probes (one per lane, one register of the
 // level S) and reduce over the classes with branch-free vector code.
 
-// Winner, count, runner-up and total of the lanes' probes [first, first +
-// len), len <= lanes, from count_of(c): the vector of the lanes' counts for
-// class c. Strictly greater keeps the smallest class on ties; a class with
-// count 0 never beats a winner with positive support.
-template <class S, typename Lane, typename CountOf>
-TT_INLINE void reduce_classes(Lane classes, const CountOf& count_of, int64_t first, int64_t len,
-                              const Outputs& out) {
-  using V = Vec<Lane, S::kBytes>;
-  V best = {}, second = {}, winner = {}, total = {};
-  for (Lane c = 0; c < classes; ++c) {
-    const V count = count_of(c);
+// Winner, count, runner-up and total of a vector of probes (one per lane)
+// from their counts, class by class in increasing order. Strictly greater
+// keeps the smallest class on ties; a class with count 0 never beats a
+// winner with positive support. The top two by max and min (counts are >= 0:
+// signed lanes): one select per class, for the winner, where choosing them
+// took four.
+template <typename V>
+struct ClassScan {
+  V best = {}, second = {}, winner = {}, total = {}, cls = {};
+
+  TT_INLINE void add(const V& count) {
     total += count;
-    const V gt = count > best;
-    second = gt ? best : (count > second ? count : second);
-    best = gt ? count : best;
-    winner = gt ? V{} + c : winner;
+    second = vmax(second, vmin(count, best));
+    winner = count > best ? cls : winner;
+    best = vmax(best, count);
+    cls += 1;
   }
-  for (int64_t l = 0; l < len; ++l)
-    store(out, first + l, static_cast<uint64_t>(total[l]), static_cast<uint32_t>(winner[l]),
-          static_cast<uint64_t>(best[l]), static_cast<uint64_t>(second[l]));
-}
+
+  // Writes probes [first, first + len), len <= lanes.
+  TT_INLINE void store_to(const Outputs& out, int64_t first, int64_t len) const {
+    for (int64_t l = 0; l < len; ++l)
+      store(out, first + l, static_cast<uint64_t>(total[l]), static_cast<uint32_t>(winner[l]),
+            static_cast<uint64_t>(best[l]), static_cast<uint64_t>(second[l]));
+  }
+};
 
 // Tiny C: probes [j0, j0 + len) from tile[p * block + j] (symbols; those >=
 // C match no class). Each class's counts are summed from vector compares, so
-// they never leave the registers. `weights` is null for unweighted votes.
+// they never leave the registers, kClassesPerPass classes per pass over the
+// peers (each symbol vector loaded once for all of them: a load and the
+// loop's overhead were most of a compare's cost). `weights` is null for
+// unweighted votes.
+constexpr int kClassesPerPass = 4;
+
 template <class S, typename Lane>
 TT_INLINE void tiny_count(const Lane* tile, int64_t block, int64_t peers, Lane classes,
                           const Lane* weights, int64_t j0, int64_t len, const Outputs& out) {
   using V = Vec<Lane, S::kBytes>;
   constexpr int64_t kLanes = S::kBytes / sizeof(Lane);
   for (int64_t j = 0; j < len; j += kLanes) {
-    const auto count_of = [&](Lane c) {
-      const V cls = V{} + c;
-      V count = {};
+    ClassScan<V> scan;
+    for (Lane c0 = 0; c0 < classes; c0 += kClassesPerPass) {
+      V count[kClassesPerPass] = {};
       for (int64_t p = 0; p < peers; ++p) {
         const V sym = load<V>(tile + p * block + j);
-        if (weights)
-          count += (sym == cls) & weights[p];
-        else
-          count -= (sym == cls);  // a true comparison is -1
+        for (int q = 0; q < kClassesPerPass; ++q) {
+          const V match = sym == Lane(c0 + q);
+          if (weights)
+            count[q] += match & weights[p];
+          else
+            count[q] -= match;  // a true comparison is -1
+        }
       }
-      return count;
-    };
-    reduce_classes<S, Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
+      for (int q = 0; q < kClassesPerPass && c0 + q < classes; ++q) scan.add(count[q]);
+    }
+    scan.store_to(out, j0 + j, std::min(kLanes, len - j));
   }
 }
 
@@ -323,15 +378,15 @@ TT_INLINE void class_major_reduce(Lane* counts, int64_t block, Lane classes, int
   using V = Vec<Lane, S::kBytes>;
   constexpr int64_t kLanes = S::kBytes / sizeof(Lane);
   for (int64_t j = 0; j < len; j += kLanes) {
-    // Each count is read once here, so it is zeroed for the next block in
-    // the same pass instead of by a separate fill of the whole block.
-    const auto count_of = [&](Lane c) {
-      const V count = load<V>(counts + c * block + j);
+    ClassScan<V> scan;
+    for (Lane c = 0; c < classes; ++c) {
+      // Each count is read once here, so it is zeroed for the next block in
+      // the same pass instead of by a separate fill of the whole block.
+      scan.add(load<V>(counts + c * block + j));
       const V zero = {};
       memcpy(counts + c * block + j, &zero, sizeof(V));
-      return count;
-    };
-    reduce_classes<S, Lane>(classes, count_of, j0 + j, std::min(kLanes, len - j), out);
+    }
+    scan.store_to(out, j0 + j, std::min(kLanes, len - j));
   }
 }
 
