@@ -60,8 +60,8 @@ def _add_field(group, f: dataclasses.Field) -> None:
     # SUPPRESS: an option not given is absent from the namespace, so that an
     # explicit "none" (-> None) is distinguishable from "not given".
     if t == "bool":
-        group.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
-                           help=help_text)
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text)
         return
     cast = {"int": int, "float": float, "str": str}.get(t.replace("Optional[", "").rstrip("]"))
     if t.startswith("Tuple"):

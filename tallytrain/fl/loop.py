@@ -11,6 +11,7 @@ continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections import defaultdict
@@ -129,25 +130,42 @@ class Federation:
                 self.cfg.train.lr, [self.generator(TRAIN_STREAM, r, p) for p in peers],
                 prox_mu, prox_ref, self.cfg.train.peer_batch)
 
+    def distill_batch(self, pool_size: int, steps: int) -> int:
+        """The distillation batch for a pool of ``pool_size`` targets learnt
+        in ``steps`` steps: large enough for ``train.distill_epochs`` passes
+        over the pool in the round, within [distill_batch_size,
+        distill_batch_max]. A fixed batch under-uses a large pool (each
+        target seen a fraction of a time per round) and over-fits a small
+        one; every distilling method gets the same rule."""
+        t = self.cfg.train
+        if t.distill_epochs == 0 or steps == 0:
+            return t.distill_batch_size
+        want = math.ceil(t.distill_epochs * pool_size / steps)
+        return min(max(want, t.distill_batch_size), t.distill_batch_max)
+
     def learn(self, r: int, peers: Sequence[int], targets: Dict[int, tuple],
               loss_fn: LossFn) -> None:
         """A distillation method's peer step. ``targets[peer] = (x, y, pool)``:
-        the received consensus on the previous round's probes, ``pool`` the
-        usable rows. Per ``train.order``: distill then train on the shard,
-        the reverse, or (``joint``) every step on the sum of both losses.
-        Peers with identical targets train together (one vectorised call)."""
+        the peer's distillation targets ``y`` for the inputs ``x``, ``pool``
+        the usable rows; an optional fourth item is a key that is equal
+        exactly when two peers' targets are (else y and pool are compared).
+        Per ``train.order``: distill then train on the shard, the reverse, or
+        (``joint``) every step on the sum of both losses. Peers with identical
+        targets train together (one vectorised call)."""
         t = self.cfg.train
-        groups: Dict[bytes, List[int]] = defaultdict(list)
+        groups: Dict[tuple, List[int]] = defaultdict(list)
         for peer in peers:
             if peer in targets and len(targets[peer][2]):
-                x, y, pool = targets[peer]
-                groups[y.numpy().tobytes() + pool.numpy().tobytes()].append(peer)
+                x, y, pool = targets[peer][:3]
+                key = targets[peer][3] if len(targets[peer]) > 3 else y.numpy().tobytes()
+                groups[(id(x), key, pool.numpy().tobytes())].append(peer)
         with_targets = {p for members in groups.values() for p in members}
         plain = [p for p in peers if p not in with_targets]
 
-        def objective(members: List[int], weight: float) -> Objective:
-            x, y, pool = targets[members[0]]
-            return Objective([pool] * len(members), x, y, t.distill_batch_size, loss_fn, weight)
+        def objective(members: List[int], weight: float, steps: int) -> Objective:
+            x, y, pool = targets[members[0]][:3]
+            return Objective([pool] * len(members), x, y, self.distill_batch(len(pool), steps),
+                             loss_fn, weight)
 
         if t.order == "joint":
             # One fused pass (shard loss + consensus loss per step) cannot be
@@ -156,7 +174,8 @@ class Federation:
                 for members in groups.values():
                     self.population.fit(
                         members, [self.local_steps[p] for p in members],
-                        [self._local_objective(members), objective(members, t.distill_weight)],
+                        [self._local_objective(members),
+                         objective(members, t.distill_weight, t.local_steps)],
                         t.lr, [self.generator(TRAIN_STREAM, r, p) for p in members],
                         peer_batch=t.peer_batch)
             if plain:
@@ -167,7 +186,8 @@ class Federation:
             with self.timer("distillation"):
                 for members in groups.values():
                     self.population.fit(
-                        members, [t.distill_steps] * len(members), [objective(members, 1.0)],
+                        members, [t.distill_steps] * len(members),
+                        [objective(members, 1.0, t.distill_steps)],
                         t.lr, [self.generator(DISTILL_STREAM, r, p) for p in members],
                         peer_batch=t.peer_batch)
 
@@ -251,6 +271,8 @@ class Federation:
             "peer_acc_max": float(peer_acc.max()), "global_acc": global_acc,
             "consensus_acc": stats.consensus_acc, "agreement": stats.agreement,
             "kept_fraction": stats.kept_fraction,
+            "classes_covered": stats.classes_covered, "memory_fraction": stats.memory_fraction,
+            "memory_acc": stats.memory_acc, "abstained": stats.abstained,
             "bytes_up": now["uplink"], "bytes_down": now["downlink"], "bytes": now["total"],
             "cum_bytes_up": cum["uplink"], "cum_bytes_down": cum["downlink"],
             "cum_bytes": cum["total"],

@@ -28,6 +28,10 @@ class RoundStats:
     consensus_acc: Optional[float] = None   # consensus labels vs hidden probe labels
     agreement: Optional[float] = None       # mean share of peers backing the consensus
     kept_fraction: Optional[float] = None   # share of probes kept for distillation
+    classes_covered: Optional[float] = None  # share of classes among the kept labels
+    memory_fraction: Optional[float] = None  # share of the pool peers hold a target for
+    memory_acc: Optional[float] = None      # held targets vs hidden probe labels
+    abstained: Optional[float] = None       # share of votes that abstained
 
 
 class Method:

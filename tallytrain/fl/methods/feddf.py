@@ -26,8 +26,9 @@ class FedDF(FedAvg):
         with fed.timer("distillation"):
             logits = self.server.predict(x, vectors)
             targets = torch.softmax(logits.mean(0) / t.temperature, dim=-1)
-            self.server.distill(x, targets, fed.cfg.protocol.server_distill_steps,
-                                t.distill_batch_size, soft_label_loss(t.temperature),
+            steps = fed.cfg.protocol.server_distill_steps
+            self.server.distill(x, targets, steps, fed.distill_batch(len(x), steps),
+                                soft_label_loss(t.temperature),
                                 fed.cfg.protocol.server_lr,
                                 fed.generator(SERVER_STREAM, r))
         consensus = targets.argmax(-1)

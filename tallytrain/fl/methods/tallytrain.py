@@ -5,13 +5,20 @@ Round r (server mode):
    probe seed, the probes per round, and round r-1's CONSENSUS message
    embedded (packed labels, plus a packed keep mask when agreement filtering
    is on);
-2. each peer distills on that consensus (cross-entropy on the kept probes of
-   round r-1), trains on its shard, predicts round r's probes and sends
-   ``pack_argmax`` of its logits as a VOTES message (symbol C = abstain when
-   its top-1 probability is below ``abstain_below``);
-3. the server tallies the votes and forms the consensus (a probe is kept when
-   its winner's share count/total reaches ``agreement_threshold`` and its
-   winner has at least ``min_votes`` votes).
+2. each peer adds that consensus to its memory (the latest kept label of
+   every probe of the pool it has heard of; a label a later consensus drops
+   is forgotten, and labels older than ``memory_max_age`` rounds expire),
+   distills on everything it holds while it trains on its shard, predicts
+   round r's probes and sends ``pack_argmax`` of its logits as a VOTES
+   message. Symbol C = abstain: where its top-1 probability is below
+   ``abstain_below``, or where its own shard holds fewer than ``support_min``
+   samples of the class it predicts (it cannot vouch for a class it has not
+   seen; zero bytes);
+3. the server tallies the votes, each peer weighted by its reputation (how
+   often its votes agreed with past kept consensus, corrected for chance;
+   zero bytes) and forms the consensus (a probe is kept when its winner's
+   share count/total reaches ``agreement_threshold`` and its winner has at
+   least ``min_votes`` of weight).
 
 Decentralized mode: no server and no control messages (the probe seed is
 agreed at setup); every peer sends its VOTES to every other peer, and each
@@ -19,7 +26,7 @@ peer tallies its own copy of all votes.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional
 
 import torch
 
@@ -27,9 +34,14 @@ from ... import ops, wire
 from ...comm import SERVER, Envelope
 from ..adversary import corrupt_labels
 from ..aggregate import Consensus, consensus, labels_accuracy, mean_agreement
+from ..memory import ConsensusMemory
 from ..peer import hard_label_loss
 from ..registry import register
 from .base import Method, RoundStats, bytes_to_tensor, tensor_to_bytes
+
+# Reputation weights are integers in 0..REPUTATION_SCALE (ops.tally sums
+# integer weights exactly).
+REPUTATION_SCALE = 16
 
 
 @register
@@ -39,11 +51,27 @@ class TallyTrain(Method):
     def __init__(self, fed):
         super().__init__(fed)
         proto = fed.cfg.protocol
-        self.abstain = proto.abstain_below is not None
         self.num_classes = fed.num_classes
+        self.support_filter = proto.support_min > 0
+        self.abstain = proto.abstain_below is not None or self.support_filter
+        # Peer side, local knowledge only: which classes each peer's shard
+        # holds at least support_min samples of.
+        self.supported = torch.from_numpy(fed.data.class_counts) >= proto.support_min
+        self.pool_size = len(fed.data.y_probe)
+        self.memory: Dict[int, ConsensusMemory] = {}
+        # Server side: each peer's kept-consensus votes and how many agreed.
+        self.votes_judged = torch.zeros(fed.cfg.peers, dtype=torch.float64)
+        self.votes_agreed = torch.zeros(fed.cfg.peers, dtype=torch.float64)
         self.previous = None        # server mode: round r-1's encoded CONSENSUS
-        self.own: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # decentralized
+        self.own: Dict[int, Consensus] = {}  # decentralized: each peer's own tally
         self._votes: Dict[int, torch.Tensor] = {}  # this round's packed votes per peer
+        self._peer_stats: Dict[str, Optional[float]] = {}
+
+    def memory_of(self, peer: int) -> ConsensusMemory:
+        if peer not in self.memory:
+            max_age = self.fed.cfg.protocol.memory_max_age or None
+            self.memory[peer] = ConsensusMemory(self.pool_size, max_age=max_age)
+        return self.memory[peer]
 
     # ---- 1. downlink --------------------------------------------------------
     def downlink(self, r, selected):
@@ -56,52 +84,68 @@ class TallyTrain(Method):
         return [Envelope(SERVER, p, ctrl, wire.MessageKind.CONTROL) for p in selected]
 
     # ---- 2. peers -------------------------------------------------------------
+    def received_consensus(self, r: int, peer: int, inbox: Dict[int, list]):
+        """(consensus of round r-1, its probe seed) as peer received it, or None."""
+        fed = self.fed
+        if fed.cfg.protocol.decentralized:
+            return (self.own[peer], fed.probe_seed) if peer in self.own else None
+        ctrl = inbox[peer][0]
+        cons = ctrl.consensus  # decoded on delivery, with the control message
+        if cons is None:
+            return None
+        if cons.round != r - 1:
+            raise wire.WireFormatError(
+                f"embedded consensus is for round {cons.round}, expected {r - 1}")
+        keep = cons.keep if cons.keep is not None else cons.labels >= 0
+        return Consensus(cons.labels, keep, torch.zeros(0)), ctrl.probe_seed
+
     def peer_update(self, r, selected, inbox):
         fed = self.fed
         targets = {}
+        held, correct = 0, 0
         for p in selected:
-            if fed.cfg.protocol.decentralized:
-                if p not in self.own:
-                    continue
-                labels, keep = self.own[p]
-                probe_seed = fed.probe_seed
-            else:
-                ctrl = inbox[p][0]
-                cons = ctrl.consensus  # decoded on delivery, with the control message
-                if cons is None:
-                    continue
-                if cons.round != r - 1:
-                    raise wire.WireFormatError(
-                        f"embedded consensus is for round {cons.round}, expected {r - 1}")
-                labels = cons.labels
-                keep = cons.keep if cons.keep is not None else torch.ones_like(labels, dtype=torch.bool)
-                probe_seed = ctrl.probe_seed
-            x = fed.data.x_probe[fed.probe_indices(r - 1, probe_seed)]
-            pool = torch.nonzero(keep & (labels >= 0)).flatten()
-            targets[p] = (x, labels.clamp(min=0), pool)
+            memory = self.memory_of(p)
+            got = self.received_consensus(r, p, inbox)
+            if got is not None:
+                cons, probe_seed = got
+                memory.update(fed.probe_indices(r - 1, probe_seed), cons, r - 1)
+            idx, labels = memory.labels()
+            y = torch.zeros(self.pool_size, dtype=torch.int64)
+            y[idx] = labels
+            targets[p] = (fed.data.x_probe, y, idx)
+            held += len(idx)
+            correct += int((labels == fed.data.y_probe[idx]).sum())
+        self._peer_stats = {
+            "memory_fraction": held / (len(selected) * self.pool_size) if selected else None,
+            "memory_acc": correct / held if held else None}
         fed.learn(r, selected, targets, hard_label_loss)
 
     def uplink(self, r, selected):
         fed = self.fed
         proto = fed.cfg.protocol
         n = proto.probes_per_round
+        c = self.num_classes
         out = []
         self._votes = {}
 
         def vote(p, logits):  # each peer's logits are packed while still in cache
             with fed.timer("ops"):
                 if fed.adversarial[p]:
-                    bad = corrupt_labels(logits.argmax(-1), self.num_classes,
-                                         proto.adversarial_mode, fed.adversary_generator(r, p))
-                    return ops.pack_labels(bad, self.num_classes + int(self.abstain))
-                return ops.pack_argmax(logits, abstain_below=proto.abstain_below)
+                    bad = corrupt_labels(logits.argmax(-1), c, proto.adversarial_mode,
+                                         fed.adversary_generator(r, p))
+                    return ops.pack_labels(bad, c + int(self.abstain))
+                packed = ops.pack_argmax(logits, abstain_below=proto.abstain_below)
+                if not self.support_filter:
+                    return packed
+                labels = ops.unpack_labels(packed, n, c + int(proto.abstain_below is not None))
+                unsupported = (labels < c) & ~self.supported[p][labels.clamp(max=c - 1)]
+                return ops.pack_labels(labels.masked_fill(unsupported, c), c + 1)
 
         packed_votes = fed.consume_probe_logits(r, selected, vote)
         for p, packed in zip(selected, packed_votes):
             self._votes[p] = packed
             with fed.timer("messaging"):
-                msg = wire.encode_votes(packed, n, self.num_classes, abstain=self.abstain,
-                                        round=r, sender=p)
+                msg = wire.encode_votes(packed, n, c, abstain=self.abstain, round=r, sender=p)
             if proto.decentralized:
                 out += [Envelope(p, q, msg, wire.MessageKind.VOTES) for q in selected if q != p]
             else:
@@ -109,13 +153,43 @@ class TallyTrain(Method):
         return out
 
     # ---- 3. tally -------------------------------------------------------------
-    def _tally(self, votes: Dict[int, torch.Tensor], n: int) -> Consensus:
+    def reputation_weights(self, peers) -> Optional[torch.Tensor]:
+        """Integer tally weights in 0..REPUTATION_SCALE: each peer's share of
+        votes that agreed with kept consensus (Laplace-smoothed, so equal for
+        everyone before any evidence), minus the share a random voter would
+        reach (1/C), rescaled so that chance-level agreement weighs 0."""
+        if not self.fed.cfg.protocol.reputation:
+            return None
+        idx = torch.as_tensor(list(peers))
+        share = (self.votes_agreed[idx] + 1) / (self.votes_judged[idx] + 2)
+        chance = 1.0 / self.num_classes
+        skill = ((share - chance) / (1 - chance)).clamp(min=0)
+        return torch.round(skill * REPUTATION_SCALE).to(torch.int64)
+
+    def _tally(self, votes: Dict[int, torch.Tensor], n: int):
         """Tally votes (peer -> packed stream) in peer order; form the consensus."""
+        peers = sorted(votes)
         with self.fed.timer("ops"):
-            stacked = torch.stack([votes[p] for p in sorted(votes)])
-            t = ops.tally(stacked, n, self.num_classes, abstain=self.abstain)
+            stacked = torch.stack([votes[p] for p in peers])
+            t = ops.tally(stacked, n, self.num_classes, abstain=self.abstain,
+                          weights=self.reputation_weights(peers))
         proto = self.fed.cfg.protocol
         return consensus(t.label, t.count, t.total, proto.agreement_threshold, proto.min_votes)
+
+    def _judge(self, votes: Dict[int, torch.Tensor], c: Consensus, n: int) -> float:
+        """Add each peer's agreement with the kept consensus to its record;
+        returns the share of votes that abstained."""
+        abstained, cast = 0, 0
+        symbols = self.num_classes + int(self.abstain)
+        for p, packed in votes.items():
+            labels = ops.unpack_labels(packed, n, symbols)
+            voted = labels < self.num_classes
+            judged = voted & c.keep
+            self.votes_judged[p] += int(judged.sum())
+            self.votes_agreed[p] += int((judged & (labels == c.labels)).sum())
+            abstained += int((~voted).sum())
+            cast += n
+        return abstained / cast if cast else 0.0
 
     def aggregate(self, r, selected, received):
         fed = self.fed
@@ -125,26 +199,43 @@ class TallyTrain(Method):
             heard: Dict[int, Dict[int, torch.Tensor]] = {q: {q: self._votes[q]} for q in selected}
             for env, msg in received:
                 heard[env.receiver][env.sender] = msg.packed
+            # Every peer tallies the same votes with the same record (kept
+            # from the same votes), so one record serves them all.
             results = {q: self._tally(votes, n) for q, votes in heard.items()}
-            self.own = {q: (c.labels, c.keep) for q, c in results.items()}
-            c = results[selected[0]]  # every peer tallied the same votes
+            self.own = dict(results)
+            c = results[selected[0]]
+            votes = heard[selected[0]]
         else:
-            c = self._tally({env.sender: msg.packed for env, msg in received}, n)
+            votes = {env.sender: msg.packed for env, msg in received}
+            c = self._tally(votes, n)
             filtering = fed.cfg.protocol.agreement_threshold > 0 or fed.cfg.protocol.min_votes > 1
             keep = c.keep if filtering else None
             with fed.timer("messaging"):
                 self.previous = wire.encode_consensus(c.labels, self.num_classes, keep=keep,
                                                       round=r, sender=wire.SERVER)
+        with fed.timer("aggregation"):
+            abstained = self._judge(votes, c, n)
+        kept = c.labels[c.keep]
         return RoundStats(consensus_acc=labels_accuracy(c.labels, truth, c.keep),
                           agreement=mean_agreement(c),
-                          kept_fraction=float(c.keep.float().mean()))
+                          kept_fraction=float(c.keep.float().mean()),
+                          classes_covered=len(torch.unique(kept)) / self.num_classes,
+                          abstained=abstained, **self._peer_stats)
 
     # ---- checkpoints ----------------------------------------------------------
     def state_dict(self):
         return {"previous": bytes_to_tensor(self.previous),
-                "own": {int(p): [lab.clone(), keep.clone()] for p, (lab, keep) in self.own.items()}}
+                "own": {int(p): [c.labels.clone(), c.keep.clone()] for p, c in self.own.items()},
+                "memory": {int(p): m.state_dict() for p, m in self.memory.items()},
+                "votes_judged": self.votes_judged.clone(),
+                "votes_agreed": self.votes_agreed.clone()}
 
     def load_state_dict(self, state):
         self.previous = tensor_to_bytes(state["previous"])
-        self.own = {int(p): (lab, keep) for p, (lab, keep) in state["own"].items()}
-
+        self.own = {int(p): Consensus(lab, keep, torch.zeros(0))
+                    for p, (lab, keep) in state["own"].items()}
+        self.memory = {}
+        for p, m in state["memory"].items():
+            self.memory_of(int(p)).load_state_dict(m)
+        self.votes_judged = state["votes_judged"].clone()
+        self.votes_agreed = state["votes_agreed"].clone()
