@@ -8,11 +8,13 @@ mean the same under TALLYTRAIN_BACKEND=native and =reference.
 """
 from __future__ import annotations
 
+import doctest
 import importlib.util
 import io
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -811,3 +813,31 @@ def test_language_model_padding_never_contributes(gen):
     logits.retain_grad()
     consensus_loss(logits, cons).backward()
     assert bool((logits.grad[~real] == 0).all()) and bool(logits.grad[real].abs().sum() > 0)
+
+
+# --------------------------------------------------------------------------- #
+# the documentation
+# --------------------------------------------------------------------------- #
+def code_blocks(path):
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def test_api_docs_examples_hold():
+    """docs/api.md's sessions give the output shown, and its other snippets run."""
+    blocks = code_blocks(ROOT / "docs" / "api.md")
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(
+        optionflags=doctest.NORMALIZE_WHITESPACE)
+    globs = {}
+    for i, block in enumerate(blocks):
+        if ">>>" in block:
+            test = parser.get_doctest(block, globs, f"api.md block {i}", "api.md", 0)
+            runner.run(test, clear_globs=False)
+            globs = test.globs  # (a DocTest copies them) later blocks continue the session
+        else:
+            exec(compile(block, f"api.md block {i}", "exec"), {})
+    assert runner.failures == 0 and runner.tries >= 8
+
+
+def test_readme_shows_own_loop_in_full():
+    example = (ROOT / "examples" / "own_loop.py").read_text()
+    assert example in code_blocks(ROOT / "README.md")
