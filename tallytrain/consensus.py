@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Literal, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import ops
 from .votes import Votes, _position
 
-__all__ = ["Consensus", "tally", "consensus_loss"]
+__all__ = ["Consensus", "ConsensusLike", "tally", "consensus_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -78,6 +78,17 @@ class Consensus(NamedTuple):
         labels = torch.where(voted, label.to(torch.int64), torch.full_like(count, -1))
         return cls(labels, keep, torch.where(voted, frac, zero),
                    torch.where(voted, count, torch.zeros_like(count)), total)
+
+
+class ConsensusLike(Protocol):
+    """Anything with integer ``labels`` (-1 = no label) and bool ``keep`` of one
+    shape, e.g. a :class:`Consensus` or a consensus decoded from the wire."""
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+
+    @property
+    def keep(self) -> torch.Tensor: ...
 
 
 def _fraction(value, name: str) -> float:
@@ -192,8 +203,8 @@ def tally(votes: Sequence[Votes], *,
     return Consensus(*(field.reshape(first.shape) for field in c))
 
 
-def consensus_loss(logits: torch.Tensor, consensus, *,
-                   reduction: str = "mean") -> torch.Tensor:
+def consensus_loss(logits: torch.Tensor, consensus: Union[ConsensusLike, torch.Tensor], *,
+                   reduction: Literal["mean", "sum", "none"] = "mean") -> torch.Tensor:
     """Cross-entropy of ``logits`` against the consensus labels, where kept.
 
     Args:

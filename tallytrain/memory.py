@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .consensus import ConsensusLike
 from .votes import _position
 
 __all__ = ["ConsensusMemory"]
@@ -121,7 +122,7 @@ class ConsensusMemory:
                 f"round={self.round})")
 
     # ---- update -----------------------------------------------------------------
-    def update(self, probe_indices: torch.Tensor, consensus: Any, round: int) -> None:
+    def update(self, probe_indices: torch.Tensor, consensus: ConsensusLike, round: int) -> None:
         """Take in one consensus over the probes ``probe_indices``.
 
         Args:
