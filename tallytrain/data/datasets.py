@@ -13,8 +13,8 @@ import importlib
 import os
 import pickle
 import struct
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +23,17 @@ import torch
 @dataclass(frozen=True)
 class Dataset:
     """Inputs and labels; ``x_test``/``y_test`` hold an official test split
-    when the dataset has one (else None, and the caller carves one)."""
+    when the dataset has one (else None, and the caller carves one).
+
+    Labels are int64 ``[N]`` class ids, or ``[N, T]`` for sequence tasks
+    (pytext: one next-token target per position, -1 at padding).
+    ``x_probe``/``y_probe``: an official public probe pool, disjoint from the
+    training and test samples (pytext's held-out files), else None.
+    ``groups``: int64 ``[N]``, the group of each training sample, named by
+    ``group_names`` (pytext: the file's module or package; glyphs: the font
+    face), for partitions by group; else None.
+    ``info``: JSON-able provenance (which files went where, the tokenizer).
+    """
 
     name: str
     x: torch.Tensor
@@ -31,6 +41,11 @@ class Dataset:
     num_classes: int
     x_test: Optional[torch.Tensor] = None
     y_test: Optional[torch.Tensor] = None
+    x_probe: Optional[torch.Tensor] = None
+    y_probe: Optional[torch.Tensor] = None
+    groups: Optional[torch.Tensor] = None
+    group_names: Tuple[str, ...] = ()
+    info: Optional[Dict[str, Any]] = field(default=None, compare=False)
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
