@@ -1,10 +1,12 @@
-"""Datasets: scikit-learn's digits (bundled), a synthetic many-class task, and
+"""Datasets: scikit-learn's digits (bundled), a synthetic many-class task,
 readers for the on-disk formats of MNIST, Fashion-MNIST (idx) and CIFAR-10/100
-(python pickle batches).
+(python pickle batches), and a task built from files every install has:
+pytext (data/pytext.py).
 
-Every loader returns a :class:`Dataset` of float32 inputs shaped ``[N, *shape]``
-and int64 labels. Nothing is downloaded: the image datasets are read from a
-user-given folder, and a missing file is an error that says where we looked.
+Every loader returns a :class:`Dataset` of inputs shaped ``[N, *shape]``
+(float32 images and vectors; int64 token windows for pytext) and int64 labels.
+Nothing is downloaded: the image datasets are read from a user-given folder,
+and a missing file is an error that says where we looked.
 """
 from __future__ import annotations
 
@@ -240,6 +242,17 @@ def _check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
 # --------------------------------------------------------------------------- #
 # registry
 # --------------------------------------------------------------------------- #
+def _pytext(cfg) -> Dataset:
+    # Imported here: pytext builds on this module. Options that
+    # DataConfig does not have (yet) take their defaults.
+    from .pytext import DEFAULT_CONTEXT, DEFAULT_VOCAB_SIZE, load_pytext
+
+    return load_pytext(vocab_size=getattr(cfg, "vocab_size", DEFAULT_VOCAB_SIZE),
+                       context=getattr(cfg, "context", DEFAULT_CONTEXT),
+                       probe_fraction=cfg.probe_fraction, test_fraction=cfg.test_fraction,
+                       root=cfg.data_dir, cache_dir=getattr(cfg, "cache_dir", None)).dataset()
+
+
 DATASETS: Dict[str, Callable[..., Dataset]] = {
     "digits": lambda cfg: load_digits(),
     "synthetic": lambda cfg: make_synthetic(cfg.num_classes, cfg.synthetic_dim,
@@ -249,6 +262,7 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
     "fashion-mnist": lambda cfg: load_fashion_mnist(cfg.data_dir),
     "cifar10": lambda cfg: load_cifar10(cfg.data_dir),
     "cifar100": lambda cfg: load_cifar100(cfg.data_dir),
+    "pytext": _pytext,    # Python standard library, next-token prediction (data/pytext.py)
 }
 
 
