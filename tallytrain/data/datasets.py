@@ -1,7 +1,7 @@
 """Datasets: scikit-learn's digits (bundled), a synthetic many-class task,
 readers for the on-disk formats of MNIST, Fashion-MNIST (idx) and CIFAR-10/100
-(python pickle batches), and a task built from files every install has:
-pytext (data/pytext.py).
+(python pickle batches), and two tasks built from files every install has:
+glyphs (data/glyphs.py) and pytext (data/pytext.py).
 
 Every loader returns a :class:`Dataset` of inputs shaped ``[N, *shape]``
 (float32 images and vectors; int64 token windows for pytext) and int64 labels.
@@ -243,7 +243,7 @@ def _check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
 # registry
 # --------------------------------------------------------------------------- #
 def _pytext(cfg) -> Dataset:
-    # Imported here: pytext builds on this module. Options that
+    # Imported here: pytext and glyphs build on this module. Options that
     # DataConfig does not have (yet) take their defaults.
     from .pytext import DEFAULT_CONTEXT, DEFAULT_VOCAB_SIZE, load_pytext
 
@@ -251,6 +251,16 @@ def _pytext(cfg) -> Dataset:
                        context=getattr(cfg, "context", DEFAULT_CONTEXT),
                        probe_fraction=cfg.probe_fraction, test_fraction=cfg.test_fraction,
                        root=cfg.data_dir, cache_dir=getattr(cfg, "cache_dir", None)).dataset()
+
+
+def _glyphs(cfg) -> Dataset:
+    from .glyphs import DEFAULT_RENDERS_PER_FACE, load_glyphs
+
+    fonts = getattr(cfg, "fonts", None)
+    return load_glyphs(cfg.num_classes,
+                       getattr(cfg, "renders_per_face", DEFAULT_RENDERS_PER_FACE),
+                       fonts=list(fonts) if fonts else None,
+                       cache_dir=getattr(cfg, "cache_dir", None)).dataset()
 
 
 DATASETS: Dict[str, Callable[..., Dataset]] = {
@@ -263,6 +273,7 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
     "cifar10": lambda cfg: load_cifar10(cfg.data_dir),
     "cifar100": lambda cfg: load_cifar100(cfg.data_dir),
     "pytext": _pytext,    # Python standard library, next-token prediction (data/pytext.py)
+    "glyphs": _glyphs,    # characters rendered from matplotlib's DejaVu fonts (data/glyphs.py)
 }
 
 
