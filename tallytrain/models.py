@@ -120,8 +120,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
     Written out rather than F.scaled_dot_product_attention: on CPU, SDPA has
     no vmap batching rule (torch 2.14), so under the engine's vmap over peers
-    it falls back to a loop over peers with a performance warning, and was
-    slower (docs/datasets.md). The softmax runs in float32 under autocast."""
+    it falls back to a loop over peers with a performance warning. At context
+    64 both measured the same (docs/datasets.md); this way batches over
+    peers at any context. The softmax runs in float32 under autocast."""
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
     t = scores.shape[-1]
     future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu(1)

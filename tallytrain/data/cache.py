@@ -52,6 +52,7 @@ def write_atomic(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is for every run to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -328,7 +328,8 @@ def train_tokenizer(root: str, files: Sequence[SourceFile], vocab_size: int = DE
 def tokenize_sources(root: str, files: Sequence[SourceFile], tokenizer, tokenizer_path: str,
                      cache_dir: Optional[str] = None) -> List[np.ndarray]:
     """The token ids of every file (int32), cached: encoding the standard
-    library takes about 40 s on 2 cores, three times its BPE training."""
+    library takes 7-40 s on 2 cores (idle to loaded), about twice its BPE
+    training (docs/datasets.md)."""
     with open(tokenizer_path, "rb") as f:
         tokenizer_hash = hashlib.sha256(f.read()).hexdigest()
     key = cache.key_of({"kind": "pytext-tokens", "format": _FORMAT, "tokenizer": tokenizer_hash,
