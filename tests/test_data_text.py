@@ -179,6 +179,15 @@ def test_a_vocabulary_too_small_is_refused_naming_the_flag(tmp_path, vocab):
         load_pytext(vocab_size=vocab, root=root, cache_dir=str(tmp_path / "c"))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(context=0), "--context must be an integer >= 1"),
+    (dict(max_group_share=0.0), r"max_group_share must be in \(0, 1\]")])
+def test_bad_context_and_group_share_are_refused(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_pytext(vocab_size=SMALL_VOCAB, root=_fake_stdlib(tmp_path),
+                    cache_dir=str(tmp_path / "c"), **kwargs)
+
+
 # --------------------------------------------------------------------------- #
 # windows and the dataset
 # --------------------------------------------------------------------------- #
