@@ -15,10 +15,13 @@ import torch
 
 from . import partition as partitioners
 from .datasets import DATASETS, Dataset, load_dataset, make_synthetic, read_idx
+from .glyphs import load_glyphs
 from .probes import probe_subset
+from .pytext import load_pytext
 
-__all__ = ["DATASETS", "Dataset", "FederatedData", "load_dataset", "make_synthetic",
-           "Split", "partitioners", "prepare", "probe_subset", "read_idx", "split_dataset"]
+__all__ = ["DATASETS", "Dataset", "FederatedData", "load_dataset", "load_glyphs", "load_pytext",
+           "make_synthetic", "Split", "partitioners", "prepare", "probe_subset", "read_idx",
+           "split_dataset"]
 
 # Independent random streams derived from the run seed.
 _SPLIT_STREAM, _PARTITION_STREAM = 1, 2

@@ -1,10 +1,12 @@
-"""Datasets: scikit-learn's digits (bundled), a synthetic many-class task, and
+"""Datasets: scikit-learn's digits (bundled), a synthetic many-class task,
 readers for the on-disk formats of MNIST, Fashion-MNIST (idx) and CIFAR-10/100
-(python pickle batches).
+(python pickle batches), and two tasks built from files every install has:
+glyphs (data/glyphs.py) and pytext (data/pytext.py).
 
-Every loader returns a :class:`Dataset` of float32 inputs shaped ``[N, *shape]``
-and int64 labels. Nothing is downloaded: the image datasets are read from a
-user-given folder, and a missing file is an error that says where we looked.
+Every loader returns a :class:`Dataset` of inputs shaped ``[N, *shape]``
+(float32 images and vectors; int64 token windows for pytext) and int64 labels.
+Nothing is downloaded: the image datasets are read from a user-given folder,
+and a missing file is an error that says where we looked.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import importlib
 import os
 import pickle
 import struct
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +25,17 @@ import torch
 @dataclass(frozen=True)
 class Dataset:
     """Inputs and labels; ``x_test``/``y_test`` hold an official test split
-    when the dataset has one (else None, and the caller carves one)."""
+    when the dataset has one (else None, and the caller carves one).
+
+    Labels are int64 ``[N]`` class ids, or ``[N, T]`` for sequence tasks
+    (pytext: one next-token target per position, -1 at padding).
+    ``x_probe``/``y_probe``: an official public probe pool, disjoint from the
+    training and test samples (pytext's held-out files), else None.
+    ``groups``: int64 ``[N]``, the group of each training sample, named by
+    ``group_names`` (pytext: the file's module or package; glyphs: the font
+    face), for partitions by group; else None.
+    ``info``: JSON-able provenance (which files went where, the tokenizer).
+    """
 
     name: str
     x: torch.Tensor
@@ -31,6 +43,11 @@ class Dataset:
     num_classes: int
     x_test: Optional[torch.Tensor] = None
     y_test: Optional[torch.Tensor] = None
+    x_probe: Optional[torch.Tensor] = None
+    y_probe: Optional[torch.Tensor] = None
+    groups: Optional[torch.Tensor] = None
+    group_names: Tuple[str, ...] = ()
+    info: Optional[Dict[str, Any]] = field(default=None, compare=False)
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
@@ -225,6 +242,27 @@ def _check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
 # --------------------------------------------------------------------------- #
 # registry
 # --------------------------------------------------------------------------- #
+def _pytext(cfg) -> Dataset:
+    # Imported here: pytext and glyphs build on this module. Options that
+    # DataConfig does not have (yet) take their defaults.
+    from .pytext import DEFAULT_CONTEXT, DEFAULT_VOCAB_SIZE, load_pytext
+
+    return load_pytext(vocab_size=getattr(cfg, "vocab_size", DEFAULT_VOCAB_SIZE),
+                       context=getattr(cfg, "context", DEFAULT_CONTEXT),
+                       probe_fraction=cfg.probe_fraction, test_fraction=cfg.test_fraction,
+                       root=cfg.data_dir, cache_dir=getattr(cfg, "cache_dir", None)).dataset()
+
+
+def _glyphs(cfg) -> Dataset:
+    from .glyphs import DEFAULT_RENDERS_PER_FACE, load_glyphs
+
+    fonts = getattr(cfg, "fonts", None)
+    return load_glyphs(cfg.num_classes,
+                       getattr(cfg, "renders_per_face", DEFAULT_RENDERS_PER_FACE),
+                       fonts=list(fonts) if fonts else None,
+                       cache_dir=getattr(cfg, "cache_dir", None)).dataset()
+
+
 DATASETS: Dict[str, Callable[..., Dataset]] = {
     "digits": lambda cfg: load_digits(),
     "synthetic": lambda cfg: make_synthetic(cfg.num_classes, cfg.synthetic_dim,
@@ -234,6 +272,8 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
     "fashion-mnist": lambda cfg: load_fashion_mnist(cfg.data_dir),
     "cifar10": lambda cfg: load_cifar10(cfg.data_dir),
     "cifar100": lambda cfg: load_cifar100(cfg.data_dir),
+    "pytext": _pytext,    # Python standard library, next-token prediction (data/pytext.py)
+    "glyphs": _glyphs,    # characters rendered from matplotlib's DejaVu fonts (data/glyphs.py)
 }
 
 
