@@ -38,6 +38,9 @@ class Method:
     name: ClassVar[str] = ""
     #: averages parameters, so every peer must share one architecture
     averages_parameters: ClassVar[bool] = False
+    #: keys of state_dict() that peers keep (deployed: on their own nodes);
+    #: the rest is the server's
+    peer_state_keys: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, fed):
         self.fed = fed

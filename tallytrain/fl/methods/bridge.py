@@ -49,6 +49,7 @@ SPARSE = wire.MessageKind.SPARSE_PARAMS
 @register
 class Bridge(TallyTrain):
     name = "bridge"
+    peer_state_keys = TallyTrain.peer_state_keys + ("anchor", "residual", "sent")
     averages_parameters = True
 
     def __init__(self, fed):

@@ -28,6 +28,7 @@ from .base import Method, RoundStats
 @register
 class SoftLabel(Method):
     name = "softlabel"
+    peer_state_keys = ("memory",)
 
     def __init__(self, fed):
         super().__init__(fed)

@@ -26,15 +26,18 @@ peer tallies its own copy of all votes.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Dict, Optional
 
 import torch
 
-from ... import ops, wire
+from ... import wire
 from ...comm import SERVER, Envelope
+from ...consensus import Consensus, tally
+from ...memory import ConsensusMemory
+from ...votes import Votes, vote
 from ..adversary import corrupt_labels
-from ..aggregate import Consensus, consensus, labels_accuracy, mean_agreement
-from ..memory import ConsensusMemory
+from ..aggregate import labels_accuracy, mean_agreement
 from ..peer import hard_label_loss
 from ..registry import register
 from .base import Method, RoundStats, bytes_to_tensor, tensor_to_bytes
@@ -47,6 +50,7 @@ REPUTATION_SCALE = 16
 @register
 class TallyTrain(Method):
     name = "tallytrain"
+    peer_state_keys = ("memory",)
 
     def __init__(self, fed):
         super().__init__(fed)
@@ -64,7 +68,7 @@ class TallyTrain(Method):
         self.votes_agreed = torch.zeros(fed.cfg.peers, dtype=torch.float64)
         self.previous = None        # server mode: round r-1's encoded CONSENSUS
         self.own: Dict[int, Consensus] = {}  # decentralized: each peer's own tally
-        self._votes: Dict[int, torch.Tensor] = {}  # this round's packed votes per peer
+        self._votes: Dict[int, Votes] = {}  # this round's votes per peer
         self._peer_stats: Dict[str, Optional[float]] = {}
 
     def memory_of(self, peer: int) -> ConsensusMemory:
@@ -97,7 +101,7 @@ class TallyTrain(Method):
             raise wire.WireFormatError(
                 f"embedded consensus is for round {cons.round}, expected {r - 1}")
         keep = cons.keep if cons.keep is not None else cons.labels >= 0
-        return Consensus(cons.labels, keep, torch.zeros(0)), ctrl.probe_seed
+        return SimpleNamespace(labels=cons.labels, keep=keep), ctrl.probe_seed
 
     def peer_update(self, r, selected, inbox):
         fed = self.fed
@@ -128,24 +132,23 @@ class TallyTrain(Method):
         out = []
         self._votes = {}
 
-        def vote(p, logits):  # each peer's logits are packed while still in cache
+        def peer_vote(p, logits) -> Votes:  # packed while the logits are still in cache
             with fed.timer("ops"):
                 if fed.adversarial[p]:
                     bad = corrupt_labels(logits.argmax(-1), c, proto.adversarial_mode,
                                          fed.adversary_generator(r, p))
-                    return ops.pack_labels(bad, c + int(self.abstain))
-                packed = ops.pack_argmax(logits, abstain_below=proto.abstain_below)
+                    return Votes.from_labels(bad, c, abstain=self.abstain)
+                votes = vote(logits, abstain_below=proto.abstain_below)
                 if not self.support_filter:
-                    return packed
-                labels = ops.unpack_labels(packed, n, c + int(proto.abstain_below is not None))
-                unsupported = (labels < c) & ~self.supported[p][labels.clamp(max=c - 1)]
-                return ops.pack_labels(labels.masked_fill(unsupported, c), c + 1)
+                    return votes
+                labels = votes.labels()
+                unsupported = (labels >= 0) & ~self.supported[p][labels.clamp(min=0)]
+                return Votes.from_labels(labels.masked_fill(unsupported, -1), c, abstain=True)
 
-        packed_votes = fed.consume_probe_logits(r, selected, vote)
-        for p, packed in zip(selected, packed_votes):
-            self._votes[p] = packed
+        for p, votes in zip(selected, fed.consume_probe_logits(r, selected, peer_vote)):
+            self._votes[p] = votes
             with fed.timer("messaging"):
-                msg = wire.encode_votes(packed, n, c, abstain=self.abstain, round=r, sender=p)
+                msg = votes.to_bytes(round=r, sender=p)
             if proto.decentralized:
                 out += [Envelope(p, q, msg, wire.MessageKind.VOTES) for q in selected if q != p]
             else:
@@ -166,29 +169,26 @@ class TallyTrain(Method):
         skill = ((share - chance) / (1 - chance)).clamp(min=0)
         return torch.round(skill * REPUTATION_SCALE).to(torch.int64)
 
-    def _tally(self, votes: Dict[int, torch.Tensor], n: int):
-        """Tally votes (peer -> packed stream) in peer order; form the consensus."""
+    def _tally(self, votes: Dict[int, Votes]) -> Consensus:
+        """Tally votes (peer -> Votes) in peer order; form the consensus."""
         peers = sorted(votes)
-        with self.fed.timer("ops"):
-            stacked = torch.stack([votes[p] for p in peers])
-            t = ops.tally(stacked, n, self.num_classes, abstain=self.abstain,
-                          weights=self.reputation_weights(peers))
         proto = self.fed.cfg.protocol
-        return consensus(t.label, t.count, t.total, proto.agreement_threshold, proto.min_votes)
+        with self.fed.timer("ops"):
+            return tally([votes[p] for p in peers], weights=self.reputation_weights(peers),
+                         agreement=proto.agreement_threshold, min_votes=proto.min_votes)
 
-    def _judge(self, votes: Dict[int, torch.Tensor], c: Consensus, n: int) -> float:
+    def _judge(self, votes: Dict[int, Votes], c: Consensus) -> float:
         """Add each peer's agreement with the kept consensus to its record;
         returns the share of votes that abstained."""
         abstained, cast = 0, 0
-        symbols = self.num_classes + int(self.abstain)
-        for p, packed in votes.items():
-            labels = ops.unpack_labels(packed, n, symbols)
-            voted = labels < self.num_classes
+        for p, v in votes.items():
+            labels = v.labels()
+            voted = labels >= 0
             judged = voted & c.keep
             self.votes_judged[p] += int(judged.sum())
             self.votes_agreed[p] += int((judged & (labels == c.labels)).sum())
             abstained += int((~voted).sum())
-            cast += n
+            cast += labels.numel()
         return abstained / cast if cast else 0.0
 
     def aggregate(self, r, selected, received):
@@ -196,25 +196,25 @@ class TallyTrain(Method):
         n = fed.cfg.protocol.probes_per_round
         truth = fed.data.y_probe[fed.probe_indices(r)]
         if fed.cfg.protocol.decentralized:
-            heard: Dict[int, Dict[int, torch.Tensor]] = {q: {q: self._votes[q]} for q in selected}
+            heard: Dict[int, Dict[int, Votes]] = {q: {q: self._votes[q]} for q in selected}
             for env, msg in received:
-                heard[env.receiver][env.sender] = msg.packed
+                heard[env.receiver][env.sender] = received_votes(msg)
             # Every peer tallies the same votes with the same record (kept
             # from the same votes), so one record serves them all.
-            results = {q: self._tally(votes, n) for q, votes in heard.items()}
+            results = {q: self._tally(votes) for q, votes in heard.items()}
             self.own = dict(results)
             c = results[selected[0]]
             votes = heard[selected[0]]
         else:
-            votes = {env.sender: msg.packed for env, msg in received}
-            c = self._tally(votes, n)
+            votes = {env.sender: received_votes(msg) for env, msg in received}
+            c = self._tally(votes)
             filtering = fed.cfg.protocol.agreement_threshold > 0 or fed.cfg.protocol.min_votes > 1
             keep = c.keep if filtering else None
             with fed.timer("messaging"):
                 self.previous = wire.encode_consensus(c.labels, self.num_classes, keep=keep,
                                                       round=r, sender=wire.SERVER)
         with fed.timer("aggregation"):
-            abstained = self._judge(votes, c, n)
+            abstained = self._judge(votes, c)
         kept = c.labels[c.keep]
         return RoundStats(consensus_acc=labels_accuracy(c.labels, truth, c.keep),
                           agreement=mean_agreement(c),
@@ -232,10 +232,15 @@ class TallyTrain(Method):
 
     def load_state_dict(self, state):
         self.previous = tensor_to_bytes(state["previous"])
-        self.own = {int(p): Consensus(lab, keep, torch.zeros(0))
+        self.own = {int(p): SimpleNamespace(labels=lab, keep=keep)
                     for p, (lab, keep) in state["own"].items()}
         self.memory = {}
         for p, m in state["memory"].items():
             self.memory_of(int(p)).load_state_dict(m)
         self.votes_judged = state["votes_judged"].clone()
         self.votes_agreed = state["votes_agreed"].clone()
+
+
+def received_votes(msg: wire.Message) -> Votes:
+    """A decoded VOTES message as the Votes it carries."""
+    return Votes(msg.packed, msg.shape, msg.num_classes, msg.abstain)
