@@ -274,7 +274,8 @@ def test_flipping_adversaries_hurt_the_consensus(method):
 
 
 def test_abstention_and_threshold_shrink_what_peers_distill_on():
-    loose = Federation(tiny("tallytrain", abstain_below=None, agreement_threshold=0.0), digits4())
+    loose = Federation(tiny("tallytrain", abstain_below=None, agreement_threshold=0.0,
+                            support_min=0, support_radius=None), digits4())
     strict = Federation(tiny("tallytrain", abstain_below=0.999, agreement_threshold=0.9), digits4())
     loose.run()
     strict.run()

@@ -82,9 +82,7 @@ class Federation:
                 f"architecture; got archs {','.join(cfg.model.archs)}. Mixed architectures "
                 f"work with the distillation methods (tallytrain, softlabel) and local")
         self.num_classes = data.num_classes
-        self.population = Population(
-            self.archs, data.input_shape, data.num_classes, cfg.model.hidden,
-            [torch.Generator().manual_seed(seed_int(cfg.seed, INIT_STREAM, i)) for i in range(p)])
+        self.population = self.new_population()
         self.timer = PhaseTimer()
         self.ledger = Ledger()
         self.channel = Channel(self.ledger, self.timer)
@@ -121,11 +119,20 @@ class Federation:
         return Objective([self.shard_pools[p] for p in peers], self.data.x_train,
                          self.data.y_train, t.batch_size, hard_label_loss)
 
+    def new_population(self) -> Population:
+        """Every peer's model as initialised at the start of the run."""
+        return Population(
+            self.archs, self.data.input_shape, self.data.num_classes, self.cfg.model.hidden,
+            [self.generator(INIT_STREAM, i) for i in range(self.cfg.peers)])
+
     def train_local(self, r: int, peers: Sequence[int], prox_mu: float = 0.0,
-                    prox_ref: Optional[torch.Tensor] = None) -> None:
-        """Each peer's minibatch steps on its own shard (hard labels)."""
+                    prox_ref: Optional[torch.Tensor] = None,
+                    population: Optional[Population] = None) -> None:
+        """Each peer's minibatch steps on its own shard (hard labels), on its
+        model in ``population`` (default: the peers' models)."""
+        population = self.population if population is None else population
         with self.timer("local_training"):
-            self.population.fit(
+            population.fit(
                 peers, [self.local_steps[p] for p in peers], [self._local_objective(peers)],
                 self.cfg.train.lr, [self.generator(TRAIN_STREAM, r, p) for p in peers],
                 prox_mu, prox_ref, self.cfg.train.peer_batch)
@@ -199,15 +206,17 @@ class Federation:
             distill()
 
     def consume_probe_logits(self, r: int, peers: Sequence[int],
-                             consume: Callable[[int, torch.Tensor], Any]) -> List[Any]:
+                             consume: Callable[[int, torch.Tensor], Any],
+                             population: Optional[Population] = None) -> List[Any]:
         """``consume(peer, logits [N, C])`` on round r's probes, one peer at a
         time (Population.predict_each): uplinks turn each peer's logits into
         its payload (a packed vote, soft labels) while they are still in
         cache, and the logits of every peer are never held at once. Time in
         ``consume`` counts in the phases it opens, the rest as inference."""
         x = self.data.x_probe[self.probe_indices(r)]
+        population = self.population if population is None else population
         with self.timer("inference"):
-            return self.population.predict_each(x, peers, lambda j, logits: consume(peers[j], logits))
+            return population.predict_each(x, peers, lambda j, logits: consume(peers[j], logits))
 
     def adversary_generator(self, r: int, peer: int) -> torch.Generator:
         return self.generator(ADVERSARY_STREAM, r, peer)
