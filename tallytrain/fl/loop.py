@@ -23,17 +23,15 @@ import torch
 from ..comm import Channel, Ledger
 from ..data import FederatedData, probe_subset
 from .config import RunConfig, config_diff
-from .peer import LossFn, Objective, Population, hard_label_loss, seed_int
+from ..streams import (ADVERSARY_STREAM, DISTILL_STREAM, INIT_STREAM, PROBE_STREAM,  # noqa: F401
+                       ROLE_STREAM, SELECT_STREAM, SERVER_STREAM, TRAIN_STREAM, seed_int)
+from .peer import LossFn, Objective, Population, hard_label_loss
 from .registry import get_method
 from .server import select_peers
 
 PHASES = ("local_training", "distillation", "joint_training", "inference", "ops", "messaging",
           "aggregation", "evaluation", "checkpoint", "other")
 CHECKPOINT_VERSION = 1
-
-# Purposes for derived random streams (see seed_int).
-INIT_STREAM, TRAIN_STREAM, DISTILL_STREAM, SELECT_STREAM = 10, 11, 12, 13
-ROLE_STREAM, ADVERSARY_STREAM, PROBE_STREAM, SERVER_STREAM = 14, 15, 16, 17
 
 
 class PhaseTimer:

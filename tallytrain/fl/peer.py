@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,11 +38,6 @@ def in_row_chunks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     the outputs joined along ``dim`` (their row dimension)."""
     parts = [f(x[i:i + _PREDICT_ROWS]) for i in range(0, max(len(x), 1), _PREDICT_ROWS)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def seed_int(*key: int) -> int:
-    """A 63-bit seed derived from integers (numpy SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # --------------------------------------------------------------------------- #

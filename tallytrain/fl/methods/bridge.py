@@ -37,10 +37,10 @@ import torch
 
 from ... import ops, wire
 from ...comm import SERVER, Envelope
+from ...streams import ADVERSARY_STREAM, SERVER_STREAM
 from ..adversary import corrupt_params
-from ..loop import ADVERSARY_STREAM, SERVER_STREAM
-from ..registry import register
 from ..server import ServerModel
+from .base import register
 from .tallytrain import TallyTrain
 
 SPARSE = wire.MessageKind.SPARSE_PARAMS

@@ -12,12 +12,11 @@ import torch
 
 from ... import wire
 from ...comm import SERVER, Envelope
+from ...streams import SERVER_STREAM
 from ..adversary import corrupt_params
 from ..aggregate import weighted_average
-from ..loop import SERVER_STREAM
-from ..registry import register
 from ..server import ServerModel
-from .base import Method, RoundStats
+from .base import Method, RoundStats, register
 
 
 @register
