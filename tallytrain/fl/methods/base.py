@@ -45,6 +45,11 @@ class Method:
     def __init__(self, fed):
         self.fed = fed
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Refuse (ValueError) a RunConfig this method cannot run, before
+        anything is built (fl/loop.py's validate calls it)."""
+
     def selection_round(self, r: int) -> int:
         """The round whose draw picks round r's peers (participation < 1). A
         method whose peers work across several rounds between exchanges keeps
