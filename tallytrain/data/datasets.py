@@ -104,8 +104,11 @@ def read_idx(path: str) -> np.ndarray:
     """Read one idx file (optionally gzipped): 2 zero bytes, a dtype code, the
     number of dimensions, big-endian uint32 sizes, then the data."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # not gzip (BadGzipFile), truncated (EOFError), ...
+        raise ValueError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from exc
     if len(data) < 4:
         raise ValueError(f"{path}: not an idx file (only {len(data)} bytes)")
     if data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
