@@ -305,7 +305,8 @@ def _info(as_json: bool) -> int:
     else:
         print("  CUDA ops served by: none (no usable CUDA device); the CUDA kernels below "
               "are registered, not in use")
-    print(f"    {'op':16s} {'serves on CPU':14s} {'serves on CUDA' if cuda_usable else 'CUDA kernel'}")
+    cuda_column = "serves on CUDA" if cuda_usable else "CUDA kernel"
+    print(f"    {'op':16s} {'serves on CPU':14s} {cuda_column}")
     for op, where in info["ops"].items():
         if cuda_usable:
             cuda = where["cuda"]

@@ -146,7 +146,8 @@ def _curves(rows: Sequence[Mapping], key: str):
     for method, seeds in by.items():
         rounds = sorted(set.intersection(*(set(s) for s in seeds.values())))
         vals = np.array([[seeds[s][t][key] for t in rounds] for s in seeds], dtype=np.float64)
-        cum = np.array([[seeds[s][t]["cum_bytes"] for t in rounds] for s in seeds], dtype=np.float64)
+        cum = np.array([[seeds[s][t]["cum_bytes"] for t in rounds] for s in seeds],
+                       dtype=np.float64)
         out[method] = (np.array(rounds) + 1, vals.mean(0), vals.std(0), cum.mean(0))
     return out
 
@@ -331,4 +332,6 @@ def plot_partition(class_counts: np.ndarray, path: str, title: str = "") -> None
 
 def fmt_seconds(s: float) -> str:
     s = max(0, int(math.ceil(s)))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"

@@ -203,7 +203,8 @@ def test_dominance_by_hand():
 @pytest.mark.parametrize("args, message", [
     (["--methods", "tallytrain,fedsgd"],
      "unknown method 'fedsgd'; known methods: " + ", ".join(method_names())),
-    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
+    (["--dataset", "imagenet"],
+     "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
     (["--alpha", "0"], "--alpha must be > 0"),
     (["--alpha", "-1"], "--alpha must be > 0"),
     (["--peers", "2000"], "--peers (2000) exceeds the 1079 training samples"),

@@ -237,7 +237,8 @@ def test_plugins_restore_in_a_worker_what_the_parent_registered(tmp_path):
     code = ("import sys, tallytrain.app.plugins as p\n"
             "from tallytrain.data import DATASETS\nfrom tallytrain.models import ARCHS\n"
             "p.restore(sys.stdin.buffer.read())\n"
-            "print(sorted(set(DATASETS) & {'mine', 'blobs'}), sorted(set(ARCHS) & {'mine', 'tiny'}))")
+            "print(sorted(set(DATASETS) & {'mine', 'blobs'}),"
+            " sorted(set(ARCHS) & {'mine', 'tiny'}))")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.dirname(__file__))
     proc = subprocess.run([sys.executable, "-c", code], input=blob, env=env, capture_output=True,
                           timeout=120)
