@@ -128,11 +128,12 @@ def test_adversaries():
 # registry
 # --------------------------------------------------------------------------- #
 def test_registry_finds_every_method_and_lists_known_ones_on_error():
-    # One module per method (tallytrain/fl/methods/<name>.py): a module that
-    # fl/methods/__init__.py forgets to import is missing from the registry.
+    # One module per method (tallytrain/fl/methods/<name>.py, a "-" in the
+    # name spelled "_"): a module that fl/methods/__init__.py forgets to
+    # import is missing from the registry.
     folder = os.path.dirname(methods.__file__)
     modules = {f[:-3] for f in os.listdir(folder) if f.endswith(".py")} - {"__init__", "base"}
-    assert set(method_names()) == modules
+    assert {name.replace("-", "_") for name in method_names()} == modules
     assert get_method("tallytrain").name == "tallytrain"
     with pytest.raises(ValueError) as info:
         get_method("fedsgd")
