@@ -1,4 +1,5 @@
-"""The ``tallytrain`` command: ``info``, ``run``, ``compare`` and ``pareto``.
+"""The ``tallytrain`` command: ``info``, ``run``, ``compare``, ``pareto`` and
+``bench``.
 
 Every field of the run configuration (tallytrain/fl/config.py) is an option,
 generated from the dataclasses so that the CLI and the config cannot drift
@@ -249,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"parameter-averaging baselines (default: "
                           f"{_show(PARAMETER_BASELINES)})")
     _common(par, values)
+    from .bench import ops as bench_ops
+    bench = sub.add_parser("bench", help="every op against the plain-PyTorch way, as ratios "
+                                         "and fractions of the memory bandwidth",
+                           description=bench_ops.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_ops.add_arguments(bench)
     return parser
 
 
@@ -322,6 +329,21 @@ def _info(as_json: bool) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .bench import ops as bench_ops
+    try:
+        bench_ops.run(args, "tallytrain", argv)
+    except SystemExit as exc:  # bad options, found once the run starts
+        if isinstance(exc.code, str):
+            print(f"tallytrain: error: {exc.code}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("tallytrain: stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _resume_command(argv: Sequence[str]) -> str:
     """The command line that continues this one: the same options, with
     --resume instead of --overwrite."""
@@ -375,6 +397,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.command == "info":
         return _info(args.json)
+    if args.command == "bench":
+        return _bench(args, argv)
     from . import report
     from .app import plugins
     from .app.experiment import RunDirError, run_compare

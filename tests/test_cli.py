@@ -550,3 +550,28 @@ def test_plots_of_many_operating_points_stay_readable(tmp_path, monkeypatch):
     assert len(boxes) == 23
     assert not [(i, j) for i in range(23) for j in range(i) if _boxes_overlap(boxes[i], boxes[j])]
     assert os.path.getsize(tmp_path / "p.png") > 0
+
+
+def test_bench_runs_from_the_installed_package(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--ops", "unpack_labels", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    header = "| op | case | served | native ms | plain ms | ratio |"
+    assert header in out and "\n| unpack_labels | N=" in out
+    record = json.load(open(path))
+    assert record["command"].startswith("tallytrain bench --quick")
+    assert [row["op"] for row in record["rows"]] == ["unpack_labels"]
+    assert main(["bench", "--ops", "nope"]) == 2
+    assert capsys.readouterr().err == ("tallytrain: error: --ops: unknown op(s) nope; known: "
+                                       "pack_argmax, tally, topk_sparse, topk_sparse_ef, "
+                                       "sparse_merge, unpack_labels\n")
+
+
+def test_the_checkout_benchmark_command_is_the_same_table():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ops", "--quick", "--ops",
+                           "unpack_labels"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| op | case | served | native ms | plain ms | ratio |" in proc.stdout
+    assert "\n| unpack_labels | N=" in proc.stdout
