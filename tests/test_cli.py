@@ -405,7 +405,7 @@ def test_every_option_has_help_beyond_its_default():
     from tallytrain import cli
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    for command in ("run", "compare", "pareto"):
+    for command in ("run", "compare", "pareto", "bench", "info"):
         for action in commands[command]._actions:
             if action.help == argparse.SUPPRESS or action.dest == "help":
                 continue
