@@ -231,7 +231,8 @@ def test_plugins_restore_in_a_worker_what_the_parent_registered(tmp_path):
     register_dataset("mine", blobs)
     register_model("mine", mlp)
     plugins.load_plugin(plugin_file(tmp_path))
-    blob = plugins.portable()
+    assert plugins.portable(["digits"], ["mlp"]) == plugins.portable()  # only the plugin
+    blob = plugins.portable(["mine", "blobs"], ["mine", "tiny"])
     # a fresh process stands for the worker: it sees the module plugin's and
     # the parent's own registrations
     code = ("import sys, tallytrain.app.plugins as p\n"

@@ -244,7 +244,7 @@ def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
         get_method(cfg.method_of(label))  # unknown names fail before anything is read
     # Workers need the plugins and own datasets and models too: refuse what
     # cannot travel to them now, before anything is read or written.
-    own = plugins.portable() if jobs > 1 else None
+    own = plugins.portable([cfg.base.data.dataset], cfg.base.model.archs) if jobs > 1 else None
     _check_dir(cfg, out, resume, overwrite)
     # Split and partition every seed, and check every run's configuration
     # against its data (without building a federation), before touching the

@@ -31,7 +31,7 @@ import os
 import pickle
 import sys
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -289,14 +289,15 @@ def load_plugin(spec: str) -> None:
     _plugins.append(spec)
 
 
-def portable() -> Optional[bytes]:
-    """What a worker process needs to see the parent's registrations: the
-    plugins to load, and the datasets and models registered outside them,
+def portable(datasets: Iterable[str] = (), models: Iterable[str] = ()) -> Optional[bytes]:
+    """What a worker process needs to run ``datasets`` and ``models`` (names):
+    the plugins to load, and those of them registered outside plugins,
     pickled. Refuses (ValueError) what cannot be pickled, naming it."""
-    own_datasets = {k: v for k, v in DATASETS.items()
-                    if isinstance(v, _OwnDataset) and ("dataset", k) not in _from_plugins}
-    own_models = {k: v for k, v in ARCHS.items()
-                  if isinstance(v, _OwnArch) and ("model", k) not in _from_plugins}
+    own_datasets = {k: DATASETS[k] for k in dict.fromkeys(datasets)
+                    if isinstance(DATASETS.get(k), _OwnDataset)
+                    and ("dataset", k) not in _from_plugins}
+    own_models = {k: ARCHS[k] for k in dict.fromkeys(models)
+                  if isinstance(ARCHS.get(k), _OwnArch) and ("model", k) not in _from_plugins}
     if not (_plugins or own_datasets or own_models):
         return None
     for kind, table in (("dataset", own_datasets), ("model", own_models)):
