@@ -12,10 +12,11 @@ from tallytrain.data import prepare
 from tallytrain.fl.config import (CompareConfig, DataConfig, ModelConfig, ProtocolConfig,
                                   RunConfig, TrainConfig, from_dict)
 from tallytrain.fl.loop import PHASES, Federation, PhaseTimer, load_checkpoint, save_checkpoint
+from tallytrain.fl.registry import method_names
 from tallytrain.fl.server import select_peers
 from tallytrain.report import without_timing
 
-METHODS = ["local", "fedavg", "fedprox", "feddf", "softlabel", "tallytrain", "bridge"]
+METHODS = method_names()
 
 
 @pytest.fixture(autouse=True, scope="module")

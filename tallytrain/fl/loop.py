@@ -22,18 +22,17 @@ import torch
 
 from ..comm import Channel, Ledger
 from ..data import FederatedData, probe_subset
+from ..models import build_model
+from ..streams import (ADVERSARY_STREAM, DISTILL_STREAM, INIT_STREAM, PROBE_STREAM,  # noqa: F401
+                       ROLE_STREAM, SELECT_STREAM, SERVER_STREAM, TRAIN_STREAM, seed_int)
 from .config import RunConfig, config_diff
-from .peer import LossFn, Objective, Population, hard_label_loss, seed_int
+from .peer import LossFn, Objective, Population, hard_label_loss
 from .registry import get_method
 from .server import select_peers
 
 PHASES = ("local_training", "distillation", "joint_training", "inference", "ops", "messaging",
           "aggregation", "evaluation", "checkpoint", "other")
 CHECKPOINT_VERSION = 1
-
-# Purposes for derived random streams (see seed_int).
-INIT_STREAM, TRAIN_STREAM, DISTILL_STREAM, SELECT_STREAM = 10, 11, 12, 13
-ROLE_STREAM, ADVERSARY_STREAM, PROBE_STREAM, SERVER_STREAM = 14, 15, 16, 17
 
 
 class PhaseTimer:
@@ -61,26 +60,43 @@ class PhaseTimer:
                 self.seconds[self._stack[-1]] -= elapsed
 
 
+def peer_archs(cfg: RunConfig) -> List[str]:
+    """Each peer's architecture: ``model.archs`` dealt round-robin."""
+    return [cfg.model.archs[i % len(cfg.model.archs)] for i in range(cfg.peers)]
+
+
+def validate(cfg: RunConfig, data: FederatedData) -> None:
+    """Refuse (ValueError) what :class:`Federation` would refuse for ``cfg``
+    on ``data``, without building it: no parameters are initialised, so a
+    caller can check every configuration before running any."""
+    method_cls = get_method(cfg.method)
+    if len(data.shards) != cfg.peers:
+        raise ValueError(f"data has {len(data.shards)} shards for {cfg.peers} peers")
+    if cfg.protocol.probes_per_round > len(data.y_probe):
+        raise ValueError(
+            f"probes_per_round ({cfg.protocol.probes_per_round}) exceeds the probe pool of "
+            f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction")
+    archs = peer_archs(cfg)
+    if method_cls.averages_parameters and len(set(archs)) > 1:
+        raise ValueError(
+            f"method {cfg.method!r} averages parameters, so every peer needs the same "
+            f"architecture; got archs {','.join(cfg.model.archs)}. Mixed architectures "
+            f"work with the distillation methods (tallytrain, softlabel) and local")
+    method_cls.check(cfg)
+    for arch in dict.fromkeys(archs):  # templates live on the meta device: no parameters
+        build_model(arch, data.input_shape, data.num_classes, cfg.model.hidden)
+
+
 class Federation:
     """One run (one method, one seed) and everything its rounds need."""
 
     def __init__(self, cfg: RunConfig, data: FederatedData):
+        validate(cfg, data)
         method_cls = get_method(cfg.method)
         self.cfg = cfg
         self.data = data
         p = cfg.peers
-        if len(data.shards) != p:
-            raise ValueError(f"data has {len(data.shards)} shards for {p} peers")
-        if cfg.protocol.probes_per_round > len(data.y_probe):
-            raise ValueError(
-                f"probes_per_round ({cfg.protocol.probes_per_round}) exceeds the probe pool of "
-                f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction")
-        self.archs = [cfg.model.archs[i % len(cfg.model.archs)] for i in range(p)]
-        if method_cls.averages_parameters and len(set(self.archs)) > 1:
-            raise ValueError(
-                f"method {cfg.method!r} averages parameters, so every peer needs the same "
-                f"architecture; got archs {','.join(cfg.model.archs)}. Mixed architectures "
-                f"work with the distillation methods (tallytrain, softlabel) and local")
+        self.archs = peer_archs(cfg)
         self.num_classes = data.num_classes
         self.population = self.new_population()
         self.timer = PhaseTimer()

@@ -24,8 +24,7 @@ from ...comm import SERVER, Envelope
 from ..adversary import corrupt_probs
 from ..aggregate import average_probs, labels_accuracy, share_agreeing, sharpen
 from ..peer import soft_label_loss
-from ..registry import register
-from .base import Method, RoundStats
+from .base import Method, RoundStats, register
 
 
 @register

@@ -39,9 +39,8 @@ from ...votes import Votes, vote
 from ..adversary import corrupt_labels
 from ..aggregate import labels_accuracy, mean_agreement
 from ..peer import hard_label_loss
-from ..registry import register
 from ..support import LocalSupport
-from .base import Method, RoundStats, bytes_to_tensor, tensor_to_bytes
+from .base import Method, RoundStats, bytes_to_tensor, register, tensor_to_bytes
 
 # Reputation weights are integers in 0..REPUTATION_SCALE (ops.tally sums
 # integer weights exactly).
