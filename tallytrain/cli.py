@@ -91,6 +91,13 @@ HELP: Dict[str, str] = {
                    "of than this (0 = off)",
     "memory_max_age": "tallytrain: peers keep consensus labels this many rounds (0 = until "
                       "replaced or dropped; 1 = no memory)",
+    "support_radius": "tallytrain: a peer also abstains where the probe is farther from every "
+                      "shard sample of the predicted class than this quantile of the shard's "
+                      "nearest-same-class distances (float inputs; 'none' = off)",
+    "votes_from": "tallytrain: the model a peer votes with: local (trained on its shard only), "
+                  "local-first (that, and the distilled model where it abstains), distilled",
+    "softlabel_memory": "softlabel: keep past rounds' soft labels like tallytrain's memory "
+                        "(off: measured slower)",
     "reputation": "tallytrain: weigh votes by each peer's past agreement with the consensus",
     "decentralized": "tallytrain: every peer sends its votes to every peer and tallies itself",
     "prox_mu": "fedprox: weight mu of the proximal term mu/2 * ||w - w_global||^2",
