@@ -21,7 +21,7 @@ else
 TORCH_SPEC ?= torch==2.13.0
 endif
 DEPS = numpy pybind11 ninja scikit-learn matplotlib pytest pytest-timeout hypothesis pytest-benchmark \
-       "flwr[simulation]>=1.42,<1.43"
+       "flwr[simulation]>=1.42,<1.43" "tokenizers>=0.23"
 SOURCES = setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/include/tallytrain/*.h)
 DEMO_OUT ?= runs/digits-alpha0.1
 PYTEST_ARGS ?=

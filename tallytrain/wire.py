@@ -1,6 +1,6 @@
 """The versioned wire format of every message a peer or the server sends.
 
-DESIGN.md §4; the byte layout is tabulated in docs/wire.md. A message is
+docs/design.md §4; the byte layout is tabulated in docs/wire.md. A message is
 
     header (28 bytes) | payload (payload_len bytes) | CRC32 of header+payload (4)
 
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import operator
 import struct
 import zlib
-from typing import Dict, NamedTuple, Optional, Sequence, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .ops import bits_for, packed_size
 __all__ = [
     "WireFormatError", "MessageKind", "WireDtype", "Flag", "Message",
     "MAGIC", "VERSION", "HEADER_BYTES", "TRAILER_BYTES", "OVERHEAD", "SERVER",
-    "RICE_MAX_PARAM", "CONTROL_FIELDS_BYTES",
+    "RICE_MAX_PARAM", "CONTROL_FIELDS_BYTES", "MAX_SHAPE_DIMS",
     "encode_votes", "encode_consensus", "encode_soft_labels", "encode_dense",
     "encode_sparse", "encode_control", "decode",
     "votes_message_bytes", "consensus_message_bytes", "soft_labels_message_bytes",
@@ -53,6 +54,8 @@ CONTROL_FIELDS_BYTES = _CONTROL.size
 SERVER = 0xFFFFFFFF
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
+# The SHAPE section's dimension count is one byte.
+MAX_SHAPE_DIMS = 255
 # Gaps are < 2**32, and a Rice parameter of 32 would always cost more than 31,
 # so the encoder never chooses more than 31; the decoder rejects larger ones.
 RICE_MAX_PARAM = 31
@@ -85,10 +88,11 @@ class Flag(enum.IntFlag):
     KEEP_MASK = 1 << 1      # CONSENSUS: a 1-bit keep mask follows the labels
     BITMAP = 1 << 2         # SPARSE_PARAMS: indices as a bitmap, not Rice-coded gaps
     HAS_CONSENSUS = 1 << 3  # CONTROL: a full CONSENSUS message is embedded
+    SHAPE = 1 << 4          # VOTES: the votes' leading shape precedes the stream
 
 
 _ALLOWED_FLAGS: Dict[MessageKind, Flag] = {
-    MessageKind.VOTES: Flag.ABSTAIN,
+    MessageKind.VOTES: Flag.ABSTAIN | Flag.SHAPE,
     MessageKind.CONSENSUS: Flag.KEEP_MASK,
     MessageKind.SOFT_LABELS: Flag(0),
     MessageKind.DENSE_PARAMS: Flag(0),
@@ -113,7 +117,9 @@ class Message:
 
     ``n`` is the header's count (probes, vector length, or k) for every kind
     but CONTROL.
-    VOTES: ``packed`` (uint8 stream), ``num_classes``, ``abstain``.
+    VOTES: ``packed`` (uint8 stream), ``num_classes``, ``abstain``, ``shape`` (the
+    votes' leading shape, a tuple of ints whose product is ``n``; ``(n,)`` for a
+    message without the SHAPE flag).
     CONSENSUS: ``labels`` (int64, -1 = no label), ``keep`` (bool or None), ``num_classes``.
     SOFT_LABELS: ``probs`` ([N, C], float32 or float16 as sent), ``num_classes``.
     DENSE_PARAMS: ``vector``. SPARSE_PARAMS: ``indices`` (int64, ascending),
@@ -142,6 +148,7 @@ class Message:
     probe_seed: Optional[int] = None
     num_probes: Optional[int] = None
     consensus: Optional["Message"] = None
+    shape: Optional[Tuple[int, ...]] = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
@@ -173,9 +180,19 @@ def _itemsize(dtype: torch.dtype) -> int:
     return _float_code(dtype)[1].itemsize
 
 
-def votes_message_bytes(n: int, num_classes: int, abstain: bool = False) -> int:
-    """len(encode_votes(...)): OVERHEAD + ceil(n * bits_for(C or C+1) / 8)."""
-    return OVERHEAD + packed_size(n, num_classes + 1 if abstain else num_classes)
+def votes_message_bytes(n: int, num_classes: int, abstain: bool = False,
+                        shape: Optional[Sequence[int]] = None) -> int:
+    """len(encode_votes(...)): OVERHEAD + ceil(n * bits_for(C or C+1) / 8), plus
+    1 + 4 * len(shape) bytes when ``shape`` is given and is not ``(n,)``."""
+    stream = packed_size(n, num_classes + 1 if abstain else num_classes)
+    if shape is None or tuple(shape) == (n,):
+        return OVERHEAD + stream
+    return OVERHEAD + _shape_section_bytes(len(shape)) + stream
+
+
+def _shape_section_bytes(ndim: int) -> int:
+    """The SHAPE section: a u8 dimension count, then one u32 per dimension."""
+    return 1 + 4 * ndim
 
 
 def consensus_message_bytes(n: int, num_classes: int, keep: bool = False) -> int:
@@ -280,8 +297,13 @@ def _stream_problem(stream: torch.Tensor, n: int, num_symbols: int) -> Optional[
 
 
 def encode_votes(packed: torch.Tensor, n: int, num_classes: int, *, abstain: bool = False,
-                 round: int, sender: int) -> bytes:
-    """A peer's packed votes (``ops.pack_argmax`` output) on ``n`` probes."""
+                 shape: Optional[Sequence[int]] = None, round: int, sender: int) -> bytes:
+    """A peer's packed votes (``ops.pack_argmax`` output) on ``n`` probes.
+
+    ``shape``: the leading shape the ``n`` votes came from (e.g. ``(B, T)`` for
+    a language model's tokens), whose product must be ``n``. It is sent in a
+    SHAPE section (Flag.SHAPE) unless it is ``None`` or ``(n,)``, so plain 1-D
+    votes are the same bytes with or without it."""
     packed = _tensor(packed, "packed", 1)
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
@@ -293,12 +315,35 @@ def encode_votes(packed: torch.Tensor, n: int, num_classes: int, *, abstain: boo
         raise ValueError(
             f"packed must hold ceil(n*bits/8) = {need} bytes for n={n} votes of "
             f"{bits_for(symbols)} bits, got {packed.numel()}")
+    dims = _votes_shape(shape, n)
     packed = packed.contiguous()
     problem = _stream_problem(packed, n, symbols)
     if problem:
         raise ValueError(f"packed: {problem}")
-    return _frame(MessageKind.VOTES, Flag.ABSTAIN if abstain else Flag(0), bits_for(symbols),
-                  WireDtype.UINT8, round, sender, n, c, [packed.numpy()])
+    flags = Flag.ABSTAIN if abstain else Flag(0)
+    parts = [packed.numpy()]
+    if dims is not None:
+        flags |= Flag.SHAPE
+        section = np.empty(_shape_section_bytes(len(dims)), dtype=np.uint8)
+        section[0] = len(dims)
+        section[1:] = np.asarray(dims, dtype="<u4").view(np.uint8)
+        parts.insert(0, section)
+    return _frame(MessageKind.VOTES, flags, bits_for(symbols), WireDtype.UINT8, round, sender,
+                  n, c, parts)
+
+
+def _votes_shape(shape: Optional[Sequence[int]], n: int) -> Optional[Tuple[int, ...]]:
+    """The dimensions to send in a SHAPE section, or None when the votes are 1-D."""
+    if shape is None:
+        return None
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}")
+    dims = tuple(_uint(d, f"shape[{i}]") for i, d in enumerate(shape))
+    if len(dims) > MAX_SHAPE_DIMS:
+        raise ValueError(f"shape must have at most {MAX_SHAPE_DIMS} dimensions, got {len(dims)}")
+    if math.prod(dims) != n:
+        raise ValueError(f"shape {dims} holds {math.prod(dims)} votes, but n = {n}")
+    return None if dims == (n,) else dims
 
 
 def encode_consensus(labels: torch.Tensor, num_classes: int, *,
@@ -444,7 +489,7 @@ def _rice_encode(gaps: np.ndarray, r: int) -> tuple:
 
 def _pack_fields(values: np.ndarray, r: int) -> np.ndarray:
     """uint64 values < 2**r -> ceil(k*r/8) bytes; value i at stream bits
-    [i*r, i*r + r), LSB first (the DESIGN.md §2 layout, built in 64-bit words)."""
+    [i*r, i*r + r), LSB first (the docs/design.md §2 layout, in 64-bit words)."""
     k = values.size
     nbytes = (k * r + 7) // 8
     words = np.zeros((nbytes + 7) // 8 + 1, dtype=np.uint64)
@@ -604,11 +649,38 @@ def _decode_votes(h: _Header, payload: memoryview) -> Message:
     symbols = c + 1 if abstain else c
     _bits(h, bits_for(symbols), f"num_classes = {c}{' with abstain' if abstain else ''}")
     _dtype(h, WireDtype.UINT8)
-    _payload_size(h, packed_size(h.n, symbols), f"n = {h.n} votes of {h.bits} bits")
-    packed = torch.from_numpy(_bytes(payload, 0, h.payload_len))
+    stream_bytes = packed_size(h.n, symbols)
+    shape: Tuple[int, ...] = (h.n,)
+    offset = 0
+    if h.flags & Flag.SHAPE:
+        shape = _decode_shape(h, payload, stream_bytes)
+        offset = _shape_section_bytes(len(shape))
+    _payload_size(h, offset + stream_bytes,
+                  f"n = {h.n} votes of {h.bits} bits"
+                  + (f" after a {len(shape)}-D shape" if offset else ""))
+    packed = torch.from_numpy(_bytes(payload, offset, stream_bytes))
     _check_stream(h, packed, h.n, symbols, "votes")
     return Message(h.kind, VERSION, h.round, h.sender, h.flags, n=h.n, num_classes=c,
-                   packed=packed, abstain=abstain)
+                   packed=packed, abstain=abstain, shape=shape)
+
+
+def _decode_shape(h: _Header, payload: memoryview, stream_bytes: int) -> Tuple[int, ...]:
+    """Read and check the SHAPE section; every read stays inside the payload."""
+    if h.payload_len < 1:
+        raise _fail(h, "payload size mismatch: the SHAPE flag is set but the payload has "
+                       "no room for the shape's dimension count")
+    ndim = payload[0]
+    need = _shape_section_bytes(ndim) + stream_bytes
+    if h.payload_len != need:
+        raise _fail(h, f"payload size mismatch: a {ndim}-D shape and n = {h.n} votes of "
+                       f"{h.bits} bits need {need} bytes, header says payload_len = "
+                       f"{h.payload_len}")
+    if ndim == 1:
+        raise _fail(h, "shape: a 1-D shape is sent without the SHAPE flag (non-canonical)")
+    dims = tuple(int(d) for d in np.frombuffer(payload, dtype="<u4", count=ndim, offset=1))
+    if math.prod(dims) != h.n:
+        raise _fail(h, f"shape {dims} holds {math.prod(dims)} votes, but n = {h.n}")
+    return dims
 
 
 def _decode_consensus(h: _Header, payload: memoryview) -> Message:

@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md §3, TALLYTRAIN_BACKEND), the CPU level
+"""Backend selection (docs/design.md §3, TALLYTRAIN_BACKEND), the CPU level
 (TALLYTRAIN_CPU_LEVEL) and backend_info().
 
 The first tests check that this very run is served by the backend and the CPU

@@ -82,7 +82,8 @@ def reencode(m: wire.Message) -> bytes:
     """Encode a decoded message again (for the canonical kinds)."""
     common = dict(round=m.round, sender=m.sender)
     if m.kind == MessageKind.VOTES:
-        return wire.encode_votes(m.packed, m.n, m.num_classes, abstain=m.abstain, **common)
+        return wire.encode_votes(m.packed, m.n, m.num_classes, abstain=m.abstain,
+                                 shape=m.shape, **common)
     if m.kind == MessageKind.CONSENSUS:
         return wire.encode_consensus(m.labels, m.num_classes, keep=m.keep, **common)
     if m.kind == MessageKind.SOFT_LABELS:
@@ -165,6 +166,73 @@ def test_votes_from_pack_argmax_with_abstention():
     m = wire.decode(wire.encode_votes(packed, 50, 10, abstain=True, round=0, sender=0))
     assert torch.equal(ops.unpack_labels(m.packed, 50, 11),
                        ops.unpack_labels(packed, 50, 11))
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (3, 1, 2), (6, 1), (1, 6), (2, 0, 4), (0, 0), ()])
+@pytest.mark.parametrize("abstain", [False, True])
+def test_votes_shape_round_trip(shape, abstain):
+    n = math.prod(shape)
+    symbols = 6 if abstain else 5
+    labels = torch.arange(n) % symbols
+    packed = ops.pack_labels(labels, symbols)
+    data = wire.encode_votes(packed, n, 5, abstain=abstain, shape=shape, round=4, sender=9)
+    # one u8 dimension count, then one little-endian u32 per dimension, then the stream
+    section = bytes([len(shape)]) + b"".join(struct.pack("<I", d) for d in shape)
+    assert data[wire.HEADER_BYTES:-4] == section + packed.numpy().tobytes()
+    assert len(data) == wire.votes_message_bytes(n, 5, abstain, shape=shape)
+    assert header_of(data)["flags"] == Flag.SHAPE | (Flag.ABSTAIN if abstain else Flag(0))
+    m = wire.decode(data)
+    assert m.shape == shape and m.n == n and torch.equal(m.packed, packed)
+    assert reencode(m) == data
+
+
+def test_votes_one_dimensional_shape_is_the_plain_format():
+    packed = ops.pack_labels(torch.tensor([2, 0, 1, 1]), 3)
+    plain = wire.encode_votes(packed, 4, 3, round=0, sender=0)
+    assert wire.encode_votes(packed, 4, 3, shape=(4,), round=0, sender=0) == plain
+    assert wire.encode_votes(packed, 4, 3, shape=torch.Size([4]), round=0, sender=0) == plain
+    assert wire.votes_message_bytes(4, 3, shape=(4,)) == len(plain)
+    assert wire.decode(plain).shape == (4,)
+
+
+def test_votes_shape_encode_errors():
+    packed = ops.pack_labels(torch.tensor([2, 0, 1, 1]), 3)
+    with pytest.raises(ValueError, match=r"shape \(3, 2\) holds 6 votes, but n = 4"):
+        wire.encode_votes(packed, 4, 3, shape=(3, 2), round=0, sender=0)
+    with pytest.raises(ValueError, match=r"shape\[1\] must be in 0\.\."):
+        wire.encode_votes(packed, 4, 3, shape=(4, -1), round=0, sender=0)
+    with pytest.raises(TypeError, match=r"shape\[0\] must be an int"):
+        wire.encode_votes(packed, 4, 3, shape=(2.0, 2), round=0, sender=0)
+    with pytest.raises(TypeError, match="shape must be a sequence"):
+        wire.encode_votes(packed, 4, 3, shape=4, round=0, sender=0)
+    with pytest.raises(ValueError, match="at most 255 dimensions"):
+        wire.encode_votes(packed, 4, 3, shape=(4,) + (1,) * 255, round=0, sender=0)
+
+
+def test_votes_shape_decode_errors():
+    packed = ops.pack_labels(torch.tensor([2, 0, 1, 1, 0, 2]), 3)
+    data = wire.encode_votes(packed, 6, 3, shape=(2, 3), round=0, sender=0)
+    stream = packed.numpy().tobytes()
+
+    def shaped(*dims, ndim=None):
+        ndim = len(dims) if ndim is None else ndim
+        return bytes([ndim]) + b"".join(struct.pack("<I", d) for d in dims)
+
+    rejects(reframe(data, payload=b""), "no room for the shape")
+    rejects(reframe(data, payload=shaped(2, 3)), "payload size mismatch")          # no stream
+    rejects(reframe(data, payload=shaped(2, 3) + stream + b"\0"), "payload size mismatch")
+    rejects(reframe(data, payload=shaped(2, 3, ndim=3) + stream), "payload size mismatch")
+    rejects(reframe(data, payload=shaped(2, 3, ndim=1) + stream), "payload size mismatch")
+    rejects(reframe(data, payload=shaped(6) + stream), "1-D shape .*non-canonical")
+    rejects(reframe(data, payload=shaped(3, 3) + stream), r"shape \(3, 3\) holds 9 votes")
+    rejects(reframe(data, payload=shaped(2, 0) + stream), r"shape \(2, 0\) holds 0 votes")
+    rejects(reframe(data, payload=shaped(U32, U32) + stream), "holds .* votes, but n = 6")
+    rejects(reframe(data, payload=shaped(ndim=255) + stream), "payload size mismatch")
+    # the stream behind the shape is checked as without it
+    rejects(reframe(data, payload=shaped(2, 3) + bytes([0xFF, 0x0F])), "symbol out of range")
+    rejects(reframe(data, payload=shaped(2, 3) + bytes([0x00, 0xF0])), "padding")
+    # a shape section without the flag is only a wrong payload size
+    rejects(reframe(data, flags=0), "payload size mismatch")
 
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)
@@ -272,7 +340,7 @@ def test_sparse_index_bits_within_bound(ratio):
 
 @pytest.mark.parametrize("r", [1, 2, 7, 8, 13, 31])
 def test_rice_remainders_use_the_packed_stream_layout(r):
-    """The remainder section is the DESIGN.md §2 stream of r-bit symbols."""
+    """The remainder section is the docs/design.md §2 stream of r-bit symbols."""
     rng = np.random.default_rng(r)
     for k in (1, 5, 64, 333):
         values = rng.integers(0, 2**r, k, dtype=np.uint64)
@@ -562,10 +630,12 @@ def valid_messages(draw):
         abstain = draw(st.booleans())
         symbols = num_classes + 1 if abstain else num_classes
         packed = ops.pack_labels(random_symbols(rng, n, symbols), symbols)
-        data = wire.encode_votes(packed, n, num_classes, abstain=abstain, **common)
+        shape = draw(st.sampled_from([None, (n,), (1, n), (n, 1, 1)] + ([()] if n == 1 else [])))
+        data = wire.encode_votes(packed, n, num_classes, abstain=abstain, shape=shape, **common)
         def check(m):
             assert torch.equal(m.packed, packed) and (m.n, m.num_classes, m.abstain) == (
                 n, num_classes, abstain)
+            assert m.shape == ((n,) if shape is None else shape)
     elif kind == MessageKind.CONSENSUS:
         data, check = consensus()
     elif kind == MessageKind.SOFT_LABELS:

@@ -13,15 +13,16 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..streams import PARTITION_STREAM, SPLIT_STREAM
 from . import partition as partitioners
 from .datasets import DATASETS, Dataset, load_dataset, make_synthetic, read_idx
+from .glyphs import load_glyphs
 from .probes import probe_subset
+from .pytext import load_pytext
 
-__all__ = ["DATASETS", "Dataset", "FederatedData", "load_dataset", "make_synthetic",
-           "Split", "partitioners", "prepare", "probe_subset", "read_idx", "split_dataset"]
-
-# Independent random streams derived from the run seed.
-_SPLIT_STREAM, _PARTITION_STREAM = 1, 2
+__all__ = ["DATASETS", "Dataset", "FederatedData", "load_dataset", "load_glyphs", "load_pytext",
+           "make_synthetic", "Split", "partitioners", "prepare", "probe_subset", "read_idx",
+           "split_dataset"]
 
 
 @dataclass
@@ -117,13 +118,13 @@ def prepare(cfg, num_peers: int, seed: int, dataset: Optional[Dataset] = None) -
     ``dataset`` (from :func:`load_dataset`) to avoid reading it again."""
     ds = load_dataset(cfg) if dataset is None else dataset
     split = split_dataset(ds, cfg.test_fraction, cfg.probe_fraction,
-                          np.random.default_rng([int(seed), _SPLIT_STREAM]), cfg.max_samples,
+                          np.random.default_rng([int(seed), SPLIT_STREAM]), cfg.max_samples,
                           cfg.max_test_samples)
     tr, pr = torch.from_numpy(split.train), torch.from_numpy(split.probe)
     te = torch.from_numpy(split.test)
     x_test, y_test = (ds.x_test, ds.y_test) if split.official_test else (ds.x, ds.y)
     labels = ds.y[tr].numpy()
-    rng = np.random.default_rng([int(seed), _PARTITION_STREAM])
+    rng = np.random.default_rng([int(seed), PARTITION_STREAM])
     if cfg.partition == "iid":
         shards = partitioners.iid(labels, num_peers, rng, cfg.min_shard_size)
     elif cfg.partition == "dirichlet":

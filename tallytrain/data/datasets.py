@@ -1,10 +1,12 @@
-"""Datasets: scikit-learn's digits (bundled), a synthetic many-class task, and
+"""Datasets: scikit-learn's digits (bundled), a synthetic many-class task,
 readers for the on-disk formats of MNIST, Fashion-MNIST (idx) and CIFAR-10/100
-(python pickle batches).
+(python pickle batches), and two tasks built from files every install has:
+glyphs (data/glyphs.py) and pytext (data/pytext.py).
 
-Every loader returns a :class:`Dataset` of float32 inputs shaped ``[N, *shape]``
-and int64 labels. Nothing is downloaded: the image datasets are read from a
-user-given folder, and a missing file is an error that says where we looked.
+Every loader returns a :class:`Dataset` of inputs shaped ``[N, *shape]``
+(float32 images and vectors; int64 token windows for pytext) and int64 labels.
+Nothing is downloaded: the image datasets are read from a user-given folder,
+and a missing file is an error that says where we looked.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import importlib
 import os
 import pickle
 import struct
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +25,17 @@ import torch
 @dataclass(frozen=True)
 class Dataset:
     """Inputs and labels; ``x_test``/``y_test`` hold an official test split
-    when the dataset has one (else None, and the caller carves one)."""
+    when the dataset has one (else None, and the caller carves one).
+
+    Labels are int64 ``[N]`` class ids, or ``[N, T]`` for sequence tasks
+    (pytext: one next-token target per position, -1 at padding).
+    ``x_probe``/``y_probe``: an official public probe pool, disjoint from the
+    training and test samples (pytext's held-out files), else None.
+    ``groups``: int64 ``[N]``, the group of each training sample, named by
+    ``group_names`` (pytext: the file's module or package; glyphs: the font
+    face), for partitions by group; else None.
+    ``info``: JSON-able provenance (which files went where, the tokenizer).
+    """
 
     name: str
     x: torch.Tensor
@@ -31,6 +43,11 @@ class Dataset:
     num_classes: int
     x_test: Optional[torch.Tensor] = None
     y_test: Optional[torch.Tensor] = None
+    x_probe: Optional[torch.Tensor] = None
+    y_probe: Optional[torch.Tensor] = None
+    groups: Optional[torch.Tensor] = None
+    group_names: Tuple[str, ...] = ()
+    info: Optional[Dict[str, Any]] = field(default=None, compare=False)
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
@@ -87,8 +104,11 @@ def read_idx(path: str) -> np.ndarray:
     """Read one idx file (optionally gzipped): 2 zero bytes, a dtype code, the
     number of dimensions, big-endian uint32 sizes, then the data."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # not gzip (BadGzipFile), truncated (EOFError), ...
+        raise ValueError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from exc
     if len(data) < 4:
         raise ValueError(f"{path}: not an idx file (only {len(data)} bytes)")
     if data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
@@ -234,6 +254,8 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
     "fashion-mnist": lambda cfg: load_fashion_mnist(cfg.data_dir),
     "cifar10": lambda cfg: load_cifar10(cfg.data_dir),
     "cifar100": lambda cfg: load_cifar100(cfg.data_dir),
+    # Registered by the modules that build them, which import this one:
+    # "pytext" (data/pytext.py), "glyphs" (data/glyphs.py).
 }
 
 

@@ -101,6 +101,38 @@ def classes_per_peer(labels: np.ndarray, num_peers: int, k: int,
     return out
 
 
+def by_group(groups: np.ndarray, num_peers: int, rng: np.random.Generator,
+             min_size: int = 1) -> List[np.ndarray]:
+    """Feature skew by group: all samples of a group (pytext: a module or
+    package; glyphs: a font face) go to one peer, and the groups are dealt so
+    that shard sizes balance: largest group first (equal sizes in a random
+    order), each to the peer holding the fewest samples so far (the lowest
+    such peer), then the peers are renumbered at random so that which peer
+    holds the largest group depends on the seed."""
+    _check_common(groups, num_peers, min_size)
+    names, sizes = np.unique(groups, return_counts=True)
+    if num_peers > len(names):
+        raise ValueError(f"partition by group: peers ({num_peers}) exceeds the {len(names)} "
+                         f"groups of the training samples; every peer needs a group")
+    tie_break = rng.permutation(len(names))
+    order = sorted(range(len(names)), key=lambda g: (-sizes[g], tie_break[g]))
+    load = np.zeros(num_peers, dtype=np.int64)
+    owner = np.empty(len(names), dtype=np.int64)
+    for g in order:
+        peer = int(np.argmin(load))
+        owner[g] = peer
+        load[peer] += sizes[g]
+    relabel = rng.permutation(num_peers)
+    peer_of_sample = relabel[owner[np.searchsorted(names, groups)]]
+    out = [np.flatnonzero(peer_of_sample == p) for p in range(num_peers)]
+    smallest = min(len(s) for s in out)
+    if smallest < max(min_size, 1):
+        raise ValueError(
+            f"partition by group over {num_peers} peers leaves a shard of {smallest} samples, "
+            f"below min_shard_size={max(min_size, 1)}; use fewer peers")
+    return out
+
+
 def class_counts(labels: np.ndarray, shards: List[np.ndarray], num_classes: int) -> np.ndarray:
     """[peers, classes] number of samples of each class in each shard."""
     return np.stack([np.bincount(labels[s], minlength=num_classes) for s in shards]) \

@@ -4,9 +4,12 @@ The methods call these; tests check them against hand-worked cases.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+import numbers
+from typing import Optional, Sequence
 
 import torch
+
+from ..consensus import Consensus  # the public type; re-exported for the engine
 
 
 def weighted_average(vectors: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -43,12 +46,6 @@ def sharpen(avg: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(avg.float() / temperature, dim=-1)
 
 
-class Consensus(NamedTuple):
-    labels: torch.Tensor   # int64 [N]: the plurality label, -1 where no peer voted
-    keep: torch.Tensor     # bool [N]: the probes peers should distill on
-    agreement: torch.Tensor  # float32 [N]: count / total (0 where total = 0)
-
-
 def consensus(label: torch.Tensor, count: torch.Tensor, total: torch.Tensor,
               threshold: float = 0.0, min_votes: int = 1) -> Consensus:
     """From a tally to a consensus: a probe is kept when its winner has at
@@ -56,17 +53,15 @@ def consensus(label: torch.Tensor, count: torch.Tensor, total: torch.Tensor,
     ``threshold`` (compared as count >= threshold * total in float64, so 0.5
     keeps exact halves). The share is relative to the peers that did not
     abstain; ``min_votes`` is the absolute quorum that stops a few
-    non-abstaining voters from deciding a probe everyone else abstained on."""
-    if not 0.0 <= threshold <= 1.0:
+    non-abstaining voters from deciding a probe everyone else abstained on.
+
+    This is ``tallytrain.Consensus.from_counts`` (the rule ``tallytrain.tally``
+    applies) under the engine's argument names; it returns the public
+    ``tallytrain.Consensus``."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+            or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if min_votes < 1:
-        raise ValueError(f"min_votes must be >= 1, got {min_votes}")
-    voted = total > 0
-    keep = voted & (count >= min_votes) & (count.double() >= threshold * total.double())
-    agreement = torch.where(voted, count.float() / total.clamp(min=1).float(),
-                            torch.zeros((), dtype=torch.float32))
-    labels = torch.where(voted, label, torch.full_like(label, -1))
-    return Consensus(labels, keep, agreement)
+    return Consensus.from_counts(label, count, total, agreement=threshold, min_votes=min_votes)
 
 
 def mean_agreement(c: Consensus) -> Optional[float]:

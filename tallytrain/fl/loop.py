@@ -11,6 +11,7 @@ continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections import defaultdict
@@ -21,18 +22,17 @@ import torch
 
 from ..comm import Channel, Ledger
 from ..data import FederatedData, probe_subset
+from ..models import build_model
+from ..streams import (ADVERSARY_STREAM, DISTILL_STREAM, INIT_STREAM, PROBE_STREAM,  # noqa: F401
+                       ROLE_STREAM, SELECT_STREAM, SERVER_STREAM, TRAIN_STREAM, seed_int)
 from .config import RunConfig, config_diff
-from .peer import LossFn, Objective, Population, hard_label_loss, seed_int
+from .peer import LossFn, Objective, Population, hard_label_loss
 from .registry import get_method
 from .server import select_peers
 
 PHASES = ("local_training", "distillation", "joint_training", "inference", "ops", "messaging",
           "aggregation", "evaluation", "checkpoint", "other")
 CHECKPOINT_VERSION = 1
-
-# Purposes for derived random streams (see seed_int).
-INIT_STREAM, TRAIN_STREAM, DISTILL_STREAM, SELECT_STREAM = 10, 11, 12, 13
-ROLE_STREAM, ADVERSARY_STREAM, PROBE_STREAM, SERVER_STREAM = 14, 15, 16, 17
 
 
 class PhaseTimer:
@@ -60,30 +60,45 @@ class PhaseTimer:
                 self.seconds[self._stack[-1]] -= elapsed
 
 
+def peer_archs(cfg: RunConfig) -> List[str]:
+    """Each peer's architecture: ``model.archs`` dealt round-robin."""
+    return [cfg.model.archs[i % len(cfg.model.archs)] for i in range(cfg.peers)]
+
+
+def validate(cfg: RunConfig, data: FederatedData) -> None:
+    """Refuse (ValueError) what :class:`Federation` would refuse for ``cfg``
+    on ``data``, without building it: no parameters are initialised, so a
+    caller can check every configuration before running any."""
+    method_cls = get_method(cfg.method)
+    if len(data.shards) != cfg.peers:
+        raise ValueError(f"data has {len(data.shards)} shards for {cfg.peers} peers")
+    if cfg.protocol.probes_per_round > len(data.y_probe):
+        raise ValueError(
+            f"probes_per_round ({cfg.protocol.probes_per_round}) exceeds the probe pool of "
+            f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction")
+    archs = peer_archs(cfg)
+    if method_cls.averages_parameters and len(set(archs)) > 1:
+        raise ValueError(
+            f"method {cfg.method!r} averages parameters, so every peer needs the same "
+            f"architecture; got archs {','.join(cfg.model.archs)}. Mixed architectures "
+            f"work with the distillation methods (tallytrain, softlabel) and local")
+    method_cls.check(cfg)
+    for arch in dict.fromkeys(archs):  # templates live on the meta device: no parameters
+        build_model(arch, data.input_shape, data.num_classes, cfg.model.hidden)
+
+
 class Federation:
     """One run (one method, one seed) and everything its rounds need."""
 
     def __init__(self, cfg: RunConfig, data: FederatedData):
+        validate(cfg, data)
         method_cls = get_method(cfg.method)
         self.cfg = cfg
         self.data = data
         p = cfg.peers
-        if len(data.shards) != p:
-            raise ValueError(f"data has {len(data.shards)} shards for {p} peers")
-        if cfg.protocol.probes_per_round > len(data.y_probe):
-            raise ValueError(
-                f"probes_per_round ({cfg.protocol.probes_per_round}) exceeds the probe pool of "
-                f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction")
-        self.archs = [cfg.model.archs[i % len(cfg.model.archs)] for i in range(p)]
-        if method_cls.averages_parameters and len(set(self.archs)) > 1:
-            raise ValueError(
-                f"method {cfg.method!r} averages parameters, so every peer needs the same "
-                f"architecture; got archs {','.join(cfg.model.archs)}. Mixed architectures "
-                f"work with the distillation methods (tallytrain, softlabel) and local")
+        self.archs = peer_archs(cfg)
         self.num_classes = data.num_classes
-        self.population = Population(
-            self.archs, data.input_shape, data.num_classes, cfg.model.hidden,
-            [torch.Generator().manual_seed(seed_int(cfg.seed, INIT_STREAM, i)) for i in range(p)])
+        self.population = self.new_population()
         self.timer = PhaseTimer()
         self.ledger = Ledger()
         self.channel = Channel(self.ledger, self.timer)
@@ -120,34 +135,60 @@ class Federation:
         return Objective([self.shard_pools[p] for p in peers], self.data.x_train,
                          self.data.y_train, t.batch_size, hard_label_loss)
 
+    def new_population(self) -> Population:
+        """Every peer's model as initialised at the start of the run."""
+        return Population(
+            self.archs, self.data.input_shape, self.data.num_classes, self.cfg.model.hidden,
+            [self.generator(INIT_STREAM, i) for i in range(self.cfg.peers)])
+
     def train_local(self, r: int, peers: Sequence[int], prox_mu: float = 0.0,
-                    prox_ref: Optional[torch.Tensor] = None) -> None:
-        """Each peer's minibatch steps on its own shard (hard labels)."""
+                    prox_ref: Optional[torch.Tensor] = None,
+                    population: Optional[Population] = None) -> None:
+        """Each peer's minibatch steps on its own shard (hard labels), on its
+        model in ``population`` (default: the peers' models)."""
+        population = self.population if population is None else population
         with self.timer("local_training"):
-            self.population.fit(
+            population.fit(
                 peers, [self.local_steps[p] for p in peers], [self._local_objective(peers)],
                 self.cfg.train.lr, [self.generator(TRAIN_STREAM, r, p) for p in peers],
                 prox_mu, prox_ref, self.cfg.train.peer_batch)
 
+    def distill_batch(self, pool_size: int, steps: int) -> int:
+        """The distillation batch for a pool of ``pool_size`` targets learnt
+        in ``steps`` steps: large enough for ``train.distill_epochs`` passes
+        over the pool in the round, within [distill_batch_size,
+        distill_batch_max]. A fixed batch under-uses a large pool (each
+        target seen a fraction of a time per round) and over-fits a small
+        one; every distilling method gets the same rule."""
+        t = self.cfg.train
+        if t.distill_epochs == 0 or steps == 0:
+            return t.distill_batch_size
+        want = math.ceil(t.distill_epochs * pool_size / steps)
+        return min(max(want, t.distill_batch_size), t.distill_batch_max)
+
     def learn(self, r: int, peers: Sequence[int], targets: Dict[int, tuple],
               loss_fn: LossFn) -> None:
         """A distillation method's peer step. ``targets[peer] = (x, y, pool)``:
-        the received consensus on the previous round's probes, ``pool`` the
-        usable rows. Per ``train.order``: distill then train on the shard,
-        the reverse, or (``joint``) every step on the sum of both losses.
-        Peers with identical targets train together (one vectorised call)."""
+        the peer's distillation targets ``y`` for the inputs ``x``, ``pool``
+        the usable rows; an optional fourth item is a key that is equal
+        exactly when two peers' targets are (else y and pool are compared).
+        Per ``train.order``: distill then train on the shard, the reverse, or
+        (``joint``) every step on the sum of both losses. Peers with identical
+        targets train together (one vectorised call)."""
         t = self.cfg.train
-        groups: Dict[bytes, List[int]] = defaultdict(list)
+        groups: Dict[tuple, List[int]] = defaultdict(list)
         for peer in peers:
             if peer in targets and len(targets[peer][2]):
-                x, y, pool = targets[peer]
-                groups[y.numpy().tobytes() + pool.numpy().tobytes()].append(peer)
+                x, y, pool = targets[peer][:3]
+                key = targets[peer][3] if len(targets[peer]) > 3 else y.numpy().tobytes()
+                groups[(id(x), key, pool.numpy().tobytes())].append(peer)
         with_targets = {p for members in groups.values() for p in members}
         plain = [p for p in peers if p not in with_targets]
 
-        def objective(members: List[int], weight: float) -> Objective:
-            x, y, pool = targets[members[0]]
-            return Objective([pool] * len(members), x, y, t.distill_batch_size, loss_fn, weight)
+        def objective(members: List[int], weight: float, steps: int) -> Objective:
+            x, y, pool = targets[members[0]][:3]
+            return Objective([pool] * len(members), x, y, self.distill_batch(len(pool), steps),
+                             loss_fn, weight)
 
         if t.order == "joint":
             # One fused pass (shard loss + consensus loss per step) cannot be
@@ -156,7 +197,8 @@ class Federation:
                 for members in groups.values():
                     self.population.fit(
                         members, [self.local_steps[p] for p in members],
-                        [self._local_objective(members), objective(members, t.distill_weight)],
+                        [self._local_objective(members),
+                         objective(members, t.distill_weight, t.local_steps)],
                         t.lr, [self.generator(TRAIN_STREAM, r, p) for p in members],
                         peer_batch=t.peer_batch)
             if plain:
@@ -167,7 +209,8 @@ class Federation:
             with self.timer("distillation"):
                 for members in groups.values():
                     self.population.fit(
-                        members, [t.distill_steps] * len(members), [objective(members, 1.0)],
+                        members, [t.distill_steps] * len(members),
+                        [objective(members, 1.0, t.distill_steps)],
                         t.lr, [self.generator(DISTILL_STREAM, r, p) for p in members],
                         peer_batch=t.peer_batch)
 
@@ -179,15 +222,17 @@ class Federation:
             distill()
 
     def consume_probe_logits(self, r: int, peers: Sequence[int],
-                             consume: Callable[[int, torch.Tensor], Any]) -> List[Any]:
+                             consume: Callable[[int, torch.Tensor], Any],
+                             population: Optional[Population] = None) -> List[Any]:
         """``consume(peer, logits [N, C])`` on round r's probes, one peer at a
         time (Population.predict_each): uplinks turn each peer's logits into
         its payload (a packed vote, soft labels) while they are still in
         cache, and the logits of every peer are never held at once. Time in
         ``consume`` counts in the phases it opens, the rest as inference."""
         x = self.data.x_probe[self.probe_indices(r)]
+        population = self.population if population is None else population
         with self.timer("inference"):
-            return self.population.predict_each(x, peers, lambda j, logits: consume(peers[j], logits))
+            return population.predict_each(x, peers, lambda j, logits: consume(peers[j], logits))
 
     def adversary_generator(self, r: int, peer: int) -> torch.Generator:
         return self.generator(ADVERSARY_STREAM, r, peer)
@@ -251,6 +296,8 @@ class Federation:
             "peer_acc_max": float(peer_acc.max()), "global_acc": global_acc,
             "consensus_acc": stats.consensus_acc, "agreement": stats.agreement,
             "kept_fraction": stats.kept_fraction,
+            "classes_covered": stats.classes_covered, "memory_fraction": stats.memory_fraction,
+            "memory_acc": stats.memory_acc, "abstained": stats.abstained,
             "bytes_up": now["uplink"], "bytes_down": now["downlink"], "bytes": now["total"],
             "cum_bytes_up": cum["uplink"], "cum_bytes_down": cum["downlink"],
             "cum_bytes": cum["total"],

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from ...streams import SERVER_STREAM
 from ..aggregate import labels_accuracy, share_agreeing
-from ..loop import SERVER_STREAM
 from ..peer import soft_label_loss
-from ..registry import register
-from .base import RoundStats
+from .base import RoundStats, register
 from .fedavg import FedAvg
 
 
@@ -26,8 +25,9 @@ class FedDF(FedAvg):
         with fed.timer("distillation"):
             logits = self.server.predict(x, vectors)
             targets = torch.softmax(logits.mean(0) / t.temperature, dim=-1)
-            self.server.distill(x, targets, fed.cfg.protocol.server_distill_steps,
-                                t.distill_batch_size, soft_label_loss(t.temperature),
+            steps = fed.cfg.protocol.server_distill_steps
+            self.server.distill(x, targets, steps, fed.distill_batch(len(x), steps),
+                                soft_label_loss(t.temperature),
                                 fed.cfg.protocol.server_lr,
                                 fed.generator(SERVER_STREAM, r))
         consensus = targets.argmax(-1)

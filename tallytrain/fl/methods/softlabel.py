@@ -5,8 +5,17 @@ peers distill on the average with KL at temperature T.
 Messages mirror tallytrain's: the server opens round r with a CONTROL message
 (round, probe seed, probes per round) and, from round 1 on, a SOFT_LABELS
 message holding round r-1's averaged labels (a control message can embed only
-a hard-label consensus, so the soft labels travel as their own message)."""
+a hard-label consensus, so the soft labels travel as their own message).
+
+Peers distill with tallytrain's schedule (loop.Federation.learn). With
+``softlabel_memory`` each peer also keeps, like tallytrain's peers, the
+latest soft label it received for every probe of the pool (expiring after
+``memory_max_age`` rounds) and distills on all of them; off by default,
+because it measured slower: soft labels made by earlier, weaker models are
+flatter and keep pulling peers back (docs/results.md)."""
 from __future__ import annotations
+
+from typing import Dict
 
 import torch
 
@@ -15,18 +24,20 @@ from ...comm import SERVER, Envelope
 from ..adversary import corrupt_probs
 from ..aggregate import average_probs, labels_accuracy, share_agreeing, sharpen
 from ..peer import soft_label_loss
-from ..registry import register
-from .base import Method, RoundStats
+from .base import Method, RoundStats, register
 
 
 @register
 class SoftLabel(Method):
     name = "softlabel"
+    peer_state_keys = ("memory",)
 
     def __init__(self, fed):
         super().__init__(fed)
         self.dtype = getattr(torch, fed.cfg.protocol.softlabel_dtype)
         self.previous = None  # float32 [N, C]: the last round's aggregated labels
+        self.memory: Dict[int, SoftLabelMemory] = {}
+        self._peer_stats: dict = {}
 
     def downlink(self, r, selected):
         with self.fed.timer("messaging"):
@@ -47,12 +58,27 @@ class SoftLabel(Method):
     def peer_update(self, r, selected, inbox):
         fed = self.fed
         targets = {}
+        held, correct = 0, 0
+        pool_size = len(fed.data.y_probe)
         for p in selected:
-            if len(inbox[p]) < 2:  # round 0: control only
-                continue
-            ctrl, soft = inbox[p]
-            x = fed.data.x_probe[fed.probe_indices(r - 1, ctrl.probe_seed)]
-            targets[p] = (x, soft.probs.float(), torch.arange(len(x)))
+            if p not in self.memory:
+                proto = fed.cfg.protocol
+                self.memory[p] = SoftLabelMemory(
+                    pool_size, fed.num_classes, proto.memory_max_age if proto.softlabel_memory
+                    else 1)
+            memory = self.memory[p]
+            if len(inbox[p]) == 2:  # from round 1 on: control + soft labels
+                ctrl, soft = inbox[p]
+                memory.update(fed.probe_indices(r - 1, ctrl.probe_seed), soft.probs.float(), r - 1)
+            idx = memory.held()
+            # Peers that received the same messages hold the same labels:
+            # their stamps say so without comparing N x C floats.
+            targets[p] = (fed.data.x_probe, memory.probs, idx, memory.stamp.numpy().tobytes())
+            held += len(idx)
+            correct += int((memory.probs[idx].argmax(-1) == fed.data.y_probe[idx]).sum())
+        self._peer_stats = {
+            "memory_fraction": held / (len(selected) * pool_size) if selected else None,
+            "memory_acc": correct / held if held else None}
         fed.learn(r, selected, targets, soft_label_loss(fed.cfg.train.temperature))
 
     def uplink(self, r, selected):
@@ -81,11 +107,47 @@ class SoftLabel(Method):
         consensus = avg.argmax(-1)
         truth = fed.data.y_probe[fed.probe_indices(r)]
         return RoundStats(consensus_acc=labels_accuracy(consensus, truth),
-                          agreement=share_agreeing(probs.argmax(-1), consensus))
+                          agreement=share_agreeing(probs.argmax(-1), consensus),
+                          **self._peer_stats)
 
     def state_dict(self):
-        return {"previous": self.previous}
+        return {"previous": self.previous,
+                "memory": {int(p): m.state_dict() for p, m in self.memory.items()}}
 
     def load_state_dict(self, state):
         self.previous = state["previous"]
+        self.memory = {}
+        for p, m in state["memory"].items():
+            self.memory[int(p)] = SoftLabelMemory.from_state(m)
+
+
+class SoftLabelMemory:
+    """The latest soft label a peer received for each probe of the pool:
+    replaced when a newer one arrives, expired ``max_age`` rounds after it
+    arrived (0 = never)."""
+
+    def __init__(self, pool_size: int, num_classes: int, max_age: int = 0):
+        self.probs = torch.zeros(pool_size, num_classes)
+        self.stamp = torch.full((pool_size,), -1, dtype=torch.int64)
+        self.max_age = int(max_age)
+
+    def update(self, probe_indices: torch.Tensor, probs: torch.Tensor, round: int) -> None:
+        self.probs[probe_indices] = probs
+        self.stamp[probe_indices] = round
+        if self.max_age:
+            old = (self.stamp >= 0) & (round - self.stamp >= self.max_age)
+            self.stamp[old] = -1
+
+    def held(self) -> torch.Tensor:
+        return torch.nonzero(self.stamp >= 0).flatten()
+
+    def state_dict(self) -> dict:
+        return {"probs": self.probs.clone(), "stamp": self.stamp.clone(),
+                "max_age": self.max_age}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SoftLabelMemory":
+        m = cls(0, 0, int(state["max_age"]))
+        m.probs, m.stamp = state["probs"].clone(), state["stamp"].clone()
+        return m
 

@@ -5,13 +5,20 @@ Round r (server mode):
    probe seed, the probes per round, and round r-1's CONSENSUS message
    embedded (packed labels, plus a packed keep mask when agreement filtering
    is on);
-2. each peer distills on that consensus (cross-entropy on the kept probes of
-   round r-1), trains on its shard, predicts round r's probes and sends
-   ``pack_argmax`` of its logits as a VOTES message (symbol C = abstain when
-   its top-1 probability is below ``abstain_below``);
-3. the server tallies the votes and forms the consensus (a probe is kept when
-   its winner's share count/total reaches ``agreement_threshold`` and its
-   winner has at least ``min_votes`` votes).
+2. each peer adds that consensus to its memory (the latest kept label of
+   every probe of the pool it has heard of; a label a later consensus drops
+   is forgotten, and labels older than ``memory_max_age`` rounds expire),
+   distills on everything it holds while it trains on its shard, predicts
+   round r's probes and sends ``pack_argmax`` of its logits as a VOTES
+   message. Symbol C = abstain: where its top-1 probability is below
+   ``abstain_below``, or where its own shard does not back the vote: it holds
+   fewer than ``support_min`` samples of the class, or none of them near
+   the probe (``support_radius``; fl/support.py; zero bytes);
+3. the server tallies the votes, each peer weighted by its reputation (how
+   often its votes agreed with past kept consensus, corrected for chance;
+   zero bytes) and forms the consensus (a probe is kept when its winner's
+   share count/total reaches ``agreement_threshold`` and its winner has at
+   least ``min_votes`` of weight).
 
 Decentralized mode: no server and no control messages (the probe seed is
 agreed at setup); every peer sends its VOTES to every other peer, and each
@@ -19,31 +26,65 @@ peer tallies its own copy of all votes.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from types import SimpleNamespace
+from typing import Dict, Optional
 
 import torch
 
-from ... import ops, wire
+from ... import wire
 from ...comm import SERVER, Envelope
+from ...consensus import Consensus, tally
+from ...memory import ConsensusMemory
+from ...votes import Votes, vote
 from ..adversary import corrupt_labels
-from ..aggregate import Consensus, consensus, labels_accuracy, mean_agreement
+from ..aggregate import labels_accuracy, mean_agreement
 from ..peer import hard_label_loss
-from ..registry import register
-from .base import Method, RoundStats, bytes_to_tensor, tensor_to_bytes
+from ..support import LocalSupport
+from .base import Method, RoundStats, bytes_to_tensor, register, tensor_to_bytes
+
+# Reputation weights are integers in 0..REPUTATION_SCALE (ops.tally sums
+# integer weights exactly).
+REPUTATION_SCALE = 16
 
 
 @register
 class TallyTrain(Method):
     name = "tallytrain"
+    peer_state_keys = ("memory", "voters")
 
     def __init__(self, fed):
         super().__init__(fed)
         proto = fed.cfg.protocol
-        self.abstain = proto.abstain_below is not None
         self.num_classes = fed.num_classes
+        self.support_filter = proto.support_min > 0 or proto.support_radius is not None
+        self.abstain = proto.abstain_below is not None or self.support_filter
+        # Peer side, local knowledge only: what each peer's shard backs.
+        self.support = {}
+        if self.support_filter:
+            data = fed.data
+            for p in range(fed.cfg.peers):
+                idx = fed.shard_pools[p]
+                self.support[p] = LocalSupport(data.x_train[idx], data.y_train[idx],
+                                               fed.num_classes, proto.support_min,
+                                               proto.support_radius)
+        self.pool_size = len(fed.data.y_probe)
+        # Votes from models trained on their own shard only are independent
+        # evidence; votes from models distilled on the consensus repeat it.
+        self.voters = fed.new_population() if proto.votes_from != "distilled" else None
+        self.memory: Dict[int, ConsensusMemory] = {}
+        # Server side: each peer's kept-consensus votes and how many agreed.
+        self.votes_judged = torch.zeros(fed.cfg.peers, dtype=torch.float64)
+        self.votes_agreed = torch.zeros(fed.cfg.peers, dtype=torch.float64)
         self.previous = None        # server mode: round r-1's encoded CONSENSUS
-        self.own: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # decentralized
-        self._votes: Dict[int, torch.Tensor] = {}  # this round's packed votes per peer
+        self.own: Dict[int, Consensus] = {}  # decentralized: each peer's own tally
+        self._votes: Dict[int, Votes] = {}  # this round's votes per peer
+        self._peer_stats: Dict[str, Optional[float]] = {}
+
+    def memory_of(self, peer: int) -> ConsensusMemory:
+        if peer not in self.memory:
+            max_age = self.fed.cfg.protocol.memory_max_age or None
+            self.memory[peer] = ConsensusMemory(self.pool_size, max_age=max_age)
+        return self.memory[peer]
 
     # ---- 1. downlink --------------------------------------------------------
     def downlink(self, r, selected):
@@ -56,52 +97,78 @@ class TallyTrain(Method):
         return [Envelope(SERVER, p, ctrl, wire.MessageKind.CONTROL) for p in selected]
 
     # ---- 2. peers -------------------------------------------------------------
+    def received_consensus(self, r: int, peer: int, inbox: Dict[int, list]):
+        """(consensus of round r-1, its probe seed) as peer received it, or None."""
+        fed = self.fed
+        if fed.cfg.protocol.decentralized:
+            return (self.own[peer], fed.probe_seed) if peer in self.own else None
+        ctrl = inbox[peer][0]
+        cons = ctrl.consensus  # decoded on delivery, with the control message
+        if cons is None:
+            return None
+        if cons.round != r - 1:
+            raise wire.WireFormatError(
+                f"embedded consensus is for round {cons.round}, expected {r - 1}")
+        keep = cons.keep if cons.keep is not None else cons.labels >= 0
+        return SimpleNamespace(labels=cons.labels, keep=keep), ctrl.probe_seed
+
     def peer_update(self, r, selected, inbox):
         fed = self.fed
         targets = {}
+        held, correct = 0, 0
         for p in selected:
-            if fed.cfg.protocol.decentralized:
-                if p not in self.own:
-                    continue
-                labels, keep = self.own[p]
-                probe_seed = fed.probe_seed
-            else:
-                ctrl = inbox[p][0]
-                cons = ctrl.consensus  # decoded on delivery, with the control message
-                if cons is None:
-                    continue
-                if cons.round != r - 1:
-                    raise wire.WireFormatError(
-                        f"embedded consensus is for round {cons.round}, expected {r - 1}")
-                labels = cons.labels
-                keep = cons.keep if cons.keep is not None else torch.ones_like(labels, dtype=torch.bool)
-                probe_seed = ctrl.probe_seed
-            x = fed.data.x_probe[fed.probe_indices(r - 1, probe_seed)]
-            pool = torch.nonzero(keep & (labels >= 0)).flatten()
-            targets[p] = (x, labels.clamp(min=0), pool)
+            memory = self.memory_of(p)
+            got = self.received_consensus(r, p, inbox)
+            if got is not None:
+                cons, probe_seed = got
+                memory.update(fed.probe_indices(r - 1, probe_seed), cons, r - 1)
+            idx, labels = memory.labels()
+            y = torch.zeros(self.pool_size, dtype=torch.int64)
+            y[idx] = labels
+            targets[p] = (fed.data.x_probe, y, idx)
+            held += len(idx)
+            correct += int((labels == fed.data.y_probe[idx]).sum())
+        self._peer_stats = {
+            "memory_fraction": held / (len(selected) * self.pool_size) if selected else None,
+            "memory_acc": correct / held if held else None}
         fed.learn(r, selected, targets, hard_label_loss)
+        if self.voters is not None:
+            fed.train_local(r, selected, population=self.voters)
 
     def uplink(self, r, selected):
         fed = self.fed
         proto = fed.cfg.protocol
         n = proto.probes_per_round
+        c = self.num_classes
         out = []
         self._votes = {}
+        x_probe = fed.data.x_probe[fed.probe_indices(r)]
 
-        def vote(p, logits):  # each peer's logits are packed while still in cache
+        def peer_vote(p, logits) -> Votes:  # packed while the logits are still in cache
             with fed.timer("ops"):
                 if fed.adversarial[p]:
-                    bad = corrupt_labels(logits.argmax(-1), self.num_classes,
-                                         proto.adversarial_mode, fed.adversary_generator(r, p))
-                    return ops.pack_labels(bad, self.num_classes + int(self.abstain))
-                return ops.pack_argmax(logits, abstain_below=proto.abstain_below)
+                    bad = corrupt_labels(logits.argmax(-1), c, proto.adversarial_mode,
+                                         fed.adversary_generator(r, p))
+                    return Votes.from_labels(bad, c, abstain=self.abstain)
+                votes = vote(logits, abstain_below=proto.abstain_below)
+                if not self.support_filter:
+                    return votes
+                labels = votes.labels()
+                backed = self.support[p].backed(x_probe, labels)
+                return Votes.from_labels(labels.masked_fill(~backed, -1), c, abstain=True)
 
-        packed_votes = fed.consume_probe_logits(r, selected, vote)
-        for p, packed in zip(selected, packed_votes):
-            self._votes[p] = packed
+        cast = fed.consume_probe_logits(r, selected, peer_vote, self.voters)
+        if proto.votes_from == "local-first":
+            # Where its local-only model abstains, a peer votes with its
+            # distilled model (still only where its shard backs the vote).
+            fallback = fed.consume_probe_logits(r, selected, peer_vote)
+            cast = [v if fed.adversarial[p] else Votes.from_labels(
+                torch.where(v.labels() >= 0, v.labels(), f.labels()), c, abstain=True)
+                for p, v, f in zip(selected, cast, fallback)]
+        for p, votes in zip(selected, cast):
+            self._votes[p] = votes
             with fed.timer("messaging"):
-                msg = wire.encode_votes(packed, n, self.num_classes, abstain=self.abstain,
-                                        round=r, sender=p)
+                msg = votes.to_bytes(round=r, sender=p)
             if proto.decentralized:
                 out += [Envelope(p, q, msg, wire.MessageKind.VOTES) for q in selected if q != p]
             else:
@@ -109,42 +176,94 @@ class TallyTrain(Method):
         return out
 
     # ---- 3. tally -------------------------------------------------------------
-    def _tally(self, votes: Dict[int, torch.Tensor], n: int) -> Consensus:
-        """Tally votes (peer -> packed stream) in peer order; form the consensus."""
-        with self.fed.timer("ops"):
-            stacked = torch.stack([votes[p] for p in sorted(votes)])
-            t = ops.tally(stacked, n, self.num_classes, abstain=self.abstain)
+    def reputation_weights(self, peers) -> Optional[torch.Tensor]:
+        """Integer tally weights in 0..REPUTATION_SCALE: each peer's share of
+        votes that agreed with kept consensus (Laplace-smoothed, so equal for
+        everyone before any evidence), minus the share a random voter would
+        reach (1/C), rescaled so that chance-level agreement weighs 0."""
+        if not self.fed.cfg.protocol.reputation:
+            return None
+        idx = torch.as_tensor(list(peers))
+        share = (self.votes_agreed[idx] + 1) / (self.votes_judged[idx] + 2)
+        chance = 1.0 / self.num_classes
+        skill = ((share - chance) / (1 - chance)).clamp(min=0)
+        return torch.round(skill * REPUTATION_SCALE).to(torch.int64)
+
+    def _tally(self, votes: Dict[int, Votes]) -> Consensus:
+        """Tally votes (peer -> Votes) in peer order; form the consensus."""
+        peers = sorted(votes)
         proto = self.fed.cfg.protocol
-        return consensus(t.label, t.count, t.total, proto.agreement_threshold, proto.min_votes)
+        with self.fed.timer("ops"):
+            return tally([votes[p] for p in peers], weights=self.reputation_weights(peers),
+                         agreement=proto.agreement_threshold, min_votes=proto.min_votes)
+
+    def _judge(self, votes: Dict[int, Votes], c: Consensus) -> float:
+        """Add each peer's agreement with the kept consensus to its record;
+        returns the share of votes that abstained."""
+        abstained, cast = 0, 0
+        for p, v in votes.items():
+            labels = v.labels()
+            voted = labels >= 0
+            judged = voted & c.keep
+            self.votes_judged[p] += int(judged.sum())
+            self.votes_agreed[p] += int((judged & (labels == c.labels)).sum())
+            abstained += int((~voted).sum())
+            cast += labels.numel()
+        return abstained / cast if cast else 0.0
 
     def aggregate(self, r, selected, received):
         fed = self.fed
         n = fed.cfg.protocol.probes_per_round
         truth = fed.data.y_probe[fed.probe_indices(r)]
         if fed.cfg.protocol.decentralized:
-            heard: Dict[int, Dict[int, torch.Tensor]] = {q: {q: self._votes[q]} for q in selected}
+            heard: Dict[int, Dict[int, Votes]] = {q: {q: self._votes[q]} for q in selected}
             for env, msg in received:
-                heard[env.receiver][env.sender] = msg.packed
-            results = {q: self._tally(votes, n) for q, votes in heard.items()}
-            self.own = {q: (c.labels, c.keep) for q, c in results.items()}
-            c = results[selected[0]]  # every peer tallied the same votes
+                heard[env.receiver][env.sender] = received_votes(msg)
+            # Every peer tallies the same votes with the same record (kept
+            # from the same votes), so one record serves them all.
+            results = {q: self._tally(votes) for q, votes in heard.items()}
+            self.own = dict(results)
+            c = results[selected[0]]
+            votes = heard[selected[0]]
         else:
-            c = self._tally({env.sender: msg.packed for env, msg in received}, n)
+            votes = {env.sender: received_votes(msg) for env, msg in received}
+            c = self._tally(votes)
             filtering = fed.cfg.protocol.agreement_threshold > 0 or fed.cfg.protocol.min_votes > 1
             keep = c.keep if filtering else None
             with fed.timer("messaging"):
                 self.previous = wire.encode_consensus(c.labels, self.num_classes, keep=keep,
                                                       round=r, sender=wire.SERVER)
+        with fed.timer("aggregation"):
+            abstained = self._judge(votes, c)
+        kept = c.labels[c.keep]
         return RoundStats(consensus_acc=labels_accuracy(c.labels, truth, c.keep),
                           agreement=mean_agreement(c),
-                          kept_fraction=float(c.keep.float().mean()))
+                          kept_fraction=float(c.keep.float().mean()),
+                          classes_covered=len(torch.unique(kept)) / self.num_classes,
+                          abstained=abstained, **self._peer_stats)
 
     # ---- checkpoints ----------------------------------------------------------
     def state_dict(self):
         return {"previous": bytes_to_tensor(self.previous),
-                "own": {int(p): [lab.clone(), keep.clone()] for p, (lab, keep) in self.own.items()}}
+                "own": {int(p): [c.labels.clone(), c.keep.clone()] for p, c in self.own.items()},
+                "memory": {int(p): m.state_dict() for p, m in self.memory.items()},
+                "voters": self.voters.state_dict() if self.voters is not None else [],
+                "votes_judged": self.votes_judged.clone(),
+                "votes_agreed": self.votes_agreed.clone()}
 
     def load_state_dict(self, state):
         self.previous = tensor_to_bytes(state["previous"])
-        self.own = {int(p): (lab, keep) for p, (lab, keep) in state["own"].items()}
+        self.own = {int(p): SimpleNamespace(labels=lab, keep=keep)
+                    for p, (lab, keep) in state["own"].items()}
+        self.memory = {}
+        for p, m in state["memory"].items():
+            self.memory_of(int(p)).load_state_dict(m)
+        if self.voters is not None:
+            self.voters.load_state_dict(state["voters"])
+        self.votes_judged = state["votes_judged"].clone()
+        self.votes_agreed = state["votes_agreed"].clone()
 
+
+def received_votes(msg: wire.Message) -> Votes:
+    """A decoded VOTES message as the Votes it carries."""
+    return Votes(msg.packed, msg.shape, msg.num_classes, msg.abstain)
