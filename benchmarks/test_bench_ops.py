@@ -12,6 +12,7 @@ pytest.importorskip("pytest_benchmark")
 
 from benchmarks.harness import synchronize  # noqa: E402
 from benchmarks.ops import build_cases, served_by  # noqa: E402
+from tallytrain import ops as tt  # noqa: E402
 
 
 def _params():
@@ -31,9 +32,15 @@ def _params():
 def test_op(benchmark, device, case, impl):
     native, plain = case.make()
     fn = native if impl == "native" else plain
-    served = served_by(device)[case.op] if impl == "native" else "plain PyTorch"
-    benchmark.group = f"{device} {case.op} {case.name}"
+    op_served = served_by(device)[case.op]
+    served = op_served if impl == "native" else "plain PyTorch"
+    # Both rows of a case carry the level in their group name, so that the
+    # native and the plain row stay in one group.
+    native_cpu = device == "cpu" and op_served == "native"
+    level = tt.backend_info()["cpu_level"] if native_cpu else None
+    benchmark.group = f"{device} {case.op} {case.name}" + (f" (CPU level {level})" if level else "")
     benchmark.extra_info.update(op=case.op, case=case.name, served=served,
+                                cpu_level=level if impl == "native" else None,
                                 bytes_moved=case.bytes_moved)
 
     def call():
