@@ -17,7 +17,7 @@
 #   5. compute-sanitizer memcheck over benchmarks/sanitize_cases.py
 #   6. the benchmarks (python -m benchmarks.ops --device cuda), table printed
 #      last; where that module is missing, a short built-in timing of the
-#      KERNELS.md cases against the plain-PyTorch way instead
+#      docs/kernels.md cases against the plain-PyTorch way instead
 # A failing step does not stop the later ones (one GPU run should tell as much
 # as it can); the script exits non-zero if any step failed.
 set -euo pipefail
@@ -72,7 +72,7 @@ if info["cuda"] != "native":
 }
 
 # Fallback timing: tallytrain's CUDA ops against the plain-PyTorch way of
-# KERNELS.md (median of CUDA-event timings) and the copy ceiling measured here.
+# docs/kernels.md (median of CUDA-event timings) and the copy ceiling measured here.
 quick_bench() {
   "$PY" -c '
 import torch

@@ -10,7 +10,7 @@
 - ``ref``: ``tallytrain.ops.reference``, the specification, called directly so
   that the dispatched op (native where the extension serves) is compared with
   it rather than with itself.
-- ``bitstream``: an independent oracle for the packed layout of DESIGN.md §2,
+- ``bitstream``: an independent oracle for the packed layout of docs/design.md §2,
   written out bit by bit in plain Python, so that the tests stay meaningful
   when the reference is what serves.
 - ``gen``: a ``torch.Generator`` seeded from the test's id (stable across runs
@@ -129,7 +129,7 @@ def across_threads() -> Callable:
 
 
 class BitStream:
-    """DESIGN.md §2 taken literally: symbol i occupies stream bits
+    """docs/design.md §2 taken literally: symbol i occupies stream bits
     [i*b, i*b + b), least significant bit first, and stream bit j is bit j % 8
     of byte j // 8; b is the smallest width with 2**b >= num_symbols. Slow on
     purpose (one bit at a time) so that it shares nothing with the kernels."""

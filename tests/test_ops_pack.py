@@ -1,4 +1,4 @@
-"""pack_argmax, pack_labels and unpack_labels (DESIGN.md §2-§3).
+"""pack_argmax, pack_labels and unpack_labels (docs/design.md §2-§3).
 
 Every case runs the dispatched op (native where the extension serves) and
 compares it with the reference called directly and with independent oracles:

@@ -1,4 +1,4 @@
-"""tally (DESIGN.md §3): the dispatched op against the reference and against a
+"""tally (docs/design.md §3): the dispatched op against the reference and against a
 brute-force counter over each probe's votes.
 
 Votes are built as a [P, N] matrix of symbols and packed with the reference

@@ -1,4 +1,4 @@
-"""topk_sparse, topk_sparse_ef and sparse_merge (DESIGN.md §3): the dispatched
+"""topk_sparse, topk_sparse_ef and sparse_merge (docs/design.md §3): the dispatched
 op against the reference and against independent oracles (a full Python sort
 by (-|x|, index) for top-k, a dense Python loop for the merge).
 

@@ -1,5 +1,5 @@
 // pack_argmax on the CPU: each row's torch.argmax, packed into a b-bit stream
-// (DESIGN.md §2-§3), optionally with the row's top-1 softmax probability and
+// (docs/design.md §2-§3), optionally with the row's top-1 softmax probability and
 // abstention, in one pass over the logits that never materialises the indices.
 //
 // Argmax compares orderable integer keys (simd.h, the same maps as common.h),

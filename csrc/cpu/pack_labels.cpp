@@ -1,4 +1,4 @@
-// pack_labels on the CPU: integer labels -> packed b-bit stream (DESIGN.md §2).
+// pack_labels on the CPU: integer labels -> packed b-bit stream (docs/design.md §2).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 

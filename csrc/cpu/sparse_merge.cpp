@@ -1,4 +1,4 @@
-// sparse_merge on the CPU (DESIGN.md §3): the dense sum over peers, in peer
+// sparse_merge on the CPU (docs/design.md §3): the dense sum over peers, in peer
 // order, of each peer's sparse vector (times counts[p] / sum(counts) when
 // counts are given).
 //

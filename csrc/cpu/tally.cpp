@@ -1,5 +1,5 @@
 // tally on the CPU: weighted plurality vote per probe over P packed vote
-// streams (DESIGN.md §3). Symbols are unpacked inside the tally, a block of
+// streams (docs/design.md §3). Symbols are unpacked inside the tally, a block of
 // probes at a time; the P x N labels never exist in memory.
 //
 // Work is split over blocks of probes. For each block every peer's stream is

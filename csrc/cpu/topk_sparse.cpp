@@ -1,4 +1,4 @@
-// topk_sparse and topk_sparse_ef on the CPU (DESIGN.md §3): the k entries of
+// topk_sparse and topk_sparse_ef on the CPU (docs/design.md §3): the k entries of
 // largest |x|, ties to the lower index, indices ascending; the _ef variant
 // selects on acc = x + residual and leaves the unsent remainder in residual.
 //

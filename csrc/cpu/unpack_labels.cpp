@@ -1,4 +1,4 @@
-// unpack_labels on the CPU: a packed b-bit stream -> int64 labels (DESIGN.md §2),
+// unpack_labels on the CPU: a packed b-bit stream -> int64 labels (docs/design.md §2),
 // the inverse of pack_labels. Each symbol is one unaligned 8-byte load at byte
 // (i*b)/8, a shift by (i*b)%8 and a mask (b <= 32 here), so symbols decode
 // independently and threads split the output freely.

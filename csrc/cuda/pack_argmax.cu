@@ -1,6 +1,6 @@
 // pack_argmax on CUDA: each row's argmax (torch.argmax semantics), optionally
 // its top-1 softmax probability and abstention, packed into the b-bit stream
-// of DESIGN.md §2 in one pass over the logits.
+// of docs/design.md §2 in one pass over the logits.
 //
 // Three regimes by row size:
 // - rows of at most 512 bytes: a block stages 256/T whole rows at a time

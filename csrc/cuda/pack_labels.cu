@@ -1,4 +1,4 @@
-// pack_labels and unpack_labels on CUDA (DESIGN.md §2).
+// pack_labels and unpack_labels on CUDA (docs/design.md §2).
 //
 // pack: a block of 256 threads owns 256 consecutive labels, i.e. 8 groups of
 // 32 symbols = 8 * b whole 32-bit words of the stream, so blocks write

@@ -1,5 +1,5 @@
 // sparse_merge on CUDA: out[indices[p]] += values[p] (* scale[p]) for peers
-// p = 0, 1, ... in order (DESIGN.md §3).
+// p = 0, 1, ... in order (docs/design.md §3).
 //
 // Each peer's indices are unique (strictly increasing, checked first), so
 // one launch per peer is a race-free scatter, and launches on one stream run

@@ -1,4 +1,4 @@
-// tally on CUDA: fused unpack + weighted plurality per probe (DESIGN.md §3).
+// tally on CUDA: fused unpack + weighted plurality per probe (docs/design.md §3).
 // The [P, N] labels are never materialised: symbols are read straight from
 // the packed streams.
 //

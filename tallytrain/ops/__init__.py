@@ -1,4 +1,4 @@
-"""tallytrain's accelerated ops (DESIGN.md §3).
+"""tallytrain's accelerated ops (docs/design.md §3).
 
 Each op is also ``torch.ops.tallytrain.<name>``; these wrappers only give it a
 Pythonic signature. Which kernel runs is decided by the dispatcher: the native

@@ -1,6 +1,6 @@
 """Pure-PyTorch implementations of every op: the specification and the fallback.
 
-Each function here is the definition of its op (DESIGN.md §2-§3). The native
+Each function here is the definition of its op (docs/design.md §2-§3). The native
 CPU and CUDA kernels must return byte-identical integer results and floats
 within the tolerances stated in docs/ops.md. Everything is vectorised tensor
 code, so the reference also serves on any device when the extension is absent.

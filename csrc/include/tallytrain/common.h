@@ -1,5 +1,5 @@
 // Helpers shared by the CPU and CUDA kernels: the bit layout of packed label
-// streams (DESIGN.md §2) and the orderable keys that reproduce torch.argmax.
+// streams (docs/design.md §2) and the orderable keys that reproduce torch.argmax.
 // Compiled for host and device; includes no torch header so .cu files stay
 // quick to build.
 #pragma once
