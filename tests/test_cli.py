@@ -556,7 +556,7 @@ def test_bench_runs_from_the_installed_package(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--ops", "unpack_labels", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    header = "| op | case | served | native ms | plain ms | ratio |"
+    header = "| op | case | served | level | native ms | plain ms | ratio |"
     assert header in out and "\n| unpack_labels | N=" in out
     record = json.load(open(path))
     assert record["command"].startswith("tallytrain bench --quick")
@@ -573,5 +573,5 @@ def test_the_checkout_benchmark_command_is_the_same_table():
                            "unpack_labels"], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "| op | case | served | native ms | plain ms | ratio |" in proc.stdout
+    assert "| op | case | served | level | native ms | plain ms | ratio |" in proc.stdout
     assert "\n| unpack_labels | N=" in proc.stdout
