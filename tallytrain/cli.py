@@ -325,7 +325,7 @@ def _info(as_json: bool) -> int:
         if cuda_usable:
             cuda = where["cuda"]
         else:
-            cuda = "registered" if where["cuda"] == "native" else "none (reference)"
+            cuda = "registered" if where["cuda_kernel"] == "registered" else "none (reference)"
         print(f"    {op:16s} {where['cpu']:14s} {cuda}")
     print(f"  extension: {info['extension'] or 'not loaded'}"
           + (" (built with CUDA)" if info.get("extension_built_with_cuda") else ""))

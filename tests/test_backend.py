@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -103,17 +104,25 @@ def child_env(**variables):
     return env
 
 
-def run_child(mode, failure="missing", cpu_level=None):
+def run_child(mode, failure="missing", cpu_level=None, prelude="", root=None):
     """Run USE_OPS in a fresh interpreter where importing the extension fails
-    ("missing", "broken") or does not (failure=None)."""
+    ("missing", "broken") or does not (failure=None), after `prelude`, with
+    the package imported from `root` (default: this session's)."""
     env = child_env(TALLYTRAIN_BACKEND=mode, TALLYTRAIN_CPU_LEVEL=cpu_level)
+    if root is not None:
+        env["PYTHONPATH"] = str(root)
     program = (f"FAILURE = {failure!r}\n" + BLOCK_EXTENSION if failure
                else "import sys\nattempts = []\n")
-    program += USE_OPS
-    proc = subprocess.run([sys.executable, "-c", program], env=env,
+    program += prelude + USE_OPS
+    # (Run from `root`: the current folder comes first on the child's path.)
+    proc = subprocess.run([sys.executable, "-c", program], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+needs_extension = pytest.mark.skipif(ops.backend_info()["extension"] is None,
+                                     reason="needs the native extension")
 
 
 def native_warnings(report):
@@ -138,7 +147,8 @@ def test_requested_backend_serves():
         assert "tallytrain._C" not in sys.modules
         assert info["extension"] is None and info["native_error"] is None
         assert info["cpu"] == "reference"
-        assert all(kinds == {"cpu": "reference", "cuda": "reference"}
+        assert all(kinds["cpu"] == "reference" and kinds["cuda_kernel"] == "none"
+                   and kinds["cuda"] in ("reference", "unavailable")
                    for kinds in info["ops"].values()), info["ops"]
     else:  # auto: the extension loaded, or the reason it did not is on record
         assert (info["extension"] is not None) != (info["native_error"] is not None), info
@@ -160,16 +170,28 @@ def test_requested_cpu_level_serves():
 def test_backend_info_keys():
     info = ops.backend_info()
     assert {"mode", "cpu", "cuda", "ops", "extension", "extension_built_with_cuda",
-            "extension_build", "native_error", "torch", "torch_cuda", "cuda_device",
-            "cpu_level", "cpu_levels", "cpu_model"} <= set(info)
+            "extension_build", "extension_torch", "extension_torch_cuda", "native_error",
+            "torch", "torch_cuda", "cuda_device", "cpu_level", "cpu_levels",
+            "cpu_model"} <= set(info)
     assert info["mode"] in MODES
     assert info["cpu"] in ("native", "reference")
     assert info["cuda"] in (("native", "reference") if torch.cuda.is_available()
                             else ("unavailable",))
     assert set(info["ops"]) == set(SCHEMAS)
     for kinds in info["ops"].values():
-        assert set(kinds) == {"cpu", "cuda"}
-        assert set(kinds.values()) <= {"native", "reference"}
+        assert set(kinds) == {"cpu", "cuda", "cuda_kernel"}
+        assert kinds["cpu"] in ("native", "reference")
+        assert kinds["cuda_kernel"] in ("registered", "none")
+        # Without a device a registered CUDA kernel serves nothing.
+        if torch.cuda.is_available():
+            assert kinds["cuda"] == ("native" if kinds["cuda_kernel"] == "registered"
+                                     else "reference")
+        else:
+            assert kinds["cuda"] == "unavailable"
+    if info["extension"] is None:
+        assert all(kinds["cuda_kernel"] == "none" for kinds in info["ops"].values())
+    elif info["extension_built_with_cuda"]:
+        assert all(kinds["cuda_kernel"] == "registered" for kinds in info["ops"].values())
     # A device is native only when every op is.
     all_cpu_native = all(kinds["cpu"] == "native" for kinds in info["ops"].values())
     assert (info["cpu"] == "native") == all_cpu_native
@@ -222,6 +244,101 @@ def test_invalid_mode_lists_the_modes():
 
 
 # --------------------------------------------------------------------------- #
+# the build against the running torch, and installs without the extension
+# --------------------------------------------------------------------------- #
+# Makes the child's torch report another version before tallytrain is imported.
+OTHER_TORCH = "2.0.0+other"
+CHANGE_TORCH = f"import torch\ntorch.__version__ = {OTHER_TORCH!r}\n"
+
+
+def installed_copy(tmp_path, extension=True, record=None):
+    """A copy of the package outside any checkout (as pip installs it), with
+    or without the extension, and the given build record (None: none)."""
+    target = tmp_path / "site" / "tallytrain"
+    shutil.copytree(Path(tallytrain.__file__).parent, target,
+                    ignore=shutil.ignore_patterns("__pycache__", "_C.build.json",
+                                                  *([] if extension else ["_C*.so"])))
+    if record is not None:
+        (target / _backend.BUILD_RECORD).write_text(json.dumps(record))
+    return target.parent
+
+
+@needs_extension
+def test_extension_reports_the_torch_it_was_built_against():
+    info = ops.backend_info()
+    assert info["extension_torch"] == torch.__version__
+    assert info["extension_torch_cuda"] == torch.version.cuda
+    record = _backend.read_build_record()
+    assert record is not None, "setup.py writes the build record next to the extension"
+    assert (record["torch"], record["torch_cuda"]) == (torch.__version__, torch.version.cuda)
+
+
+@needs_extension
+@pytest.mark.parametrize("mode", ["auto", "native"])
+def test_extension_of_another_torch_never_loads(mode):
+    """The build record names another torch: auto warns once naming both
+    versions and the reference serves, the extension not even imported;
+    native raises."""
+    report = run_child(mode, failure=None, prelude=CHANGE_TORCH)
+    both = [f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+            f"torch {OTHER_TORCH}"]
+    assert not report["extension_imported"]
+    if mode == "native":
+        kind, message = report["error"]
+        assert kind == "ImportError" and all(v in message for v in both), message
+        return
+    warned = native_warnings(report)
+    assert len(warned) == 1 and all(v in warned[0] for v in both), report["warnings"]
+    assert "pip install --no-build-isolation -e ." in warned[0]  # this is a checkout
+    assert report["results"] == EXPECTED_RESULTS
+    assert report["info"]["cpu"] == "reference"
+
+
+@needs_extension
+def test_extension_without_record_is_checked_before_its_kernels_register(tmp_path):
+    """Without a build record the versions compiled into the extension decide:
+    it is imported, but its kernels are never registered."""
+    root = installed_copy(tmp_path)
+    report = run_child("auto", failure=None, prelude=CHANGE_TORCH, root=root)
+    assert report["extension_imported"]
+    warned = native_warnings(report)
+    assert len(warned) == 1 and torch.__version__ in warned[0] and OTHER_TORCH in warned[0]
+    assert report["info"]["cpu"] == "reference"
+    assert report["results"] == EXPECTED_RESULTS
+    # The same copy under the torch it was built for serves natively.
+    report = run_child("native", failure=None, root=root)
+    assert "error" not in report and report["info"]["cpu"] == "native", report
+
+
+def test_pure_python_install_says_so_and_can_be_silenced(tmp_path):
+    """An install made with TALLYTRAIN_BUILD_EXT=0 warns with advice for an
+    installed package (not a checkout's), and TALLYTRAIN_BACKEND=reference
+    silences it."""
+    root = installed_copy(tmp_path, extension=False,
+                          record={"extension": False, "why": "TALLYTRAIN_BUILD_EXT=0"})
+    report = run_child("auto", failure=None, root=root)
+    warned = native_warnings(report)
+    assert len(warned) == 1, report["warnings"]
+    assert "TALLYTRAIN_BUILD_EXT=0" in warned[0] and "--force-reinstall" in warned[0]
+    assert "TALLYTRAIN_BACKEND=reference" in warned[0] and "-e ." not in warned[0]
+    assert not report["extension_imported"] and report["results"] == EXPECTED_RESULTS
+    report = run_child("native", failure=None, root=root)
+    assert report["error"][0] == "ImportError" and "TALLYTRAIN_BUILD_EXT=0" in report["error"][1]
+    report = run_child("reference", failure=None, root=root)
+    assert report["warnings"] == [] and report["results"] == EXPECTED_RESULTS
+
+
+def test_installed_copy_without_extension_advises_a_reinstall(tmp_path):
+    # (The import is refused too: an editable install elsewhere on the path
+    # could otherwise lend its own extension.)
+    report = run_child("auto", failure="missing",
+                       root=installed_copy(tmp_path, extension=False))
+    warned = native_warnings(report)
+    assert len(warned) == 1 and "could not load" in warned[0], report["warnings"]
+    assert "--force-reinstall" in warned[0] and "-e ." not in warned[0]
+
+
+# --------------------------------------------------------------------------- #
 # TALLYTRAIN_CPU_LEVEL
 # --------------------------------------------------------------------------- #
 def test_invalid_cpu_level_lists_the_levels():
@@ -231,10 +348,6 @@ def test_invalid_cpu_level_lists_the_levels():
         assert kind == "ValueError"
         assert "TALLYTRAIN_CPU_LEVEL" in message and "'avx512'" in message
         assert all(level in message for level in CPU_LEVELS)
-
-
-needs_extension = pytest.mark.skipif(ops.backend_info()["extension"] is None,
-                                     reason="needs the native extension")
 
 
 @needs_extension

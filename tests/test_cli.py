@@ -457,9 +457,12 @@ def test_progress_without_a_terminal_prints_every_few_rounds():
 def test_info_says_whether_cuda_kernels_are_usable_or_only_registered(monkeypatch, capsys,
                                                                       cuda):
     from tallytrain import ops
+    usable = cuda != "unavailable"
     info = {"mode": "auto", "cpu": "native", "cuda": cuda,
-            "ops": {"pack_argmax": {"cpu": "native", "cuda": "native"},
-                    "tally": {"cpu": "native", "cuda": "reference"}},
+            "ops": {"pack_argmax": {"cpu": "native", "cuda": "native" if usable else cuda,
+                                    "cuda_kernel": "registered"},
+                    "tally": {"cpu": "native", "cuda": "reference" if usable else cuda,
+                              "cuda_kernel": "none"}},
             "extension": "/x/_C.so", "extension_built_with_cuda": True, "native_error": None,
             "torch": "2.14", "torch_cuda": "13.0", "cuda_device": None}
     monkeypatch.setattr(ops, "backend_info", lambda: info)

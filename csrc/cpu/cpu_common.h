@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "tallytrain/checks.h"
+#include "tallytrain/registration.h"
 
 namespace tallytrain {
 namespace cpu {

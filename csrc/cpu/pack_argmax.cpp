@@ -783,7 +783,7 @@ std::tuple<at::Tensor, at::Tensor> pack_argmax_cpu(const at::Tensor& logits, boo
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CPU, m) { m.impl("pack_argmax", &pack_argmax_cpu); }
+TALLYTRAIN_IMPL(CPU, m) { m.impl("pack_argmax", &pack_argmax_cpu); }
 
 }  // namespace cpu
 }  // namespace tallytrain

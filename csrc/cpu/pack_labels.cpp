@@ -52,7 +52,7 @@ at::Tensor pack_labels_cpu(const at::Tensor& labels, int64_t num_symbols) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CPU, m) { m.impl("pack_labels", &pack_labels_cpu); }
+TALLYTRAIN_IMPL(CPU, m) { m.impl("pack_labels", &pack_labels_cpu); }
 
 }  // namespace cpu
 }  // namespace tallytrain

@@ -91,7 +91,7 @@ at::Tensor sparse_merge_cpu(at::TensorList indices, at::TensorList values, int64
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CPU, m) { m.impl("sparse_merge", &sparse_merge_cpu); }
+TALLYTRAIN_IMPL(CPU, m) { m.impl("sparse_merge", &sparse_merge_cpu); }
 
 }  // namespace cpu
 }  // namespace tallytrain

@@ -709,7 +709,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CPU, m) { m.impl("tally", &tally_cpu); }
+TALLYTRAIN_IMPL(CPU, m) { m.impl("tally", &tally_cpu); }
 
 }  // namespace cpu
 }  // namespace tallytrain

@@ -473,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sparse_ef_cpu(const at::Tensor& x,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CPU, m) {
+TALLYTRAIN_IMPL(CPU, m) {
   m.impl("topk_sparse", &topk_sparse_cpu);
   m.impl("topk_sparse_ef", &topk_sparse_ef_cpu);
 }

@@ -62,7 +62,7 @@ at::Tensor unpack_labels_cpu(const at::Tensor& packed, int64_t n, int64_t num_sy
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tallytrain, CPU, m) { m.impl("unpack_labels", &unpack_labels_cpu); }
+TALLYTRAIN_IMPL(CPU, m) { m.impl("unpack_labels", &unpack_labels_cpu); }
 
 }  // namespace cpu
 }  // namespace tallytrain

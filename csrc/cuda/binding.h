@@ -25,6 +25,7 @@
 
 #include "launchers.h"
 #include "tallytrain/checks.h"
+#include "tallytrain/registration.h"
 
 namespace tallytrain {
 namespace cuda {
@@ -43,7 +44,8 @@ struct DeviceGuard {
 inline cudaStream_t current_stream() { return nullptr; }
 inline bool on_device(const c10::Device& d) { return d.is_cpu(); }
 #else
-#define TALLYTRAIN_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(tallytrain, CUDA, m)
+// Registered with the CPU kernels, once the build is checked (registration.h).
+#define TALLYTRAIN_CUDA_IMPL(m) TALLYTRAIN_IMPL(CUDA, m)
 #define TALLYTRAIN_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
 using DeviceGuard = c10::cuda::CUDAGuard;
 inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
