@@ -117,6 +117,24 @@ def test_tally(c, peers, weighted, abstain, level, ref):
         assert_equal(a, b)
 
 
+@pytest.mark.parametrize("bits", range(1, 33))
+def test_tally_every_symbol_width(bits, level, ref):
+    """Each width has its own unpack path per level (byte fields, widening
+    copies, windows, pairs of groups, one symbol at a time): C just above a
+    power of two, so that every width 1..32 is used, with runs of symbols
+    long enough for the vector steps and a tail shorter than one."""
+    c = (1 << (bits - 1)) + 1 if bits > 1 else 2
+    gen = torch.Generator().manual_seed(bits)
+    n = 16 * 40 + 13
+    symbols = torch.randint(0, c, (3, n), generator=gen)
+    symbols[:, 1::7] = c - 1  # the largest symbol: the top bit of the width set
+    votes = torch.stack([ref.pack_labels(row, c) for row in symbols])
+    got = ops.tally(votes, n, c)
+    want = ref.tally(votes, n, c)
+    for a, b in zip(got, want):
+        assert_equal(a, b)
+
+
 @pytest.mark.parametrize("bits", [3, 5, 6, 10])
 def test_tally_reports_the_first_bad_symbol(bits, level, ref):
     c = (1 << bits) - 3  # leaves symbols that are out of range

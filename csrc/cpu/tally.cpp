@@ -193,6 +193,57 @@ TT_INLINE void window_symbols(const uint8_t* group, Out* out) {
   }
 }
 
+// Symbols of 3 to 15 bits at the SSE2 baseline, which has no byte shuffle
+// for the windows above: two groups of 8 symbols (B bytes each) at a time,
+// each group in a 64-bit lane: B <= 8, one word holds the whole group; B > 8,
+// its first 8 bytes and its last 8, one of which holds each symbol whole
+// (a symbol runs past the first word only from bit 64 - B on, which the last
+// word, from bit 8B - 64 <= 64 - B, covers while B <= 16). Every shift is a
+// constant, the same in both lanes (psrlq), and 64-bit interleaves put the
+// symbols in stream order.
+constexpr int kPairMaxBits = 15;
+
+template <int B, typename Out>
+TT_INLINE void pair_symbols(const uint8_t* groups, Out* out) {
+  static_assert(B <= kPairMaxBits, "symbols must lie whole in one of the two words");
+  using U64 = Vec<uint64_t, 16>;
+  constexpr uint64_t kMask = (uint64_t(1) << B) - 1;
+  const auto word = [&](int at) {
+    uint64_t w;
+    memcpy(&w, groups + at, 8);
+    return w;
+  };
+  const U64 first = {word(0), word(B)};
+  const U64 last = B > 8 ? U64{word(B - 8), word(2 * B - 8)} : first;
+  U64 symbol[8];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k) {
+    const bool from_last = B > 8 && k * B + B > 64;
+    const int shift = from_last ? k * B - (8 * B - 64) : k * B;
+    symbol[k] = ((from_last ? last : first) >> shift) & kMask;
+  }
+  if constexpr (sizeof(Out) == 2) {
+    // Four symbols of each group in a lane, then group 0's lanes together.
+    const U64 a = symbol[0] | symbol[1] << 16 | symbol[2] << 32 | symbol[3] << 48;
+    const U64 b = symbol[4] | symbol[5] << 16 | symbol[6] << 32 | symbol[7] << 48;
+    const U64 group0 = __builtin_shufflevector(a, b, 0, 2);
+    const U64 group1 = __builtin_shufflevector(a, b, 1, 3);
+    memcpy(out, &group0, 16);
+    memcpy(out + 8, &group1, 16);
+  } else {
+    static_assert(sizeof(Out) == 4, "16- or 32-bit lanes");
+#pragma GCC unroll 2
+    for (int k = 0; k < 8; k += 4) {
+      const U64 a = symbol[k] | symbol[k + 1] << 32;
+      const U64 b = symbol[k + 2] | symbol[k + 3] << 32;
+      const U64 group0 = __builtin_shufflevector(a, b, 0, 2);
+      const U64 group1 = __builtin_shufflevector(a, b, 1, 3);
+      memcpy(out + k, &group0, 16);
+      memcpy(out + 8 + k, &group1, 16);
+    }
+  }
+}
+
 // Symbols [i0, i0 + len) of a stream of B-bit symbols into out[0, len). i0 is
 // a multiple of 8, so each group of 8 symbols starts on a byte boundary B
 // bytes after the previous one and every shift is a compile-time constant.
@@ -224,6 +275,12 @@ TT_INLINE void unpack_fixed(const uint8_t* stream, int64_t nbytes, int64_t i0, i
     constexpr int64_t kWindowReach = 4 * B / 8 + 16;  // bytes a group's loads touch
     for (; j + 8 <= len && j / 8 * B + kWindowReach <= avail; j += 8)
       window_symbols<S, B>(src + j / 8 * B, out + j);
+  } else if constexpr (B <= kPairMaxBits && S::kLevel == Level::kBaseline) {
+    // The other widths below 16 bits at the baseline (and on aarch64): two
+    // groups a step (see pair_symbols).
+    constexpr int64_t kPairReach = B <= 8 ? B + 8 : 2 * B;  // bytes a step's loads touch
+    for (; j + 16 <= len && j / 8 * B + kPairReach <= avail; j += 16)
+      pair_symbols<B>(src + j / 8 * B, out + j);
   } else {
     for (; j + 8 <= len && j / 8 * B + kReach <= avail; j += 8) {
       const uint8_t* group = src + j / 8 * B;
