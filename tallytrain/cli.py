@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run, values)
     cmp_ = sub.add_parser("compare", help="several methods on identical partitions and probes")
     cmp_.add_argument("--methods", default="all",
-                      help=f"comma-separated methods, or 'all' (default: all = {methods})")
+                      help=f"comma-separated methods, or 'all'; softlabel-matched is "
+                           f"softlabel in float16 on as few probes as fit in tallytrain's "
+                           f"uplink bytes (default: all = {methods}, softlabel-matched)")
     _common(cmp_, values)
     from .app.pareto import BRIDGE_FRACTIONS, BRIDGE_PERIODS, PARAMETER_BASELINES, PERIODS
     par = sub.add_parser("pareto", help="accuracy vs bytes: every operating point of FedAvg, "
@@ -380,9 +382,10 @@ def _stopped(args: argparse.Namespace, cfg, argv: Sequence[str]) -> int:
 
 
 def _methods(text: str) -> List[str]:
+    from .app.experiment import BYTE_MATCHED
     from .fl.registry import method_names
     if text.strip() == "all":
-        return method_names()
+        return method_names() + [BYTE_MATCHED]
     names = list(_names(text))
     if not names:
         raise ValueError(f"methods names no method (got {text!r}); give comma-separated names "

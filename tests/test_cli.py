@@ -413,7 +413,8 @@ def test_every_option_has_help_beyond_its_default():
             assert text.strip(), f"{command} {action.option_strings} has no help"
     assert set(cli.HELP) == set(option_fields())
     compare_help = commands["compare"].format_help()
-    assert "(default: all = " + ", ".join(method_names()) + ")" in " ".join(compare_help.split())
+    assert ("(default: all = " + ", ".join(method_names()) + ", softlabel-matched)"
+            in " ".join(compare_help.split()))
     assert "(default: 1)" in " ".join(commands["compare"]._option_string_actions["--seeds"]
                                       .help.split())
 
@@ -575,3 +576,17 @@ def test_the_checkout_benchmark_command_is_the_same_table():
     assert proc.returncode == 0, proc.stderr
     assert "| op | case | served | native ms | plain ms | ratio |" in proc.stdout
     assert "\n| unpack_labels | N=" in proc.stdout
+
+
+def test_softlabel_matched_fits_in_tallytrains_uplink(tmp_path):
+    """softlabel-matched sends float16 soft labels on as many probes as fit in
+    one tallytrain VOTES message: its measured uplink is within one probe's
+    soft label of tallytrain's."""
+    out = tmp_path / "run"
+    assert main(["compare", "--methods", "tallytrain,softlabel-matched", "--rounds", "2",
+                 "--peers", "3", "--local-steps", "2", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    up = {label: row["uplink_bytes"] for label, row in summary["methods"].items()}
+    per_probe_and_peer_round = 10 * 2  # C = 10 float16 values
+    assert up["softlabel-matched"] <= up["tallytrain"]
+    assert up["tallytrain"] - up["softlabel-matched"] < per_probe_and_peer_round * 3 * 2
