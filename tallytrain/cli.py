@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"parameter-averaging baselines (default: "
                           f"{_show(PARAMETER_BASELINES)})")
     _common(par, values)
+    abl = sub.add_parser("ablate", help="tallytrain's default recipe and one row per mechanism "
+                                        "turned off, with softlabel, on identical partitions")
+    _common(abl, values)
     from .bench import ops as bench_ops
     bench = sub.add_parser("bench", help="every op against the plain-PyTorch way, as ratios "
                                          "and fractions of the memory bandwidth",
@@ -434,6 +437,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 args.baselines)
             result = run_pareto(cfg, args.out, **options)
             print(pareto_table(result), end="")
+            print(f"run directory: {os.path.abspath(args.out)}")
+            return 0
+        if args.command == "ablate":
+            from .app.ablate import ablate_config, ablation_table, run_ablate
+            base = config_from_args(args, ["tallytrain"])
+            cfg = ablate_config(base.base, base.seeds)
+            print(ablation_table(run_ablate(cfg, args.out, **options)), end="")
             print(f"run directory: {os.path.abspath(args.out)}")
             return 0
         methods = [args.method] if args.command == "run" else _methods(args.methods)

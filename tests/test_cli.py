@@ -590,3 +590,21 @@ def test_softlabel_matched_fits_in_tallytrains_uplink(tmp_path):
     per_probe_and_peer_round = 10 * 2  # C = 10 float16 values
     assert up["softlabel-matched"] <= up["tallytrain"]
     assert up["tallytrain"] - up["softlabel-matched"] < per_probe_and_peer_round * 3 * 2
+
+
+def test_ablate_runs_one_row_per_mechanism_off(tmp_path, capsys):
+    """tallytrain ablate: the recipe, each mechanism off alone (its override
+    recorded in config.json), softlabel; a table and a plot."""
+    from tallytrain.app.ablate import ABLATIONS
+    out = tmp_path / "abl"
+    assert main(["ablate", "--rounds", "2", "--peers", "3", "--local-steps", "2",
+                 "--abstain-below", "0.2", "--out", str(out), "--quiet"]) == 0
+    table = (out / "ablation.md").read_text()
+    for name in ABLATIONS:
+        assert f"| tallytrain-no-{name} |" in table
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert settings["tallytrain-no-memory"]["protocol"] == {"memory_max_age": 1}
+    assert settings["tallytrain-no-schedule"]["train"] == {"distill_epochs": 0.0}
+    rows = json.loads((out / "ablation.json").read_text())
+    assert rows[0]["label"] == "tallytrain" and rows[0]["change"] == 0
+    assert (out / "ablation.png").stat().st_size > 0

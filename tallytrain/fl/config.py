@@ -222,8 +222,9 @@ class CompareConfig:
 
     ``methods`` are the labels of the compared runs. A label is a method name,
     or a key of ``settings`` that names a method and overrides some of its
-    protocol fields, so that one method can appear at several operating
-    points (``{"fedavg-R5": {"method": "fedavg", "protocol": {"merge_period": 5}}}``).
+    protocol and train fields, so that one method can appear at several
+    operating points (``{"fedavg-R5": {"method": "fedavg", "protocol":
+    {"merge_period": 5}}}``) or with one mechanism off (``tallytrain ablate``).
     """
 
     methods: Tuple[str, ...] = ("tallytrain",)
@@ -247,14 +248,16 @@ class CompareConfig:
                      f"label {label!r} must use letters, digits and . _ = - + (not only dots)")
         for label, setting in self.settings.items():
             _require(label in self.methods, f"settings has {label!r}, which methods does not list")
-            _require(isinstance(setting, dict) and set(setting) <= {"method", "protocol"}
+            _require(isinstance(setting, dict)
+                     and set(setting) <= {"method", "protocol", "train"}
                      and isinstance(setting.get("method"), str)
-                     and isinstance(setting.get("protocol", {}), dict),
+                     and all(isinstance(setting.get(k, {}), dict) for k in ("protocol", "train")),
                      f"settings[{label!r}] must be {{'method': name, 'protocol': {{field: "
-                     f"value}}}}, got {setting!r}")
-            unknown = set(setting.get("protocol", {})) - {f.name for f in fields(ProtocolConfig)}
-            _require(not unknown, f"settings[{label!r}] overrides unknown protocol fields: "
-                                  f"{', '.join(sorted(unknown))}")
+                     f"value}}, 'train': {{field: value}}}}, got {setting!r}")
+            for section, cls in (("protocol", ProtocolConfig), ("train", TrainConfig)):
+                unknown = set(setting.get(section, {})) - {f.name for f in fields(cls)}
+                _require(not unknown, f"settings[{label!r}] overrides unknown {section} fields: "
+                                      f"{', '.join(sorted(unknown))}")
             self.run(label, self.seeds[0])  # validates the overridden values
 
     def method_of(self, label: str) -> str:
@@ -263,8 +266,9 @@ class CompareConfig:
     def run(self, label: str, seed: int) -> RunConfig:
         setting = self.settings.get(label, {})
         protocol = dataclasses.replace(self.base.protocol, **setting.get("protocol", {}))
+        train = dataclasses.replace(self.base.train, **setting.get("train", {}))
         return dataclasses.replace(self.base, method=self.method_of(label), seed=seed,
-                                   protocol=protocol)
+                                   protocol=protocol, train=train)
 
     def to_dict(self) -> Dict[str, Any]:
         return to_dict(self)
