@@ -405,7 +405,7 @@ def test_every_option_has_help_beyond_its_default():
     from tallytrain import cli
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    for command in ("run", "compare", "pareto", "bench", "info"):
+    for command in ("run", "compare", "pareto", "ablate", "bench", "info"):
         for action in commands[command]._actions:
             if action.help == argparse.SUPPRESS or action.dest == "help":
                 continue
@@ -601,7 +601,7 @@ def test_ablate_runs_one_row_per_mechanism_off(tmp_path, capsys):
                  "--abstain-below", "0.2", "--out", str(out), "--quiet"]) == 0
     table = (out / "ablation.md").read_text()
     for name in ABLATIONS:
-        assert f"| tallytrain-no-{name} |" in table
+        assert f"| tallytrain-{name} |" in table
     settings = json.loads((out / "config.json").read_text())["settings"]
     assert settings["tallytrain-no-memory"]["protocol"] == {"memory_max_age": 1}
     assert settings["tallytrain-no-schedule"]["train"] == {"distill_epochs": 0.0}
