@@ -197,18 +197,27 @@ class TallyTrain(Method):
             return tally([votes[p] for p in peers], weights=self.reputation_weights(peers),
                          agreement=proto.agreement_threshold, min_votes=proto.min_votes)
 
-    def _judge(self, votes: Dict[int, Votes], c: Consensus) -> float:
-        """Add each peer's agreement with the kept consensus to its record;
-        returns the share of votes that abstained."""
+    def _judge(self, votes: Dict[int, Votes]) -> float:
+        """Add to each peer's record how its votes agreed with the kept
+        consensus of the other peers (leave-one-out: a vote that decided a
+        probe alone would otherwise agree with itself); returns the share of
+        votes that abstained."""
         abstained, cast = 0, 0
+        if not self.fed.cfg.protocol.reputation:
+            return sum(int((v.labels() < 0).sum()) for v in votes.values()) / max(
+                1, sum(v.n for v in votes.values()))
         for p, v in votes.items():
             labels = v.labels()
             voted = labels >= 0
+            abstained += int((~voted).sum())
+            cast += labels.numel()
+            others = {q: w for q, w in votes.items() if q != p}
+            if not others:
+                continue
+            c = self._tally(others)
             judged = voted & c.keep
             self.votes_judged[p] += int(judged.sum())
             self.votes_agreed[p] += int((judged & (labels == c.labels)).sum())
-            abstained += int((~voted).sum())
-            cast += labels.numel()
         return abstained / cast if cast else 0.0
 
     def aggregate(self, r, selected, received):
@@ -234,7 +243,7 @@ class TallyTrain(Method):
                 self.previous = wire.encode_consensus(c.labels, self.num_classes, keep=keep,
                                                       round=r, sender=wire.SERVER)
         with fed.timer("aggregation"):
-            abstained = self._judge(votes, c)
+            abstained = self._judge(votes)
         kept = c.labels[c.keep]
         return RoundStats(consensus_acc=labels_accuracy(c.labels, truth, c.keep),
                           agreement=mean_agreement(c),
