@@ -195,7 +195,7 @@ def test_dominance_by_hand():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "tallytrain,fedsgd"], "unknown method 'fedsgd'; known methods: local, fedavg, fedprox, feddf, softlabel, tallytrain, bridge"),
+    (["--methods", "tallytrain,fedsgd"], "unknown method 'fedsgd'; known methods: local, fedavg, fedprox, feddf, softlabel, softlabel-topk, tallytrain, bridge"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
     (["--alpha", "0"], "alpha must be > 0"),
     (["--alpha", "-1"], "alpha must be > 0"),

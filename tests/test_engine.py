@@ -15,7 +15,8 @@ from tallytrain.fl.loop import PHASES, Federation, PhaseTimer, load_checkpoint, 
 from tallytrain.fl.server import select_peers
 from tallytrain.report import without_timing
 
-METHODS = ["local", "fedavg", "fedprox", "feddf", "softlabel", "tallytrain", "bridge"]
+METHODS = ["local", "fedavg", "fedprox", "feddf", "softlabel", "softlabel-topk", "tallytrain",
+           "bridge"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,6 +68,7 @@ def test_other_seed_other_numbers():
 
 @pytest.mark.parametrize("method, protocol", [
     ("fedavg", {}), ("fedavg", {"merge_period": 3}), ("feddf", {}), ("softlabel", {}),
+    ("softlabel-topk", {}),
     ("tallytrain", {}), ("bridge", {"merge_period": 2, "topk_fraction": 0.05}),
     ("bridge", {"merge_period": 3, "topk_fraction": 0.05, "param_dtype": "float16"})])
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, method, protocol):

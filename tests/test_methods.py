@@ -15,7 +15,8 @@ from tallytrain.fl.peer import (Batches, StackedAdam, draw_batches, hard_label_l
                                 soft_label_loss)
 from tallytrain.fl.registry import get_method, method_names
 
-ALL = ["local", "fedavg", "fedprox", "feddf", "softlabel", "tallytrain", "bridge"]
+ALL = ["local", "fedavg", "fedprox", "feddf", "softlabel", "softlabel-topk", "tallytrain",
+       "bridge"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -194,7 +195,7 @@ def test_every_method_runs_and_reports(method):
     row = fed.metrics[-1]
     assert 0.0 <= row["accuracy"] <= 1.0 and row["round"] == 1
     assert (row["global_acc"] is not None) == (method in ("fedavg", "fedprox", "feddf"))
-    has_consensus = method in ("feddf", "softlabel", "tallytrain", "bridge")
+    has_consensus = method in ("feddf", "softlabel", "softlabel-topk", "tallytrain", "bridge")
     assert (row["consensus_acc"] is not None) == has_consensus
     assert (row["agreement"] is not None) == has_consensus
 

@@ -140,6 +140,7 @@ class ProtocolConfig:
     decentralized: bool = False          # tallytrain: every peer tallies all votes
     prox_mu: float = 0.01                # fedprox
     softlabel_dtype: str = "float32"
+    softlabel_topk: int = 16             # softlabel-topk: classes sent per probe position (k)
     sharpen_temperature: Optional[float] = None  # DS-FL entropy reduction (e.g. 0.1)
     server_distill_steps: int = 50       # feddf
     server_lr: float = 1e-3              # feddf: Adam on the server model (as in FedDF)
@@ -166,6 +167,8 @@ class ProtocolConfig:
         _require(not (self.decentralized and self.participation < 1),
                  "decentralized mode needs participation = 1 (every peer hears every peer)")
         _require(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu}")
+        _require(self.softlabel_topk >= 1,
+                 f"--softlabel-topk must be >= 1, got {self.softlabel_topk}")
         for name in ("softlabel_dtype", "param_dtype"):
             _require(getattr(self, name) in PAYLOAD_DTYPES,
                      f"{name} must be one of {', '.join(PAYLOAD_DTYPES)}, got {getattr(self, name)!r}")
