@@ -16,12 +16,27 @@ from typing import List, Optional
 from .fl import config as C
 
 HELP = {
-    "dataset": "digits (bundled, default), synthetic, mnist, fashion-mnist, cifar10, cifar100",
+    "dataset": "digits (bundled, default), synthetic, mnist, fashion-mnist, cifar10, cifar100, "
+               "pytext (next-token prediction on the Python standard library; --archs lm), "
+               "glyphs (characters rendered from matplotlib's DejaVu fonts)",
     "data_dir": "folder holding the MNIST idx / CIFAR pickle files (no download)",
-    "partition": "iid | dirichlet | classes (k classes per peer)",
+    "partition": "iid | dirichlet | classes (k classes per peer) | groups (whole groups per "
+                 "peer: pytext modules, glyphs font faces); on pytext dirichlet and classes "
+                 "skew over modules",
     "alpha": "Dirichlet concentration (> 0; small = skewed)",
-    "num_classes": "classes of the synthetic task (up to 10,000 and more)",
-    "archs": "comma-separated architectures given to peers round-robin (mlp, mlp1, cnn)",
+    "num_classes": "classes of the synthetic task (up to 10,000 and more) or of glyphs "
+                   "(up to 2,258)",
+    "vocab_size": "pytext: BPE vocabulary size = the number of classes (>= 257)",
+    "context": "pytext: tokens per window (the lm arch's context)",
+    "renders_per_face": "glyphs: jittered renders of each class in each font face",
+    "fonts": "glyphs: comma-separated font files (empty: matplotlib's 12 DejaVu faces)",
+    "cache_dir": "folder for derived data (tokenizers, token ids, renders); default "
+                 "$TALLYTRAIN_CACHE_DIR, else ~/.cache/tallytrain",
+    "max_probe_samples": "keep at most this many samples of the public probe pool (0 = all); "
+                         "soft-label payloads of a language model grow with the pool",
+    "softlabel_topk": "softlabel-topk: classes (k) sent per probe position",
+    "archs": "comma-separated architectures given to peers round-robin (mlp, mlp1, cnn; lm "
+             "for pytext)",
     "local_steps": "Adam steps per round on the peer's shard",
     "order": "distillation methods: joint | distill-train | train-distill",
     "undertrained_fraction": "share of peers that do only --undertrained-steps local steps",
@@ -107,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the raw dict as JSON")
     run = sub.add_parser("run", help="one method, one or more seeds, into a run directory")
     run.add_argument("--method", required=True,
-                     help="local, fedavg, fedprox, feddf, softlabel, tallytrain, bridge")
+                     help="local, fedavg, fedprox, feddf, softlabel, softlabel-topk, "
+                          "tallytrain, bridge")
     _common(run)
     cmp_ = sub.add_parser("compare", help="several methods on identical partitions and probes")
     cmp_.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
