@@ -442,11 +442,15 @@ def test_compare_every_method_on_pytext_from_the_command_line(stdlib, tmp_path, 
                "--distill-batch-max", "2", "--hidden", "8", "--probes-per-round", "2",
                "--max-probe-samples", "6", "--max-test-samples", "5",
                "--server-distill-steps", "1", "--softlabel-topk", "4", "--out", out, "--quiet"])
-    assert rc == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "perplexity (mean ± std)" in captured.out
     assert method_names() == METHODS
     import json
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert list(summary["methods"]) == METHODS
+    assert all(m["final_perplexity_mean"] > 1 for m in summary["methods"].values())
+    assert os.path.getsize(os.path.join(out, "perplexity_vs_bytes.png")) > 0
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["base"]["data"]["vocab_size"] == VOCAB
     assert config["base"]["protocol"]["softlabel_topk"] == 4
