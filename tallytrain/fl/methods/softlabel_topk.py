@@ -34,7 +34,6 @@ is never distilled on, and it is left out of every statistic.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
