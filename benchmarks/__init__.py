@@ -1,5 +1,7 @@
-"""Benchmarks of tallytrain's ops against the plain-PyTorch way (KERNELS.md).
+"""Benchmarks of tallytrain's ops against the plain-PyTorch way (docs/kernels.md).
 
-Run ``python -m benchmarks.ops --help``; ``python -m pytest benchmarks/`` runs
-the pytest-benchmark microbenchmarks. Neither is part of the default test run.
+Run ``tallytrain bench --help`` (or, in a checkout, ``python -m benchmarks.ops
+--help``: the code lives in tallytrain/bench); ``python -m pytest benchmarks/``
+runs the pytest-benchmark microbenchmarks. Neither is part of the default test
+run.
 """

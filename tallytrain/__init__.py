@@ -12,7 +12,8 @@ into a consensus, and peers distill on it. The public API (docs/api.md):
   probe pool across rounds.
 
 The ops underneath are in :mod:`tallytrain.ops`, the message bytes in
-:mod:`tallytrain.wire`.
+:mod:`tallytrain.wire`. :func:`simulate` runs the federated simulator (every
+method of ``tallytrain compare``) on your own data and model.
 """
 from . import ops
 from .consensus import Consensus, consensus_loss, tally
@@ -22,4 +23,13 @@ from .votes import Votes, vote
 __version__ = "0.1.0"
 
 __all__ = ["vote", "Votes", "tally", "Consensus", "consensus_loss", "ConsensusMemory", "ops",
-           "__version__"]
+           "simulate", "__version__"]
+
+
+def __getattr__(name: str):
+    # The simulator brings the application (run directories, plots): imported
+    # when first asked for, so that `import tallytrain` stays light.
+    if name == "simulate":
+        from .app.simulate import simulate
+        return simulate
+    raise AttributeError(f"module 'tallytrain' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The versioned wire format of every message a peer or the server sends.
 
-DESIGN.md §4; the byte layout is tabulated in docs/wire.md. A message is
+docs/design.md §4; the byte layout is tabulated in docs/wire.md. A message is
 
     header (28 bytes) | payload (payload_len bytes) | CRC32 of header+payload (4)
 
@@ -608,7 +608,7 @@ def _rice_encode(gaps: np.ndarray, r: int) -> tuple:
 
 def _pack_fields(values: np.ndarray, r: int) -> np.ndarray:
     """uint64 values < 2**r -> ceil(k*r/8) bytes; value i at stream bits
-    [i*r, i*r + r), LSB first (the DESIGN.md §2 layout, built in 64-bit words)."""
+    [i*r, i*r + r), LSB first (the docs/design.md §2 layout, in 64-bit words)."""
     k = values.size
     nbytes = (k * r + 7) // 8
     words = np.zeros((nbytes + 7) // 8 + 1, dtype=np.uint64)

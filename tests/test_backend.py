@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md §3, TALLYTRAIN_BACKEND) and backend_info().
+"""Backend selection (docs/design.md §3, TALLYTRAIN_BACKEND) and backend_info().
 
 The first test checks that this very run is served by the backend it asked
 for: a CI job that requires the native kernels fails here, rather than

@@ -2,9 +2,13 @@
 a kill, and clear errors that leave existing files alone."""
 from __future__ import annotations
 
+import argparse
 import csv
+import io
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,7 +16,9 @@ import time
 
 import pytest
 
+from tallytrain.app.experiment import option_fields
 from tallytrain.cli import main
+from tallytrain.fl.registry import method_names
 from tallytrain.report import read_jsonl, without_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +133,7 @@ def test_pareto_writes_points_frontier_and_dominance(tmp_path, capsys):
 
 def test_pareto_analysis_by_hand():
     from tallytrain.fl.config import CompareConfig, RunConfig
-    from tallytrain.fl.pareto import analyze, pareto_config
+    from tallytrain.app.pareto import analyze, pareto_config
     cfg = pareto_config(RunConfig(), [0, 1], periods=[1], baselines=["fedavg"],
                         bridge_fractions=[0.01], bridge_periods=[1, 5])
     assert cfg.methods == ("fedavg-R1", "softlabel", "tallytrain", "bridge-k1pct-R1",
@@ -156,10 +162,10 @@ def test_pareto_analysis_by_hand():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--periods", "1,1"], "periods lists a value twice"),
-    (["--bridge-fractions", "0"], "bridge_fractions must list fractions in"),
-    (["--baselines", "fedavg,local"], "baselines may only name"),
-    (["--merge-period", "3"], "pareto sets merge_period per operating point"),
+    (["--periods", "1,1"], "--periods lists a value twice"),
+    (["--bridge-fractions", "0"], "--bridge-fractions must list fractions in"),
+    (["--baselines", "fedavg,local"], "--baselines may only name"),
+    (["--merge-period", "3"], "pareto sets --merge-period per operating point"),
 ])
 def test_pareto_bad_options(tmp_path, capsys, args, message):
     assert main(["pareto", "--out", str(tmp_path / "p")] + TINY + args) == 2
@@ -185,7 +191,7 @@ def test_parallel_worker_error_is_reported_and_resume_still_works(tmp_path, caps
 
 
 def test_dominance_by_hand():
-    from tallytrain.fl.pareto import dominates
+    from tallytrain.app.pareto import dominates
     a = {"final_accuracy_mean": 0.9, "total_bytes": 100}
     b = {"final_accuracy_mean": 0.8, "total_bytes": 100}
     c = {"final_accuracy_mean": 0.95, "total_bytes": 1000}
@@ -195,21 +201,68 @@ def test_dominance_by_hand():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "tallytrain,fedsgd"], "unknown method 'fedsgd'; known methods: local, fedavg, fedprox, feddf, softlabel, softlabel-topk, tallytrain, bridge"),
-    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
-    (["--alpha", "0"], "alpha must be > 0"),
-    (["--alpha", "-1"], "alpha must be > 0"),
-    (["--peers", "2000"], "peers (2000) exceeds the 1079 training samples"),
-    (["--probes-per-round", "5000"], "probes_per_round (5000) exceeds the probe pool of 359"),
+    (["--methods", "tallytrain,fedsgd"],
+     "unknown method 'fedsgd'; known methods: " + ", ".join(method_names())),
+    (["--dataset", "imagenet"],
+     "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
+    (["--alpha", "0"], "--alpha must be > 0"),
+    (["--alpha", "-1"], "--alpha must be > 0"),
+    (["--peers", "2000"], "--peers (2000) exceeds the 1079 training samples"),
+    (["--probes-per-round", "5000"], "--probes-per-round (5000) exceeds the probe pool of 359"),
     (["--methods", "fedavg", "--archs", "mlp,cnn"], "averages parameters"),
     (["--dataset", "mnist"], "pass --data-dir"),
+    (["--methods", ""], "--methods names no method (got '')"),
+    (["--methods", ","], "--methods names no method (got ',')"),
+    (["--alpha", "inf"], "argument --alpha: expected a finite number, got 'inf'"),
+    (["--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    (["--peers", "four"], "argument --peers: expected an integer, got 'four'"),
+    (["--abstain-below", "2"], "--abstain-below must be in [0, 1], got 2.0"),
+    (["--merge-period", "0", "--methods", "fedavg"], "'fedavg' needs --merge-period >= 1"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["--plugin", "no_such_plugin_module"], "--plugin no_such_plugin_module: cannot import it"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     assert main(["compare", "--out", str(out)] + TINY + args) == 2
     err = capsys.readouterr().err
-    assert message in err and err.startswith("tallytrain: error:")
+    assert message in err and err.startswith("tallytrain: error:") and err.count("\n") == 1
+    # options are named as options, never as config fields
+    assert not [name for name in option_fields() if "_" in name and name in err]
+    assert "Warning" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [os.urandom(3000), b"gzip"[:0]])
+def test_unreadable_dataset_files_are_one_line(tmp_path, capsys, content):
+    """A .gz of random bytes (BadGzipFile) or a truncated one (EOFError)."""
+    import gzip
+    if not content:  # the first half of a real gzip stream
+        whole = gzip.compress(bytes(4) + os.urandom(6000))
+        content = whole[:len(whole) // 2]
+    data = tmp_path / "mnist"
+    data.mkdir()
+    (data / "train-images-idx3-ubyte.gz").write_bytes(content)
+    for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (data / f"{name}.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\0"))
+    before = snapshot(data)
+    out = tmp_path / "run"
+    assert main(["compare", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out)]
+                + TINY) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tallytrain: error: ") and err.count("\n") == 1
+    assert "train-images-idx3-ubyte.gz: cannot read it (" in err
+    assert ("BadGzipFile" if len(content) == 3000 else "EOFError") in err
+    assert not out.exists() and snapshot(data) == before
+
+
+def test_out_below_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").write_text("my notes")
+    assert main(["run", "--method", "local", "--out", str(tmp_path / "a" / "b")] + TINY) == 2
+    err = capsys.readouterr().err
+    assert err == (f"tallytrain: error: cannot create --out {tmp_path / 'a' / 'b'}: "
+                   f"{tmp_path / 'a'} is a file\n")
+    assert (tmp_path / "a").read_text() == "my notes"
 
 
 def test_existing_directories_are_never_clobbered(tmp_path, capsys):
@@ -221,7 +274,7 @@ def test_existing_directories_are_never_clobbered(tmp_path, capsys):
     # resume with other options: refused, naming the difference
     assert main(["run", "--method", "local", "--out", out, "--resume"] + TINY[:-1] +
                 ["--quiet", "--alpha", "0.7"]) == 2
-    assert "data.alpha: 0.5 != 0.7" in capsys.readouterr().err
+    assert "--alpha: 0.5 != 0.7" in capsys.readouterr().err
     assert snapshot(out) == before
     # a folder that is not a run directory is not deleted by --overwrite
     other = tmp_path / "mine"
@@ -306,3 +359,221 @@ def test_every_config_field_is_an_option():
     assert cfg.base.train.order == "distill-train"
     # untouched fields keep their defaults
     assert cfg.base.train.local_steps == 30 and cfg.base.rounds == 20
+
+
+def test_ctrl_c_stops_in_one_line_keeps_the_checkpoint_and_resumes(tmp_path):
+    slow = ["--peers", "4", "--rounds", "30", "--local-steps", "40", "--hidden", "16",
+            "--probes-per-round", "40", "--alpha", "0.5", "--min-shard-size", "5", "--quiet"]
+    args = ["run", "--method", "tallytrain", "--out", str(tmp_path / "stopped")] + slow
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run_dir = tmp_path / "stopped" / "runs" / "tallytrain" / "seed0"
+    proc = subprocess.Popen([sys.executable, "-m", "tallytrain.cli"] + args, env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").exists() and \
+                    len(read_jsonl(str(run_dir / "metrics.jsonl"))) >= 3:
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.005)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"tallytrain: stopped; the finished rounds are saved in "
+                          f"{tmp_path / 'stopped'}. Continue with: tallytrain run ")
+    resume = shlex.split(err.split("Continue with: ", 1)[1])
+    assert resume[1:] == args + ["--resume"]
+    # the checkpoint is intact: it loads, and holds the rounds its metrics say
+    import torch
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert 3 <= state["round"] < 30 and len(state["metrics"]) == state["round"]
+    assert main(resume[1:]) == 0
+    whole = str(tmp_path / "whole")
+    assert main(["run", "--method", "tallytrain", "--out", whole] + slow) == 0
+    a = read_jsonl(str(tmp_path / "stopped" / "metrics.jsonl"))
+    assert len(a) == 30 and without_timing(a) == without_timing(
+        read_jsonl(os.path.join(whole, "metrics.jsonl")))
+
+
+def test_every_option_has_help_beyond_its_default():
+    """Help comes from cli.HELP: a config field added without an entry there
+    fails here, as does an entry for a field that no longer exists."""
+    from tallytrain import cli
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for command in ("run", "compare", "pareto", "bench", "info"):
+        for action in commands[command]._actions:
+            if action.help == argparse.SUPPRESS or action.dest == "help":
+                continue
+            text = re.sub(r"\s*\(default: [^)]*\)\s*$", "", action.help or "")
+            assert text.strip(), f"{command} {action.option_strings} has no help"
+    assert set(cli.HELP) == set(option_fields())
+    compare_help = commands["compare"].format_help()
+    # argparse may wrap a line after the hyphen of a name (softlabel-topk)
+    flat = re.sub(r"-\s+", "-", " ".join(compare_help.split()))
+    assert "(default: all = " + ", ".join(method_names()) + ")" in flat
+    assert "(default: 1)" in " ".join(commands["compare"]._option_string_actions["--seeds"]
+                                      .help.split())
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    from tallytrain import __version__
+    assert capsys.readouterr().out.startswith(f"tallytrain {__version__} (torch ")
+
+
+def test_one_seed_has_no_spread(tmp_path, capsys):
+    out = tmp_path / "one"
+    assert main(["run", "--method", "local", "--out", str(out)] + TINY) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| local")]
+    assert len(row) == 1 and " ± – |" in row[0] and "± 0.000" not in row[0]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["methods"]["local"]["final_accuracy_std"] is None
+
+
+def test_progress_without_a_terminal_prints_every_few_rounds():
+    from tallytrain.app.progress import Progress
+    stream = io.StringIO()  # not a terminal
+    progress = Progress(24, stream=stream, every=5)
+    for r in range(12):
+        progress.advance(f"tallytrain seed 0 round {r + 1}/12", run_finished=r == 11)
+    for r in range(12):
+        progress.advance(f"local seed 0 round {r + 1}/12", run_finished=r == 11)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split("rounds  ")[1].split("  elapsed")[0] for line in lines] == [
+        "tallytrain seed 0 round 5/12", "tallytrain seed 0 round 10/12",
+        "tallytrain seed 0 round 12/12", "local seed 0 round 5/12", "local seed 0 round 10/12",
+        "local seed 0 round 12/12"]
+    assert "\r" not in stream.getvalue()
+    quiet = io.StringIO()
+    Progress(3, enabled=False, stream=quiet).advance("x", run_finished=True)
+    assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("cuda", ["unavailable", "native"])
+def test_info_says_whether_cuda_kernels_are_usable_or_only_registered(monkeypatch, capsys,
+                                                                      cuda):
+    from tallytrain import ops
+    info = {"mode": "auto", "cpu": "native", "cuda": cuda,
+            "ops": {"pack_argmax": {"cpu": "native", "cuda": "native"},
+                    "tally": {"cpu": "native", "cuda": "reference"}},
+            "extension": "/x/_C.so", "extension_built_with_cuda": True, "native_error": None,
+            "torch": "2.14", "torch_cuda": "13.0", "cuda_device": None}
+    monkeypatch.setattr(ops, "backend_info", lambda: info)
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()
+            if line.strip().startswith(("pack_argmax", "tally "))}
+    if cuda == "unavailable":
+        assert "CUDA ops served by: none (no usable CUDA device)" in text
+        assert rows == {"pack_argmax": ["native", "registered"],
+                        "tally": ["native", "none", "(reference)"]}
+    else:
+        assert "CUDA ops served by: native" in text
+        assert rows == {"pack_argmax": ["native", "native"], "tally": ["native", "reference"]}
+    assert "cuda=native" not in text
+
+
+def test_pareto_refuses_merge_periods_longer_than_the_run(tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["pareto", "--out", str(out), "--periods", "1,5"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tallytrain: error: --periods 5 exceed the 2 rounds")
+    assert main(["pareto", "--out", str(out), "--bridge-periods", "3"] + TINY) == 2
+    assert capsys.readouterr().err.startswith(
+        "tallytrain: error: --bridge-periods 3 exceed the 2 rounds")
+    assert not out.exists()
+
+
+def _figures(monkeypatch):
+    """The figures the plot functions make, kept open instead of closed."""
+    from tallytrain import report
+    real = report._pyplot
+    figures = []
+
+    class Keep:
+        def __getattr__(self, name):
+            return getattr(real(), name)
+
+        def close(self, fig):
+            figures.append(fig)
+
+    monkeypatch.setattr(report, "_pyplot", Keep)
+    return figures
+
+
+def _boxes_overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_plots_of_many_operating_points_stay_readable(tmp_path, monkeypatch):
+    """A pareto study's 23 curves: every curve looks different, a method keeps
+    its colour, the legend covers neither title nor data, and the pareto
+    plot's labels do not overlap."""
+    from tallytrain import report
+    from tallytrain.app.pareto import pareto_config
+    from tallytrain.fl.config import RunConfig
+    cfg = pareto_config(RunConfig(rounds=20), [0])
+    assert len(cfg.methods) == 23
+    rows = [{"label": label, "method": cfg.method_of(label), "seed": 0, "round": r,
+             "accuracy": 0.5 + 0.01 * i + 0.02 * r, "cum_bytes": (i + 1) * 1000 * (r + 1)}
+            for i, label in enumerate(cfg.methods) for r in range(3)]
+    styles = report._styles(rows)
+    assert len({tuple(sorted(s.items())) for s in styles.values()}) == 23
+    for label in cfg.methods:
+        same = [other for other in cfg.methods if cfg.method_of(other) == cfg.method_of(label)]
+        assert {styles[o]["color"] for o in same} == {styles[label]["color"]}
+    assert len({styles[label]["color"] for label in cfg.methods}) == 6  # six methods
+    figures = _figures(monkeypatch)
+    report.plot_accuracy_vs_round(rows, str(tmp_path / "r.png"), "a title")
+    report.plot_accuracy_vs_bytes(rows, str(tmp_path / "b.png"), "a title")
+    for fig in figures:
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert not _boxes_overlap(legend, ax.get_window_extent(renderer))
+        assert not _boxes_overlap(legend, ax.title.get_window_extent(renderer))
+        assert len(ax.get_legend().get_texts()) == 23
+    # pareto.png: fedavg at periods 5 and 10 sit close together
+    points = [{"label": label, "method": cfg.method_of(label), "setting": f"every {i} rounds",
+               "final_accuracy_mean": 0.80 + 0.001 * (i % 3), "final_accuracy_std": None,
+               "total_bytes": 10_000 * (1 + i % 4), "on_frontier": i == 0}
+              for i, label in enumerate(cfg.methods)]
+    figures.clear()
+    report.plot_pareto(points, str(tmp_path / "p.png"), "a title")
+    ax = figures[0].axes[0]
+    renderer = figures[0].canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 23
+    assert not [(i, j) for i in range(23) for j in range(i) if _boxes_overlap(boxes[i], boxes[j])]
+    assert os.path.getsize(tmp_path / "p.png") > 0
+
+
+def test_bench_runs_from_the_installed_package(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--ops", "unpack_labels", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    header = "| op | case | served | native ms | plain ms | ratio |"
+    assert header in out and "\n| unpack_labels | N=" in out
+    record = json.load(open(path))
+    assert record["command"].startswith("tallytrain bench --quick")
+    assert [row["op"] for row in record["rows"]] == ["unpack_labels"]
+    assert main(["bench", "--ops", "nope"]) == 2
+    assert capsys.readouterr().err == ("tallytrain: error: --ops: unknown op(s) nope; known: "
+                                       "pack_argmax, tally, topk_sparse, topk_sparse_ef, "
+                                       "sparse_merge, unpack_labels\n")
+
+
+def test_the_checkout_benchmark_command_is_the_same_table():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ops", "--quick", "--ops",
+                           "unpack_labels"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| op | case | served | native ms | plain ms | ratio |" in proc.stdout
+    assert "\n| unpack_labels | N=" in proc.stdout

@@ -351,17 +351,19 @@ def test_tallytrain_votes_token_windows_and_padding_never_votes(text_data, stdli
 def test_support_filter_uses_token_counts(text_data, stdlib):
     cfg = run_config("tallytrain", text_config(stdlib), rounds=1, support_min=10 ** 9)
     fed = Federation(cfg, text_data)
-    assert fed.method.supported.shape == (3, VOCAB) and not fed.method.supported.any()
+    supported = torch.stack([fed.method.support[p].class_ok for p in range(3)])
+    assert supported.shape == (3, VOCAB) and not supported.any()
     fed.run()
     assert fed.metrics[-1]["abstained"] == 1.0 and fed.metrics[-1]["kept_fraction"] == 0.0
     cfg = run_config("tallytrain", text_config(stdlib), rounds=1, support_min=1)
     fed = Federation(cfg, text_data)
     counts = torch.from_numpy(text_data.class_counts)
-    assert torch.equal(fed.method.supported, counts >= 1)
+    supported = torch.stack([fed.method.support[p].class_ok for p in range(3)])
+    assert torch.equal(supported, counts >= 1)
     fed.run_round(0)
     for p, votes in fed.method._votes.items():
         labels = votes.labels()
-        assert fed.method.supported[p][labels[labels >= 0]].all()
+        assert supported[p][labels[labels >= 0]].all()
 
 
 def test_softlabel_targets_are_zero_on_padding(text_data, stdlib):

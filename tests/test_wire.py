@@ -510,7 +510,7 @@ def test_sparse_index_bits_within_bound(ratio):
 
 @pytest.mark.parametrize("r", [1, 2, 7, 8, 13, 31])
 def test_rice_remainders_use_the_packed_stream_layout(r):
-    """The remainder section is the DESIGN.md §2 stream of r-bit symbols."""
+    """The remainder section is the docs/design.md §2 stream of r-bit symbols."""
     rng = np.random.default_rng(r)
     for k in (1, 5, 64, 333):
         values = rng.integers(0, 2**r, k, dtype=np.uint64)

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..streams import PARTITION_STREAM, SPLIT_STREAM
 from . import partition as partitioners
 from .datasets import DATASETS, Dataset, load_dataset, make_synthetic, read_idx
 from .glyphs import load_glyphs
@@ -22,9 +23,6 @@ from .pytext import load_pytext
 __all__ = ["DATASETS", "Dataset", "FederatedData", "load_dataset", "load_glyphs", "load_pytext",
            "make_synthetic", "Split", "partitioners", "prepare", "probe_subset", "read_idx",
            "split_dataset"]
-
-# Independent random streams derived from the run seed.
-_SPLIT_STREAM, _PARTITION_STREAM = 1, 2
 
 
 @dataclass
@@ -175,7 +173,7 @@ def prepare(cfg, num_peers: int, seed: int, dataset: Optional[Dataset] = None) -
     ``dataset`` (from :func:`load_dataset`) to avoid reading it again."""
     ds = load_dataset(cfg) if dataset is None else dataset
     split = split_dataset(ds, cfg.test_fraction, cfg.probe_fraction,
-                          np.random.default_rng([int(seed), _SPLIT_STREAM]), cfg.max_samples,
+                          np.random.default_rng([int(seed), SPLIT_STREAM]), cfg.max_samples,
                           cfg.max_test_samples, getattr(cfg, "max_probe_samples", 0))
     tr, pr = torch.from_numpy(split.train), torch.from_numpy(split.probe)
     te = torch.from_numpy(split.test)
@@ -185,7 +183,7 @@ def prepare(cfg, num_peers: int, seed: int, dataset: Optional[Dataset] = None) -
         raise ValueError(f"--partition groups needs a dataset whose samples have groups "
                          f"(pytext: modules, glyphs: font faces); {ds.name!r} has none")
     labels = _partition_labels(ds, split.train, cfg.partition)
-    rng = np.random.default_rng([int(seed), _PARTITION_STREAM])
+    rng = np.random.default_rng([int(seed), PARTITION_STREAM])
     if cfg.partition == "groups":
         shards = partitioners.by_group(labels, num_peers, rng, cfg.min_shard_size)
     elif cfg.partition == "iid":

@@ -104,8 +104,11 @@ def read_idx(path: str) -> np.ndarray:
     """Read one idx file (optionally gzipped): 2 zero bytes, a dtype code, the
     number of dimensions, big-endian uint32 sizes, then the data."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # not gzip (BadGzipFile), truncated (EOFError), ...
+        raise ValueError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from exc
     if len(data) < 4:
         raise ValueError(f"{path}: not an idx file (only {len(data)} bytes)")
     if data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
@@ -242,27 +245,6 @@ def _check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
 # --------------------------------------------------------------------------- #
 # registry
 # --------------------------------------------------------------------------- #
-def _pytext(cfg) -> Dataset:
-    # Imported here: pytext and glyphs build on this module. Options that
-    # DataConfig does not have (yet) take their defaults.
-    from .pytext import DEFAULT_CONTEXT, DEFAULT_VOCAB_SIZE, load_pytext
-
-    return load_pytext(vocab_size=getattr(cfg, "vocab_size", DEFAULT_VOCAB_SIZE),
-                       context=getattr(cfg, "context", DEFAULT_CONTEXT),
-                       probe_fraction=cfg.probe_fraction, test_fraction=cfg.test_fraction,
-                       root=cfg.data_dir, cache_dir=getattr(cfg, "cache_dir", None)).dataset()
-
-
-def _glyphs(cfg) -> Dataset:
-    from .glyphs import DEFAULT_RENDERS_PER_FACE, load_glyphs
-
-    fonts = getattr(cfg, "fonts", None)
-    return load_glyphs(cfg.num_classes,
-                       getattr(cfg, "renders_per_face", DEFAULT_RENDERS_PER_FACE),
-                       fonts=list(fonts) if fonts else None,
-                       cache_dir=getattr(cfg, "cache_dir", None)).dataset()
-
-
 DATASETS: Dict[str, Callable[..., Dataset]] = {
     "digits": lambda cfg: load_digits(),
     "synthetic": lambda cfg: make_synthetic(cfg.num_classes, cfg.synthetic_dim,
@@ -272,8 +254,8 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
     "fashion-mnist": lambda cfg: load_fashion_mnist(cfg.data_dir),
     "cifar10": lambda cfg: load_cifar10(cfg.data_dir),
     "cifar100": lambda cfg: load_cifar100(cfg.data_dir),
-    "pytext": _pytext,    # Python standard library, next-token prediction (data/pytext.py)
-    "glyphs": _glyphs,    # characters rendered from matplotlib's DejaVu fonts (data/glyphs.py)
+    # Registered by the modules that build them, which import this one:
+    # "pytext" (data/pytext.py), "glyphs" (data/glyphs.py).
 }
 
 

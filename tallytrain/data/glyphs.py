@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import cache
-from .datasets import Dataset
+from .datasets import DATASETS, Dataset
 
 IMAGE_SIZE = 20
 # Drawn at this multiple of IMAGE_SIZE, then box-filtered down: anti-aliasing
@@ -305,3 +305,16 @@ def load_glyphs(num_classes: int = DEFAULT_NUM_CLASSES,
     x = torch.from_numpy(arrays["images"].astype(np.float32) / 255.0).unsqueeze(1)
     names = tuple(os.path.splitext(os.path.basename(p))[0] for p in fonts)
     return Glyphs(x, y, faces, codes, names, renders_per_face, seed)
+
+
+def _from_config(cfg) -> Dataset:
+    fonts = getattr(cfg, "fonts", None)
+    return load_glyphs(cfg.num_classes,
+                       getattr(cfg, "renders_per_face", DEFAULT_RENDERS_PER_FACE),
+                       fonts=list(fonts) if fonts else None,
+                       cache_dir=getattr(cfg, "cache_dir", None)).dataset()
+
+
+# Characters rendered from matplotlib's DejaVu fonts. Registered here rather
+# than in datasets.py, which this module imports: no import cycle.
+DATASETS["glyphs"] = _from_config

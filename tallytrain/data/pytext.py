@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import cache
-from .datasets import Dataset
+from .datasets import DATASETS, Dataset
 
 PAD_TOKEN = "<pad>"
 SPECIAL_TOKENS = (PAD_TOKEN,)
@@ -422,3 +422,16 @@ def load_pytext(vocab_size: int = DEFAULT_VOCAB_SIZE, context: int = DEFAULT_CON
     return PyText(splits["train"], splits["probe"], splits["test"], tuple(files), file_split,
                   group_names, vocab_size, tokenizer.get_vocab_size(), pad_id, context, root,
                   tokenizer_path, split_seed)
+
+
+def _from_config(cfg) -> Dataset:
+    # Options that DataConfig does not have (yet) take their defaults.
+    return load_pytext(vocab_size=getattr(cfg, "vocab_size", DEFAULT_VOCAB_SIZE),
+                       context=getattr(cfg, "context", DEFAULT_CONTEXT),
+                       probe_fraction=cfg.probe_fraction, test_fraction=cfg.test_fraction,
+                       root=cfg.data_dir, cache_dir=getattr(cfg, "cache_dir", None)).dataset()
+
+
+# Python standard library, next-token prediction. Registered here rather than
+# in datasets.py, which this module imports: no import cycle.
+DATASETS["pytext"] = _from_config

@@ -91,7 +91,7 @@ class TrainConfig:
     lr: float = 0.01                     # Adam; state reset every round
     distill_steps: int = 30              # steps on the probes (sequential orders only)
     distill_batch_size: int = 64         # the smallest distillation batch
-    distill_epochs: float = 1.0          # passes over the distillation pool per round; the
+    distill_epochs: float = 20.0         # passes over the distillation pool per round; the
                                          # batch grows to make them (0 = fixed batch)
     distill_batch_max: int = 1024        # the largest distillation batch
     temperature: float = 2.0             # softlabel / feddf distillation temperature
@@ -122,6 +122,7 @@ class TrainConfig:
 
 
 ADVERSARIAL_MODES = ("random", "flip")
+VOTERS = ("local", "local-first", "distilled")
 PAYLOAD_DTYPES = ("float32", "float16")
 
 
@@ -134,8 +135,17 @@ class ProtocolConfig:
     abstain_below: Optional[float] = 0.95  # peers abstain when top-1 prob < this
     support_min: int = 1                 # ... or when their own shard holds fewer samples
                                          # of the predicted class than this (0 = off)
+    support_radius: Optional[float] = 0.8  # ... or when the probe is farther from every
+                                         # shard sample of that class than this quantile of
+                                         # the shard's nearest-same-class distances ('none' =
+                                         # off; float inputs only)
     memory_max_age: int = 0              # peers keep consensus labels this many rounds
                                          # (0 = until replaced or dropped; 1 = no memory)
+    votes_from: str = "local-first"          # tallytrain: the model a peer votes with: its
+                                         # local-only model, that one and where it abstains
+                                         # the distilled one (local-first), or the distilled
+    softlabel_memory: bool = False       # softlabel: keep past rounds' soft labels too
+                                         # (measured to slow it down; docs/results.md)
     reputation: bool = True              # tally weights from each peer's past agreement
     decentralized: bool = False          # tallytrain: every peer tallies all votes
     prox_mu: float = 0.01                # fedprox
@@ -158,6 +168,10 @@ class ProtocolConfig:
                  f"participation must be in (0, 1], got {self.participation}")
         _require(self.min_votes >= 1, f"min_votes must be >= 1, got {self.min_votes}")
         _require(self.support_min >= 0, f"support_min must be >= 0, got {self.support_min}")
+        _require(self.support_radius is None or 0 < self.support_radius <= 1,
+                 f"support_radius must be in (0, 1], got {self.support_radius}")
+        _require(self.votes_from in VOTERS,
+                 f"votes_from must be one of {', '.join(VOTERS)}, got {self.votes_from!r}")
         _require(self.memory_max_age >= 0,
                  f"memory_max_age must be >= 0, got {self.memory_max_age}")
         _require(0 <= self.agreement_threshold <= 1,

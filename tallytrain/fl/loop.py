@@ -23,19 +23,17 @@ import torch.nn.functional as F
 
 from ..comm import Channel, Ledger
 from ..data import FederatedData, probe_subset
-from ..models import SEQUENCE_ARCHS
+from ..models import SEQUENCE_ARCHS, build_model
+from ..streams import (ADVERSARY_STREAM, DISTILL_STREAM, INIT_STREAM, PROBE_STREAM,  # noqa: F401
+                       ROLE_STREAM, SELECT_STREAM, SERVER_STREAM, TRAIN_STREAM, seed_int)
 from .config import RunConfig, config_diff
-from .peer import LossFn, Objective, Population, hard_label_loss, rows_per_chunk, seed_int
+from .peer import LossFn, Objective, Population, hard_label_loss, rows_per_chunk
 from .registry import get_method
 from .server import select_peers
 
 PHASES = ("local_training", "distillation", "joint_training", "inference", "ops", "messaging",
           "aggregation", "evaluation", "checkpoint", "other")
 CHECKPOINT_VERSION = 1
-
-# Purposes for derived random streams (see seed_int).
-INIT_STREAM, TRAIN_STREAM, DISTILL_STREAM, SELECT_STREAM = 10, 11, 12, 13
-ROLE_STREAM, ADVERSARY_STREAM, PROBE_STREAM, SERVER_STREAM = 14, 15, 16, 17
 
 
 class PhaseTimer:
@@ -63,37 +61,52 @@ class PhaseTimer:
                 self.seconds[self._stack[-1]] -= elapsed
 
 
+def peer_archs(cfg: RunConfig) -> List[str]:
+    """Each peer's architecture: ``model.archs`` dealt round-robin."""
+    return [cfg.model.archs[i % len(cfg.model.archs)] for i in range(cfg.peers)]
+
+
+def validate(cfg: RunConfig, data: FederatedData) -> None:
+    """Refuse (ValueError) what :class:`Federation` would refuse for ``cfg``
+    on ``data``, without building it: no parameters are initialised, so a
+    caller can check every configuration before running any."""
+    method_cls = get_method(cfg.method)
+    if len(data.shards) != cfg.peers:
+        raise ValueError(f"data has {len(data.shards)} shards for {cfg.peers} peers")
+    if cfg.protocol.probes_per_round > len(data.y_probe):
+        raise ValueError(
+            f"probes_per_round ({cfg.protocol.probes_per_round}) exceeds the probe pool of "
+            f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction")
+    archs = peer_archs(cfg)
+    wrong = [a for a in dict.fromkeys(archs) if (a in SEQUENCE_ARCHS) != data.sequence]
+    if wrong:
+        raise ValueError(
+            f"--archs {','.join(wrong)} does not fit dataset {cfg.data.dataset!r}: "
+            + (f"its samples are token windows with a label per position; use --archs "
+               f"{','.join(SEQUENCE_ARCHS)}" if data.sequence else
+               f"arch {wrong[0]!r} needs token windows (a text dataset such as pytext)"))
+    if method_cls.averages_parameters and len(set(archs)) > 1:
+        raise ValueError(
+            f"method {cfg.method!r} averages parameters, so every peer needs the same "
+            f"architecture; got archs {','.join(cfg.model.archs)}. Mixed architectures "
+            f"work with the distillation methods (tallytrain, softlabel) and local")
+    method_cls.check(cfg)
+    for arch in dict.fromkeys(archs):  # templates live on the meta device: no parameters
+        build_model(arch, data.input_shape, data.num_classes, cfg.model.hidden)
+
+
 class Federation:
     """One run (one method, one seed) and everything its rounds need."""
 
     def __init__(self, cfg: RunConfig, data: FederatedData):
+        validate(cfg, data)
         method_cls = get_method(cfg.method)
         self.cfg = cfg
         self.data = data
         p = cfg.peers
-        if len(data.shards) != p:
-            raise ValueError(f"data has {len(data.shards)} shards for {p} peers")
-        if cfg.protocol.probes_per_round > len(data.y_probe):
-            raise ValueError(
-                f"probes_per_round ({cfg.protocol.probes_per_round}) exceeds the probe pool of "
-                f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction")
-        self.archs = [cfg.model.archs[i % len(cfg.model.archs)] for i in range(p)]
-        wrong = [a for a in dict.fromkeys(self.archs) if (a in SEQUENCE_ARCHS) != data.sequence]
-        if wrong:
-            raise ValueError(
-                f"--archs {','.join(wrong)} does not fit dataset {cfg.data.dataset!r}: "
-                + (f"its samples are token windows with a label per position; use --archs "
-                   f"{','.join(SEQUENCE_ARCHS)}" if data.sequence else
-                   f"arch {wrong[0]!r} needs token windows (a text dataset such as pytext)"))
-        if method_cls.averages_parameters and len(set(self.archs)) > 1:
-            raise ValueError(
-                f"method {cfg.method!r} averages parameters, so every peer needs the same "
-                f"architecture; got archs {','.join(cfg.model.archs)}. Mixed architectures "
-                f"work with the distillation methods (tallytrain, softlabel) and local")
+        self.archs = peer_archs(cfg)
         self.num_classes = data.num_classes
-        self.population = Population(
-            self.archs, data.input_shape, data.num_classes, cfg.model.hidden,
-            [torch.Generator().manual_seed(seed_int(cfg.seed, INIT_STREAM, i)) for i in range(p)])
+        self.population = self.new_population()
         self.timer = PhaseTimer()
         self.ledger = Ledger()
         self.channel = Channel(self.ledger, self.timer)
@@ -130,11 +143,20 @@ class Federation:
         return Objective([self.shard_pools[p] for p in peers], self.data.x_train,
                          self.data.y_train, t.batch_size, hard_label_loss)
 
+    def new_population(self) -> Population:
+        """Every peer's model as initialised at the start of the run."""
+        return Population(
+            self.archs, self.data.input_shape, self.data.num_classes, self.cfg.model.hidden,
+            [self.generator(INIT_STREAM, i) for i in range(self.cfg.peers)])
+
     def train_local(self, r: int, peers: Sequence[int], prox_mu: float = 0.0,
-                    prox_ref: Optional[torch.Tensor] = None) -> None:
-        """Each peer's minibatch steps on its own shard (hard labels)."""
+                    prox_ref: Optional[torch.Tensor] = None,
+                    population: Optional[Population] = None) -> None:
+        """Each peer's minibatch steps on its own shard (hard labels), on its
+        model in ``population`` (default: the peers' models)."""
+        population = self.population if population is None else population
         with self.timer("local_training"):
-            self.population.fit(
+            population.fit(
                 peers, [self.local_steps[p] for p in peers], [self._local_objective(peers)],
                 self.cfg.train.lr, [self.generator(TRAIN_STREAM, r, p) for p in peers],
                 prox_mu, prox_ref, self.cfg.train.peer_batch)
@@ -208,15 +230,17 @@ class Federation:
             distill()
 
     def consume_probe_logits(self, r: int, peers: Sequence[int],
-                             consume: Callable[[int, torch.Tensor], Any]) -> List[Any]:
+                             consume: Callable[[int, torch.Tensor], Any],
+                             population: Optional[Population] = None) -> List[Any]:
         """``consume(peer, logits [N, C])`` on round r's probes, one peer at a
         time (Population.predict_each): uplinks turn each peer's logits into
         its payload (a packed vote, soft labels) while they are still in
         cache, and the logits of every peer are never held at once. Time in
         ``consume`` counts in the phases it opens, the rest as inference."""
         x = self.data.x_probe[self.probe_indices(r)]
+        population = self.population if population is None else population
         with self.timer("inference"):
-            return self.population.predict_each(x, peers, lambda j, logits: consume(peers[j], logits))
+            return population.predict_each(x, peers, lambda j, logits: consume(peers[j], logits))
 
     def adversary_generator(self, r: int, peer: int) -> torch.Generator:
         return self.generator(ADVERSARY_STREAM, r, peer)

@@ -15,10 +15,10 @@ saving between rounds.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,11 +48,6 @@ def in_row_chunks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     step = rows_per_chunk(positions_per_row)
     parts = [f(x[i:i + step]) for i in range(0, max(len(x), 1), step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def seed_int(*key: int) -> int:
-    """A 63-bit seed derived from integers (numpy SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # --------------------------------------------------------------------------- #
@@ -215,11 +210,37 @@ class PeerGroup:
         self.ids = list(ids)
         self.params = params
         self.positions = output_positions(template)  # predictions per input row
-        self._each = vmap(self._call, in_dims=(0, 0))
-        self._shared = vmap(self._call, in_dims=(0, None))
+        # False once the template failed under vmap (data-dependent control
+        # flow, .item(), an op without a batching rule): its peers then run
+        # one per call, which gives the same numbers, only slower.
+        self.vectorised = True
 
     def _call(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, params, (x,))
+
+    def _each(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Each row's parameters on its own inputs: x [R, B, ...] -> [R, B, ...]."""
+        return self._over_rows(params, x, 0)
+
+    def _shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Each row's parameters on the same inputs: x [B, ...] -> [R, B, ...]."""
+        return self._over_rows(params, x, None)
+
+    def _over_rows(self, params: Params, x: torch.Tensor, x_dim: Optional[int]) -> torch.Tensor:
+        if self.vectorised:
+            try:
+                return vmap(self._call, in_dims=(0, x_dim))(params, x)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a real bug fails again below, unbatched
+                self.vectorised = False
+                warnings.warn(f"tallytrain: arch {self.arch!r} cannot run under torch.func.vmap "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); its "
+                              f"peers run one per call instead (same results, slower)",
+                              stacklevel=2)
+        rows = next(iter(params.values())).shape[0]
+        return torch.stack([self._call({k: v[i] for k, v in params.items()},
+                                       x if x_dim is None else x[i]) for i in range(rows)])
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -1,31 +1,22 @@
 """Methods are found by name. Each method module registers its class with
-:func:`register`; :func:`get_method` imports them all on first use."""
+``register`` (tallytrain/fl/methods/base.py, where the table lives); this
+module imports the built-in methods, so that looking a name up here always
+sees them. A plugin registers more with the same ``register``."""
 from __future__ import annotations
 
-from typing import Dict, List, Type
+from typing import List, Type
 
-METHODS: Dict[str, Type] = {}
+from . import methods  # noqa: F401  (importing the package registers every built-in method)
+from .methods.base import METHODS, Method, register
 
-
-def register(cls: Type) -> Type:
-    name = cls.name
-    if name in METHODS and METHODS[name] is not cls:
-        raise ValueError(f"method {name!r} is registered twice")
-    METHODS[name] = cls
-    return cls
-
-
-def _load_builtin() -> None:
-    from . import methods  # noqa: F401  (each module registers itself)
+__all__ = ["METHODS", "get_method", "method_names", "register"]
 
 
 def method_names() -> List[str]:
-    _load_builtin()
     return list(METHODS)
 
 
-def get_method(name: str) -> Type:
-    _load_builtin()
+def get_method(name: str) -> Type[Method]:
     try:
         return METHODS[name]
     except KeyError:

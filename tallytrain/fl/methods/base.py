@@ -14,7 +14,7 @@ The defaults describe a peer that only trains on its own shard.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -44,6 +44,11 @@ class Method:
 
     def __init__(self, fed):
         self.fed = fed
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Refuse (ValueError) a RunConfig this method cannot run, before
+        anything is built (fl/loop.py's validate calls it)."""
 
     def selection_round(self, r: int) -> int:
         """The round whose draw picks round r's peers (participation < 1). A
@@ -89,3 +94,18 @@ def bytes_to_tensor(data: Optional[bytes]) -> Optional[torch.Tensor]:
 
 def tensor_to_bytes(t: Optional[torch.Tensor]) -> Optional[bytes]:
     return None if t is None else t.numpy().tobytes()
+
+
+# The method table, by name. Each method module registers its class here;
+# tallytrain/fl/registry.py imports them all and looks names up. It lives in
+# this module, which imports no method, so that registering does not import
+# the registry and the package import graph has no cycle.
+METHODS: Dict[str, Type[Method]] = {}
+
+
+def register(cls: Type[Method]) -> Type[Method]:
+    name = cls.name
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"method {name!r} is registered twice")
+    METHODS[name] = cls
+    return cls

@@ -37,10 +37,10 @@ import torch
 
 from ... import ops, wire
 from ...comm import SERVER, Envelope
+from ...streams import ADVERSARY_STREAM, SERVER_STREAM
 from ..adversary import corrupt_params
-from ..loop import ADVERSARY_STREAM, SERVER_STREAM
-from ..registry import register
 from ..server import ServerModel
+from .base import register
 from .tallytrain import TallyTrain
 
 SPARSE = wire.MessageKind.SPARSE_PARAMS
@@ -52,12 +52,15 @@ class Bridge(TallyTrain):
     peer_state_keys = TallyTrain.peer_state_keys + ("anchor", "residual", "sent")
     averages_parameters = True
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.protocol.decentralized and cfg.protocol.merge_period > 0:
+            raise ValueError("bridge merges parameters through the server; decentralized mode "
+                             "works only with merge_period = 0 (no merges)")
+
     def __init__(self, fed):
         super().__init__(fed)
         proto = fed.cfg.protocol
-        if proto.decentralized and proto.merge_period > 0:
-            raise ValueError("bridge merges parameters through the server; decentralized mode "
-                             "works only with merge_period = 0 (no merges)")
         self.period = proto.merge_period
         self.dtype = getattr(torch, proto.param_dtype)
         self.group = fed.population.single_group

@@ -12,12 +12,11 @@ import torch
 
 from ... import wire
 from ...comm import SERVER, Envelope
+from ...streams import SERVER_STREAM
 from ..adversary import corrupt_params
 from ..aggregate import weighted_average
-from ..loop import SERVER_STREAM
-from ..registry import register
 from ..server import ServerModel
-from .base import Method, RoundStats
+from .base import Method, RoundStats, register
 
 
 @register
@@ -25,11 +24,15 @@ class FedAvg(Method):
     name = "fedavg"
     averages_parameters = True
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.protocol.merge_period < 1:
+            raise ValueError(f"method {cls.name!r} needs merge_period >= 1, got "
+                             f"{cfg.protocol.merge_period}")
+
     def __init__(self, fed):
         super().__init__(fed)
         self.period = fed.cfg.protocol.merge_period
-        if self.period < 1:
-            raise ValueError(f"method {self.name!r} needs merge_period >= 1, got {self.period}")
         self.group = fed.population.single_group
         self.server = ServerModel(self.group, fed.data.input_shape, fed.num_classes,
                                   fed.cfg.model.hidden, fed.generator(SERVER_STREAM))

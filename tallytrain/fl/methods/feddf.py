@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from ...streams import SERVER_STREAM
 from ..aggregate import labels_accuracy, share_agreeing
-from ..loop import SERVER_STREAM
 from ..peer import soft_label_loss
-from ..registry import register
-from .base import RoundStats
+from .base import RoundStats, register
 from .fedavg import FedAvg
 
 

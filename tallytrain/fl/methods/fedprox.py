@@ -1,6 +1,6 @@
 """``fedprox``: FedAvg whose local objective adds mu/2 * ||w - w_global||^2."""
-from ..registry import register
 from .fedavg import FedAvg
+from .base import register
 
 
 @register

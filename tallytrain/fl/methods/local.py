@@ -1,7 +1,6 @@
 """``local``: every peer trains on its own shard only; nothing is sent.
 The lower bound every collaborative method has to beat."""
-from ..registry import register
-from .base import Method
+from .base import Method, register
 
 
 @register

@@ -7,9 +7,12 @@ Messages mirror tallytrain's: the server opens round r with a CONTROL message
 message holding round r-1's averaged labels (a control message can embed only
 a hard-label consensus, so the soft labels travel as their own message).
 
-Like tallytrain's peers, each peer keeps the latest soft label it received
-for every probe of the pool (expiring after ``memory_max_age`` rounds) and
-distills on all of them, with the same schedule (loop.Federation.learn)."""
+Peers distill with tallytrain's schedule (loop.Federation.learn). With
+``softlabel_memory`` each peer also keeps, like tallytrain's peers, the
+latest soft label it received for every probe of the pool (expiring after
+``memory_max_age`` rounds) and distills on all of them; off by default,
+because it measured slower: soft labels made by earlier, weaker models are
+flatter and keep pulling peers back (docs/results.md)."""
 from __future__ import annotations
 
 from typing import Dict
@@ -21,8 +24,7 @@ from ...comm import SERVER, Envelope
 from ..adversary import corrupt_probs
 from ..aggregate import average_probs, labels_accuracy, share_agreeing, sharpen
 from ..peer import soft_label_loss
-from ..registry import register
-from .base import Method, RoundStats
+from .base import Method, RoundStats, register
 
 
 @register
@@ -60,9 +62,10 @@ class SoftLabel(Method):
         pool_size = len(fed.data.y_probe)
         for p in selected:
             if p not in self.memory:
-                self.memory[p] = SoftLabelMemory(pool_size, fed.num_classes,
-                                                 fed.cfg.protocol.memory_max_age,
-                                                 fed.data.position_shape)
+                proto = fed.cfg.protocol
+                self.memory[p] = SoftLabelMemory(
+                    pool_size, fed.num_classes, proto.memory_max_age if proto.softlabel_memory
+                    else 1, fed.data.position_shape)
             memory = self.memory[p]
             if len(inbox[p]) == 2:  # from round 1 on: control + soft labels
                 ctrl, soft = inbox[p]

@@ -16,9 +16,10 @@ C - k classes (most of a 16,384-token vocabulary) are impossible.
 Round r (server mode, as softlabel):
 1. the server sends each selected peer a CONTROL message and, from round 1
    on, a SOFT_TOPK message with the top k of round r-1's aggregate;
-2. each peer keeps the latest target it received for every probe of the
-   pool (expiring after ``memory_max_age`` rounds, as softlabel's memory) and
-   distills on all of them with KL(target || softmax(logits / T)) * T^2, the
+2. each peer distills on the targets it holds (the last round's; with
+   ``softlabel_memory``, as softlabel, the latest target of every probe of
+   the pool, expiring after ``memory_max_age`` rounds) with
+   KL(target || softmax(logits / T)) * T^2, the
    target completed as above (peer.topk_label_loss, exact without a dense
    target), on the schedule every distilling method gets (Federation.learn);
    then it sends the top k of its own probabilities on round r's probes;
@@ -43,8 +44,7 @@ from ...comm import SERVER, Envelope
 from ..adversary import corrupt_probs
 from ..aggregate import labels_accuracy, share_agreeing, sharpen
 from ..peer import topk_label_loss
-from ..registry import register
-from .base import Method, RoundStats
+from .base import Method, RoundStats, register
 
 TOPK = wire.MessageKind.SOFT_TOPK
 VALUE_DTYPE = torch.float16
@@ -90,8 +90,10 @@ class SoftLabelTopK(Method):
         pool_size = len(fed.data.y_probe)
         for p in selected:
             if p not in self.memory:
+                proto = fed.cfg.protocol  # softlabel's memory rule (--softlabel-memory)
                 self.memory[p] = TopKMemory(pool_size, fed.data.position_shape, self.k,
-                                            fed.num_classes, fed.cfg.protocol.memory_max_age)
+                                            fed.num_classes, proto.memory_max_age
+                                            if proto.softlabel_memory else 1)
             memory = self.memory[p]
             if len(inbox[p]) == 2:  # from round 1 on: control + top-k soft labels
                 ctrl, top = inbox[p]

@@ -11,9 +11,9 @@ Round r (server mode):
    distills on everything it holds while it trains on its shard, predicts
    round r's probes and sends ``pack_argmax`` of its logits as a VOTES
    message. Symbol C = abstain: where its top-1 probability is below
-   ``abstain_below``, or where its own shard holds fewer than ``support_min``
-   samples of the class it predicts (it cannot vouch for a class it has not
-   seen; zero bytes);
+   ``abstain_below``, or where its own shard does not back the vote: it holds
+   fewer than ``support_min`` samples of the class, or none of them near
+   the probe (``support_radius``; fl/support.py; zero bytes);
 3. the server tallies the votes, each peer weighted by its reputation (how
    often its votes agreed with past kept consensus, corrected for chance;
    zero bytes) and forms the consensus (a probe is kept when its winner's
@@ -39,8 +39,8 @@ from ...votes import Votes, vote
 from ..adversary import corrupt_labels
 from ..aggregate import labels_accuracy, mean_agreement
 from ..peer import hard_label_loss
-from ..registry import register
-from .base import Method, RoundStats, bytes_to_tensor, tensor_to_bytes
+from ..support import LocalSupport
+from .base import Method, RoundStats, bytes_to_tensor, register, tensor_to_bytes
 
 # Reputation weights are integers in 0..REPUTATION_SCALE (ops.tally sums
 # integer weights exactly).
@@ -50,19 +50,28 @@ REPUTATION_SCALE = 16
 @register
 class TallyTrain(Method):
     name = "tallytrain"
-    peer_state_keys = ("memory",)
+    peer_state_keys = ("memory", "voters")
 
     def __init__(self, fed):
         super().__init__(fed)
         proto = fed.cfg.protocol
         self.num_classes = fed.num_classes
-        self.support_filter = proto.support_min > 0
+        self.support_filter = proto.support_min > 0 or proto.support_radius is not None
         # Sequence tasks: padding abstains (a mask), so every vote stream can.
         self.abstain = proto.abstain_below is not None or self.support_filter or fed.data.sequence
-        # Peer side, local knowledge only: which classes each peer's shard
-        # holds at least support_min samples of.
-        self.supported = torch.from_numpy(fed.data.class_counts) >= proto.support_min
+        # Peer side, local knowledge only: what each peer's shard backs.
+        self.support = {}
+        if self.support_filter:
+            data = fed.data
+            for p in range(fed.cfg.peers):
+                idx = fed.shard_pools[p]
+                self.support[p] = LocalSupport(data.x_train[idx], data.y_train[idx],
+                                               fed.num_classes, proto.support_min,
+                                               proto.support_radius)
         self.pool_size = len(fed.data.y_probe)
+        # Votes from models trained on their own shard only are independent
+        # evidence; votes from models distilled on the consensus repeat it.
+        self.voters = fed.new_population() if proto.votes_from != "distilled" else None
         self.memory: Dict[int, ConsensusMemory] = {}
         # Server side: each peer's kept-consensus votes and how many agreed.
         self.votes_judged = torch.zeros(fed.cfg.peers, dtype=torch.float64)
@@ -127,6 +136,8 @@ class TallyTrain(Method):
             "memory_fraction": held / (len(selected) * positions) if selected else None,
             "memory_acc": correct / held if held else None}
         fed.learn(r, selected, targets, hard_label_loss)
+        if self.voters is not None:
+            fed.train_local(r, selected, population=self.voters)
 
     def uplink(self, r, selected):
         fed = self.fed
@@ -135,6 +146,7 @@ class TallyTrain(Method):
         c = self.num_classes
         out = []
         self._votes = {}
+        x_probe = fed.data.x_probe[fed.probe_indices(r)]
         mask = fed.data.probe_mask(fed.probe_indices(r))  # padding never votes
 
         def peer_vote(p, logits) -> Votes:  # packed while the logits are still in cache
@@ -149,10 +161,18 @@ class TallyTrain(Method):
                 if not self.support_filter:
                     return votes
                 labels = votes.labels()
-                unsupported = (labels >= 0) & ~self.supported[p][labels.clamp(min=0)]
-                return Votes.from_labels(labels.masked_fill(unsupported, -1), c, abstain=True)
+                backed = self.support[p].backed(x_probe, labels)
+                return Votes.from_labels(labels.masked_fill(~backed, -1), c, abstain=True)
 
-        for p, votes in zip(selected, fed.consume_probe_logits(r, selected, peer_vote)):
+        cast = fed.consume_probe_logits(r, selected, peer_vote, self.voters)
+        if proto.votes_from == "local-first":
+            # Where its local-only model abstains, a peer votes with its
+            # distilled model (still only where its shard backs the vote).
+            fallback = fed.consume_probe_logits(r, selected, peer_vote)
+            cast = [v if fed.adversarial[p] else Votes.from_labels(
+                torch.where(v.labels() >= 0, v.labels(), f.labels()), c, abstain=True)
+                for p, v, f in zip(selected, cast, fallback)]
+        for p, votes in zip(selected, cast):
             self._votes[p] = votes
             with fed.timer("messaging"):
                 msg = votes.to_bytes(round=r, sender=p)
@@ -236,6 +256,7 @@ class TallyTrain(Method):
         return {"previous": bytes_to_tensor(self.previous),
                 "own": {int(p): [c.labels.clone(), c.keep.clone()] for p, c in self.own.items()},
                 "memory": {int(p): m.state_dict() for p, m in self.memory.items()},
+                "voters": self.voters.state_dict() if self.voters is not None else [],
                 "votes_judged": self.votes_judged.clone(),
                 "votes_agreed": self.votes_agreed.clone()}
 
@@ -246,6 +267,8 @@ class TallyTrain(Method):
         self.memory = {}
         for p, m in state["memory"].items():
             self.memory_of(int(p)).load_state_dict(m)
+        if self.voters is not None:
+            self.voters.load_state_dict(state["voters"])
         self.votes_judged = state["votes_judged"].clone()
         self.votes_agreed = state["votes_agreed"].clone()
 

@@ -23,7 +23,7 @@ import os
 from typing import Dict, List, Mapping, Sequence
 
 from .. import report
-from .config import CompareConfig, RunConfig
+from ..fl.config import CompareConfig, RunConfig
 from .experiment import run_compare, run_dir_of
 
 PARAMETER_BASELINES = ("fedavg", "fedprox", "feddf")
@@ -45,6 +45,13 @@ def pareto_config(base: RunConfig, seeds: Sequence[int], periods: Sequence[int] 
     for name, values in (("periods", periods), ("bridge_periods", bridge_periods)):
         if not values or any(int(v) != v or v < 1 for v in values):
             raise ValueError(f"{name} must list integers >= 1, got {list(values)}")
+        # A period longer than the run merges only in its last round, as a
+        # period of exactly the run's length does: the same point twice.
+        longer = [int(v) for v in values if v > base.rounds]
+        if longer:
+            raise ValueError(f"{name} {', '.join(map(str, longer))} exceed the {base.rounds} "
+                             f"rounds: such a period merges only in the last round, the same "
+                             f"point as a period of {base.rounds}; lower them or run more rounds")
     if not bridge_fractions or any(not 0 < f <= 1 for f in bridge_fractions):
         raise ValueError(f"bridge_fractions must list fractions in (0, 1], got "
                          f"{list(bridge_fractions)}")
@@ -145,7 +152,7 @@ def pareto_table(result: Mapping) -> str:
             dom = "**no**"
         lines.append("| " + " | ".join([
             p["label"], p["method"], p["setting"],
-            f"{p['final_accuracy_mean']:.3f} ± {p['final_accuracy_std']:.3f}",
+            report.mean_and_spread(p["final_accuracy_mean"], p["final_accuracy_std"]),
             f"{p['total_bytes']:,}", "yes" if p["on_frontier"] else "", dom]) + " |")
     lines.append("")
     every = result["baselines_dominated_on_every_seed"]

@@ -23,65 +23,77 @@ that the stored config equals the requested one and continues it).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import pickle
 import shutil
-import sys
-import time
-from typing import Dict, List
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .. import report
 from ..data import FederatedData, load_dataset, prepare
-from .config import CompareConfig, RunConfig, config_diff
-from .loop import Federation, load_checkpoint, save_checkpoint
-from .registry import get_method
+from ..fl.config import CompareConfig, RunConfig, config_diff
+from ..fl.loop import Federation, load_checkpoint, save_checkpoint, validate
+from ..fl.registry import get_method
+from . import plugins
+from .progress import Progress
 
 CONFIG_FILE, PARTITION_FILE, METRICS_FILE = "config.json", "partition.json", "metrics.jsonl"
 COMM_FILE, SUMMARY_FILE = "comm.csv", "summary.json"
 PLOTS = ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "partition_heatmap.png")
 
 
+def option_fields() -> Dict[str, Tuple[Optional[str], dataclasses.Field]]:
+    """Every configurable field by its (unique) name: ``(section, field)``,
+    the section being the RunConfig field holding it (``"data"``,
+    ``"train"``, ...) or None for RunConfig's own (``peers``, ``rounds``).
+    ``method`` and ``seed`` are set per run, not options."""
+    out: Dict[str, Tuple[Optional[str], dataclasses.Field]] = {}
+    for top in dataclasses.fields(RunConfig):
+        if top.name in ("method", "seed"):
+            continue
+        default = top.default_factory() if top.default is dataclasses.MISSING else top.default
+        for section, f in ([(top.name, f) for f in dataclasses.fields(default)]
+                           if dataclasses.is_dataclass(default) else [(None, top)]):
+            if f.name in out:
+                raise RuntimeError(f"config field {f.name!r} appears twice; options are "
+                                   f"named by field, so names must be unique")
+            out[f.name] = (section, f)
+    return out
+
+
+def compare_config(methods: Sequence[str], seeds: Sequence[int],
+                   **options: Any) -> CompareConfig:
+    """A CompareConfig from flat options named like the config fields
+    (``peers=5, alpha=0.3, local_steps=10``), as ``tallytrain compare`` takes
+    them; unnamed fields keep their defaults."""
+    known = option_fields()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; options are the fields of "
+                         f"the run configuration (tallytrain/fl/config.py)")
+    sections: Dict[str, Dict[str, Any]] = {}
+    top: Dict[str, Any] = {}
+    for name, value in options.items():
+        section = known[name][0]
+        (top if section is None else sections.setdefault(section, {}))[name] = value
+    defaults = RunConfig()
+    built = {section: dataclasses.replace(getattr(defaults, section), **values)
+             for section, values in sections.items()}
+    methods, seeds = tuple(methods), tuple(seeds)
+    if not methods:
+        raise ValueError("methods must name at least one method")
+    base = dataclasses.replace(defaults, method=methods[0], seed=seeds[0] if seeds else 0,
+                               **top, **built)
+    return CompareConfig(methods=methods, seeds=seeds, base=base)
+
+
 class RunDirError(ValueError):
     """The run directory cannot be used as asked (exists, mismatched, corrupt)."""
-
-
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal,
-    one line per finished run otherwise)."""
-
-    def __init__(self, total: int, enabled: bool = True, stream=None):
-        self.total, self.done = max(total, 1), 0
-        self.skipped = 0  # rounds finished by an earlier invocation (resume)
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.perf_counter()
-
-    def advance(self, label: str, n: int = 1, run_finished: bool = False,
-                skipped: bool = False) -> None:
-        self.done += n
-        if skipped:
-            self.skipped += n
-        if not self.enabled or not (self.tty or run_finished):
-            return
-        elapsed = time.perf_counter() - self.start
-        worked = self.done - self.skipped
-        eta = elapsed / worked * (self.total - self.done) if worked else 0.0
-        frac = self.done / self.total
-        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        line = (f"[{bar}] {100 * frac:5.1f}% {self.done}/{self.total} rounds  {label}  "
-                f"elapsed {report.fmt_seconds(elapsed)} eta {report.fmt_seconds(eta)}")
-        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def _read_json(path: str, what: str):
@@ -92,16 +104,23 @@ def _read_json(path: str, what: str):
         raise RunDirError(f"{what} {path} is corrupt or unreadable ({exc})") from exc
 
 
-def _prepare_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> None:
+def _check_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> None:
+    """Refuse (RunDirError) a run directory that cannot be used as asked,
+    writing nothing; :func:`_make_dir` then creates or clears it."""
     if resume and overwrite:
         raise ValueError("pass either resume or overwrite, not both")
-    cfg_path = os.path.join(out, CONFIG_FILE)
-    exists = os.path.isdir(out) and bool(os.listdir(out))
     if os.path.exists(out) and not os.path.isdir(out):
-        raise RunDirError(f"{out} exists and is not a directory")
+        raise RunDirError(f"run directory {out} is a file")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # the first existing folder above it
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunDirError(f"cannot create run directory {out}: {parent} is a file")
+    cfg_path = os.path.join(out, CONFIG_FILE)
     if resume:
         if not os.path.isfile(cfg_path):
-            raise RunDirError(f"cannot resume: {out} holds no {CONFIG_FILE} (is it a run directory?)")
+            raise RunDirError(f"cannot resume: run directory {out} holds no {CONFIG_FILE} (is it "
+                              f"a run directory?)")
         stored = _read_json(cfg_path, "run config")
         try:
             stored_cfg = CompareConfig.from_dict(stored)
@@ -109,20 +128,27 @@ def _prepare_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) ->
             raise RunDirError(f"cannot resume: {cfg_path} is not a valid config ({exc})") from exc
         diff = config_diff(stored_cfg.to_dict(), cfg.to_dict())
         if diff:
-            raise RunDirError(f"cannot resume {out}: it was started with another configuration ("
+            raise RunDirError(f"cannot resume run directory {out}: it was started with another "
+                              "configuration ("
                               + "; ".join(diff) + "); rerun with the same options, or use "
                               "another --out")
         return
-    if exists:
+    if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
-            raise RunDirError(f"{out} already exists and is not empty; pass --resume to continue "
-                              f"it or --overwrite to replace it")
+            raise RunDirError(f"run directory {out} already exists and is not empty; pass "
+                              f"--resume to continue it or --overwrite to replace it")
         if not os.path.isfile(cfg_path):
-            raise RunDirError(f"refusing to overwrite {out}: it holds no {CONFIG_FILE}, so it does "
-                              f"not look like a tallytrain run directory")
+            raise RunDirError(f"refusing to overwrite run directory {out}: it holds no "
+                              f"{CONFIG_FILE}, so it does not look like a tallytrain run directory")
+
+
+def _make_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> None:
+    if resume:
+        return
+    if overwrite and os.path.isdir(out) and os.listdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
-    report.write_json_atomic(cfg_path, cfg.to_dict())
+    report.write_json_atomic(os.path.join(out, CONFIG_FILE), cfg.to_dict())
 
 
 def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
@@ -195,6 +221,21 @@ def run_compare(cfg: CompareConfig, out: str, *, resume: bool = False, overwrite
         torch.set_num_threads(before)
 
 
+def data_fingerprint(dataset) -> str:
+    """A hash of every tensor of ``dataset`` (inputs and labels of each
+    split): partition.json keeps it, so that resuming on data that changed
+    since the run began (other files in --data-dir, other own data) is
+    refused instead of mixing two datasets' results. About 1 s per GB."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("x", "y", "x_test", "y_test", "x_probe", "y_probe"):
+        t = getattr(dataset, name, None)
+        h.update(name.encode())
+        if t is not None:
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.detach().contiguous().numpy().view(np.uint8).data)
+    return h.hexdigest()
+
+
 def run_dir_of(out: str, label: str, seed: int) -> str:
     return os.path.join(out, "runs", label, f"seed{seed}")
 
@@ -202,34 +243,55 @@ def run_dir_of(out: str, label: str, seed: int) -> str:
 def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
                  show_progress: bool, threads: int, jobs: int) -> dict:
     for label in cfg.methods:
-        get_method(cfg.method_of(label))  # unknown names fail before anything is written
-    # Split and partition every seed, and build one federation per label,
-    # before touching the disk, so that bad input (too many peers, a probe
-    # set too large, mixed architectures for a parameter method, ...) fails
-    # with nothing written. Only one seed's data is held at a time.
+        get_method(cfg.method_of(label))  # unknown names fail before anything is read
+    # Workers need the plugins and own datasets and models too: refuse what
+    # cannot travel to them now, before anything is read or written.
+    own = plugins.portable([cfg.base.data.dataset], cfg.base.model.archs) if jobs > 1 else None
+    _check_dir(cfg, out, resume, overwrite)
+    # Split and partition every seed, and check every run's configuration
+    # against its data (without building a federation), before touching the
+    # disk, so that bad input (too many peers, a probe set too large, mixed
+    # architectures for a parameter method, ...) fails with nothing written.
+    # Each seed is prepared once: with jobs = 1 its split is kept for its runs
+    # (memory: one split per seed, at most the dataset's size each); worker
+    # processes prepare the seeds they run themselves.
     dataset = load_dataset(cfg.base.data)
-    partitions = {}
+    fingerprint = data_fingerprint(dataset)
+    partitions, splits = {}, {}
     for seed in cfg.seeds:
         data = prepare(cfg.base.data, cfg.base.peers, seed, dataset)
         partitions[str(seed)] = data.describe()
-        if seed == cfg.seeds[0]:
-            for label in cfg.methods:
-                Federation(cfg.run(label, seed), data)
+        for label in cfg.methods:
+            validate(cfg.run(label, seed), data)
+        if jobs == 1:
+            splits[seed] = data
         del data
-    _prepare_dir(cfg, out, resume, overwrite)
+    del dataset
     partition_path = os.path.join(out, PARTITION_FILE)
+    partition = {"data_fingerprint": fingerprint, "seeds": partitions}
+    if resume and os.path.isfile(partition_path):
+        stored = _read_json(partition_path, "partition")
+        expected = dict(partition)
+        if "data_fingerprint" not in stored:  # written before fingerprints were kept
+            del expected["data_fingerprint"]
+        if stored != expected:
+            raise RunDirError(f"cannot resume run directory {out}: its data changed since the run "
+                              f"began (the dataset, split or partition in {partition_path} "
+                              f"differs); use another --out")
+    _make_dir(cfg, out, resume, overwrite)
     if not (resume and os.path.isfile(partition_path)):
-        report.write_json_atomic(partition_path, {"seeds": partitions})
+        report.write_json_atomic(partition_path, partition)
     progress = Progress(len(cfg.methods) * len(cfg.seeds) * cfg.base.rounds, show_progress)
     try:
         if jobs == 1:
             for seed in cfg.seeds:
-                data = prepare(cfg.base.data, cfg.base.peers, seed, dataset)
+                data = splits.pop(seed)
                 for label in cfg.methods:
                     _run_one(cfg.run(label, seed), data, run_dir_of(out, label, seed), resume,
                              progress, label)
+                del data
         else:
-            _run_parallel(cfg, out, resume, progress, threads, jobs)
+            _run_parallel(cfg, out, resume, progress, threads, jobs, own)
     finally:
         progress.close()
     return finish(cfg, out, np.array(partitions[str(cfg.seeds[0])]["class_counts"]))
@@ -247,14 +309,21 @@ class _QueueProgress:
         self.queue.put(("progress", (label, n, run_finished, skipped)))
 
 
-def _worker(tasks, updates, threads: int) -> None:
+def _worker(tasks, updates, threads: int, own: Optional[bytes]) -> None:
     """A worker process: runs tasks until the None sentinel; reports progress,
-    each finished run, and the first error (after which it stops)."""
+    each finished run, and the first error (after which it stops). ``own``:
+    the parent's plugins and own datasets and models (plugins.portable)."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(threads)
     splits: Dict[tuple, FederatedData] = {}  # a worker keeps the split it made last
     progress = _QueueProgress(updates)
+    name = "worker setup"
+    try:
+        plugins.restore(own)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+        updates.put(("error", (name, RuntimeError(f"{type(exc).__name__}: {exc}"))))
+        return
     while True:
         task = tasks.get()
         if task is None:
@@ -277,7 +346,7 @@ def _worker(tasks, updates, threads: int) -> None:
 
 
 def _run_parallel(cfg: CompareConfig, out: str, resume: bool, progress: Progress,
-                  threads: int, jobs: int) -> None:
+                  threads: int, jobs: int, own: Optional[bytes]) -> None:
     """The runs in ``jobs`` spawned processes (not forked: a fork of a process
     whose OpenMP threads exist can deadlock). The first error in any worker,
     a worker that dies, or Ctrl-C in the parent stops every worker at once;
@@ -291,7 +360,8 @@ def _run_parallel(cfg: CompareConfig, out: str, resume: bool, progress: Progress
     runs = [(label, seed) for seed in cfg.seeds for label in cfg.methods]
     for label, seed in runs:
         tasks.put((cfg.run(label, seed).to_dict(), label, run_dir_of(out, label, seed), resume))
-    workers = [ctx.Process(target=_worker, args=(tasks, updates, threads), daemon=True)
+    workers = [ctx.Process(target=_worker, args=(tasks, updates, threads, own),
+                          daemon=True)
                for _ in range(min(jobs, len(runs)))]
     for _ in workers:
         tasks.put(None)
