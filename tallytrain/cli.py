@@ -57,6 +57,16 @@ HELP: Dict[str, str] = {
                        "class prototype",
     "synthetic_seed": "--dataset synthetic: seed of the task itself (prototypes and noise; the "
                       "same for every run seed)",
+    "max_probe_samples": "keep at most this many samples of the public probe pool, drawn at "
+                         "random (0 = all); soft-label payloads of a language model grow with "
+                         "the pool",
+    "vocab_size": "--dataset pytext: BPE vocabulary size = the number of classes (>= 257)",
+    "context": "--dataset pytext: tokens per window (the lm arch's context)",
+    "renders_per_face": "--dataset glyphs: jittered renders of each class in each font face",
+    "fonts": "--dataset glyphs: comma-separated font files (empty: matplotlib's 12 DejaVu "
+             "faces)",
+    "cache_dir": "folder for derived data (tokenizers, token ids, glyph renders); default "
+                 "$TALLYTRAIN_CACHE_DIR, else ~/.cache/tallytrain",
     # model
     "archs": "comma-separated architectures dealt to peers round-robin: {archs} "
              "(a --plugin adds more)",
@@ -102,6 +112,8 @@ HELP: Dict[str, str] = {
     "decentralized": "tallytrain: every peer sends its votes to every peer and tallies itself",
     "prox_mu": "fedprox: weight mu of the proximal term mu/2 * ||w - w_global||^2",
     "softlabel_dtype": "softlabel: dtype of the soft labels on the wire: {dtypes}",
+    "softlabel_topk": "softlabel-topk: classes (k) sent per probe position, with their "
+                      "probabilities as float16",
     "sharpen_temperature": "softlabel: DS-FL sharpening softmax(average / T) ('none' = off)",
     "server_distill_steps": "feddf: the server's distillation steps per round",
     "server_lr": "feddf: Adam learning rate of the server model",

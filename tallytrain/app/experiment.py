@@ -212,6 +212,8 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
               "totals": fed.ledger.totals(), "phase_seconds": dict(fed.timer.seconds),
               "adversarial_peers": np.flatnonzero(fed.adversarial).tolist(),
               "undertrained_peers": np.flatnonzero(fed.undertrained).tolist()}
+    if "perplexity" in fed.metrics[-1]:  # sequence tasks
+        result["final_perplexity"] = fed.metrics[-1]["perplexity"]
     report.write_json_atomic(result_path, result)
     return result
 
@@ -439,6 +441,10 @@ def finish(cfg: CompareConfig, out: str, class_counts: np.ndarray) -> dict:
     title = f"{d.dataset}, {cfg.base.peers} peers, {part}, {len(cfg.seeds)} seed(s)"
     report.plot_accuracy_vs_round(rows, os.path.join(out, PLOTS[0]), title)
     report.plot_accuracy_vs_bytes(rows, os.path.join(out, PLOTS[1]), title)
+    if rows and all("perplexity" in r for r in rows):  # sequence tasks
+        report.plot_accuracy_vs_bytes(rows, os.path.join(out, "perplexity_vs_bytes.png"), title,
+                                      key="perplexity",
+                                      ylabel="test perplexity (mean over seeds; lower is better)")
     report.plot_partition(class_counts, os.path.join(out, PLOTS[2]),
                           f"samples per peer and class (seed {cfg.seeds[0]})")
     return summary

@@ -20,7 +20,7 @@ def _require(ok: bool, message: str) -> None:
 class DataConfig:
     dataset: str = "digits"
     data_dir: Optional[str] = None
-    partition: str = "dirichlet"         # iid | dirichlet | classes
+    partition: str = "dirichlet"         # iid | dirichlet | classes | groups
     alpha: float = 0.1                   # Dirichlet concentration
     classes_per_peer: int = 2            # for partition="classes"
     min_shard_size: int = 10
@@ -29,13 +29,20 @@ class DataConfig:
     probe_fraction: float = 0.2          # the public probe pool
     max_samples: int = 0                 # 0 = use every sample
     max_test_samples: int = 0            # 0 = the whole test split
-    num_classes: int = 100               # synthetic task only
+    max_probe_samples: int = 0           # cap on the public probe pool (0 = all of it)
+    num_classes: int = 100               # synthetic task and glyphs
     synthetic_dim: int = 32
     samples_per_class: int = 30
     synthetic_noise: float = 0.6
     synthetic_seed: int = 0
+    vocab_size: int = 4096               # pytext: BPE vocabulary = classes
+    context: int = 64                    # pytext: tokens per window
+    renders_per_face: int = 3            # glyphs: jittered renders per class and face
+    fonts: Tuple[str, ...] = ()          # glyphs: font files (empty = matplotlib's DejaVu)
+    cache_dir: Optional[str] = None      # derived data (tokenizers, renders); None = default
 
     def __post_init__(self):
+        object.__setattr__(self, "fonts", tuple(self.fonts))
         _require(self.partition in PARTITIONS,
                  f"unknown partition {self.partition!r}; known partitions: {', '.join(PARTITIONS)}")
         _require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
@@ -51,7 +58,12 @@ class DataConfig:
         _require(self.max_samples >= 0, f"max_samples must be >= 0, got {self.max_samples}")
         _require(self.max_test_samples >= 0,
                  f"max_test_samples must be >= 0, got {self.max_test_samples}")
+        _require(self.max_probe_samples >= 0,
+                 f"--max-probe-samples must be >= 0, got {self.max_probe_samples}")
         _require(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+        _require(self.context >= 1, f"--context must be >= 1, got {self.context}")
+        _require(self.renders_per_face >= 1,
+                 f"--renders-per-face must be >= 1, got {self.renders_per_face}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,7 @@ class ProtocolConfig:
     decentralized: bool = False          # tallytrain: every peer tallies all votes
     prox_mu: float = 0.01                # fedprox
     softlabel_dtype: str = "float32"
+    softlabel_topk: int = 16             # softlabel-topk: classes sent per probe position (k)
     sharpen_temperature: Optional[float] = None  # DS-FL entropy reduction (e.g. 0.1)
     server_distill_steps: int = 50       # feddf
     server_lr: float = 1e-3              # feddf: Adam on the server model (as in FedDF)
@@ -168,6 +181,8 @@ class ProtocolConfig:
         _require(not (self.decentralized and self.participation < 1),
                  "decentralized mode needs participation = 1 (every peer hears every peer)")
         _require(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu}")
+        _require(self.softlabel_topk >= 1,
+                 f"--softlabel-topk must be >= 1, got {self.softlabel_topk}")
         for name in ("softlabel_dtype", "param_dtype"):
             _require(getattr(self, name) in PAYLOAD_DTYPES,
                      f"{name} must be one of {', '.join(PAYLOAD_DTYPES)}, got {getattr(self, name)!r}")
