@@ -204,27 +204,20 @@ class TallyTrain(Method):
             return tally([votes[p] for p in peers], weights=self.reputation_weights(peers),
                          agreement=proto.agreement_threshold, min_votes=proto.min_votes)
 
-<<<<<<< HEAD
-    def _judge(self, votes: Dict[int, Votes]) -> float:
+    def _judge(self, votes: Dict[int, Votes], real: torch.Tensor) -> float:
         """Add to each peer's record how its votes agreed with the kept
         consensus of the other peers (leave-one-out: a vote that decided a
         probe alone would otherwise agree with itself); returns the share of
-        votes that abstained."""
-=======
-    def _judge(self, votes: Dict[int, Votes], c: Consensus, real: torch.Tensor) -> float:
-        """Add each peer's agreement with the kept consensus to its record;
-        returns the share of votes that abstained (over the ``real``
-        positions: padding is not a choice to abstain)."""
->>>>>>> realdata2
+        votes that abstained over the ``real`` positions (padding is not a
+        choice to abstain)."""
         abstained, cast = 0, 0
-        if not self.fed.cfg.protocol.reputation:
-            return sum(int((v.labels() < 0).sum()) for v in votes.values()) / max(
-                1, sum(v.n for v in votes.values()))
         for p, v in votes.items():
             labels = v.labels()
             voted = labels >= 0
-            abstained += int((~voted).sum())
-            cast += labels.numel()
+            abstained += int((~voted & real).sum())
+            cast += int(real.sum())
+            if not self.fed.cfg.protocol.reputation:
+                continue
             others = {q: w for q, w in votes.items() if q != p}
             if not others:
                 continue
@@ -232,11 +225,6 @@ class TallyTrain(Method):
             judged = voted & c.keep
             self.votes_judged[p] += int(judged.sum())
             self.votes_agreed[p] += int((judged & (labels == c.labels)).sum())
-<<<<<<< HEAD
-=======
-            abstained += int((~voted & real).sum())
-            cast += int(real.sum())
->>>>>>> realdata2
         return abstained / cast if cast else 0.0
 
     def aggregate(self, r, selected, received):
@@ -263,11 +251,7 @@ class TallyTrain(Method):
                                                       round=r, sender=wire.SERVER)
         real = truth >= 0  # sequence tasks: padding is no position
         with fed.timer("aggregation"):
-<<<<<<< HEAD
-            abstained = self._judge(votes)
-=======
-            abstained = self._judge(votes, c, real)
->>>>>>> realdata2
+            abstained = self._judge(votes, real)
         kept = c.labels[c.keep]
         return RoundStats(consensus_acc=labels_accuracy(c.labels, truth, c.keep),
                           agreement=mean_agreement(c),
