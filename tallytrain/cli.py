@@ -57,6 +57,16 @@ HELP: Dict[str, str] = {
                        "class prototype",
     "synthetic_seed": "--dataset synthetic: seed of the task itself (prototypes and noise; the "
                       "same for every run seed)",
+    "max_probe_samples": "keep at most this many samples of the public probe pool, drawn at "
+                         "random (0 = all); soft-label payloads of a language model grow with "
+                         "the pool",
+    "vocab_size": "--dataset pytext: BPE vocabulary size = the number of classes (>= 257)",
+    "context": "--dataset pytext: tokens per window (the lm arch's context)",
+    "renders_per_face": "--dataset glyphs: jittered renders of each class in each font face",
+    "fonts": "--dataset glyphs: comma-separated font files (empty: matplotlib's 12 DejaVu "
+             "faces)",
+    "cache_dir": "folder for derived data (tokenizers, token ids, glyph renders); default "
+                 "$TALLYTRAIN_CACHE_DIR, else ~/.cache/tallytrain",
     # model
     "archs": "comma-separated architectures dealt to peers round-robin: {archs} "
              "(a --plugin adds more)",
@@ -102,6 +112,8 @@ HELP: Dict[str, str] = {
     "decentralized": "tallytrain: every peer sends its votes to every peer and tallies itself",
     "prox_mu": "fedprox: weight mu of the proximal term mu/2 * ||w - w_global||^2",
     "softlabel_dtype": "softlabel: dtype of the soft labels on the wire: {dtypes}",
+    "softlabel_topk": "softlabel-topk: classes (k) sent per probe position, with their "
+                      "probabilities as float16",
     "sharpen_temperature": "softlabel: DS-FL sharpening softmax(average / T) ('none' = off)",
     "server_distill_steps": "feddf: the server's distillation steps per round",
     "server_lr": "feddf: Adam learning rate of the server model",
@@ -240,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run, values)
     cmp_ = sub.add_parser("compare", help="several methods on identical partitions and probes")
     cmp_.add_argument("--methods", default="all",
-                      help=f"comma-separated methods, or 'all' (default: all = {methods})")
+                      help=f"comma-separated methods, or 'all'; softlabel-matched is "
+                           f"softlabel in float16 on as few probes as fit in tallytrain's "
+                           f"uplink bytes (default: all = {methods}, softlabel-matched)")
     _common(cmp_, values)
     from .app.pareto import BRIDGE_FRACTIONS, BRIDGE_PERIODS, PARAMETER_BASELINES, PERIODS
     par = sub.add_parser("pareto", help="accuracy vs bytes: every operating point of FedAvg, "
@@ -257,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"parameter-averaging baselines (default: "
                           f"{_show(PARAMETER_BASELINES)})")
     _common(par, values)
+    abl = sub.add_parser("ablate", help="tallytrain's default recipe and one row per mechanism "
+                                        "turned off, with softlabel, on identical partitions")
+    _common(abl, values)
     from .bench import ops as bench_ops
     bench = sub.add_parser("bench", help="every op against the plain-PyTorch way, as ratios "
                                          "and fractions of the memory bandwidth",
@@ -380,9 +397,10 @@ def _stopped(args: argparse.Namespace, cfg, argv: Sequence[str]) -> int:
 
 
 def _methods(text: str) -> List[str]:
+    from .app.experiment import BYTE_MATCHED
     from .fl.registry import method_names
     if text.strip() == "all":
-        return method_names()
+        return method_names() + [BYTE_MATCHED]
     names = list(_names(text))
     if not names:
         raise ValueError(f"methods names no method (got {text!r}); give comma-separated names "
@@ -431,6 +449,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 args.baselines)
             result = run_pareto(cfg, args.out, **options)
             print(pareto_table(result), end="")
+            print(f"run directory: {os.path.abspath(args.out)}")
+            return 0
+        if args.command == "ablate":
+            from .app.ablate import ablate_config, ablation_table, run_ablate
+            base = config_from_args(args, ["tallytrain"])
+            cfg = ablate_config(base.base, base.seeds)
+            print(ablation_table(run_ablate(cfg, args.out, **options)), end="")
             print(f"run directory: {os.path.abspath(args.out)}")
             return 0
         methods = [args.method] if args.command == "run" else _methods(args.methods)

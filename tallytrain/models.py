@@ -108,6 +108,17 @@ def init_params(model: nn.Module, generator: torch.Generator) -> Dict[str, torch
     return params
 
 
+def output_positions(model: nn.Module) -> int:
+    """Predictions per input sample: 1 for a classifier, T for a language
+    model's window of T tokens (the engine sizes inference chunks by it)."""
+    return int(getattr(model, "positions_per_sample", 1))
+
+
+#: Architectures whose inputs are token windows and whose labels are per
+#: position (the sequence tasks need one of them, and they need a sequence task).
+SEQUENCE_ARCHS = ("lm",)
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -168,6 +179,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"arch 'lm': hidden ({width}) must be a multiple of its {heads} "
                              f"attention heads")
         self.layers = layers
+        self.positions_per_sample = context  # one next-token prediction per input token
         self.token = nn.Embedding(vocab_size, width)
         self.position = nn.Parameter(torch.empty(context, width))
         self.blocks = nn.ModuleList(CausalBlock(width, heads) for _ in range(layers))

@@ -73,6 +73,12 @@ def summarize(results: Mapping[str, Sequence[Mapping]]) -> dict:
             "seeds": len(runs),
             "phase_seconds": {k: round(v, 4) for k, v in phases.items()},
         }
+        ppl = [r.get("final_perplexity") for r in runs]
+        if all(p is not None for p in ppl):  # sequence tasks
+            ppl = np.array(ppl, dtype=np.float64)
+            methods[name]["final_perplexity_mean"] = float(ppl.mean())
+            methods[name]["final_perplexity_std"] = float(ppl.std(ddof=1)) if len(ppl) > 1 \
+                else None
     return {"methods": methods}
 
 
@@ -86,13 +92,19 @@ def summary_table(summary: Mapping, reference: str = "softlabel") -> str:
     when it was run."""
     methods = summary["methods"]
     ref = methods.get(reference)
-    head = ["method", "accuracy (mean ± std)", "uplink bytes", "total bytes"]
+    ppl = all("final_perplexity_mean" in m for m in methods.values())
+    head = ["method", "accuracy (mean ± std)"] + (["perplexity (mean ± std)"] if ppl else []) \
+        + ["uplink bytes", "total bytes"]
     if ref:
         head += [f"uplink / {reference}", f"total / {reference}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
-        cells = [name, mean_and_spread(m["final_accuracy_mean"], m["final_accuracy_std"]),
-                 f"{m['uplink_bytes']:,}", f"{m['total_bytes']:,}"]
+        cells = [name, mean_and_spread(m["final_accuracy_mean"], m["final_accuracy_std"])]
+        if ppl:
+            spread = m["final_perplexity_std"]
+            cells.append(f"{m['final_perplexity_mean']:.1f} ± "
+                         + ("–" if spread is None else f"{spread:.1f}"))
+        cells += [f"{m['uplink_bytes']:,}", f"{m['total_bytes']:,}"]
         if ref:
             cells += [_ratio(m["uplink_bytes"], ref["uplink_bytes"]),
                       _ratio(m["total_bytes"], ref["total_bytes"])]
@@ -215,15 +227,17 @@ def plot_accuracy_vs_round(rows: Sequence[Mapping], path: str, title: str = "") 
     plt.close(fig)
 
 
-def plot_accuracy_vs_bytes(rows: Sequence[Mapping], path: str, title: str = "") -> None:
-    """Accuracy against cumulative bytes (log x). A method that sends nothing
-    (local) cannot sit on a log axis: it is drawn as a dashed horizontal line
-    at its final accuracy."""
+def plot_accuracy_vs_bytes(rows: Sequence[Mapping], path: str, title: str = "",
+                           key: str = "accuracy",
+                           ylabel: str = "test accuracy (mean over seeds)") -> None:
+    """Accuracy (or another metric, ``key``) against cumulative bytes (log x).
+    A method that sends nothing (local) cannot sit on a log axis: it is drawn
+    as a dashed horizontal line at its final value."""
     plt = _pyplot()
     styles = _styles(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     silent = []
-    for method, (_, mean, _, cum) in _curves(rows, "accuracy").items():
+    for method, (_, mean, _, cum) in _curves(rows, key).items():
         if cum[-1] <= 0:
             silent.append((method, mean[-1]))
             continue
@@ -233,7 +247,7 @@ def plot_accuracy_vs_bytes(rows: Sequence[Mapping], path: str, title: str = "") 
                    label=f"{method} (no communication)")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative bytes, all peers (log scale)")
-    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "accuracy vs communication")
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:

@@ -35,10 +35,11 @@ __all__ = [
     "WireFormatError", "MessageKind", "WireDtype", "Flag", "Message",
     "MAGIC", "VERSION", "HEADER_BYTES", "TRAILER_BYTES", "OVERHEAD", "SERVER",
     "RICE_MAX_PARAM", "CONTROL_FIELDS_BYTES", "MAX_SHAPE_DIMS",
-    "encode_votes", "encode_consensus", "encode_soft_labels", "encode_dense",
+    "encode_votes", "encode_consensus", "encode_soft_labels", "encode_soft_topk", "encode_dense",
     "encode_sparse", "encode_control", "decode",
     "votes_message_bytes", "consensus_message_bytes", "soft_labels_message_bytes",
-    "dense_message_bytes", "sparse_message_max_bytes", "control_message_bytes",
+    "soft_topk_message_bytes", "dense_message_bytes", "sparse_message_max_bytes",
+    "control_message_bytes",
 ]
 
 MAGIC = b"TT"
@@ -72,6 +73,7 @@ class MessageKind(enum.IntEnum):
     DENSE_PARAMS = 4
     SPARSE_PARAMS = 5
     CONTROL = 6
+    SOFT_TOPK = 7
 
 
 class WireDtype(enum.IntEnum):
@@ -88,16 +90,17 @@ class Flag(enum.IntFlag):
     KEEP_MASK = 1 << 1      # CONSENSUS: a 1-bit keep mask follows the labels
     BITMAP = 1 << 2         # SPARSE_PARAMS: indices as a bitmap, not Rice-coded gaps
     HAS_CONSENSUS = 1 << 3  # CONTROL: a full CONSENSUS message is embedded
-    SHAPE = 1 << 4          # VOTES: the votes' leading shape precedes the stream
+    SHAPE = 1 << 4          # VOTES, CONSENSUS, SOFT_LABELS: the leading shape comes first
 
 
 _ALLOWED_FLAGS: Dict[MessageKind, Flag] = {
     MessageKind.VOTES: Flag.ABSTAIN | Flag.SHAPE,
-    MessageKind.CONSENSUS: Flag.KEEP_MASK,
-    MessageKind.SOFT_LABELS: Flag(0),
+    MessageKind.CONSENSUS: Flag.KEEP_MASK | Flag.SHAPE,
+    MessageKind.SOFT_LABELS: Flag.SHAPE,
     MessageKind.DENSE_PARAMS: Flag(0),
     MessageKind.SPARSE_PARAMS: Flag.BITMAP,
     MessageKind.CONTROL: Flag.HAS_CONSENSUS,
+    MessageKind.SOFT_TOPK: Flag(0),  # its shape section is always there
 }
 
 # torch dtype -> (wire code, little-endian numpy dtype)
@@ -120,8 +123,13 @@ class Message:
     VOTES: ``packed`` (uint8 stream), ``num_classes``, ``abstain``, ``shape`` (the
     votes' leading shape, a tuple of ints whose product is ``n``; ``(n,)`` for a
     message without the SHAPE flag).
-    CONSENSUS: ``labels`` (int64, -1 = no label), ``keep`` (bool or None), ``num_classes``.
-    SOFT_LABELS: ``probs`` ([N, C], float32 or float16 as sent), ``num_classes``.
+    CONSENSUS: ``labels`` (int64 of ``shape``, -1 = no label), ``keep`` (bool of
+    ``shape``, or None), ``num_classes``, ``shape`` (as for VOTES).
+    SOFT_LABELS: ``probs`` ([*shape, C], float32 or float16 as sent),
+    ``num_classes``, ``shape`` (the positions' shape, as for VOTES).
+    SOFT_TOPK: ``indices`` (int64) and ``values`` (as sent), both of ``shape`` =
+    ``(*positions, k)``: each position's k classes and their probabilities;
+    ``num_classes``; ``n`` = prod(shape).
     DENSE_PARAMS: ``vector``. SPARSE_PARAMS: ``indices`` (int64, ascending),
     ``values``, ``size``. CONTROL: ``probe_seed``, ``num_probes``, ``consensus``
     (a decoded CONSENSUS message or None).
@@ -195,13 +203,33 @@ def _shape_section_bytes(ndim: int) -> int:
     return 1 + 4 * ndim
 
 
-def consensus_message_bytes(n: int, num_classes: int, keep: bool = False) -> int:
-    """len(encode_consensus(...)): labels in bits_for(C + 1) bits, plus ceil(n/8) with keep."""
-    return OVERHEAD + packed_size(n, num_classes + 1) + ((n + 7) // 8 if keep else 0)
+def _optional_shape_bytes(n: int, shape: Optional[Sequence[int]]) -> int:
+    """The SHAPE section's bytes for a leading ``shape`` of n positions (0 when 1-D)."""
+    return 0 if shape is None or tuple(shape) == (n,) else _shape_section_bytes(len(shape))
 
 
-def soft_labels_message_bytes(n: int, num_classes: int, dtype: torch.dtype = torch.float32) -> int:
-    return OVERHEAD + n * num_classes * _itemsize(dtype)
+def consensus_message_bytes(n: int, num_classes: int, keep: bool = False,
+                            shape: Optional[Sequence[int]] = None) -> int:
+    """len(encode_consensus(...)): labels in bits_for(C + 1) bits, plus ceil(n/8) with
+    keep, plus 1 + 4 * len(shape) bytes when the labels' ``shape`` is not ``(n,)``."""
+    return (OVERHEAD + _optional_shape_bytes(n, shape) + packed_size(n, num_classes + 1)
+            + ((n + 7) // 8 if keep else 0))
+
+
+def soft_labels_message_bytes(n: int, num_classes: int, dtype: torch.dtype = torch.float32,
+                              shape: Optional[Sequence[int]] = None) -> int:
+    """len(encode_soft_labels(...)) for n positions of leading ``shape``."""
+    return OVERHEAD + _optional_shape_bytes(n, shape) + n * num_classes * _itemsize(dtype)
+
+
+def soft_topk_message_bytes(positions: Sequence[int], k: int, num_classes: int,
+                            dtype: torch.dtype = torch.float16) -> int:
+    """len(encode_soft_topk(...)) for ``positions`` (a shape) of k entries each:
+    the shape section of (*positions, k), the n class indices in bits_for(C)
+    bits each, and n values, n = prod(positions) * k."""
+    n = math.prod(positions) * k
+    return (OVERHEAD + _shape_section_bytes(len(positions) + 1) + packed_size(n, num_classes)
+            + n * _itemsize(dtype))
 
 
 def dense_message_bytes(size: int, dtype: torch.dtype = torch.float32) -> int:
@@ -324,12 +352,28 @@ def encode_votes(packed: torch.Tensor, n: int, num_classes: int, *, abstain: boo
     parts = [packed.numpy()]
     if dims is not None:
         flags |= Flag.SHAPE
-        section = np.empty(_shape_section_bytes(len(dims)), dtype=np.uint8)
-        section[0] = len(dims)
-        section[1:] = np.asarray(dims, dtype="<u4").view(np.uint8)
-        parts.insert(0, section)
+        parts.insert(0, _shape_section(dims))
     return _frame(MessageKind.VOTES, flags, bits_for(symbols), WireDtype.UINT8, round, sender,
                   n, c, parts)
+
+
+def _shape_section(dims: Sequence[int]) -> np.ndarray:
+    """A u8 dimension count, then the dimensions as u32 (docs/wire.md)."""
+    if len(dims) > MAX_SHAPE_DIMS:
+        raise ValueError(f"shape must have at most {MAX_SHAPE_DIMS} dimensions, got {len(dims)}")
+    section = np.empty(_shape_section_bytes(len(dims)), dtype=np.uint8)
+    section[0] = len(dims)
+    section[1:] = np.asarray(dims, dtype="<u4").view(np.uint8)
+    return section
+
+
+def _leading_shape(t: torch.Tensor, name: str) -> Optional[Tuple[int, ...]]:
+    """The dimensions of a tensor's leading shape to send in a SHAPE section, or
+    None when it is 1-D (sent without the section)."""
+    dims = tuple(_uint(d, f"{name}.shape[{i}]") for i, d in enumerate(t.shape))
+    if len(dims) > MAX_SHAPE_DIMS:
+        raise ValueError(f"{name} must have at most {MAX_SHAPE_DIMS} dimensions, got {len(dims)}")
+    return None if len(dims) == 1 else dims
 
 
 def _votes_shape(shape: Optional[Sequence[int]], n: int) -> Optional[Tuple[int, ...]]:
@@ -350,39 +394,114 @@ def encode_consensus(labels: torch.Tensor, num_classes: int, *,
                      keep: Optional[torch.Tensor] = None, round: int,
                      sender: int = SERVER) -> bytes:
     """Consensus labels (-1 = no label) in bits_for(C + 1) bits each, symbol C
-    standing for -1; with ``keep``, a 1-bit keep mask follows."""
-    labels = _tensor(labels, "labels", 1)
+    standing for -1; with ``keep`` (bool, the labels' shape), a 1-bit keep mask
+    follows. Labels of any shape (e.g. ``[N, T]`` for token windows): a shape
+    other than 1-D is sent in a SHAPE section, as for votes."""
+    labels = _any_tensor(labels, "labels")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     c = _num_classes(num_classes)
+    dims = _leading_shape(labels, "labels")
     n = _uint(labels.numel(), "len(labels)")
-    lab = labels.to(torch.int64)
+    lab = labels.reshape(-1).to(torch.int64)
     if n and (int(lab.min()) < -1 or int(lab.max()) >= c):
         bad = int(torch.nonzero((lab < -1) | (lab >= c))[0])
-        raise ValueError(f"labels[{bad}] = {int(lab[bad])} is outside -1..{c - 1}")
+        raise ValueError(f"labels{_index_text(bad, labels.shape)} = {int(lab[bad])} is outside "
+                         f"-1..{c - 1}")
     parts = [ops.pack_labels(torch.where(lab < 0, c, lab), c + 1).numpy()]
     flags = Flag(0)
     if keep is not None:
-        keep = _tensor(keep, "keep", 1)
+        keep = _any_tensor(keep, "keep")
         if keep.dtype != torch.bool:
             raise TypeError(f"keep must be a bool tensor, got {keep.dtype}")
-        if keep.numel() != n:
-            raise ValueError(f"keep must have one entry per label ({n}), got {keep.numel()}")
-        parts.append(ops.pack_labels(keep.to(torch.uint8), 2).numpy())
+        if keep.shape != labels.shape:
+            raise ValueError(f"keep must have the labels' shape {tuple(labels.shape)}, got "
+                             f"{tuple(keep.shape)}")
+        parts.append(ops.pack_labels(keep.reshape(-1).to(torch.uint8), 2).numpy())
         flags = Flag.KEEP_MASK
+    if dims is not None:
+        flags |= Flag.SHAPE
+        parts.insert(0, _shape_section(dims))
     return _frame(MessageKind.CONSENSUS, flags, bits_for(c + 1), WireDtype.UINT8,
                   round, sender, n, c, parts)
 
 
 def encode_soft_labels(probs: torch.Tensor, *, dtype: torch.dtype = torch.float32,
                        round: int, sender: int) -> bytes:
-    """Per-probe class probabilities [N, C] as float32 or float16."""
-    probs = _tensor(probs, "probs", 2)
-    n = _uint(probs.shape[0], "probs.shape[0]")
-    c = _num_classes(probs.shape[1], "probs.shape[1] (classes)")
+    """Per-position class probabilities [*shape, C] as float32 or float16: [N, C]
+    for N probes, [N, T, C] for token windows (a leading shape other than 1-D
+    is sent in a SHAPE section)."""
+    probs = _any_tensor(probs, "probs")
+    if probs.dim() < 1:
+        raise ValueError("probs must have a class dimension, got a 0-D tensor")
+    c = _num_classes(probs.shape[-1], "probs.shape[-1] (classes)")
+    dims = _leading_shape(probs[..., 0], "probs")
+    n = _uint(math.prod(probs.shape[:-1]), "positions (prod(probs.shape[:-1]))")
     data = _floats(probs, "probs", dtype)
-    return _frame(MessageKind.SOFT_LABELS, Flag(0), 0, _float_code(dtype)[0],
-                  round, sender, n, c, [data])
+    parts = [data] if dims is None else [_shape_section(dims), data]
+    return _frame(MessageKind.SOFT_LABELS, Flag.SHAPE if dims is not None else Flag(0), 0,
+                  _float_code(dtype)[0], round, sender, n, c, parts)
+
+
+def encode_soft_topk(indices: torch.Tensor, values: torch.Tensor, num_classes: int, *,
+                     dtype: torch.dtype = torch.float16, round: int, sender: int) -> bytes:
+    """Each position's k largest class probabilities: ``indices`` (integer,
+    distinct within a position, each in 0..C-1) and ``values`` (floating, sent
+    as ``dtype``), both of shape ``(*positions, k)`` with k >= 1. The shape
+    section always comes first, then the indices in bits_for(C) bits each,
+    then the values (docs/wire.md)."""
+    indices = _any_tensor(indices, "indices")
+    values = _any_tensor(values, "values")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex \
+            or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.dim() < 1:
+        raise ValueError("indices must be (*positions, k), got a 0-D tensor")
+    if values.shape != indices.shape:
+        raise ValueError(f"values must have the indices' shape {tuple(indices.shape)}, got "
+                         f"{tuple(values.shape)}")
+    c = _num_classes(num_classes)
+    dims = tuple(_uint(d, f"indices.shape[{i}]") for i, d in enumerate(indices.shape))
+    k = dims[-1]
+    if not 1 <= k <= c:
+        raise ValueError(f"k = indices.shape[-1] must be in 1..num_classes = {c}, got {k}")
+    n = _uint(indices.numel(), "indices.numel()")
+    idx = indices.reshape(-1).to(torch.int64)
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= c):
+        bad = int(torch.nonzero((idx < 0) | (idx >= c))[0])
+        raise ValueError(f"indices{_index_text(bad, indices.shape)} = {int(idx[bad])} is "
+                         f"outside 0..{c - 1}")
+    repeated = _first_repeat(idx.view(-1, k))
+    if repeated is not None:
+        raise ValueError(f"indices of position {repeated} repeat a class (a top-k set is distinct)")
+    data = _floats(values, "values", dtype)
+    parts = [_shape_section(dims), ops.pack_labels(idx, c).numpy(), data]
+    return _frame(MessageKind.SOFT_TOPK, Flag(0), bits_for(c), _float_code(dtype)[0],
+                  round, sender, n, c, parts)
+
+
+def _first_repeat(rows: torch.Tensor) -> Optional[int]:
+    """The first row of [M, k] that holds a value twice, or None."""
+    if rows.shape[1] < 2 or rows.shape[0] == 0:
+        return None
+    ordered = rows.sort(dim=1).values
+    bad = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+    return int(torch.nonzero(bad)[0]) if bool(bad.any()) else None
+
+
+def _any_tensor(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t.detach().cpu()
+
+
+def _index_text(flat: int, shape: Sequence[int]) -> str:
+    """``[i]`` for 1-D, ``[i, j]`` for a row-major position in a larger shape."""
+    coords = []
+    for size in reversed(tuple(shape)):
+        coords.append(flat % size if size else 0)
+        flat //= size if size else 1
+    return "[" + ", ".join(str(c) for c in reversed(coords)) + "]"
 
 
 def encode_dense(vector: torch.Tensor, *, dtype: torch.dtype = torch.float32,
@@ -653,7 +772,7 @@ def _decode_votes(h: _Header, payload: memoryview) -> Message:
     shape: Tuple[int, ...] = (h.n,)
     offset = 0
     if h.flags & Flag.SHAPE:
-        shape = _decode_shape(h, payload, stream_bytes)
+        shape = _decode_shape(h, payload, stream_bytes, f"n = {h.n} votes of {h.bits} bits")
         offset = _shape_section_bytes(len(shape))
     _payload_size(h, offset + stream_bytes,
                   f"n = {h.n} votes of {h.bits} bits"
@@ -664,22 +783,24 @@ def _decode_votes(h: _Header, payload: memoryview) -> Message:
                    packed=packed, abstain=abstain, shape=shape)
 
 
-def _decode_shape(h: _Header, payload: memoryview, stream_bytes: int) -> Tuple[int, ...]:
-    """Read and check the SHAPE section; every read stays inside the payload."""
+def _decode_shape(h: _Header, payload: memoryview, rest_bytes: int, what: str,
+                  one_dim_ok: bool = False, items: str = "votes") -> Tuple[int, ...]:
+    """Read and check the shape section, which ``rest_bytes`` bytes of ``what``
+    follow; every read stays inside the payload. The product of the
+    dimensions must be the header's n (``items`` names what n counts)."""
     if h.payload_len < 1:
-        raise _fail(h, "payload size mismatch: the SHAPE flag is set but the payload has "
-                       "no room for the shape's dimension count")
+        raise _fail(h, "payload size mismatch: a shape section is required but the payload "
+                       "has no room for the shape's dimension count")
     ndim = payload[0]
-    need = _shape_section_bytes(ndim) + stream_bytes
+    need = _shape_section_bytes(ndim) + rest_bytes
     if h.payload_len != need:
-        raise _fail(h, f"payload size mismatch: a {ndim}-D shape and n = {h.n} votes of "
-                       f"{h.bits} bits need {need} bytes, header says payload_len = "
-                       f"{h.payload_len}")
-    if ndim == 1:
+        raise _fail(h, f"payload size mismatch: a {ndim}-D shape and {what} need {need} "
+                       f"bytes, header says payload_len = {h.payload_len}")
+    if ndim == 1 and not one_dim_ok:
         raise _fail(h, "shape: a 1-D shape is sent without the SHAPE flag (non-canonical)")
     dims = tuple(int(d) for d in np.frombuffer(payload, dtype="<u4", count=ndim, offset=1))
     if math.prod(dims) != h.n:
-        raise _fail(h, f"shape {dims} holds {math.prod(dims)} votes, but n = {h.n}")
+        raise _fail(h, f"shape {dims} holds {math.prod(dims)} {items}, but n = {h.n}")
     return dims
 
 
@@ -690,19 +811,24 @@ def _decode_consensus(h: _Header, payload: memoryview) -> Message:
     has_keep = bool(h.flags & Flag.KEEP_MASK)
     label_bytes = packed_size(h.n, c + 1)
     keep_bytes = (h.n + 7) // 8 if has_keep else 0
-    _payload_size(h, label_bytes + keep_bytes,
-                  f"n = {h.n} labels of {h.bits} bits{' and a keep mask' if has_keep else ''}")
-    stream = torch.from_numpy(_bytes(payload, 0, label_bytes))
+    what = f"n = {h.n} labels of {h.bits} bits{' and a keep mask' if has_keep else ''}"
+    shape: Tuple[int, ...] = (h.n,)
+    offset = 0
+    if h.flags & Flag.SHAPE:
+        shape = _decode_shape(h, payload, label_bytes + keep_bytes, what, items="labels")
+        offset = _shape_section_bytes(len(shape))
+    _payload_size(h, offset + label_bytes + keep_bytes, what)
+    stream = torch.from_numpy(_bytes(payload, offset, label_bytes))
     _check_stream(h, stream, h.n, c + 1, "labels")
     labels = ops.unpack_labels(stream, h.n, c + 1)
     labels[labels == c] = -1
     keep = None
     if has_keep:
-        mask = torch.from_numpy(_bytes(payload, label_bytes, keep_bytes))
+        mask = torch.from_numpy(_bytes(payload, offset + label_bytes, keep_bytes))
         _check_stream(h, mask, h.n, 2, "keep mask")
-        keep = ops.unpack_labels(mask, h.n, 2).to(torch.bool)
+        keep = ops.unpack_labels(mask, h.n, 2).to(torch.bool).reshape(shape)
     return Message(h.kind, VERSION, h.round, h.sender, h.flags, n=h.n, num_classes=c,
-                   labels=labels, keep=keep)
+                   labels=labels.reshape(shape), keep=keep, shape=shape)
 
 
 def _decode_soft_labels(h: _Header, payload: memoryview) -> Message:
@@ -710,10 +836,43 @@ def _decode_soft_labels(h: _Header, payload: memoryview) -> Message:
     code = _dtype(h, WireDtype.FLOAT32, WireDtype.FLOAT16)
     _zero(h, bits=h.bits)
     itemsize = _FLOAT_BY_CODE[code][1].itemsize
-    _payload_size(h, h.n * c * itemsize, f"[{h.n}, {c}] {code.name.lower()} probabilities")
-    probs = _floats_from(payload, 0, h.n * c, code).reshape(h.n, c)
+    # h.n * c < 2**64: no overflow in Python, and compared before allocating.
+    what = f"[{h.n}, {c}] {code.name.lower()} probabilities"
+    shape: Tuple[int, ...] = (h.n,)
+    offset = 0
+    if h.flags & Flag.SHAPE:
+        shape = _decode_shape(h, payload, h.n * c * itemsize, what, items="positions")
+        offset = _shape_section_bytes(len(shape))
+    _payload_size(h, offset + h.n * c * itemsize, what)
+    probs = _floats_from(payload, offset, h.n * c, code).reshape(*shape, c)
     return Message(h.kind, VERSION, h.round, h.sender, h.flags, n=h.n, num_classes=c,
-                   probs=probs)
+                   probs=probs, shape=shape)
+
+
+def _decode_soft_topk(h: _Header, payload: memoryview) -> Message:
+    c = _classes(h)
+    _bits(h, bits_for(c), f"num_classes = {c} (class indices)")
+    code = _dtype(h, WireDtype.FLOAT32, WireDtype.FLOAT16)
+    index_bytes = packed_size(h.n, c)
+    values_bytes = h.n * _FLOAT_BY_CODE[code][1].itemsize
+    shape = _decode_shape(h, payload, index_bytes + values_bytes,
+                          f"n = {h.n} class indices of {h.bits} bits and {h.n} "
+                          f"{code.name.lower()} values", one_dim_ok=True, items="entries")
+    if not shape:
+        raise _fail(h, "shape: a top-k message needs (*positions, k), got a 0-D shape")
+    k = shape[-1]
+    if not 1 <= k <= c:
+        raise _fail(h, f"k = {k} (the shape's last dimension) must be in 1..num_classes = {c}")
+    offset = _shape_section_bytes(len(shape))
+    stream = torch.from_numpy(_bytes(payload, offset, index_bytes))
+    _check_stream(h, stream, h.n, c, "class indices")
+    indices = ops.unpack_labels(stream, h.n, c)
+    repeated = _first_repeat(indices.view(-1, k))
+    if repeated is not None:
+        raise _fail(h, f"class indices of position {repeated} repeat a class")
+    values = _floats_from(payload, offset + index_bytes, h.n, code)
+    return Message(h.kind, VERSION, h.round, h.sender, h.flags, n=h.n, num_classes=c,
+                   indices=indices.reshape(shape), values=values.reshape(shape), shape=shape)
 
 
 def _decode_dense(h: _Header, payload: memoryview) -> Message:
@@ -834,4 +993,5 @@ _DECODERS = {
     MessageKind.DENSE_PARAMS: _decode_dense,
     MessageKind.SPARSE_PARAMS: _decode_sparse,
     MessageKind.CONTROL: _decode_control,
+    MessageKind.SOFT_TOPK: _decode_soft_topk,
 }

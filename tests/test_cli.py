@@ -405,7 +405,7 @@ def test_every_option_has_help_beyond_its_default():
     from tallytrain import cli
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    for command in ("run", "compare", "pareto", "bench", "info"):
+    for command in ("run", "compare", "pareto", "ablate", "bench", "info"):
         for action in commands[command]._actions:
             if action.help == argparse.SUPPRESS or action.dest == "help":
                 continue
@@ -413,7 +413,9 @@ def test_every_option_has_help_beyond_its_default():
             assert text.strip(), f"{command} {action.option_strings} has no help"
     assert set(cli.HELP) == set(option_fields())
     compare_help = commands["compare"].format_help()
-    assert "(default: all = " + ", ".join(method_names()) + ")" in " ".join(compare_help.split())
+    # argparse may wrap a line after the hyphen of a name (softlabel-topk)
+    flat = re.sub(r"-\s+", "-", " ".join(compare_help.split()))
+    assert "(default: all = " + ", ".join(method_names()) + ", softlabel-matched)" in flat
     assert "(default: 1)" in " ".join(commands["compare"]._option_string_actions["--seeds"]
                                       .help.split())
 
@@ -578,3 +580,35 @@ def test_the_checkout_benchmark_command_is_the_same_table():
     assert proc.returncode == 0, proc.stderr
     assert "| op | case | served | level | native ms | plain ms | ratio |" in proc.stdout
     assert "\n| unpack_labels | N=" in proc.stdout
+
+
+def test_softlabel_matched_fits_in_tallytrains_uplink(tmp_path):
+    """softlabel-matched sends float16 soft labels on as many probes as fit in
+    one tallytrain VOTES message: its measured uplink is within one probe's
+    soft label of tallytrain's."""
+    out = tmp_path / "run"
+    assert main(["compare", "--methods", "tallytrain,softlabel-matched", "--rounds", "2",
+                 "--peers", "3", "--local-steps", "2", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    up = {label: row["uplink_bytes"] for label, row in summary["methods"].items()}
+    per_probe_and_peer_round = 10 * 2  # C = 10 float16 values
+    assert up["softlabel-matched"] <= up["tallytrain"]
+    assert up["tallytrain"] - up["softlabel-matched"] < per_probe_and_peer_round * 3 * 2
+
+
+def test_ablate_runs_one_row_per_mechanism_off(tmp_path, capsys):
+    """tallytrain ablate: the recipe, each mechanism off alone (its override
+    recorded in config.json), softlabel; a table and a plot."""
+    from tallytrain.app.ablate import ABLATIONS
+    out = tmp_path / "abl"
+    assert main(["ablate", "--rounds", "2", "--peers", "3", "--local-steps", "2",
+                 "--abstain-below", "0.2", "--out", str(out), "--quiet"]) == 0
+    table = (out / "ablation.md").read_text()
+    for name in ABLATIONS:
+        assert f"| tallytrain-{name} |" in table
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert settings["tallytrain-no-memory"]["protocol"] == {"memory_max_age": 1}
+    assert settings["tallytrain-no-schedule"]["train"] == {"distill_epochs": 0.0}
+    rows = json.loads((out / "ablation.json").read_text())
+    assert rows[0]["label"] == "tallytrain" and rows[0]["change"] == 0
+    assert (out / "ablation.png").stat().st_size > 0

@@ -68,6 +68,7 @@ def test_other_seed_other_numbers():
 
 @pytest.mark.parametrize("method, protocol", [
     ("fedavg", {}), ("fedavg", {"merge_period": 3}), ("feddf", {}), ("softlabel", {}),
+    ("softlabel-topk", {}),
     ("tallytrain", {}), ("bridge", {"merge_period": 2, "topk_fraction": 0.05}),
     ("bridge", {"merge_period": 3, "topk_fraction": 0.05, "param_dtype": "float16"})])
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, method, protocol):

@@ -201,7 +201,7 @@ def test_every_method_runs_and_reports(method):
     row = fed.metrics[-1]
     assert 0.0 <= row["accuracy"] <= 1.0 and row["round"] == 1
     assert (row["global_acc"] is not None) == (method in ("fedavg", "fedprox", "feddf"))
-    has_consensus = method in ("feddf", "softlabel", "tallytrain", "bridge")
+    has_consensus = method in ("feddf", "softlabel", "softlabel-topk", "tallytrain", "bridge")
     assert (row["consensus_acc"] is not None) == has_consensus
     assert (row["agreement"] is not None) == has_consensus
 

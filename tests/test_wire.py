@@ -60,6 +60,15 @@ def random_symbols(rng, n, num_symbols):
     return torch.from_numpy(rng.integers(0, num_symbols, n)).to(torch.int64)
 
 
+def random_topk(rng, positions, k, num_classes, dtype=torch.float16):
+    """(indices, values) of shape (*positions, k): distinct classes per position."""
+    m = int(np.prod(positions))
+    idx = np.argsort(rng.random((m, num_classes)), axis=1)[:, :k]
+    indices = torch.from_numpy(idx).reshape(*positions, k).to(torch.int64)
+    values = torch.from_numpy(rng.random((*positions, k))).to(dtype)
+    return indices, values
+
+
 def random_indices(rng, size, k):
     return torch.from_numpy(np.sort(rng.choice(size, k, replace=False))).to(torch.int64)
 
@@ -88,6 +97,9 @@ def reencode(m: wire.Message) -> bytes:
         return wire.encode_consensus(m.labels, m.num_classes, keep=m.keep, **common)
     if m.kind == MessageKind.SOFT_LABELS:
         return wire.encode_soft_labels(m.probs, dtype=m.probs.dtype, **common)
+    if m.kind == MessageKind.SOFT_TOPK:
+        return wire.encode_soft_topk(m.indices, m.values, m.num_classes, dtype=m.values.dtype,
+                                     **common)
     if m.kind == MessageKind.DENSE_PARAMS:
         return wire.encode_dense(m.vector, dtype=m.vector.dtype, **common)
     if m.kind == MessageKind.CONTROL:
@@ -103,7 +115,7 @@ def reencode(m: wire.Message) -> bytes:
 def test_constants():
     assert (wire.HEADER_BYTES, wire.TRAILER_BYTES, wire.OVERHEAD) == (28, 4, 32)
     assert wire.SERVER == 0xFFFFFFFF
-    assert [int(k) for k in MessageKind] == [1, 2, 3, 4, 5, 6]
+    assert [int(k) for k in MessageKind] == [1, 2, 3, 4, 5, 6, 7]
     assert issubclass(WireFormatError, ValueError)
 
 
@@ -233,6 +245,164 @@ def test_votes_shape_decode_errors():
     rejects(reframe(data, payload=shaped(2, 3) + bytes([0x00, 0xF0])), "padding")
     # a shape section without the flag is only a wrong payload size
     rejects(reframe(data, flags=0), "payload size mismatch")
+
+
+def shape_section(*dims, ndim=None) -> bytes:
+    ndim = len(dims) if ndim is None else ndim
+    return bytes([ndim]) + b"".join(struct.pack("<I", d) for d in dims)
+
+
+# --------------------------------------------------------------------------- #
+# consensus and soft labels of any leading shape (token windows: [N, T])
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("shape", [(2, 3), (3, 1, 2), (1, 6), (2, 0), ()])
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_consensus_shape_round_trip(shape, with_keep):
+    n = math.prod(shape)
+    labels = (torch.arange(n) % 6 - 1).reshape(shape)
+    keep = (labels % 2 == 0) if with_keep else None
+    data = wire.encode_consensus(labels, 5, keep=keep, round=3)
+    assert data[wire.HEADER_BYTES:wire.HEADER_BYTES + 1 + 4 * len(shape)] == shape_section(*shape)
+    assert len(data) == wire.consensus_message_bytes(n, 5, with_keep, shape=shape)
+    assert header_of(data)["flags"] == Flag.SHAPE | (Flag.KEEP_MASK if with_keep else Flag(0))
+    m = wire.decode(data)
+    assert m.shape == shape and torch.equal(m.labels, labels)
+    assert (m.keep is None) == (keep is None) and (keep is None or torch.equal(m.keep, keep))
+    assert reencode(m) == data
+    # embedded in a control message, the shape survives too
+    ctrl = wire.decode(wire.encode_control(round=4, probe_seed=1, num_probes=2, consensus=data))
+    assert ctrl.consensus.shape == shape and torch.equal(ctrl.consensus.labels, labels)
+
+
+def test_consensus_one_dimensional_is_the_plain_format_and_shape_errors():
+    labels = torch.tensor([2, -1, 0, 1, 1, 0])
+    plain = wire.encode_consensus(labels, 3, round=0)
+    assert header_of(plain)["flags"] == 0 and wire.decode(plain).shape == (6,)
+    assert len(plain) == wire.consensus_message_bytes(6, 3) == wire.consensus_message_bytes(
+        6, 3, shape=(6,))
+    stream = plain[wire.HEADER_BYTES:-4]
+    shaped = wire.encode_consensus(labels.reshape(2, 3), 3, round=0)
+    rejects(reframe(shaped, payload=shape_section(6) + stream), "1-D shape .*non-canonical")
+    rejects(reframe(shaped, payload=shape_section(3, 3) + stream), r"holds 9 labels, but n = 6")
+    rejects(reframe(shaped, payload=shape_section(2, 3)), "payload size mismatch")
+    rejects(reframe(shaped, payload=b""), "no room for the shape")
+    with pytest.raises(ValueError, match=r"labels\[1, 0\] = 3 is outside -1\.\.2"):
+        wire.encode_consensus(torch.tensor([[0, 1], [3, 0]]), 3, round=0)
+    with pytest.raises(ValueError, match="keep must have the labels' shape"):
+        wire.encode_consensus(labels.reshape(2, 3), 3, keep=torch.ones(6, dtype=torch.bool),
+                              round=0)
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (1, 4), ()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_soft_labels_shape_round_trip(lead, dtype):
+    probs = torch.rand(*lead, 5).to(dtype)
+    data = wire.encode_soft_labels(probs, dtype=dtype, round=1, sender=2)
+    n = math.prod(lead)
+    assert len(data) == wire.soft_labels_message_bytes(n, 5, dtype, shape=lead)
+    assert header_of(data)["flags"] == Flag.SHAPE and header_of(data)["n"] == n
+    m = wire.decode(data)
+    assert m.shape == lead and bitwise_equal(m.probs, probs) and reencode(m) == data
+    flat = wire.encode_soft_labels(probs.reshape(n, 5), dtype=dtype, round=1, sender=2)
+    assert header_of(flat)["flags"] == 0 and len(flat) == len(data) - 1 - 4 * len(lead)
+    body = flat[wire.HEADER_BYTES:-4]
+    rejects(reframe(data, payload=shape_section(n) + body), "non-canonical")
+    rejects(reframe(data, payload=shape_section(n + 1, 1) + body), "holds")
+
+
+# --------------------------------------------------------------------------- #
+# SOFT_TOPK: k classes and probabilities per position
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("num_classes", CLASS_COUNTS)
+@pytest.mark.parametrize("positions", [(7,), (2, 3), (), (0,)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_soft_topk_round_trip(num_classes, positions, dtype):
+    rng = np.random.default_rng(num_classes)
+    k = min(num_classes, 4)
+    indices, values = random_topk(rng, positions, k, num_classes, dtype)
+    data = wire.encode_soft_topk(indices, values, num_classes, dtype=dtype, round=5, sender=1)
+    n = indices.numel()
+    assert len(data) == wire.soft_topk_message_bytes(positions, k, num_classes, dtype)
+    h = header_of(data)
+    assert (h["kind"], h["flags"], h["n"], h["aux"]) == (7, 0, n, num_classes)
+    assert h["bits"] == ops.bits_for(num_classes)
+    # layout: the shape section, the packed indices, the values
+    section = shape_section(*positions, k)
+    packed = ops.pack_labels(indices.reshape(-1), num_classes).numpy().tobytes()
+    raw = values.contiguous().numpy().tobytes()
+    assert data[wire.HEADER_BYTES:-4] == section + packed + raw
+    m = wire.decode(data)
+    assert m.shape == (*positions, k) and m.num_classes == num_classes and m.n == n
+    assert torch.equal(m.indices, indices) and bitwise_equal(m.values, values)
+    assert reencode(m) == data
+
+
+def test_soft_topk_size_formula_at_a_language_model_scale():
+    # 8 probe windows of 64 tokens, k = 16 of V = 16,384 (14-bit indices), float16 values
+    size = wire.soft_topk_message_bytes((8, 64), 16, 16384)
+    assert size == 32 + (1 + 3 * 4) + 8 * 64 * 16 * 14 // 8 + 8 * 64 * 16 * 2
+    assert size < wire.soft_labels_message_bytes(8 * 64, 16384, shape=(8, 64)) / 400
+
+
+def test_soft_topk_encode_errors():
+    ok = dict(round=0, sender=0)
+    idx = torch.tensor([[0, 2], [1, 3]])
+    val = torch.tensor([[0.5, 0.2], [0.6, 0.1]])
+    wire.encode_soft_topk(idx, val, 4, **ok)
+    with pytest.raises(TypeError, match="indices"):
+        wire.encode_soft_topk(idx.float(), val, 4, **ok)
+    with pytest.raises(TypeError, match="values"):
+        wire.encode_soft_topk(idx, val.int(), 4, **ok)
+    with pytest.raises(ValueError, match="values must have the indices' shape"):
+        wire.encode_soft_topk(idx, val[:, :1], 4, **ok)
+    with pytest.raises(ValueError, match=r"indices\[1, 1\] = 4 is outside 0\.\.3"):
+        wire.encode_soft_topk(torch.tensor([[0, 2], [1, 4]]), val, 4, **ok)
+    with pytest.raises(ValueError, match="position 1 repeat a class"):
+        wire.encode_soft_topk(torch.tensor([[0, 2], [3, 3]]), val, 4, **ok)
+    with pytest.raises(ValueError, match=r"k = indices.shape\[-1\] must be in 1\.\.num_classes"):
+        wire.encode_soft_topk(torch.zeros(2, 0, dtype=torch.int64), torch.zeros(2, 0), 4, **ok)
+    with pytest.raises(ValueError, match=r"k = indices.shape\[-1\] must be in 1\.\.num_classes"):
+        wire.encode_soft_topk(torch.tensor([[0, 1, 2]]), torch.rand(1, 3), 2, **ok)
+    with pytest.raises(ValueError, match="0-D"):
+        wire.encode_soft_topk(torch.tensor(1), torch.tensor(0.5), 4, **ok)
+    with pytest.raises(ValueError, match="num_classes"):
+        wire.encode_soft_topk(idx, val, 1, **ok)
+    with pytest.raises(ValueError, match="dtype"):
+        wire.encode_soft_topk(idx, val, 4, dtype=torch.bfloat16, **ok)
+
+
+def test_soft_topk_decode_errors():
+    idx = torch.tensor([[0, 2], [1, 3], [4, 0]])
+    val = torch.tensor([[0.5, 0.2], [0.6, 0.1], [0.3, 0.3]], dtype=torch.float16)
+    data = wire.encode_soft_topk(idx, val, 5, round=0, sender=0)  # C = 5: 3-bit indices
+    packed = ops.pack_labels(idx.reshape(-1), 5).numpy().tobytes()
+    raw = val.numpy().tobytes()
+
+    def with_indices(flat):
+        return shape_section(3, 2) + ops.pack_labels(torch.tensor(flat), 8).numpy().tobytes() \
+            + raw
+
+    rejects(reframe(data, payload=with_indices([0, 2, 1, 1, 4, 0])), "position 1 repeat a class")
+    rejects(reframe(data, payload=with_indices([0, 2, 1, 3, 4, 5])), "symbol out of range")
+    rejects(reframe(data, payload=shape_section(3, 2) + packed[:-1] + b"\xff" + raw),
+            "padding|symbol out of range")
+    rejects(reframe(data, payload=shape_section(3, 3) + packed + raw), "holds 9 entries")
+    rejects(reframe(data, payload=shape_section(6, 0) + packed + raw), "holds 0 entries")
+    rejects(reframe(data, payload=shape_section(3, 2) + packed + raw[:-2]),
+            "payload size mismatch")
+    rejects(reframe(data, payload=b""), "no room for the shape")
+    rejects(reframe(data, bits=2), "bits")
+    rejects(reframe(data, aux=1), "num_classes")
+    rejects(reframe(data, aux=2), "bits")
+    rejects(reframe(data, dtype=3), "dtype")
+    rejects(reframe(data, flags=Flag.SHAPE), "unknown flags")
+    rejects(reframe(data, n=U32), "payload size mismatch")
+    # k > C: the 6 entries read as one position of k = 6 classes, with C = 5
+    rejects(reframe(data, payload=shape_section(6) + packed + raw),
+            r"k = 6 .* must be in 1\.\.num_classes = 5")
+    one = wire.encode_soft_topk(torch.tensor([3]), torch.tensor([0.9]), 5, round=0, sender=0)
+    body = one[wire.HEADER_BYTES + 5:-4]  # after the 1-D shape section (5 bytes)
+    rejects(reframe(one, payload=shape_section(ndim=0) + body), "0-D shape")
 
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)
@@ -421,7 +591,9 @@ def test_encode_rejects_bad_arguments():
     with pytest.raises(TypeError, match="keep"):
         wire.encode_consensus(torch.tensor([0]), 3, keep=torch.tensor([1]), round=0)
     with pytest.raises(ValueError, match="probs"):
-        wire.encode_soft_labels(torch.rand(3), **ok)
+        wire.encode_soft_labels(torch.rand(()), **ok)
+    with pytest.raises(ValueError, match="classes"):
+        wire.encode_soft_labels(torch.rand(3, 1), **ok)
     with pytest.raises(ValueError, match="dtype"):
         wire.encode_soft_labels(torch.rand(3, 2), dtype=torch.bfloat16, **ok)
     with pytest.raises(TypeError, match="vector"):
@@ -468,7 +640,7 @@ def test_framing_corruptions(votes_msg):
     rejects(reframe(votes_msg, magic=b"TX"), "magic")
     rejects(reframe(votes_msg, version=2), "version")
     rejects(reframe(votes_msg, version=0), "version")
-    for kind in (0, 7, 255):
+    for kind in (0, 8, 255):
         rejects(reframe(votes_msg, kind=kind), "unknown kind")
     rejects(votes_msg, "unexpected kind VOTES, expected CONSENSUS",
             expect_kind=MessageKind.CONSENSUS)
@@ -616,12 +788,17 @@ def valid_messages(draw):
     num_classes = draw(st.sampled_from(CLASS_COUNTS))
     dtype = draw(st.sampled_from([torch.float32, torch.float16]))
 
+    # a leading shape of n positions: plain (n,), or one sent in a SHAPE section
+    lead = draw(st.sampled_from([(n,), (1, n), (n, 1, 1)] + ([()] if n == 1 else [])))
+
     def consensus():
-        labels = random_symbols(rng, n, num_classes + 1) - 1
-        keep = torch.from_numpy(rng.random(n) < 0.5) if draw(st.booleans()) else None
+        labels = (random_symbols(rng, n, num_classes + 1) - 1).reshape(lead)
+        keep = torch.from_numpy(np.asarray(rng.random(lead) < 0.5)) if draw(st.booleans()) \
+            else None
         data = wire.encode_consensus(labels, num_classes, keep=keep, **common)
         def check(m):
             assert torch.equal(m.labels, labels) and m.num_classes == num_classes
+            assert m.shape == lead
             assert (m.keep is None) == (keep is None)
             assert keep is None or torch.equal(m.keep, keep)
         return data, check
@@ -639,10 +816,17 @@ def valid_messages(draw):
     elif kind == MessageKind.CONSENSUS:
         data, check = consensus()
     elif kind == MessageKind.SOFT_LABELS:
-        probs = torch.from_numpy(rng.random((n, num_classes % 7 + 2))).to(dtype)
+        probs = torch.from_numpy(rng.random((*lead, num_classes % 7 + 2))).to(dtype)
         data = wire.encode_soft_labels(probs, dtype=dtype, **common)
         def check(m):
-            assert bitwise_equal(m.probs, probs)
+            assert bitwise_equal(m.probs, probs) and m.shape == lead
+    elif kind == MessageKind.SOFT_TOPK:
+        k = draw(st.integers(1, min(num_classes, 5)))
+        indices, values = random_topk(rng, lead, k, num_classes, dtype)
+        data = wire.encode_soft_topk(indices, values, num_classes, dtype=dtype, **common)
+        def check(m):
+            assert torch.equal(m.indices, indices) and bitwise_equal(m.values, values)
+            assert m.shape == (*lead, k) and m.num_classes == num_classes
     elif kind == MessageKind.DENSE_PARAMS:
         vector = torch.from_numpy(rng.standard_normal(n)).to(dtype)
         data = wire.encode_dense(vector, dtype=dtype, **common)

@@ -89,7 +89,28 @@ def compare_config(methods: Sequence[str], seeds: Sequence[int],
         raise ValueError("methods must name at least one method")
     base = dataclasses.replace(defaults, method=methods[0], seed=seeds[0] if seeds else 0,
                                **top, **built)
-    return CompareConfig(methods=methods, seeds=seeds, base=base)
+    settings = {}
+    if BYTE_MATCHED in methods:
+        settings[BYTE_MATCHED] = byte_matched_softlabel(base)
+    return CompareConfig(methods=methods, seeds=seeds, base=base, settings=settings)
+
+
+#: The label of softlabel restricted to about tallytrain's uplink bytes.
+BYTE_MATCHED = "softlabel-matched"
+
+
+def byte_matched_softlabel(base: RunConfig) -> Dict[str, Any]:
+    """softlabel at about tallytrain's uplink bytes: float16 soft labels on as
+    many probes per round as fit in one tallytrain VOTES message (at least
+    one). The sizes are those of the real messages (wire.*_message_bytes);
+    the ledger then counts what the runs actually send."""
+    from .. import wire
+    num_classes = load_dataset(base.data).num_classes
+    votes = wire.votes_message_bytes(base.protocol.probes_per_round, num_classes, abstain=True)
+    per_probe = wire.soft_labels_message_bytes(1, num_classes, torch.float16) - wire.OVERHEAD
+    probes = max(1, round((votes - wire.OVERHEAD) / per_probe))
+    return {"method": "softlabel",
+            "protocol": {"softlabel_dtype": "float16", "probes_per_round": probes}}
 
 
 class RunDirError(ValueError):
@@ -191,6 +212,8 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
               "totals": fed.ledger.totals(), "phase_seconds": dict(fed.timer.seconds),
               "adversarial_peers": np.flatnonzero(fed.adversarial).tolist(),
               "undertrained_peers": np.flatnonzero(fed.undertrained).tolist()}
+    if "perplexity" in fed.metrics[-1]:  # sequence tasks
+        result["final_perplexity"] = fed.metrics[-1]["perplexity"]
     report.write_json_atomic(result_path, result)
     return result
 
@@ -418,6 +441,10 @@ def finish(cfg: CompareConfig, out: str, class_counts: np.ndarray) -> dict:
     title = f"{d.dataset}, {cfg.base.peers} peers, {part}, {len(cfg.seeds)} seed(s)"
     report.plot_accuracy_vs_round(rows, os.path.join(out, PLOTS[0]), title)
     report.plot_accuracy_vs_bytes(rows, os.path.join(out, PLOTS[1]), title)
+    if rows and all("perplexity" in r for r in rows):  # sequence tasks
+        report.plot_accuracy_vs_bytes(rows, os.path.join(out, "perplexity_vs_bytes.png"), title,
+                                      key="perplexity",
+                                      ylabel="test perplexity (mean over seeds; lower is better)")
     report.plot_partition(class_counts, os.path.join(out, PLOTS[2]),
                           f"samples per peer and class (seed {cfg.seeds[0]})")
     return summary

@@ -9,7 +9,7 @@ from typing import List
 
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet", "classes")
+PARTITIONS = ("iid", "dirichlet", "classes", "groups")
 
 
 def _check_common(labels: np.ndarray, num_peers: int, min_size: int) -> None:
@@ -134,6 +134,11 @@ def by_group(groups: np.ndarray, num_peers: int, rng: np.random.Generator,
 
 
 def class_counts(labels: np.ndarray, shards: List[np.ndarray], num_classes: int) -> np.ndarray:
-    """[peers, classes] number of samples of each class in each shard."""
-    return np.stack([np.bincount(labels[s], minlength=num_classes) for s in shards]) \
+    """[peers, classes] number of samples of each class in each shard. For
+    sequence labels ``[N, T]`` a sample is a target token: the count is how
+    many of the shard's target positions hold each class, padding (-1) left out."""
+    def count(s: np.ndarray) -> np.ndarray:
+        held = labels[s].reshape(-1)
+        return np.bincount(held[held >= 0], minlength=num_classes)
+    return np.stack([count(s) for s in shards]) \
         if shards else np.zeros((0, num_classes), np.int64)

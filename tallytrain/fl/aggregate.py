@@ -32,8 +32,8 @@ def weighted_average(vectors: torch.Tensor, weights: Sequence[float]) -> torch.T
 
 
 def average_probs(probs: torch.Tensor) -> torch.Tensor:
-    """Mean over peers of [P, N, C] probability tensors, in float32."""
-    if probs.dim() != 3 or probs.shape[0] == 0:
+    """Mean over peers of [P, N, C] (or [P, N, T, C]) probability tensors, in float32."""
+    if probs.dim() < 3 or probs.shape[0] == 0:
         raise ValueError(f"probs must be [P >= 1, N, C], got shape {tuple(probs.shape)}")
     return probs.float().mean(dim=0)
 
@@ -79,9 +79,13 @@ def labels_accuracy(labels: torch.Tensor, truth: torch.Tensor,
     return float((labels[mask] == truth[mask]).float().mean())
 
 
-def share_agreeing(peer_labels: torch.Tensor, consensus_labels: torch.Tensor) -> Optional[float]:
+def share_agreeing(peer_labels: torch.Tensor, consensus_labels: torch.Tensor,
+                   mask: Optional[torch.Tensor] = None) -> Optional[float]:
     """Mean over probes of the share of peers whose label [P, N] equals the
-    consensus label [N] (the agreement measure for methods that do not tally)."""
+    consensus label [N] (the agreement measure for methods that do not tally);
+    ``mask`` [N] (e.g. [N, T] with padding False) limits it to some positions."""
+    if mask is not None:
+        peer_labels, consensus_labels = peer_labels[:, mask], consensus_labels[mask]
     if peer_labels.numel() == 0:
         return None
     return float((peer_labels == consensus_labels[None]).float().mean())

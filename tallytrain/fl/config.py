@@ -20,7 +20,7 @@ def _require(ok: bool, message: str) -> None:
 class DataConfig:
     dataset: str = "digits"
     data_dir: Optional[str] = None
-    partition: str = "dirichlet"         # iid | dirichlet | classes
+    partition: str = "dirichlet"         # iid | dirichlet | classes | groups
     alpha: float = 0.1                   # Dirichlet concentration
     classes_per_peer: int = 2            # for partition="classes"
     min_shard_size: int = 10
@@ -29,13 +29,20 @@ class DataConfig:
     probe_fraction: float = 0.2          # the public probe pool
     max_samples: int = 0                 # 0 = use every sample
     max_test_samples: int = 0            # 0 = the whole test split
-    num_classes: int = 100               # synthetic task only
+    max_probe_samples: int = 0           # cap on the public probe pool (0 = all of it)
+    num_classes: int = 100               # synthetic task and glyphs
     synthetic_dim: int = 32
     samples_per_class: int = 30
     synthetic_noise: float = 0.6
     synthetic_seed: int = 0
+    vocab_size: int = 4096               # pytext: BPE vocabulary = classes
+    context: int = 64                    # pytext: tokens per window
+    renders_per_face: int = 3            # glyphs: jittered renders per class and face
+    fonts: Tuple[str, ...] = ()          # glyphs: font files (empty = matplotlib's DejaVu)
+    cache_dir: Optional[str] = None      # derived data (tokenizers, renders); None = default
 
     def __post_init__(self):
+        object.__setattr__(self, "fonts", tuple(self.fonts))
         _require(self.partition in PARTITIONS,
                  f"unknown partition {self.partition!r}; known partitions: {', '.join(PARTITIONS)}")
         _require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
@@ -51,7 +58,12 @@ class DataConfig:
         _require(self.max_samples >= 0, f"max_samples must be >= 0, got {self.max_samples}")
         _require(self.max_test_samples >= 0,
                  f"max_test_samples must be >= 0, got {self.max_test_samples}")
+        _require(self.max_probe_samples >= 0,
+                 f"--max-probe-samples must be >= 0, got {self.max_probe_samples}")
         _require(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+        _require(self.context >= 1, f"--context must be >= 1, got {self.context}")
+        _require(self.renders_per_face >= 1,
+                 f"--renders-per-face must be >= 1, got {self.renders_per_face}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,7 @@ class ProtocolConfig:
     decentralized: bool = False          # tallytrain: every peer tallies all votes
     prox_mu: float = 0.01                # fedprox
     softlabel_dtype: str = "float32"
+    softlabel_topk: int = 16             # softlabel-topk: classes sent per probe position (k)
     sharpen_temperature: Optional[float] = None  # DS-FL entropy reduction (e.g. 0.1)
     server_distill_steps: int = 50       # feddf
     server_lr: float = 1e-3              # feddf: Adam on the server model (as in FedDF)
@@ -168,6 +181,8 @@ class ProtocolConfig:
         _require(not (self.decentralized and self.participation < 1),
                  "decentralized mode needs participation = 1 (every peer hears every peer)")
         _require(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu}")
+        _require(self.softlabel_topk >= 1,
+                 f"--softlabel-topk must be >= 1, got {self.softlabel_topk}")
         for name in ("softlabel_dtype", "param_dtype"):
             _require(getattr(self, name) in PAYLOAD_DTYPES,
                      f"{name} must be one of {', '.join(PAYLOAD_DTYPES)}, got {getattr(self, name)!r}")
@@ -222,8 +237,9 @@ class CompareConfig:
 
     ``methods`` are the labels of the compared runs. A label is a method name,
     or a key of ``settings`` that names a method and overrides some of its
-    protocol fields, so that one method can appear at several operating
-    points (``{"fedavg-R5": {"method": "fedavg", "protocol": {"merge_period": 5}}}``).
+    protocol and train fields, so that one method can appear at several
+    operating points (``{"fedavg-R5": {"method": "fedavg", "protocol":
+    {"merge_period": 5}}}``) or with one mechanism off (``tallytrain ablate``).
     """
 
     methods: Tuple[str, ...] = ("tallytrain",)
@@ -247,14 +263,16 @@ class CompareConfig:
                      f"label {label!r} must use letters, digits and . _ = - + (not only dots)")
         for label, setting in self.settings.items():
             _require(label in self.methods, f"settings has {label!r}, which methods does not list")
-            _require(isinstance(setting, dict) and set(setting) <= {"method", "protocol"}
+            _require(isinstance(setting, dict)
+                     and set(setting) <= {"method", "protocol", "train"}
                      and isinstance(setting.get("method"), str)
-                     and isinstance(setting.get("protocol", {}), dict),
+                     and all(isinstance(setting.get(k, {}), dict) for k in ("protocol", "train")),
                      f"settings[{label!r}] must be {{'method': name, 'protocol': {{field: "
-                     f"value}}}}, got {setting!r}")
-            unknown = set(setting.get("protocol", {})) - {f.name for f in fields(ProtocolConfig)}
-            _require(not unknown, f"settings[{label!r}] overrides unknown protocol fields: "
-                                  f"{', '.join(sorted(unknown))}")
+                     f"value}}, 'train': {{field: value}}}}, got {setting!r}")
+            for section, cls in (("protocol", ProtocolConfig), ("train", TrainConfig)):
+                unknown = set(setting.get(section, {})) - {f.name for f in fields(cls)}
+                _require(not unknown, f"settings[{label!r}] overrides unknown {section} fields: "
+                                      f"{', '.join(sorted(unknown))}")
             self.run(label, self.seeds[0])  # validates the overridden values
 
     def method_of(self, label: str) -> str:
@@ -263,8 +281,9 @@ class CompareConfig:
     def run(self, label: str, seed: int) -> RunConfig:
         setting = self.settings.get(label, {})
         protocol = dataclasses.replace(self.base.protocol, **setting.get("protocol", {}))
+        train = dataclasses.replace(self.base.train, **setting.get("train", {}))
         return dataclasses.replace(self.base, method=self.method_of(label), seed=seed,
-                                   protocol=protocol)
+                                   protocol=protocol, train=train)
 
     def to_dict(self) -> Dict[str, Any]:
         return to_dict(self)

@@ -19,14 +19,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..comm import Channel, Ledger
 from ..data import FederatedData, probe_subset
-from ..models import build_model
+from ..models import SEQUENCE_ARCHS, build_model
 from ..streams import (ADVERSARY_STREAM, DISTILL_STREAM, INIT_STREAM, PROBE_STREAM,  # noqa: F401
                        ROLE_STREAM, SELECT_STREAM, SERVER_STREAM, TRAIN_STREAM, seed_int)
 from .config import RunConfig, config_diff
-from .peer import LossFn, Objective, Population, hard_label_loss
+from .peer import LossFn, Objective, Population, hard_label_loss, rows_per_chunk
 from .registry import get_method
 from .server import select_peers
 
@@ -77,6 +78,13 @@ def validate(cfg: RunConfig, data: FederatedData) -> None:
             f"probes_per_round ({cfg.protocol.probes_per_round}) exceeds the probe pool of "
             f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction")
     archs = peer_archs(cfg)
+    wrong = [a for a in dict.fromkeys(archs) if (a in SEQUENCE_ARCHS) != data.sequence]
+    if wrong:
+        raise ValueError(
+            f"--archs {','.join(wrong)} does not fit dataset {cfg.data.dataset!r}: "
+            + (f"its samples are token windows with a label per position; use --archs "
+               f"{','.join(SEQUENCE_ARCHS)}" if data.sequence else
+               f"arch {wrong[0]!r} needs token windows (a text dataset such as pytext)"))
     if method_cls.averages_parameters and len(set(archs)) > 1:
         raise ValueError(
             f"method {cfg.method!r} averages parameters, so every peer needs the same "
@@ -269,27 +277,65 @@ class Federation:
 
     @torch.no_grad()
     def evaluate(self, r: int, stats) -> dict:
-        y = self.data.y_test
-        peer_acc = self.population.predict_each(
-            self.data.x_test, range(self.cfg.peers),
-            lambda j, logits: (logits.argmax(-1) == y).float().mean())
-        return self.metrics_row(r, stats, torch.stack(peer_acc))
+        peers = range(self.cfg.peers)
+        if not self.data.sequence:
+            y = self.data.y_test
+            peer_acc = self.population.predict_each(
+                self.data.x_test, peers, lambda j, logits: (logits.argmax(-1) == y).float().mean())
+            return self.metrics_row(r, stats, torch.stack(peer_acc))
+        acc, ppl = self.sequence_scores(
+            lambda x, score: self.population.predict_each(x, peers, lambda j, lg: score(lg)))
+        return self.metrics_row(r, stats, acc, ppl)
+
+    def sequence_scores(self, predict: Callable) -> tuple:
+        """Next-token top-1 accuracy (float32 [M]) and perplexity (float64 [M])
+        of M models on the test windows' real (non-padding) positions.
+        ``predict(x, score)`` runs every model on windows ``x`` and returns
+        ``[score(logits) for each model]``. The windows go in chunks of
+        peer.rows_per_chunk positions, so the logits held at once stay
+        bounded (the whole test split at V = 16,384 would be over 100 GB)."""
+        x, y = self.data.x_test, self.data.y_test
+        step = rows_per_chunk(math.prod(y.shape[1:]))
+        totals = None
+        for i in range(0, len(x), step):
+            target = y[i:i + step]
+            real = target >= 0
+
+            def score(logits: torch.Tensor) -> tuple:
+                correct = int(((logits.argmax(-1) == target) & real).sum())
+                nll = float(F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(),
+                                            ignore_index=-1, reduction="sum"))
+                return correct, nll
+
+            chunk = torch.tensor(predict(x[i:i + step], score), dtype=torch.float64)
+            totals = chunk if totals is None else totals + chunk
+        count = max(int((y >= 0).sum()), 1)
+        return (totals[:, 0] / count).float(), torch.exp(totals[:, 1] / count)
 
     @torch.no_grad()
-    def metrics_row(self, r: int, stats, peer_acc: torch.Tensor) -> dict:
+    def metrics_row(self, r: int, stats, peer_acc: torch.Tensor,
+                    peer_ppl: Optional[torch.Tensor] = None) -> dict:
         """Round r's metrics from the aggregation's stats and the test accuracy
         of each evaluated peer (``peer_acc`` [P']; the Flower adapter passes
-        those its nodes measured)."""
+        those its nodes measured). Sequence tasks add perplexity (``peer_ppl``
+        [P'], and the global model's): accuracy is then next-token top-1
+        accuracy, both over the test windows' real positions."""
         y = self.data.y_test
         g = self.method.global_params()
-        global_acc = None
+        global_acc = global_ppl = None
         if g is not None:
-            glog = self.population.single_group.predict(
-                self.data.x_test, params=self.population.single_group.unflatten(g[None]))
-            global_acc = float((glog[0].argmax(-1) == y).float().mean())
+            group = self.population.single_group
+            params = group.unflatten(g[None])
+            if self.data.sequence:
+                acc, ppl = self.sequence_scores(
+                    lambda x, score: [score(group.predict(x, params=params)[0])])
+                global_acc, global_ppl = float(acc[0]), float(ppl[0])
+            else:
+                glog = group.predict(self.data.x_test, params=params)
+                global_acc = float((glog[0].argmax(-1) == y).float().mean())
         now, cum = self.ledger.totals(r), self.ledger.totals()
         mean_acc = float(peer_acc.mean())
-        return {
+        row = {
             "method": self.cfg.method, "seed": self.cfg.seed, "round": r,
             "accuracy": global_acc if global_acc is not None else mean_acc,
             "peer_acc_mean": mean_acc, "peer_acc_min": float(peer_acc.min()),
@@ -302,6 +348,14 @@ class Federation:
             "cum_bytes_up": cum["uplink"], "cum_bytes_down": cum["downlink"],
             "cum_bytes": cum["total"],
         }
+        if peer_ppl is not None:
+            # The deployed model's, like accuracy: the global model where
+            # there is one, else the mean over peers of each peer's own.
+            mean_ppl = float(peer_ppl.mean())
+            row.update(perplexity=global_ppl if global_ppl is not None else mean_ppl,
+                       peer_ppl_mean=mean_ppl, peer_ppl_min=float(peer_ppl.min()),
+                       peer_ppl_max=float(peer_ppl.max()), global_ppl=global_ppl)
+        return row
 
     def run(self, on_round: Optional[Callable[["Federation"], None]] = None) -> None:
         """Run the remaining rounds; ``on_round`` is called after each one."""

@@ -24,20 +24,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from ..models import build_model, init_params
+from ..models import build_model, init_params, output_positions
 
 Params = Dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Rows per forward call at inference, to bound activation memory.
-_PREDICT_ROWS = 4096
+# Output positions per forward call at inference, to bound activation and
+# logit memory: a classifier's row is one position, a language model's
+# window of T tokens is T positions (4,096 positions of V = 16,384 logits are
+# 256 MiB of float32).
+_PREDICT_POSITIONS = 4096
+
+
+def rows_per_chunk(positions_per_row: int = 1) -> int:
+    """Rows per inference chunk for models with ``positions_per_row`` outputs per row."""
+    return max(1, _PREDICT_POSITIONS // max(1, positions_per_row))
 
 
 def in_row_chunks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                  dim: int) -> torch.Tensor:
-    """f over x in chunks of _PREDICT_ROWS rows (bounded activation memory),
-    the outputs joined along ``dim`` (their row dimension)."""
-    parts = [f(x[i:i + _PREDICT_ROWS]) for i in range(0, max(len(x), 1), _PREDICT_ROWS)]
+                  dim: int, positions_per_row: int = 1) -> torch.Tensor:
+    """f over x in chunks of rows_per_chunk(positions_per_row) rows (bounded
+    activation memory), the outputs joined along ``dim`` (their row dimension)."""
+    step = rows_per_chunk(positions_per_row)
+    parts = [f(x[i:i + step]) for i in range(0, max(len(x), 1), step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
@@ -46,17 +55,73 @@ def in_row_chunks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 # gradient with respect to one peer's parameters is that peer's own gradient.
 # --------------------------------------------------------------------------- #
 def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on hard labels; logits [P, B, C], labels [P, B]."""
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / logits.shape[1]
+    """Cross-entropy on hard labels; logits [P, B, C], labels [P, B].
+
+    Sequences: logits [P, B, T, C], labels [P, B, T] with -1 where there is no
+    target (padding, or a position without a consensus label); each peer's
+    loss is its mean over its real targets (0 when it has none)."""
+    if labels.dim() == 2:
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                               reduction="sum") / logits.shape[1]
+    per_position = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(),
+                                   ignore_index=-1, reduction="none")
+    return per_peer_mean(per_position.view(labels.shape[0], -1),
+                         (labels >= 0).view(labels.shape[0], -1))
+
+
+def per_peer_mean(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Sum over peers of each peer's mean of ``values`` [P, M] over its ``real``
+    [P, M] entries (the others must hold 0); a peer without any gives 0."""
+    count = real.sum(1).clamp(min=1)
+    return (values.sum(1) / count).sum()
 
 
 def soft_label_loss(temperature: float) -> LossFn:
-    """KL(target || softmax(logits / T)) * T^2; targets [P, B, C] probabilities."""
+    """KL(target || softmax(logits / T)) * T^2; targets [P, B, C] probabilities.
+
+    Sequences: logits [P, B, T, C], targets [P, B, T, C]; a position whose
+    target is all zeros (padding) has no target, and each peer's loss is its
+    mean over the positions that have one."""
     t = float(temperature)
 
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(logits.float() / t, dim=-1)
-        return F.kl_div(logp, targets.float(), reduction="sum") * (t * t) / logits.shape[1]
+        if targets.dim() == 3:
+            return F.kl_div(logp, targets.float(), reduction="sum") * (t * t) / logits.shape[1]
+        kl = F.kl_div(logp, targets.float(), reduction="none").sum(-1) * (t * t)
+        peers = targets.shape[0]
+        return per_peer_mean(kl.view(peers, -1), (targets.sum(-1) > 0).view(peers, -1))
+    return loss
+
+
+def topk_label_loss(temperature: float, num_classes: int) -> LossFn:
+    """KL(target || softmax(logits / T)) * T^2 against sparse targets: each
+    position's k largest class probabilities, the rest of the mass spread
+    evenly over the other C - k classes (softlabel-topk's completion; see
+    that method). Targets ``[P, B, (T,) 2k + 1]``: k class indices (stored as
+    floats), their k probabilities, then the position's weight (1, or 0 for
+    padding, which is never distilled on). Each peer's loss is its mean over
+    its weighted positions. Exact, without materialising the dense target:
+    sum over the other classes of log p is sum(log p) minus the top-k terms."""
+    t, c = float(temperature), int(num_classes)
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        k = (targets.shape[-1] - 1) // 2
+        index = targets[..., :k].long()
+        value = targets[..., k:2 * k].float()
+        weight = targets[..., 2 * k].float()
+        logp = F.log_softmax(logits.float() / t, dim=-1)
+        top_logp = logp.gather(-1, index)
+        cross = (value * top_logp).sum(-1)
+        entropy = torch.xlogy(value, value).sum(-1)
+        if c > k:  # with k = C nothing is left to spread
+            rest = (1.0 - value.sum(-1)).clamp(min=0.0)
+            others = rest / (c - k)
+            cross = cross + others * (logp.sum(-1) - top_logp.sum(-1))
+            entropy = entropy + torch.xlogy(rest, others)
+        kl = (entropy - cross) * (t * t) * weight
+        peers = targets.shape[0]
+        return per_peer_mean(kl.reshape(peers, -1), (weight > 0).reshape(peers, -1))
     return loss
 
 
@@ -144,6 +209,7 @@ class PeerGroup:
         self.template = template
         self.ids = list(ids)
         self.params = params
+        self.positions = output_positions(template)  # predictions per input row
         # False once the template failed under vmap (data-dependent control
         # flow, .item(), an op without a batching rule): its peers then run
         # one per call, which gives the same numbers, only slower.
@@ -196,7 +262,7 @@ class PeerGroup:
         outs = []
         for p0 in range(0, count, step):
             sub = {k: v[p0:p0 + step] for k, v in params.items()}
-            outs.append(in_row_chunks(lambda xs: self._shared(sub, xs), x, dim=1))
+            outs.append(in_row_chunks(lambda xs: self._shared(sub, xs), x, 1, self.positions))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     @torch.no_grad()
@@ -210,7 +276,8 @@ class PeerGroup:
         measured bit-identical to the vmapped call's for the bundled
         architectures at one and two threads, so results did not change."""
         params = {k: v[row] for k, v in self.params.items()}
-        return in_row_chunks(lambda xs: functional_call(self.template, params, (xs,)), x, dim=0)
+        return in_row_chunks(lambda xs: functional_call(self.template, params, (xs,)), x, 0,
+                             self.positions)
 
     # ---- training -----------------------------------------------------------
     def fit(self, rows: torch.Tensor, steps: Sequence[int], objectives: Sequence["Batches"],

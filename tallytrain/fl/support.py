@@ -48,7 +48,8 @@ class LocalSupport:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, min_count: int,
                  radius_quantile: Optional[float]):
         self.min_count = int(min_count)
-        counts = torch.bincount(y, minlength=num_classes)
+        # Sequence labels [m, T]: target tokens, padding (-1) left out.
+        counts = torch.bincount(y[y >= 0], minlength=num_classes)
         self.class_ok = counts >= self.min_count
         self.radius = None
         if radius_quantile is not None and x.dtype.is_floating_point and len(x):
@@ -71,6 +72,9 @@ class LocalSupport:
         for label in torch.unique(labels[ok]).tolist():
             rows = torch.nonzero(ok & (labels == label)).flatten()
             mine = self.x[self.y == label]
+            if not len(mine):  # --support-min 0: a class the shard never saw backs nothing
+                ok[rows] = False
+                continue
             near = torch.cat([torch.cdist(xp[rows[i:i + _ROWS]], mine).min(1).values
                               for i in range(0, len(rows), _ROWS)])
             ok[rows] = near <= self.radius

@@ -65,19 +65,26 @@ class SoftLabel(Method):
                 proto = fed.cfg.protocol
                 self.memory[p] = SoftLabelMemory(
                     pool_size, fed.num_classes, proto.memory_max_age if proto.softlabel_memory
-                    else 1)
+                    else 1, fed.data.position_shape)
             memory = self.memory[p]
             if len(inbox[p]) == 2:  # from round 1 on: control + soft labels
                 ctrl, soft = inbox[p]
-                memory.update(fed.probe_indices(r - 1, ctrl.probe_seed), soft.probs.float(), r - 1)
+                where = fed.probe_indices(r - 1, ctrl.probe_seed)
+                probs = soft.probs.float()
+                mask = fed.data.probe_mask(where)
+                if mask is not None:  # an all-zero target: padding is never distilled on
+                    probs = probs * mask.unsqueeze(-1)
+                memory.update(where, probs, r - 1)
             idx = memory.held()
             # Peers that received the same messages hold the same labels:
             # their stamps say so without comparing N x C floats.
             targets[p] = (fed.data.x_probe, memory.probs, idx, memory.stamp.numpy().tobytes())
-            held += len(idx)
-            correct += int((memory.probs[idx].argmax(-1) == fed.data.y_probe[idx]).sum())
+            truth = fed.data.y_probe[idx]
+            held += int((truth >= 0).sum())
+            correct += int((memory.probs[idx].argmax(-1) == truth).sum())
+        positions = int((fed.data.y_probe >= 0).sum())  # the pool's real positions
         self._peer_stats = {
-            "memory_fraction": held / (len(selected) * pool_size) if selected else None,
+            "memory_fraction": held / (len(selected) * positions) if selected else None,
             "memory_acc": correct / held if held else None}
         fed.learn(r, selected, targets, soft_label_loss(fed.cfg.train.temperature))
 
@@ -106,8 +113,9 @@ class SoftLabel(Method):
         self.previous = avg
         consensus = avg.argmax(-1)
         truth = fed.data.y_probe[fed.probe_indices(r)]
-        return RoundStats(consensus_acc=labels_accuracy(consensus, truth),
-                          agreement=share_agreeing(probs.argmax(-1), consensus),
+        real = truth >= 0  # sequence tasks: padding is no position
+        return RoundStats(consensus_acc=labels_accuracy(consensus, truth, real),
+                          agreement=share_agreeing(probs.argmax(-1), consensus, real),
                           **self._peer_stats)
 
     def state_dict(self):
@@ -126,8 +134,9 @@ class SoftLabelMemory:
     replaced when a newer one arrives, expired ``max_age`` rounds after it
     arrived (0 = never)."""
 
-    def __init__(self, pool_size: int, num_classes: int, max_age: int = 0):
-        self.probs = torch.zeros(pool_size, num_classes)
+    def __init__(self, pool_size: int, num_classes: int, max_age: int = 0,
+                 position_shape: tuple = ()):
+        self.probs = torch.zeros(pool_size, *position_shape, num_classes)
         self.stamp = torch.full((pool_size,), -1, dtype=torch.int64)
         self.max_age = int(max_age)
 

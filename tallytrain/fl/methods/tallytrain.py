@@ -57,7 +57,8 @@ class TallyTrain(Method):
         proto = fed.cfg.protocol
         self.num_classes = fed.num_classes
         self.support_filter = proto.support_min > 0 or proto.support_radius is not None
-        self.abstain = proto.abstain_below is not None or self.support_filter
+        # Sequence tasks: padding abstains (a mask), so every vote stream can.
+        self.abstain = proto.abstain_below is not None or self.support_filter or fed.data.sequence
         # Peer side, local knowledge only: what each peer's shard backs.
         self.support = {}
         if self.support_filter:
@@ -83,7 +84,8 @@ class TallyTrain(Method):
     def memory_of(self, peer: int) -> ConsensusMemory:
         if peer not in self.memory:
             max_age = self.fed.cfg.protocol.memory_max_age or None
-            self.memory[peer] = ConsensusMemory(self.pool_size, max_age=max_age)
+            self.memory[peer] = ConsensusMemory(self.pool_size, max_age=max_age,
+                                                position_shape=self.fed.data.position_shape)
         return self.memory[peer]
 
     # ---- 1. downlink --------------------------------------------------------
@@ -123,13 +125,15 @@ class TallyTrain(Method):
                 cons, probe_seed = got
                 memory.update(fed.probe_indices(r - 1, probe_seed), cons, r - 1)
             idx, labels = memory.labels()
-            y = torch.zeros(self.pool_size, dtype=torch.int64)
+            # -1: no target (a position without a label, or padding)
+            y = torch.full(fed.data.y_probe.shape, -1, dtype=torch.int64)
             y[idx] = labels
             targets[p] = (fed.data.x_probe, y, idx)
-            held += len(idx)
-            correct += int((labels == fed.data.y_probe[idx]).sum())
+            held += int((labels >= 0).sum())
+            correct += int(((labels == fed.data.y_probe[idx]) & (labels >= 0)).sum())
+        positions = int((fed.data.y_probe >= 0).sum())  # the pool's real positions
         self._peer_stats = {
-            "memory_fraction": held / (len(selected) * self.pool_size) if selected else None,
+            "memory_fraction": held / (len(selected) * positions) if selected else None,
             "memory_acc": correct / held if held else None}
         fed.learn(r, selected, targets, hard_label_loss)
         if self.voters is not None:
@@ -143,14 +147,17 @@ class TallyTrain(Method):
         out = []
         self._votes = {}
         x_probe = fed.data.x_probe[fed.probe_indices(r)]
+        mask = fed.data.probe_mask(fed.probe_indices(r))  # padding never votes
 
         def peer_vote(p, logits) -> Votes:  # packed while the logits are still in cache
             with fed.timer("ops"):
                 if fed.adversarial[p]:
                     bad = corrupt_labels(logits.argmax(-1), c, proto.adversarial_mode,
                                          fed.adversary_generator(r, p))
+                    if mask is not None:
+                        bad = bad.masked_fill(~mask, -1)
                     return Votes.from_labels(bad, c, abstain=self.abstain)
-                votes = vote(logits, abstain_below=proto.abstain_below)
+                votes = vote(logits, abstain_below=proto.abstain_below, mask=mask)
                 if not self.support_filter:
                     return votes
                 labels = votes.labels()
@@ -197,18 +204,27 @@ class TallyTrain(Method):
             return tally([votes[p] for p in peers], weights=self.reputation_weights(peers),
                          agreement=proto.agreement_threshold, min_votes=proto.min_votes)
 
-    def _judge(self, votes: Dict[int, Votes], c: Consensus) -> float:
-        """Add each peer's agreement with the kept consensus to its record;
-        returns the share of votes that abstained."""
+    def _judge(self, votes: Dict[int, Votes], real: torch.Tensor) -> float:
+        """Add to each peer's record how its votes agreed with the kept
+        consensus of the other peers (leave-one-out: a vote that decided a
+        probe alone would otherwise agree with itself); returns the share of
+        votes that abstained over the ``real`` positions (padding is not a
+        choice to abstain)."""
         abstained, cast = 0, 0
         for p, v in votes.items():
             labels = v.labels()
             voted = labels >= 0
+            abstained += int((~voted & real).sum())
+            cast += int(real.sum())
+            if not self.fed.cfg.protocol.reputation:
+                continue
+            others = {q: w for q, w in votes.items() if q != p}
+            if not others:
+                continue
+            c = self._tally(others)
             judged = voted & c.keep
             self.votes_judged[p] += int(judged.sum())
             self.votes_agreed[p] += int((judged & (labels == c.labels)).sum())
-            abstained += int((~voted).sum())
-            cast += labels.numel()
         return abstained / cast if cast else 0.0
 
     def aggregate(self, r, selected, received):
@@ -233,12 +249,13 @@ class TallyTrain(Method):
             with fed.timer("messaging"):
                 self.previous = wire.encode_consensus(c.labels, self.num_classes, keep=keep,
                                                       round=r, sender=wire.SERVER)
+        real = truth >= 0  # sequence tasks: padding is no position
         with fed.timer("aggregation"):
-            abstained = self._judge(votes, c)
+            abstained = self._judge(votes, real)
         kept = c.labels[c.keep]
         return RoundStats(consensus_acc=labels_accuracy(c.labels, truth, c.keep),
                           agreement=mean_agreement(c),
-                          kept_fraction=float(c.keep.float().mean()),
+                          kept_fraction=float(c.keep[real].float().mean()),
                           classes_covered=len(torch.unique(kept)) / self.num_classes,
                           abstained=abstained, **self._peer_stats)
 
