@@ -7,6 +7,8 @@
 #   make vector-check    the CPU kernels compile with every vector operation in SIMD
 #   make check-aarch64   the CPU kernels compile for aarch64 (needs g++-aarch64-linux-gnu)
 #   make simt-coverage   which lines of the CUDA kernels the tests never run (on the CPU model)
+#   make lint            ruff, mypy (the public API) and clang-format --dry-run over csrc (CI runs it)
+#   make format          apply ruff's fixes and clang-format in place
 # Everything installs from this repository's own files into $(VENV).
 
 PYTHON ?= python3
@@ -27,7 +29,7 @@ DEMO_OUT ?= runs/digits-alpha0.1
 PYTEST_ARGS ?=
 
 .PHONY: setup install demo test test-native test-reference test-simt-asan test-levels \
-        vector-check check-aarch64 simt-coverage bench info clean
+        vector-check check-aarch64 simt-coverage bench info clean lint format
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +54,23 @@ demo: install
 	  --rounds 20 --seeds 3 --out $(DEMO_OUT) --overwrite
 
 test: install test-native test-reference test-simt-asan
+
+# Static checks; the tools' versions are pinned so that CI and pre-commit
+# (.pre-commit-config.yaml) agree. Configuration: pyproject.toml, .clang-format.
+LINT_TOOLS = ruff==0.17.6 mypy==2.4.1 clang-format==23.1.5
+CXX_SOURCES = $(sort $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/include/tallytrain/*.h))
+$(VENV)/.lint: | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q $(LINT_TOOLS)
+	touch $@
+
+lint: $(VENV)/.lint $(VENV)/.deps
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(VENV)/.lint
+	$(BIN)/ruff check --fix .
+	$(BIN)/clang-format -i $(CXX_SOURCES)
 
 test-native: install
 	TALLYTRAIN_BACKEND=native $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

@@ -41,8 +41,8 @@ void register_kernels() {
   if (registered) return;
   registered = true;
   for (const tallytrain::PendingKernels& p : tallytrain::pending_kernels()) {
-    libraries.push_back(std::make_unique<torch::Library>(torch::Library::IMPL, "tallytrain",
-                                                         p.key, p.file, p.line));
+    libraries.push_back(std::make_unique<torch::Library>(torch::Library::IMPL, "tallytrain", p.key,
+                                                         p.file, p.line));
     p.block(*libraries.back());
   }
 }

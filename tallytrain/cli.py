@@ -230,7 +230,7 @@ def _common(p: argparse.ArgumentParser, values: Dict[str, str]) -> None:
                    help="import a module (mypkg.myplugin) or .py file that registers datasets "
                         "and models by name (docs/api.md); repeatable")
     groups: Dict[Optional[str], Any] = {}
-    for name, (section, f) in option_fields().items():
+    for section, f in option_fields().values():
         title = section or "federation"
         if title not in groups:
             groups[title] = p.add_argument_group(title)

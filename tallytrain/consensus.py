@@ -44,7 +44,7 @@ class Consensus(NamedTuple):
     labels: torch.Tensor
     keep: torch.Tensor
     agreement: torch.Tensor
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, by design
     total: torch.Tensor
 
     @classmethod
@@ -94,7 +94,7 @@ class ConsensusLike(Protocol):
 def _fraction(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
+    if not 0.0 <= float(value) <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return float(value)
 
@@ -244,6 +244,8 @@ def consensus_loss(logits: torch.Tensor, consensus: Union[ConsensusLike, torch.T
             f"logits must be [..., C] with C >= 2 classes, got shape {tuple(logits.shape)}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    labels: Optional[torch.Tensor]
+    keep: Optional[torch.Tensor]
     if isinstance(consensus, torch.Tensor) and not consensus.dtype.is_floating_point:
         labels, keep = consensus, torch.ones_like(consensus, dtype=torch.bool)
     else:

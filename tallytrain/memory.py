@@ -84,10 +84,11 @@ class ConsensusMemory:
         self._positions = math.prod(self._position_shape)  # positions per probe
         self._device = torch.device(device)
         shape = (self._pool_size, *self._position_shape)
-        i64 = dict(dtype=torch.int64, device=self._device)
-        self._labels = torch.full(shape, -1, **i64)        # -1 = nothing held
-        self._stamps = torch.full((self._pool_size,), -1, **i64)  # round that wrote the probe
-        self._held = torch.zeros(self._pool_size, **i64)   # held positions per probe
+        i64, dev = torch.int64, self._device
+        self._labels = torch.full(shape, -1, dtype=i64, device=dev)  # -1 = nothing held
+        # the round that wrote each probe, and the positions held per probe
+        self._stamps = torch.full((self._pool_size,), -1, dtype=i64, device=dev)
+        self._held = torch.zeros(self._pool_size, dtype=i64, device=dev)
         self._round = -1                                    # latest update's round
 
     # ---- facts ----------------------------------------------------------------

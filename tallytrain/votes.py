@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -189,6 +189,9 @@ class Votes:
         The header's round and sender are not kept: use ``wire.decode`` to
         read them."""
         m = wire.decode(data, expect_kind=wire.MessageKind.VOTES)
+        # A decoded VOTES message has every one of these fields.
+        assert m.packed is not None and m.shape is not None
+        assert m.num_classes is not None and m.abstain is not None
         return cls(m.packed, m.shape, m.num_classes, m.abstain)
 
     # ---- comparison -------------------------------------------------------------

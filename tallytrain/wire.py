@@ -104,11 +104,11 @@ _ALLOWED_FLAGS: Dict[MessageKind, Flag] = {
 }
 
 # torch dtype -> (wire code, little-endian numpy dtype)
-_FLOAT_CODES = {
+_FLOAT_CODES: Dict[torch.dtype, Tuple[WireDtype, np.dtype]] = {
     torch.float16: (WireDtype.FLOAT16, np.dtype("<f2")),
     torch.float32: (WireDtype.FLOAT32, np.dtype("<f4")),
 }
-_FLOAT_BY_CODE = {code: (tdt, ndt) for tdt, (code, ndt) in _FLOAT_CODES.items()}
+_FLOAT_BY_CODE: Dict[WireDtype, Tuple[torch.dtype, np.dtype]] = {code: (tdt, ndt) for tdt, (code, ndt) in _FLOAT_CODES.items()}
 
 
 # --------------------------------------------------------------------------- #
@@ -164,7 +164,7 @@ class Message:
         return all(_same(getattr(self, f.name), getattr(other, f.name))
                    for f in dataclasses.fields(self))
 
-    __hash__ = None  # tensors are mutable
+    __hash__ = None  # type: ignore[assignment]  # tensors are mutable
 
 
 def _same(a, b) -> bool:
@@ -295,7 +295,7 @@ def _frame(kind: MessageKind, flags: Flag, bits: int, dtype: WireDtype, round: i
            sender: int, n: int, aux: int, parts: Sequence) -> bytes:
     round = _uint(round, "round")
     sender = _uint(sender, "sender")
-    views = [memoryview(p.reshape(-1).view(np.uint8)) if isinstance(p, np.ndarray)
+    views = [p.reshape(-1).view(np.uint8).data if isinstance(p, np.ndarray)
              else _byte_view(p) for p in parts]
     payload_len = sum(v.nbytes for v in views)
     if payload_len > U32_MAX:
@@ -557,7 +557,7 @@ def encode_control(*, round: int, probe_seed: int, num_probes: int,
     previous round's consensus message (embedded whole, validated here)."""
     fields = _CONTROL.pack(_uint(probe_seed, "probe_seed", U64_MAX),
                            _uint(num_probes, "num_probes"))
-    parts = [fields]
+    parts: list = [fields]
     flags = Flag(0)
     if consensus is not None:
         if not isinstance(consensus, (bytes, bytearray, memoryview)):

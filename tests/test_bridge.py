@@ -114,7 +114,7 @@ def test_merge_with_every_parameter_is_the_dense_weighted_average():
     seen = spy_on_merges(fed)
     fed.run()
     assert len(seen) == 2
-    for _, before, after, update in seen:
+    for _, before, after, _update in seen:
         average = aggregate.weighted_average(before, fed.shard_sizes)
         torch.testing.assert_close(after, average.expand(4, -1), rtol=0, atol=2e-6)
     assert float(fed.method.residual.abs().max()) == 0.0

@@ -4,7 +4,6 @@ abstention (by label and by input), votes from local-only models, reputation
 weights, and the distillation schedule."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import pytest
@@ -143,7 +142,9 @@ def test_support_aware_abstention_raises_consensus_accuracy():
     their shard does not back; the kept consensus is less accurate."""
     on = run(config(rounds=5, votes_from="distilled"))
     off = run(config(rounds=5, votes_from="distilled", support_min=0, support_radius=None))
-    acc = lambda f: sum(r["consensus_acc"] or 0 for r in f.metrics[1:]) / (len(f.metrics) - 1)
+    def acc(fed):
+        return sum(r["consensus_acc"] or 0 for r in fed.metrics[1:]) / (len(fed.metrics) - 1)
+
     assert acc(on) > acc(off)
 
 

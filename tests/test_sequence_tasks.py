@@ -331,7 +331,7 @@ def test_tallytrain_votes_token_windows_and_padding_never_votes(text_data, stdli
     real = text_data.y_probe[idx] >= 0
     assert not bool(real.all())  # some padding among the probes, or the test proves nothing
     fed.run_round(0)
-    for p, votes in fed.method._votes.items():
+    for votes in fed.method._votes.values():
         assert votes.shape == (pool, CONTEXT) and votes.abstain
         assert (votes.labels()[~real] == -1).all() and (votes.labels()[real] >= 0).all()
     # the consensus goes down with its shape, padding without a label

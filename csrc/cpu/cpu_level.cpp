@@ -15,10 +15,14 @@ namespace {
 bool cpu_runs(Level level) {
 #if TT_X86_LEVELS
   switch (level) {
-    case Level::kV4: return __builtin_cpu_supports("x86-64-v4");
-    case Level::kV3: return __builtin_cpu_supports("x86-64-v3");
-    case Level::kV2: return __builtin_cpu_supports("x86-64-v2");
-    case Level::kBaseline: return true;
+    case Level::kV4:
+      return __builtin_cpu_supports("x86-64-v4");
+    case Level::kV3:
+      return __builtin_cpu_supports("x86-64-v3");
+    case Level::kV2:
+      return __builtin_cpu_supports("x86-64-v2");
+    case Level::kBaseline:
+      return true;
   }
   return false;
 #else
@@ -30,10 +34,14 @@ bool cpu_runs(Level level) {
 
 const char* level_name(Level level) {
   switch (level) {
-    case Level::kV4: return "v4";
-    case Level::kV3: return "v3";
-    case Level::kV2: return "v2";
-    case Level::kBaseline: break;
+    case Level::kV4:
+      return "v4";
+    case Level::kV3:
+      return "v3";
+    case Level::kV2:
+      return "v2";
+    case Level::kBaseline:
+      break;
   }
   return "baseline";
 }

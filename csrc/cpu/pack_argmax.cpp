@@ -97,8 +97,10 @@ struct Float16Bits {
   static TT_INLINE Key key(Raw raw) { return key_f16bits(raw, kExpMask); }
   static constexpr int kFloatVecs = 2;
   static TT_INLINE Float widen_to_float(const typename S::u32& h) {
-    if constexpr (kExpMask == kBFloat16ExpMask) return bf16_to_f32(h);
-    else return f16_to_f32(h);
+    if constexpr (kExpMask == kBFloat16ExpMask)
+      return bf16_to_f32(h);
+    else
+      return f16_to_f32(h);
   }
   static TT_INLINE void to_float(const KeyVec& raw, Float* out) {
     out[0] = widen_to_float(widen<0>(raw));
@@ -142,7 +144,7 @@ template <class F>
 struct RowArgmax {
   int64_t index;
   typename F::Key key;
-  typename F::Key second;  // the second-largest key (ties count twice); with kSecond only
+  typename F::Key second;    // the second-largest key (ties count twice); with kSecond only
   bool second_exact = true;  // else `second` is a lower bound (see long_row_argmax_f32)
 };
 
@@ -305,8 +307,7 @@ TT_INLINE bool row_has_nan(const uint32_t* bits, int64_t cols) {
   U magnitude = {};
   int64_t j = 0;
   for (; j + L <= cols; j += L) magnitude = vmax(magnitude, load<U>(bits + j) & 0x7fffffffu);
-  if (j < cols)
-    magnitude = vmax(magnitude, load_partial<U>(bits + j, int(cols - j)) & 0x7fffffffu);
+  if (j < cols) magnitude = vmax(magnitude, load_partial<U>(bits + j, int(cols - j)) & 0x7fffffffu);
   return hmax(magnitude) > 0x7f800000u;
 }
 
@@ -369,7 +370,7 @@ TT_INLINE RowArgmax<Float32<S>> long_row_argmax_f32(const uint32_t* bits, int64_
   F best[2] = {F{} + kLowest, F{} + kLowest};  // an all -inf row: index 0
   I where[2] = {I{}, I{}};
   F poison[4] = {};
-  const auto block = [&](int c, int64_t at, const F (&v)[4]) {
+  const auto block = [&](int c, int64_t at, const F(&v)[4]) {
     const F m = vmax(vmax(v[0], v[1]), vmax(v[2], v[3]));
     const auto greater = m > best[c];
     best[c] = greater ? m : best[c];
@@ -536,10 +537,10 @@ struct Job {
   int64_t row_stride;  // elements
   int64_t cols;
   int bits;
-  bool need_prob;      // return_prob or abstention
+  bool need_prob;  // return_prob or abstention
   bool abstain;
-  float threshold;     // abstain_below as float32, as torch compares it
-  float* prob;         // [N] or nullptr when not returned
+  float threshold;  // abstain_below as float32, as torch compares it
+  float* prob;      // [N] or nullptr when not returned
   uint8_t* packed;
 };
 
@@ -562,10 +563,9 @@ TT_INLINE void pack_long_rows_as(const Job& job, int64_t r0, int64_t r1) {
   const Raw* data = static_cast<const Raw*>(job.data);
   constexpr double kNoStop = std::numeric_limits<double>::infinity();
   // A partial sum above this makes p < threshold by more than the margin.
-  const double stop_above =
-      kDecisionOnly && job.threshold > 0.0f
-          ? (1.0 + kDecisionMargin) / static_cast<double>(job.threshold)
-          : kNoStop;
+  const double stop_above = kDecisionOnly && job.threshold > 0.0f
+                                ? (1.0 + kDecisionMargin) / static_cast<double>(job.threshold)
+                                : kNoStop;
   const DecisionGaps gaps(job.threshold, job.cols);
   BitWriter out(job.packed + r0 * job.bits / 8);
   for (int64_t r = r0; r < r1; ++r) {
@@ -583,16 +583,19 @@ TT_INLINE void pack_long_rows_as(const Job& job, int64_t r0, int64_t r1) {
           // every gap votes: threshold 0).
           if (d == Decision::kVote && !a.second_exact && gaps.vote_from_gap > -kInfinity) {
             if constexpr (F::kIsFloat32)
-              d = gaps.decide(max_value, max_excluding<typename F::Isa>(
-                                             reinterpret_cast<const float*>(row), job.cols,
-                                             a.index));
+              d = gaps.decide(max_value,
+                              max_excluding<typename F::Isa>(reinterpret_cast<const float*>(row),
+                                                             job.cols, a.index));
           }
         }
         // Stand-ins on the decided side of the threshold (never returned:
         // this mode has no probability output).
-        if (d == Decision::kVote) prob = 1.0f;
-        else if (d == Decision::kAbstain) prob = 0.0f;
-        else prob = long_row_prob<F>(row, job.cols, max_value, stop_above);
+        if (d == Decision::kVote)
+          prob = 1.0f;
+        else if (d == Decision::kAbstain)
+          prob = 0.0f;
+        else
+          prob = long_row_prob<F>(row, job.cols, max_value, stop_above);
       }
     }
     out.put(emit(job, r, a.index, prob), job.bits);
@@ -602,8 +605,10 @@ TT_INLINE void pack_long_rows_as(const Job& job, int64_t r0, int64_t r1) {
 
 template <class F>
 TT_INLINE void pack_long_rows(const Job& job, int64_t r0, int64_t r1) {
-  if (job.abstain && job.prob == nullptr) pack_long_rows_as<F, true>(job, r0, r1);
-  else pack_long_rows_as<F, false>(job, r0, r1);
+  if (job.abstain && job.prob == nullptr)
+    pack_long_rows_as<F, true>(job, r0, r1);
+  else
+    pack_long_rows_as<F, false>(job, r0, r1);
 }
 
 // The element bits of each lane's key (see raw_of_key).
@@ -717,8 +722,10 @@ TT_INLINE void pack_short_rows(const Job& job, int64_t r0, int64_t r1) {
 
 template <class F>
 TT_INLINE void pack_rows(const Job& job, int64_t r0, int64_t r1) {
-  if (uses_short_rows(job.cols, job.need_prob)) pack_short_rows<F>(job, r0, r1);
-  else pack_long_rows<F>(job, r0, r1);
+  if (uses_short_rows(job.cols, job.need_prob))
+    pack_short_rows<F>(job, r0, r1);
+  else
+    pack_long_rows<F>(job, r0, r1);
 }
 
 // Rows [r0, r1) of one dtype (Float32, BFloat16 or Float16), compiled for
@@ -732,7 +739,7 @@ struct PackRows {
 };
 
 std::tuple<at::Tensor, at::Tensor> pack_argmax_cpu(const at::Tensor& logits, bool return_prob,
-                                                    std::optional<double> abstain_below) {
+                                                   std::optional<double> abstain_below) {
   const int bits = check_pack_argmax_args(logits, abstain_below);
   const at::ScalarType dtype = logits.scalar_type();
   const int64_t n = logits.size(0);
@@ -763,9 +770,12 @@ std::tuple<at::Tensor, at::Tensor> pack_argmax_cpu(const at::Tensor& logits, boo
   job.packed = packed.data_ptr<uint8_t>();
 
   const auto pack = [&](int64_t r0, int64_t r1) {
-    if (dtype == at::kFloat) dispatch<PackRows<Float32>>(job, r0, r1);
-    else if (dtype == at::kBFloat16) dispatch<PackRows<BFloat16>>(job, r0, r1);
-    else dispatch<PackRows<Float16>>(job, r0, r1);
+    if (dtype == at::kFloat)
+      dispatch<PackRows<Float32>>(job, r0, r1);
+    else if (dtype == at::kBFloat16)
+      dispatch<PackRows<BFloat16>>(job, r0, r1);
+    else
+      dispatch<PackRows<Float16>>(job, r0, r1);
   };
   // Tasks are runs of whole groups of 8 rows, so that each starts and ends on
   // a byte boundary of the stream, of at least ~64K elements. Threads take

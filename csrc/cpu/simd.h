@@ -72,13 +72,13 @@ struct Isa {
 template <Level L>
 struct Compiled;
 
-#define TT_COMPILED_LEVEL(level, target_attribute)                                  \
-  template <>                                                                       \
-  struct Compiled<level> {                                                          \
-    template <class K, class... A>                                                  \
-    target_attribute __attribute__((noinline)) static auto run(A... a) {            \
-      return K::template run<Isa<level>>(a...);                                     \
-    }                                                                               \
+#define TT_COMPILED_LEVEL(level, target_attribute)                       \
+  template <>                                                            \
+  struct Compiled<level> {                                               \
+    template <class K, class... A>                                       \
+    target_attribute __attribute__((noinline)) static auto run(A... a) { \
+      return K::template run<Isa<level>>(a...);                          \
+    }                                                                    \
   };
 
 TT_COMPILED_LEVEL(Level::kBaseline, )
@@ -93,10 +93,14 @@ template <class K, class... A>
 TT_INLINE auto dispatch(A... a) {
 #if TT_X86_LEVELS
   switch (active_level()) {
-    case Level::kV4: return Compiled<Level::kV4>::run<K>(a...);
-    case Level::kV3: return Compiled<Level::kV3>::run<K>(a...);
-    case Level::kV2: return Compiled<Level::kV2>::run<K>(a...);
-    case Level::kBaseline: break;
+    case Level::kV4:
+      return Compiled<Level::kV4>::run<K>(a...);
+    case Level::kV3:
+      return Compiled<Level::kV3>::run<K>(a...);
+    case Level::kV2:
+      return Compiled<Level::kV2>::run<K>(a...);
+    case Level::kBaseline:
+      break;
   }
 #endif
   return Compiled<Level::kBaseline>::run<K>(a...);
@@ -165,8 +169,10 @@ TT_INLINE V iota() {
 template <int kBy, bool kZeroFill, typename V, size_t... I>
 TT_INLINE V lanes_down(const V& v, std::index_sequence<I...>) {
   constexpr int n = kLanes<V>;
-  if constexpr (kZeroFill) return __builtin_shufflevector(v, V{}, (I + kBy < n ? I + kBy : n)...);
-  else return __builtin_shufflevector(v, v, ((I + kBy) % n)...);
+  if constexpr (kZeroFill)
+    return __builtin_shufflevector(v, V{}, (I + kBy < n ? I + kBy : n)...);
+  else
+    return __builtin_shufflevector(v, v, ((I + kBy) % n)...);
 }
 
 // Largest lane (of a vector without NaN): halving to 16 bytes, then moving

@@ -25,8 +25,8 @@ constexpr int64_t kTile = int64_t(1) << 16;  // dense elements per parallel task
 
 // Adds peer entries [lo, hi) into out, contrib = Out(value) (* scale).
 template <typename Out, typename Value>
-void add_peer(const int64_t* idx, const Value* val, int64_t lo, int64_t hi, bool scaled,
-              Out scale, Out* out) {
+void add_peer(const int64_t* idx, const Value* val, int64_t lo, int64_t hi, bool scaled, Out scale,
+              Out* out) {
   if (scaled) {
     for (int64_t j = lo; j < hi; ++j) out[idx[j]] += static_cast<Out>(val[j]) * scale;
   } else {
@@ -79,10 +79,10 @@ at::Tensor sparse_merge_cpu(at::TensorList indices, at::TensorList values, int64
         const int64_t lo = std::lower_bound(ip, ip + k, a) - ip;
         const int64_t hi = std::lower_bound(ip + lo, ip + k, b) - ip;
         const Out scale = static_cast<Out>(scales[p]);
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val[p].scalar_type(),
-                                        "sparse_merge_peer", [&] {
-          add_peer<Out>(ip, val[p].const_data_ptr<scalar_t>(), lo, hi, scaled, scale, op);
-        });
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kHalf, at::kBFloat16, val[p].scalar_type(), "sparse_merge_peer", [&] {
+              add_peer<Out>(ip, val[p].const_data_ptr<scalar_t>(), lo, hi, scaled, scale, op);
+            });
       }
     });
   });

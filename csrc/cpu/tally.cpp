@@ -71,10 +71,10 @@ struct Problem {
   const uint8_t* votes;  // [P, nbytes]
   int64_t peers, nbytes, n;
   int b;
-  uint64_t num_classes;   // C; symbols >= C are ignored (abstain) or invalid
-  uint64_t num_symbols;   // C or C + 1
-  const int64_t* weights; // [P] (>= 0), or nullptr for all ones
-  uint64_t weight_sum;    // summed weight of all peers
+  uint64_t num_classes;    // C; symbols >= C are ignored (abstain) or invalid
+  uint64_t num_symbols;    // C or C + 1
+  const int64_t* weights;  // [P] (>= 0), or nullptr for all ones
+  uint64_t weight_sum;     // summed weight of all peers
 };
 
 struct Outputs {
@@ -94,8 +94,8 @@ TT_INLINE void store_widened(const Vec<uint8_t, 16>& v, Out* out) {
   using U8 = Vec<uint8_t, 16>;
   using U16 = Vec<uint16_t, 16>;
   const U8 zero = {};
-  const U16 low = (U16)__builtin_shufflevector(v, zero, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
-                                               6, 22, 7, 23);
+  const U16 low =
+      (U16)__builtin_shufflevector(v, zero, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const U16 high = (U16)__builtin_shufflevector(v, zero, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
                                                 29, 14, 30, 15, 31);
   if constexpr (sizeof(Out) == 2) {
@@ -130,10 +130,10 @@ TT_INLINE void unpack_fields_of_16_bytes(const uint8_t* src, Out* out) {
   for (int half = kFields / 2; half >= 1; half /= 2) {
     U8 next[kFields];
     for (int k = 0; k < kFields / 2; ++k) {
-      next[2 * k] = __builtin_shufflevector(v[k], v[k + kFields / 2], 0, 16, 1, 17, 2, 18, 3, 19,
-                                            4, 20, 5, 21, 6, 22, 7, 23);
-      next[2 * k + 1] = __builtin_shufflevector(v[k], v[k + kFields / 2], 8, 24, 9, 25, 10, 26,
-                                                11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      next[2 * k] = __builtin_shufflevector(v[k], v[k + kFields / 2], 0, 16, 1, 17, 2, 18, 3, 19, 4,
+                                            20, 5, 21, 6, 22, 7, 23);
+      next[2 * k + 1] = __builtin_shufflevector(v[k], v[k + kFields / 2], 8, 24, 9, 25, 10, 26, 11,
+                                                27, 12, 28, 13, 29, 14, 30, 15, 31);
     }
     for (int k = 0; k < kFields; ++k) v[k] = next[k];
   }
@@ -333,9 +333,10 @@ TT_INLINE void unpack_block(const Problem& pr, int64_t p, int64_t i0, int64_t le
   unpack_bits<S, Out, kMaxBits>(pr.b, stream, pr.nbytes, i0, len, out);
   if (pr.num_symbols < (uint64_t(1) << pr.b) &&
       __builtin_expect(any_at_least(out, len, static_cast<Out>(pr.num_symbols)), 0)) {
-    const int64_t j = std::find_if(out, out + len, [&](Out v) {
-      return static_cast<uint64_t>(v) >= pr.num_symbols;
-    }) - out;
+    const int64_t j =
+        std::find_if(out, out + len,
+                     [&](Out v) { return static_cast<uint64_t>(v) >= pr.num_symbols; }) -
+        out;
     *first_bad = std::min(*first_bad, p * pr.n + i0 + j);
   }
 }
@@ -345,8 +346,8 @@ TT_INLINE void unpack_block(const Problem& pr, int64_t p, int64_t i0, int64_t le
 template <int kMaxBits>
 struct UnpackBlock {
   template <class S>
-  static TT_INLINE void run(const Problem* pr, int64_t p, int64_t i0, int64_t len,
-                            uint32_t* out, int64_t* first_bad) {
+  static TT_INLINE void run(const Problem* pr, int64_t p, int64_t i0, int64_t len, uint32_t* out,
+                            int64_t* first_bad) {
     unpack_block<S, uint32_t, kMaxBits>(*pr, p, i0, len, out, first_bad);
   }
 };
@@ -356,8 +357,8 @@ inline uint64_t weight_of(const Problem& pr, int64_t p) {
 }
 
 // Writes probe i's result. The winner is meaningful only when total > 0.
-inline void store(const Outputs& out, int64_t i, uint64_t total, uint32_t winner,
-                  uint64_t count, uint64_t runner_up) {
+inline void store(const Outputs& out, int64_t i, uint64_t total, uint32_t winner, uint64_t count,
+                  uint64_t runner_up) {
   const bool none = total == 0;
   out.label[i] = none ? -1 : static_cast<int64_t>(winner);
   out.count[i] = none ? 0 : static_cast<int64_t>(count);
@@ -522,10 +523,9 @@ constexpr int64_t kTableInterleaveBytes = 1 << 20;
 // per peer) into tables keys + k * num_keys, writes probes [i, i + K), and
 // leaves every touched entry reset to its count-0 key.
 template <int K, bool kWeighted, bool kAbstain, typename Key>
-TT_INLINE void table_probes(const Problem& pr, const Outputs& out,
-                                                        const uint32_t* tile, int64_t block,
-                                                        int64_t j, int64_t i, Key* keys,
-                                                        uint32_t num_keys, const Key* increment) {
+TT_INLINE void table_probes(const Problem& pr, const Outputs& out, const uint32_t* tile,
+                            int64_t block, int64_t j, int64_t i, Key* keys, uint32_t num_keys,
+                            const Key* increment) {
   constexpr Key kOne = Key(1) << kClassBits;
   const uint32_t abstain = static_cast<uint32_t>(pr.num_classes);
   Key best[K] = {}, ignored[K] = {}, runner[K] = {};
@@ -608,9 +608,8 @@ __attribute__((noinline)) void tally_table(const Problem& pr, const Outputs& out
     int64_t j = 0;
     if (tables == kTableInterleave)
       for (; j + kTableInterleave <= len; j += kTableInterleave)
-        table_probes<kTableInterleave, kWeighted, kAbstain>(pr, out, tile.data(), block, j,
-                                                            j0 + j, keys.data(), num_keys,
-                                                            increment.data());
+        table_probes<kTableInterleave, kWeighted, kAbstain>(
+            pr, out, tile.data(), block, j, j0 + j, keys.data(), num_keys, increment.data());
     for (; j < len; ++j)
       table_probes<1, kWeighted, kAbstain>(pr, out, tile.data(), block, j, j0 + j, keys.data(),
                                            num_keys, increment.data());
@@ -663,8 +662,8 @@ __attribute__((noinline)) void tally_sorted(const Problem& pr, const Outputs& ou
 }
 
 template <typename Key>
-void tally_table_keys(const Problem& pr, const Outputs& out, int64_t block, int64_t i0,
-                      int64_t i1, int64_t* first_bad, bool abstain) {
+void tally_table_keys(const Problem& pr, const Outputs& out, int64_t block, int64_t i0, int64_t i1,
+                      int64_t* first_bad, bool abstain) {
   if (pr.weights)
     abstain ? tally_table<true, true, Key>(pr, out, block, i0, i1, first_bad)
             : tally_table<true, false, Key>(pr, out, block, i0, i1, first_bad);
@@ -688,11 +687,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
              total = at::empty({n}, opts), runner_up = at::empty({n}, opts);
   if (n == 0) return {label, count, total, runner_up};
 
-  Problem pr{v.data_ptr<uint8_t>(), peers, v.size(1), n, b, static_cast<uint64_t>(num_classes),
+  Problem pr{v.data_ptr<uint8_t>(),
+             peers,
+             v.size(1),
+             n,
+             b,
+             static_cast<uint64_t>(num_classes),
              static_cast<uint64_t>(num_symbols),
-             w.host.defined() ? w.host.const_data_ptr<int64_t>() : nullptr, w.sum};
-  const Outputs out{label.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
-                    total.data_ptr<int64_t>(), runner_up.data_ptr<int64_t>()};
+             w.host.defined() ? w.host.const_data_ptr<int64_t>() : nullptr,
+             w.sum};
+  const Outputs out{label.data_ptr<int64_t>(), count.data_ptr<int64_t>(), total.data_ptr<int64_t>(),
+                    runner_up.data_ptr<int64_t>()};
   // Counts never exceed the summed weight: narrow counts when it fits.
   const uint64_t wsum = pr.weight_sum;
   const bool fits16 = wsum <= static_cast<uint64_t>(std::numeric_limits<int16_t>::max());
@@ -758,8 +763,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tally_cpu(
   if (bad != std::numeric_limits<int64_t>::max()) {
     const int64_t p = bad / n, i = bad % n;
     fail_symbol_out_of_range(
-        "votes", static_cast<int64_t>(read_symbol(pr.votes + p * pr.nbytes, pr.nbytes, i, b)),
-        bad, num_symbols);
+        "votes", static_cast<int64_t>(read_symbol(pr.votes + p * pr.nbytes, pr.nbytes, i, b)), bad,
+        num_symbols);
   }
   return {label, count, total, runner_up};
 }

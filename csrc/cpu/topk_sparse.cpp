@@ -45,13 +45,13 @@ namespace {
 
 using namespace simd;
 
-constexpr int64_t kBlock = int64_t(1) << 15;   // elements per parallel block
+constexpr int64_t kBlock = int64_t(1) << 15;  // elements per parallel block
 // Sample size: 1/16 of x within these bounds (all of a small x). Selecting in the sample costs
 // about as much as the candidate pass over x, so a small x takes a small
 // sample (bridge merges select in ~1e5 parameters every round).
 constexpr int64_t kSampleSize = int64_t(1) << 15;
 constexpr int64_t kMinSampleSize = int64_t(1) << 12;
-constexpr double kSampleSigmas = 4.0;          // over-provisioning of the threshold
+constexpr double kSampleSigmas = 4.0;  // over-provisioning of the threshold
 
 // Bits of each float type, the key of +infinity (every NaN key is larger), and
 // x + residual rounded exactly as torch's CPU add rounds it (16-bit floats are
@@ -119,9 +119,7 @@ struct SumValues {
   static constexpr bool kVectors = std::is_floating_point_v<T>;
   const T* x;
   const T* residual;
-  BitsOf<T> operator()(int64_t i) const {
-    return bits_of(FloatTraits<T>::add(x[i], residual[i]));
-  }
+  BitsOf<T> operator()(int64_t i) const { return bits_of(FloatTraits<T>::add(x[i], residual[i])); }
   template <typename V>
   TT_INLINE V bits(int64_t i) const {
     using F = Like<T, V>;
@@ -170,8 +168,7 @@ BitsOf<T> sample_threshold(const Values& values, int64_t m, int64_t k, int64_t* 
   const int64_t s = m <= 4 * kMinSampleSize ? m : std::clamp(m / 16, kMinSampleSize, kSampleSize);
   std::vector<BitsOf<T>> keys(s);
   at::parallel_for(0, s, 4096, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i)
-      keys[i] = K::key(values(s == m ? i : sample_position(i, s, m)));
+    for (int64_t i = a; i < b; ++i) keys[i] = K::key(values(s == m ? i : sample_position(i, s, m)));
   });
   const double mean = static_cast<double>(s) * static_cast<double>(k) / static_cast<double>(m);
   const auto rank = static_cast<int64_t>(std::ceil(mean + kSampleSigmas * std::sqrt(mean) + 2));
@@ -212,9 +209,8 @@ TT_INLINE V hits(const Values& values, int64_t i, const V& below) {
 template <typename T, typename Values>
 struct ScanBlock {
   template <class S>
-  static TT_INLINE int64_t run(const Values* values_, int64_t i0, int64_t i1,
-                               BitsOf<T> threshold, bool collect, int64_t cap,
-                               std::vector<Candidate<BitsOf<T>>>* out) {
+  static TT_INLINE int64_t run(const Values* values_, int64_t i0, int64_t i1, BitsOf<T> threshold,
+                               bool collect, int64_t cap, std::vector<Candidate<BitsOf<T>>>* out) {
     using K = Keys<T>;
     using Bits = BitsOf<T>;
     const Values& values = *values_;
@@ -270,8 +266,8 @@ Scan<BitsOf<T>> collect(const Values& values, int64_t m, BitsOf<T> threshold, in
       const int64_t i0 = blk * kBlock, i1 = std::min(m, i0 + kBlock);
       auto& out = scan.blocks[blk];
       const bool collecting = !overflow.load(std::memory_order_relaxed);
-      const int64_t nan = dispatch<ScanBlock<T, Values>>(&values, i0, i1, threshold, collecting,
-                                                         cap, &out);
+      const int64_t nan =
+          dispatch<ScanBlock<T, Values>>(&values, i0, i1, threshold, collecting, cap, &out);
       if (nan >= 0) record_first(first_nan, nan);
       const auto size = static_cast<int64_t>(out.size());
       if (collecting && (size > cap || total.fetch_add(size) + size > cap)) overflow = true;

@@ -16,8 +16,8 @@ namespace {
 
 // Decodes symbols [i0, i1) into out; returns the first position in the range
 // holding a symbol >= num_symbols, or i1.
-int64_t unpack_range(const uint8_t* stream, int64_t nbytes, int b, int64_t num_symbols,
-                     int64_t i0, int64_t i1, int64_t* out) {
+int64_t unpack_range(const uint8_t* stream, int64_t nbytes, int b, int64_t num_symbols, int64_t i0,
+                     int64_t i1, int64_t* out) {
   const uint64_t mask = (uint64_t(1) << b) - 1;
   // Symbols whose 8-byte window lies inside the stream:
   // floor(i*b/8) + 8 <= nbytes  <=>  i*b <= 8*nbytes - 57.

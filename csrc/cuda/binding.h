@@ -32,11 +32,11 @@ namespace cuda {
 
 #ifdef TALLYTRAIN_SIMT
 #define TALLYTRAIN_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(tallytrain_simt, CPU, m)
-#define TALLYTRAIN_CUDA_CHECK(expr)                                                    \
-  do {                                                                                 \
-    const cudaError_t tallytrain_err_ = (expr);                                        \
-    TORCH_CHECK(tallytrain_err_ == cudaSuccess, "CUDA error: ",                        \
-                cudaGetErrorString(tallytrain_err_));                                  \
+#define TALLYTRAIN_CUDA_CHECK(expr)                                   \
+  do {                                                                \
+    const cudaError_t tallytrain_err_ = (expr);                       \
+    TORCH_CHECK(tallytrain_err_ == cudaSuccess,                       \
+                "CUDA error: ", cudaGetErrorString(tallytrain_err_)); \
   } while (0)
 struct DeviceGuard {
   explicit DeviceGuard(const c10::Device&) {}
@@ -54,10 +54,14 @@ inline bool on_device(const c10::Device& d) { return d.is_cuda(); }
 
 inline FloatType float_type(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return FloatType::kFloat32;
-    case at::kHalf: return FloatType::kFloat16;
-    case at::kBFloat16: return FloatType::kBFloat16;
-    default: break;
+    case at::kFloat:
+      return FloatType::kFloat32;
+    case at::kHalf:
+      return FloatType::kFloat16;
+    case at::kBFloat16:
+      return FloatType::kBFloat16;
+    default:
+      break;
   }
   TORCH_CHECK_TYPE(t == at::kDouble, "unsupported floating dtype ", t);
   return FloatType::kFloat64;
@@ -65,11 +69,16 @@ inline FloatType float_type(at::ScalarType t) {
 
 inline IntType int_type(at::ScalarType t) {
   switch (t) {
-    case at::kByte: return IntType::kUInt8;
-    case at::kChar: return IntType::kInt8;
-    case at::kShort: return IntType::kInt16;
-    case at::kInt: return IntType::kInt32;
-    default: break;
+    case at::kByte:
+      return IntType::kUInt8;
+    case at::kChar:
+      return IntType::kInt8;
+    case at::kShort:
+      return IntType::kInt16;
+    case at::kInt:
+      return IntType::kInt32;
+    default:
+      break;
   }
   TORCH_CHECK_TYPE(t == at::kLong, "unsupported integer dtype ", t);
   return IntType::kInt64;

@@ -29,13 +29,13 @@ struct PackArgmaxArgs {
   const void* logits;  // [rows, cols] contiguous
   FloatType dtype;     // kFloat32, kFloat16 or kBFloat16
   int64_t rows;
-  int64_t cols;        // 2 <= cols < 2**32
-  bool abstain;        // rows whose prob is not >= abstain_below emit symbol `cols`
+  int64_t cols;  // 2 <= cols < 2**32
+  bool abstain;  // rows whose prob is not >= abstain_below emit symbol `cols`
   float abstain_below;
-  int bits;            // bits_for(cols) or bits_for(cols + 1) with abstain
-  uint8_t* out;        // ceil(rows * bits / 8) bytes, 4-byte aligned
+  int bits;      // bits_for(cols) or bits_for(cols + 1) with abstain
+  uint8_t* out;  // ceil(rows * bits / 8) bytes, 4-byte aligned
   int64_t out_bytes;
-  float* prob;         // [rows] top-1 probabilities, or nullptr when not needed
+  float* prob;  // [rows] top-1 probabilities, or nullptr when not needed
 };
 cudaError_t launch_pack_argmax(const PackArgmaxArgs& args, const Allocator& alloc,
                                cudaStream_t stream);
@@ -60,7 +60,7 @@ struct UnpackLabelsArgs {
   int64_t n;
   int64_t num_symbols;
   int bits;
-  int64_t* out;  // [n]
+  int64_t* out;                   // [n]
   unsigned long long* first_bad;  // may be nullptr when num_symbols is a power of two
 };
 cudaError_t launch_unpack_labels(const UnpackLabelsArgs& args, cudaStream_t stream);
@@ -71,11 +71,11 @@ struct TallyArgs {
   int64_t peers;
   int64_t n;
   int64_t num_classes;
-  bool abstain;          // symbol num_classes is an abstention
+  bool abstain;  // symbol num_classes is an abstention
   int bits;
-  int64_t num_symbols;   // num_classes (+ 1 with abstain)
+  int64_t num_symbols;     // num_classes (+ 1 with abstain)
   const int64_t* weights;  // [peers] on the device, each >= 0; nullptr: all 1
-  bool wide_counts;      // the summed weight may exceed INT32_MAX
+  bool wide_counts;        // the summed weight may exceed INT32_MAX
   int64_t* label;
   int64_t* count;
   int64_t* total;
@@ -87,10 +87,10 @@ cudaError_t launch_tally(const TallyArgs& args, const Allocator& alloc, cudaStre
 // ---- topk_sparse / topk_sparse_ef -------------------------------------------
 struct TopkArgs {
   FloatType dtype;
-  const void* x;    // [m] contiguous
-  void* residual;   // [m] contiguous, updated in place; nullptr for plain top-k
+  const void* x;   // [m] contiguous
+  void* residual;  // [m] contiguous, updated in place; nullptr for plain top-k
   int64_t m;
-  int64_t k;        // 0 <= k <= m
+  int64_t k;             // 0 <= k <= m
   int64_t* out_indices;  // [k]
   void* out_values;      // [k] of dtype
 };

@@ -31,7 +31,7 @@ constexpr int kThreads = 256;
 // Longer rows go a warp each: a block owns 256 rows and stages them T tiles
 // after one another, which would leave too few blocks for moderate N.
 constexpr int64_t kStagedMaxRowBytes = 512;
-constexpr int kUnroll = 4;                     // 16-byte loads in flight per lane
+constexpr int kUnroll = 4;  // 16-byte loads in flight per lane
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -175,7 +175,8 @@ __device__ void store_packed_rows(const uint32_t* sym, int nrows, int64_t row0,
   const int64_t word0 = (row0 / 32) * b;
   for (int t = threadIdx.x; t < words; t += blockDim.x) {
     const int group = t / b;
-    store_stream_word(p.out, p.out_bytes, word0 + t, pack_word32(sym + 32 * group, b, t - group * b));
+    store_stream_word(p.out, p.out_bytes, word0 + t,
+                      pack_word32(sym + 32 * group, b, t - group * b));
   }
 }
 
@@ -229,8 +230,8 @@ __device__ __forceinline__ void scan_range(const typename E::Bits* row, int64_t 
 // reduced by T consecutive lanes.
 template <class E, int T, bool kProb>
 __global__ void __launch_bounds__(kThreads)
-    argmax_staged_kernel(const typename E::Bits* __restrict__ logits, int64_t rows,
-                         int64_t cols, PackParams p) {
+    argmax_staged_kernel(const typename E::Bits* __restrict__ logits, int64_t rows, int64_t cols,
+                         PackParams p) {
   using Bits = typename E::Bits;
   constexpr int kVec = 16 / sizeof(Bits);
   constexpr int kRowsPerTile = kThreads / T;
@@ -277,7 +278,8 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     acc_reduce_lanes<kProb>(a, T);
-    if (lane == 0) sym[t * kRowsPerTile + r_local] = row < rows ? finish_row<E, kProb>(a, row, p) : 0;
+    if (lane == 0)
+      sym[t * kRowsPerTile + r_local] = row < rows ? finish_row<E, kProb>(a, row, p) : 0;
     __syncthreads();  // the next tile overwrites the staging buffer
   }
   __syncthreads();
@@ -374,7 +376,8 @@ cudaError_t launch_typed(const PackArgmaxArgs& args, const PackParams& p, const 
   }
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   // Split rows when there are too few to keep ~16 warps per SM busy, into
   // chunks of >= 4096 columns, aiming at ~4 blocks of 8 warps per SM.
@@ -396,8 +399,9 @@ cudaError_t launch_typed(const PackArgmaxArgs& args, const PackParams& p, const 
             partial, args.rows, static_cast<int>(chunks), p);
     return cudaGetLastError();
   }
-  argmax_warp_kernel<E, kProb><<<static_cast<unsigned>((args.rows + 31) / 32), kThreads, 0, stream>>>(
-      logits, args.rows, args.cols, p);
+  argmax_warp_kernel<E, kProb>
+      <<<static_cast<unsigned>((args.rows + 31) / 32), kThreads, 0, stream>>>(logits, args.rows,
+                                                                              args.cols, p);
   return cudaGetLastError();
 }
 
@@ -423,10 +427,14 @@ cudaError_t launch_pack_argmax(const PackArgmaxArgs& args, const Allocator& allo
   p.abstain_below = args.abstain_below;
   p.abstain_symbol = static_cast<uint32_t>(args.cols);
   switch (args.dtype) {
-    case FloatType::kFloat32: return launch_dtype<F32>(args, p, alloc, stream);
-    case FloatType::kFloat16: return launch_dtype<F16>(args, p, alloc, stream);
-    case FloatType::kBFloat16: return launch_dtype<BF16>(args, p, alloc, stream);
-    default: return cudaErrorInvalidValue;
+    case FloatType::kFloat32:
+      return launch_dtype<F32>(args, p, alloc, stream);
+    case FloatType::kFloat16:
+      return launch_dtype<F16>(args, p, alloc, stream);
+    case FloatType::kBFloat16:
+      return launch_dtype<BF16>(args, p, alloc, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

@@ -45,13 +45,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    unpack_labels_kernel(const uint8_t* __restrict__ packed, int64_t n, int64_t num_symbols,
-                         int b, int64_t* __restrict__ out,
-                         unsigned long long* __restrict__ first_bad) {
+    unpack_labels_kernel(const uint8_t* __restrict__ packed, int64_t n, int64_t num_symbols, int b,
+                         int64_t* __restrict__ out, unsigned long long* __restrict__ first_bad) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= n) return;
   const uint32_t s = read_symbol_exact(packed, i, b);
-  if (static_cast<int64_t>(s) >= num_symbols) atomicMin(first_bad, static_cast<unsigned long long>(i));
+  if (static_cast<int64_t>(s) >= num_symbols)
+    atomicMin(first_bad, static_cast<unsigned long long>(i));
   out[i] = static_cast<int64_t>(s);
 }
 
@@ -59,8 +59,7 @@ template <typename T>
 cudaError_t launch_pack(const PackLabelsArgs& a, cudaStream_t stream) {
   const int64_t blocks = (a.n + kThreads - 1) / kThreads;
   pack_labels_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(a.labels), a.n, a.num_symbols, a.bits, a.out, a.out_bytes,
-      a.first_bad);
+      static_cast<const T*>(a.labels), a.n, a.num_symbols, a.bits, a.out, a.out_bytes, a.first_bad);
   return cudaGetLastError();
 }
 
@@ -69,12 +68,18 @@ cudaError_t launch_pack(const PackLabelsArgs& a, cudaStream_t stream) {
 cudaError_t launch_pack_labels(const PackLabelsArgs& args, cudaStream_t stream) {
   if (args.n == 0) return cudaSuccess;
   switch (args.dtype) {
-    case IntType::kUInt8: return launch_pack<uint8_t>(args, stream);
-    case IntType::kInt8: return launch_pack<int8_t>(args, stream);
-    case IntType::kInt16: return launch_pack<int16_t>(args, stream);
-    case IntType::kInt32: return launch_pack<int32_t>(args, stream);
-    case IntType::kInt64: return launch_pack<int64_t>(args, stream);
-    default: return cudaErrorInvalidValue;
+    case IntType::kUInt8:
+      return launch_pack<uint8_t>(args, stream);
+    case IntType::kInt8:
+      return launch_pack<int8_t>(args, stream);
+    case IntType::kInt16:
+      return launch_pack<int16_t>(args, stream);
+    case IntType::kInt32:
+      return launch_pack<int32_t>(args, stream);
+    case IntType::kInt64:
+      return launch_pack<int64_t>(args, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

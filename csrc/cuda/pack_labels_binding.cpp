@@ -49,8 +49,7 @@ at::Tensor unpack_labels_cuda(const at::Tensor& packed, int64_t n, int64_t num_s
   TALLYTRAIN_CUDA_CHECK(launch_unpack_labels(args, current_stream()));
   if (check) {
     const int64_t bad = read_first_bad(flag);
-    if (bad >= 0)
-      fail_symbol_out_of_range("packed", out[bad].item<int64_t>(), bad, num_symbols);
+    if (bad >= 0) fail_symbol_out_of_range("packed", out[bad].item<int64_t>(), bad, num_symbols);
   }
   return out;
 }

@@ -26,8 +26,8 @@ __global__ void __launch_bounds__(kThreads)
     validate_kernel(const IndexList* __restrict__ lists, int64_t size, int* __restrict__ flags) {
   const int64_t p = blockIdx.y;
   const IndexList list = lists[p];
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-       i < list.length; i += static_cast<int64_t>(gridDim.x) * kThreads) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < list.length;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t v = list.indices[i];
     if ((i == 0 && v < 0) || (i == list.length - 1 && v >= size)) atomicOr(flags + 2 * p, 1);
     if (i > 0 && v <= list.indices[i - 1]) atomicOr(flags + 2 * p + 1, 1);
@@ -37,16 +37,36 @@ __global__ void __launch_bounds__(kThreads)
 // The value as the output dtype, like Tensor.to(dtype).
 template <typename V, typename O>
 __device__ __forceinline__ O convert(V v);
-template <> __device__ __forceinline__ float convert<float, float>(float v) { return v; }
-template <> __device__ __forceinline__ float convert<double, float>(double v) { return __double2float_rn(v); }
-template <> __device__ __forceinline__ float convert<__half, float>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float convert<uint16_t, float>(uint16_t v) {  // bfloat16 bits
+template <>
+__device__ __forceinline__ float convert<float, float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ float convert<double, float>(double v) {
+  return __double2float_rn(v);
+}
+template <>
+__device__ __forceinline__ float convert<__half, float>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float convert<uint16_t, float>(uint16_t v) {  // bfloat16 bits
   return __uint_as_float(static_cast<uint32_t>(v) << 16);
 }
-template <> __device__ __forceinline__ double convert<float, double>(float v) { return v; }
-template <> __device__ __forceinline__ double convert<double, double>(double v) { return v; }
-template <> __device__ __forceinline__ double convert<__half, double>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ double convert<uint16_t, double>(uint16_t v) {
+template <>
+__device__ __forceinline__ double convert<float, double>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ double convert<double, double>(double v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ double convert<__half, double>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ double convert<uint16_t, double>(uint16_t v) {
   return __uint_as_float(static_cast<uint32_t>(v) << 16);
 }
 
@@ -87,10 +107,14 @@ cudaError_t launch_merge(const MergePeerArgs& a, cudaStream_t stream) {
 template <typename O>
 cudaError_t launch_out(const MergePeerArgs& a, cudaStream_t stream) {
   switch (a.values_dtype) {
-    case FloatType::kFloat32: return launch_merge<float, O>(a, stream);
-    case FloatType::kFloat64: return launch_merge<double, O>(a, stream);
-    case FloatType::kFloat16: return launch_merge<__half, O>(a, stream);
-    case FloatType::kBFloat16: return launch_merge<uint16_t, O>(a, stream);
+    case FloatType::kFloat32:
+      return launch_merge<float, O>(a, stream);
+    case FloatType::kFloat64:
+      return launch_merge<double, O>(a, stream);
+    case FloatType::kFloat16:
+      return launch_merge<__half, O>(a, stream);
+    case FloatType::kBFloat16:
+      return launch_merge<uint16_t, O>(a, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -55,9 +55,9 @@ at::Tensor sparse_merge_cuda(at::TensorList indices, at::TensorList values, int6
   if (checked > 0) {
     const at::Tensor lists = lists_host.to(device);
     at::Tensor flags = at::zeros({2 * checked}, at::TensorOptions().dtype(at::kInt).device(device));
-    TALLYTRAIN_CUDA_CHECK(launch_sparse_merge_validate(
-        reinterpret_cast<const IndexList*>(lists.data_ptr()), checked, size, max_length,
-        flags.data_ptr<int>(), stream));
+    TALLYTRAIN_CUDA_CHECK(
+        launch_sparse_merge_validate(reinterpret_cast<const IndexList*>(lists.data_ptr()), checked,
+                                     size, max_length, flags.data_ptr<int>(), stream));
     const at::Tensor flags_host = flags.cpu();
     const int* fp = flags_host.data_ptr<int>();
     for (int64_t p = 0; p < checked; ++p) {

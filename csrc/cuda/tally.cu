@@ -33,8 +33,8 @@ namespace {
 constexpr int kSmallPeers = 32;
 constexpr int kSmallThreads = 256;
 constexpr int64_t kDirectMaxClasses = 4096;
-constexpr size_t kTableSmemBudget = 48 * 1024;  // all of a block's tables
-constexpr size_t kBlockSmemBudget = 72 * 1024;  // tables + staging: 3 blocks per H100 SM
+constexpr size_t kTableSmemBudget = 48 * 1024;   // all of a block's tables
+constexpr size_t kBlockSmemBudget = 72 * 1024;   // tables + staging: 3 blocks per H100 SM
 constexpr unsigned long long kEmptyKey = ~0ull;  // no class (classes are < 2**32)
 constexpr unsigned long long kNoVote = 1ull << 32;
 
@@ -174,11 +174,11 @@ __global__ void __launch_bounds__(kSmallThreads) tally_small_kernel(TallyParams 
 
 // ---- P > 32: one warp per probe ----------------------------------------------------------
 struct LargePlan {
-  int run;                 // probes per run (a multiple of 8)
-  int stage_words;         // 32-bit words per staged stream row (odd: no bank conflicts)
-  size_t stage_bytes;      // offset of the tables in shared memory (16-aligned)
-  size_t table_bytes;      // one warp's table (16-aligned)
-  int hash_bits;           // log2 of the hash table's slots
+  int run;                       // probes per run (a multiple of 8)
+  int stage_words;               // 32-bit words per staged stream row (odd: no bank conflicts)
+  size_t stage_bytes;            // offset of the tables in shared memory (16-aligned)
+  size_t table_bytes;            // one warp's table (16-aligned)
+  int hash_bits;                 // log2 of the hash table's slots
   unsigned char* global_tables;  // nullptr: tables in shared memory
 };
 
@@ -194,8 +194,7 @@ __device__ __forceinline__ CountT warp_sum(CountT v) {
 }
 
 template <typename CountT, bool kDirect, bool kStaged>
-__global__ void __launch_bounds__(256)
-    tally_large_kernel(TallyParams p, LargePlan plan) {
+__global__ void __launch_bounds__(256) tally_large_kernel(TallyParams p, LargePlan plan) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warps = blockDim.x / 32;
   const int warp = threadIdx.x / 32;
@@ -212,8 +211,8 @@ __global__ void __launch_bounds__(256)
           : smem + plan.stage_bytes + static_cast<size_t>(warp) * plan.table_bytes;
   const uint32_t slots = kDirect ? static_cast<uint32_t>(p.num_classes) : (1u << plan.hash_bits);
   unsigned long long* keys = reinterpret_cast<unsigned long long*>(table);
-  CountT* counts = kDirect ? reinterpret_cast<CountT*>(table)
-                           : reinterpret_cast<CountT*>(keys + slots);
+  CountT* counts =
+      kDirect ? reinterpret_cast<CountT*>(table) : reinterpret_cast<CountT*>(keys + slots);
   for (uint32_t k = lane; k < slots; k += 32) {
     if (!kDirect) keys[k] = kEmptyKey;
     counts[k] = 0;
@@ -360,7 +359,8 @@ cudaError_t launch_large(const TallyParams& p, LargePlan plan, int warps, bool g
                                static_cast<int>(smem));
   int device = 0, sms = 0, per_sm = 0;
   if (err == cudaSuccess) err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem);
   if (err != cudaSuccess) return err;
@@ -412,8 +412,9 @@ cudaError_t launch_counted(const TallyArgs& a, const TallyParams& p, const Alloc
   }
   if (plan.run == 0) {  // too many peers to stage: read the streams directly
     plan.run = 32;
-    return direct ? launch_large<CountT, true, false>(p, plan, warps, global_tables, alloc, stream)
-                  : launch_large<CountT, false, false>(p, plan, warps, global_tables, alloc, stream);
+    return direct
+               ? launch_large<CountT, true, false>(p, plan, warps, global_tables, alloc, stream)
+               : launch_large<CountT, false, false>(p, plan, warps, global_tables, alloc, stream);
   }
   return direct ? launch_large<CountT, true, true>(p, plan, warps, global_tables, alloc, stream)
                 : launch_large<CountT, false, true>(p, plan, warps, global_tables, alloc, stream);

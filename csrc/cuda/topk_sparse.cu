@@ -44,10 +44,10 @@ using u64 = unsigned long long;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kVecsPerThread = 4;    // tile = 256 threads x 4 vectors
-constexpr int kFieldBits = 16;       // per-vector counts packed in one 64-bit scan
+constexpr int kVecsPerThread = 4;  // tile = 256 threads x 4 vectors
+constexpr int kFieldBits = 16;     // per-vector counts packed in one 64-bit scan
 constexpr int64_t kSampleSize = 1 << 18;
-constexpr int kDigitBits = 11;       // radix-select digit: 2048 bins
+constexpr int kDigitBits = 11;  // radix-select digit: 2048 bins
 constexpr int kMaxBins = 1 << kDigitBits;
 
 // ---- element types ---------------------------------------------------------------
@@ -67,11 +67,13 @@ struct TF64 {
   using Key = u64;
   static constexpr int kKeyBits = 63;
   __device__ static Key key(Bits u) { return u & 0x7fffffffffffffffull; }
-  __device__ static bool is_nan(Bits u) { return (u & 0x7fffffffffffffffull) > 0x7ff0000000000000ull; }
+  __device__ static bool is_nan(Bits u) {
+    return (u & 0x7fffffffffffffffull) > 0x7ff0000000000000ull;
+  }
   __device__ static Bits add(Bits a, Bits b) {
-    return static_cast<u64>(__double_as_longlong(
-        __dadd_rn(__longlong_as_double(static_cast<long long>(a)),
-                  __longlong_as_double(static_cast<long long>(b)))));
+    return static_cast<u64>(
+        __double_as_longlong(__dadd_rn(__longlong_as_double(static_cast<long long>(a)),
+                                       __longlong_as_double(static_cast<long long>(b)))));
   }
 };
 // 16-bit floats add like torch: in float32, then rounded to nearest even.
@@ -295,8 +297,8 @@ __global__ void __launch_bounds__(kThreads)
                        typename Tr::Key* __restrict__ keys) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (j >= samples) return;
-  const int64_t e = static_cast<int64_t>((static_cast<u64>(j) * static_cast<u64>(m)) /
-                                         static_cast<u64>(samples));
+  const int64_t e =
+      static_cast<int64_t>((static_cast<u64>(j) * static_cast<u64>(m)) / static_cast<u64>(samples));
   typename Tr::Bits a = x[e];
   if (kEf) a = Tr::add(a, residual[e]);
   keys[j] = Tr::key(a);
@@ -414,8 +416,8 @@ __global__ void __launch_bounds__(kThreads)
 template <class Tr, bool kEf>
 __global__ void __launch_bounds__(kThreads)
     topk_candidates_kernel(const typename Tr::Bits* __restrict__ x,
-                           const typename Tr::Bits* __restrict__ residual,
-                           int64_t m, bool aligned, const SelectState* __restrict__ threshold,
+                           const typename Tr::Bits* __restrict__ residual, int64_t m, bool aligned,
+                           const SelectState* __restrict__ threshold,
                            u64* __restrict__ cand_indices, typename Tr::Key* __restrict__ cand_keys,
                            u64 capacity, u64* status, u64 num_tiles, Counters* ctr) {
   using Bits = typename Tr::Bits;
@@ -495,8 +497,9 @@ __global__ void __launch_bounds__(kThreads)
 template <class Tr, class Items, bool kEf>
 __global__ void __launch_bounds__(kThreads)
     topk_select_kernel(Items items, typename Tr::Bits* src, const SelectState* __restrict__ st,
-                       int64_t* __restrict__ out_indices, typename Tr::Bits* __restrict__ out_values,
-                       u64* status_gt, u64* status_eq, u64 num_tiles, Counters* ctr) {
+                       int64_t* __restrict__ out_indices,
+                       typename Tr::Bits* __restrict__ out_values, u64* status_gt, u64* status_eq,
+                       u64 num_tiles, Counters* ctr) {
   using Key = typename Tr::Key;
   constexpr int W = Items::kWidth;
   constexpr int64_t kTileItems = static_cast<int64_t>(kThreads) * kVecsPerThread * W;
@@ -615,8 +618,9 @@ bool radix_select(Launch& L, const Items& items, u64 k, SelectState* st) {
     const int shift = top - width;
     L.err = cudaMemsetAsync(bins, 0, sizeof(u64) * (size_t(1) << width), L.stream);
     if (L.err != cudaSuccess) return false;
-    radix_histogram_kernel<Items><<<L.grid((nvec + kThreads - 1) / kThreads, 4), kThreads, 0,
-                                    L.stream>>>(items, st, shift, width, bins);
+    radix_histogram_kernel<Items>
+        <<<L.grid((nvec + kThreads - 1) / kThreads, 4), kThreads, 0, L.stream>>>(items, st, shift,
+                                                                                 width, bins);
     if (!L.check()) return false;
     radix_pick_kernel<<<1, kThreads, 0, L.stream>>>(bins, shift, width, st);
     if (!L.check()) return false;
@@ -634,9 +638,10 @@ bool select_ordered(Launch& L, const Items& items, typename Tr::Bits* src, const
   L.err = cudaMemsetAsync(status, 0, sizeof(u64) * 2 * tiles, L.stream);
   if (L.err == cudaSuccess) L.err = cudaMemsetAsync(&ctr->ticket, 0, sizeof(u64), L.stream);
   if (L.err != cudaSuccess) return false;
-  topk_select_kernel<Tr, Items, kEf><<<L.grid(static_cast<int64_t>(tiles)), kThreads, 0, L.stream>>>(
-      items, src, st, a.out_indices, static_cast<typename Tr::Bits*>(a.out_values), status,
-      status + tiles, tiles, ctr);
+  topk_select_kernel<Tr, Items, kEf>
+      <<<L.grid(static_cast<int64_t>(tiles)), kThreads, 0, L.stream>>>(
+          items, src, st, a.out_indices, static_cast<typename Tr::Bits*>(a.out_values), status,
+          status + tiles, tiles, ctr);
   return L.check();
 }
 
@@ -667,18 +672,20 @@ cudaError_t run_typed(const TopkArgs& a, Launch& L, int64_t* nan_index) {
 
   // The sample and its over-provisioned rank r (see the file comment).
   const int64_t samples = std::min<int64_t>(m, kSampleSize);
-  const double expected = static_cast<double>(k) * static_cast<double>(samples) / static_cast<double>(m);
+  const double expected =
+      static_cast<double>(k) * static_cast<double>(samples) / static_cast<double>(m);
   const int64_t rank = static_cast<int64_t>(std::ceil(expected + 4.0 * std::sqrt(expected) + 8.0));
-  const double candidates = static_cast<double>(rank) * static_cast<double>(m) / static_cast<double>(samples);
-  const bool use_sample = k > 0 && k < m && rank <= samples && candidates <= 0.25 * static_cast<double>(m);
+  const double candidates =
+      static_cast<double>(rank) * static_cast<double>(m) / static_cast<double>(samples);
+  const bool use_sample =
+      k > 0 && k < m && rank <= samples && candidates <= 0.25 * static_cast<double>(m);
 
   // acc = x + residual into residual, once no NaN has been found.
-  const unsigned elementwise_grid =
-      L.grid(((m + W - 1) / W + kThreads - 1) / kThreads);
+  const unsigned elementwise_grid = L.grid(((m + W - 1) / W + kThreads - 1) / kThreads);
   auto write_back = [&]() -> bool {
     if constexpr (kEf) {
-      topk_elementwise_kernel<Tr, kEf, true><<<elementwise_grid, kThreads, 0, L.stream>>>(
-          x, residual, m, aligned, ctr);
+      topk_elementwise_kernel<Tr, kEf, true>
+          <<<elementwise_grid, kThreads, 0, L.stream>>>(x, residual, m, aligned, ctr);
       return L.check();
     }
     return true;
@@ -686,8 +693,8 @@ cudaError_t run_typed(const TopkArgs& a, Launch& L, int64_t* nan_index) {
 
   Counters host{};
   if (!use_sample) {
-    topk_elementwise_kernel<Tr, kEf, false><<<elementwise_grid, kThreads, 0, L.stream>>>(
-        x, residual, m, aligned, ctr);
+    topk_elementwise_kernel<Tr, kEf, false>
+        <<<elementwise_grid, kThreads, 0, L.stream>>>(x, residual, m, aligned, ctr);
     if (!L.check() || !read_counters(L, ctr, &host)) return L.err;
     if (host.nan_first != ~0ull) {
       *nan_index = static_cast<int64_t>(host.nan_first);
@@ -695,8 +702,9 @@ cudaError_t run_typed(const TopkArgs& a, Launch& L, int64_t* nan_index) {
     }
     if (!write_back() || k == 0) return L.err;
     if (k == m) {
-      topk_take_all_kernel<Tr, kEf><<<L.grid((m + kThreads - 1) / kThreads), kThreads, 0, L.stream>>>(
-          src, m, a.out_indices, static_cast<Bits*>(a.out_values));
+      topk_take_all_kernel<Tr, kEf>
+          <<<L.grid((m + kThreads - 1) / kThreads), kThreads, 0, L.stream>>>(
+              src, m, a.out_indices, static_cast<Bits*>(a.out_values));
       L.check();
       return L.err;
     }
@@ -708,14 +716,16 @@ cudaError_t run_typed(const TopkArgs& a, Launch& L, int64_t* nan_index) {
 
   // 1. sample -> candidate threshold (st->prefix)
   Key* sample_keys = L.take<Key>(static_cast<size_t>(samples));
-  topk_sample_kernel<Tr, kEf><<<static_cast<unsigned>((samples + kThreads - 1) / kThreads), kThreads,
-                                0, L.stream>>>(x, residual, m, samples, sample_keys);
+  topk_sample_kernel<Tr, kEf>
+      <<<static_cast<unsigned>((samples + kThreads - 1) / kThreads), kThreads, 0, L.stream>>>(
+          x, residual, m, samples, sample_keys);
   if (!L.check()) return L.err;
   const ListItems<Tr> sample{nullptr, sample_keys, samples};
   if (!radix_select<Tr>(L, sample, static_cast<u64>(rank), st)) return L.err;
 
   // 2. candidates in index order
-  const u64 capacity = static_cast<u64>(std::min<double>(static_cast<double>(m), 2.0 * candidates + 4096.0));
+  const u64 capacity =
+      static_cast<u64>(std::min<double>(static_cast<double>(m), 2.0 * candidates + 4096.0));
   const int64_t tile_items = static_cast<int64_t>(kThreads) * kVecsPerThread * W;
   const u64 tiles = static_cast<u64>((m + tile_items - 1) / tile_items);
   u64* cand_indices = L.take<u64>(capacity);
@@ -759,13 +769,18 @@ cudaError_t launch_topk(const TopkArgs& args, const Allocator& alloc, cudaStream
   int device = 0;
   Launch L{stream, alloc, 0};
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&L.sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&L.sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   switch (args.dtype) {
-    case FloatType::kFloat32: return run_dtype<TF32>(args, L, nan_index);
-    case FloatType::kFloat64: return run_dtype<TF64>(args, L, nan_index);
-    case FloatType::kFloat16: return run_dtype<TF16>(args, L, nan_index);
-    case FloatType::kBFloat16: return run_dtype<TBF16>(args, L, nan_index);
+    case FloatType::kFloat32:
+      return run_dtype<TF32>(args, L, nan_index);
+    case FloatType::kFloat64:
+      return run_dtype<TF64>(args, L, nan_index);
+    case FloatType::kFloat16:
+      return run_dtype<TF16>(args, L, nan_index);
+    case FloatType::kBFloat16:
+      return run_dtype<TBF16>(args, L, nan_index);
   }
   return cudaErrorInvalidValue;
 }

@@ -102,7 +102,6 @@ def copy_bandwidth(device: str, nbytes: Optional[int] = None, budget_s: float = 
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     t = measure(lambda: dst.copy_(src), device, budget_s=budget_s)
-    del src, dst
     return 2 * nbytes / t.median_s / 1e9
 
 
@@ -189,13 +188,15 @@ def run_case(case: Case, device: str, served: str, copy_gbps: float, *,
     levels = [levels] if isinstance(levels, str) else list(levels)
     native, plain = case.make()
 
-    def at_level(level: str) -> Callable[[], Any]:
+    # fn is bound as a default so that `del native` below leaves only the
+    # references held by `natives` (freed with it before empty_cache).
+    def at_level(level: str, fn: Callable[[], Any] = native) -> Callable[[], Any]:
         if use_level is None or len(levels) == 1:
-            return native
+            return fn
 
         def call():
             use_level(level)
-            return native()
+            return fn()
         return call
 
     natives = [at_level(level) for level in levels]

@@ -319,7 +319,7 @@ def from_dict(cls, d: Dict[str, Any], where: str = "config"):
     if missing:
         raise ValueError(f"{where} lacks keys: {', '.join(missing)}")
     kwargs = {}
-    for name, f in known.items():
+    for name in known:
         value = d[name]
         sub = _NESTED.get((cls.__name__, name))
         kwargs[name] = from_dict(sub, value, f"{where}.{name}") if sub else value

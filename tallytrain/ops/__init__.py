@@ -34,7 +34,7 @@ class Tally(NamedTuple):
     """One entry per probe (int64 [N] each); see :func:`tally`."""
 
     label: torch.Tensor      # the plurality class, -1 where no weighted support
-    count: torch.Tensor      # the winner's summed weight (0 where label is -1)
+    count: torch.Tensor  # type: ignore[assignment]  # the winner's summed weight (0 where label is -1)
     total: torch.Tensor      # summed weight of the peers that did not abstain
     runner_up: torch.Tensor  # largest summed weight among the other classes
 

@@ -67,8 +67,7 @@ inline int check_pack_argmax_args(const at::Tensor& logits,
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, C], got shape ", logits.sizes());
   const int64_t cols = logits.size(1);
   TORCH_CHECK_VALUE(cols >= 2, "logits must have C >= 2 classes, got C=", cols);
-  TORCH_CHECK_VALUE(cols < (int64_t(1) << 32), "logits must have C < 2**32 classes, got C=",
-                    cols);
+  TORCH_CHECK_VALUE(cols < (int64_t(1) << 32), "logits must have C < 2**32 classes, got C=", cols);
   if (abstain_below.has_value()) {
     const double t = *abstain_below;
     TORCH_CHECK_VALUE(t >= 0.0 && t <= 1.0, "abstain_below must be in [0, 1], got ",
@@ -79,16 +78,16 @@ inline int check_pack_argmax_args(const at::Tensor& logits,
 
 // Returns the symbol width. The values are checked by the kernels.
 inline int check_pack_labels_args(const at::Tensor& labels, int64_t num_symbols) {
-  TORCH_CHECK_TYPE(is_integer_dtype(labels.scalar_type()),
-                   "labels must be an integer tensor, got ", labels.scalar_type());
+  TORCH_CHECK_TYPE(is_integer_dtype(labels.scalar_type()), "labels must be an integer tensor, got ",
+                   labels.scalar_type());
   TORCH_CHECK_VALUE(labels.dim() == 1, "labels must be 1-D [N], got shape ", labels.sizes());
   return check_num_symbols(num_symbols);
 }
 
 [[noreturn]] inline void fail_label_out_of_range(int64_t position, int64_t label,
                                                  int64_t num_symbols) {
-  TORCH_CHECK_VALUE(false, "labels[", position, "] = ", label, " is outside 0..",
-                    num_symbols - 1, " (num_symbols=", num_symbols, ")");
+  TORCH_CHECK_VALUE(false, "labels[", position, "] = ", label, " is outside 0..", num_symbols - 1,
+                    " (num_symbols=", num_symbols, ")");
   __builtin_unreachable();
 }
 
@@ -132,8 +131,7 @@ struct TallyWeights {
   uint64_t sum = 0;  // their sum (P without weights), saturated at UINT64_MAX
 };
 
-inline TallyWeights check_tally_weights(const std::optional<at::Tensor>& weights,
-                                        int64_t peers) {
+inline TallyWeights check_tally_weights(const std::optional<at::Tensor>& weights, int64_t peers) {
   TallyWeights w;
   if (!weights.has_value()) {
     w.sum = static_cast<uint64_t>(peers);
@@ -160,8 +158,8 @@ inline void check_topk_input(const at::Tensor& x, int64_t k) {
   TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()), "x must be a floating tensor, got ",
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 1, "x must be 1-D [M], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(0 <= k && k <= x.numel(), "k must satisfy 0 <= k <= M = ", x.numel(),
-                    ", got ", k);
+  TORCH_CHECK_VALUE(0 <= k && k <= x.numel(), "k must satisfy 0 <= k <= M = ", x.numel(), ", got ",
+                    k);
 }
 
 inline void check_topk_ef_args(const at::Tensor& x, const at::Tensor& residual, int64_t k) {
@@ -180,11 +178,10 @@ inline void check_topk_ef_args(const at::Tensor& x, const at::Tensor& residual, 
 // the reference's Python ints: P counts below 2**63 each cannot wrap it.
 // The scales are the reference's doubles whenever the sum is below 2**53.
 inline std::vector<double> check_merge_args(at::TensorList indices, at::TensorList values,
-                                            int64_t size,
-                                            const std::optional<at::Tensor>& counts) {
+                                            int64_t size, const std::optional<at::Tensor>& counts) {
   TORCH_CHECK_VALUE(indices.size() == values.size(),
-                    "indices and values must list the same number of peers, got ",
-                    indices.size(), " and ", values.size());
+                    "indices and values must list the same number of peers, got ", indices.size(),
+                    " and ", values.size());
   TORCH_CHECK_VALUE(size >= 0, "size must be >= 0, got ", size);
   const int64_t peers = static_cast<int64_t>(indices.size());
   std::vector<double> scales(peers, 1.0);
@@ -221,24 +218,24 @@ struct PeerError {
 // The checks of peer p that need no data (dtypes and shapes), in the
 // reference's order; the CUDA binding raises them after checking the
 // earlier peers' indices on the device.
-inline std::optional<PeerError> merge_peer_shape_error(const at::Tensor& idx,
-                                                       const at::Tensor& val, int64_t p) {
+inline std::optional<PeerError> merge_peer_shape_error(const at::Tensor& idx, const at::Tensor& val,
+                                                       int64_t p) {
   if (idx.scalar_type() != at::kLong)
     return PeerError{true, c10::str("indices[", p, "] must be int64, got ", idx.scalar_type())};
   if (!is_float_dtype(val.scalar_type()))
-    return PeerError{true, c10::str("values[", p, "] must be a floating tensor, got ",
-                                    val.scalar_type())};
+    return PeerError{
+        true, c10::str("values[", p, "] must be a floating tensor, got ", val.scalar_type())};
   if (idx.dim() != 1 || val.dim() != 1 || idx.sizes() != val.sizes())
-    return PeerError{false, c10::str("indices[", p, "] and values[", p,
-                                     "] must be 1-D of equal length, got ", idx.sizes(), " and ",
-                                     val.sizes())};
+    return PeerError{
+        false, c10::str("indices[", p, "] and values[", p, "] must be 1-D of equal length, got ",
+                        idx.sizes(), " and ", val.sizes())};
   return std::nullopt;
 }
 
 [[noreturn]] inline void fail_indices_out_of_range(int64_t p, int64_t size, int64_t lowest,
                                                    int64_t highest) {
-  TORCH_CHECK_VALUE(false, "indices[", p, "] must lie in 0..size-1 = ", size - 1, ", got ",
-                    lowest, "..", highest);
+  TORCH_CHECK_VALUE(false, "indices[", p, "] must lie in 0..size-1 = ", size - 1, ", got ", lowest,
+                    "..", highest);
   __builtin_unreachable();
 }
 

@@ -17,7 +17,10 @@ namespace tallytrain {
 TT_HD int bits_for(int64_t num_symbols) {
   int b = 0;
   uint64_t v = static_cast<uint64_t>(num_symbols - 1);
-  while (v) { ++b; v >>= 1; }
+  while (v) {
+    ++b;
+    v >>= 1;
+  }
   return b;
 }
 

@@ -43,8 +43,8 @@ struct RecordKernels {
 #define TALLYTRAIN_IMPL_CONCAT(a, b) TALLYTRAIN_IMPL_CONCAT_(a, b)
 #define TALLYTRAIN_IMPL(key, m) \
   TALLYTRAIN_IMPL_(key, m, TALLYTRAIN_IMPL_CONCAT(tallytrain_kernels_, __COUNTER__))
-#define TALLYTRAIN_IMPL_(key, m, uid)                                                  \
-  static void TALLYTRAIN_IMPL_CONCAT(uid, _block)(torch::Library&);                    \
-  static const ::tallytrain::RecordKernels TALLYTRAIN_IMPL_CONCAT(uid, _record)(       \
+#define TALLYTRAIN_IMPL_(key, m, uid)                                                   \
+  static void TALLYTRAIN_IMPL_CONCAT(uid, _block)(torch::Library&);                     \
+  static const ::tallytrain::RecordKernels TALLYTRAIN_IMPL_CONCAT(uid, _record)(        \
       c10::DispatchKey::key, &TALLYTRAIN_IMPL_CONCAT(uid, _block), __FILE__, __LINE__); \
   static void TALLYTRAIN_IMPL_CONCAT(uid, _block)(torch::Library & m)
