@@ -332,8 +332,12 @@ def test_an_error_reply_is_reported_and_no_answer_at_all_fails():
 def test_start_runs_every_round_and_reports():
     cfg = dataclasses.replace(small_config(), rounds=2)
     strategy = strategy_for(cfg)
-    report = strategy.start(FakeGrid(client.app, 3))
+    result = strategy.start(FakeGrid(client.app, 3))
+    report = strategy.report()
     assert [row["round"] for row in report["rounds"]] == [0, 1]
+    # Flower's Result: the rows' numbers per round, numbered from 1 as Flower does.
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert result.train_metrics_clientapp[2]["accuracy"] == report["final_accuracy"]
     assert report["missing_peers"] == [] and report["peer_nodes"] == {"0": 1000, "1": 1001,
                                                                       "2": 1002}
     assert report["totals"]["total"] == report["rounds"][-1]["cum_bytes"]

@@ -269,7 +269,7 @@ class Federation:
         sends the envelopes to the peers' nodes (tallytrain/flower/server.py).
         Bytes are counted here, on the server's side, either way."""
         if r != self.round:
-            raise ValueError(f"round {r} requested but the federation is at round {self.round}")
+            raise ValueError(f"round {r} requested but the run is at round {self.round}")
         transport = InProcess(self) if transport is None else transport
         start = time.perf_counter()
         before = sum(self.timer.seconds.values())

@@ -328,7 +328,7 @@ class PeerGroup:
     def flatten(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[R, M] float32 parameter vectors in a fixed (init) order."""
         vs = [v if rows is None else v[rows] for v in self.params.values()]
-        return torch.cat([v.reshape(v.shape[0], -1) for v in vs], dim=1)
+        return torch.cat([v.reshape(v.shape[0], math.prod(v.shape[1:])) for v in vs], dim=1)
 
     def unflatten(self, flat: torch.Tensor) -> Params:
         """Stacked params {name: [R, ...]} from [R, M] vectors."""
