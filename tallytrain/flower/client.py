@@ -22,6 +22,7 @@ Federation, which saves reading the data again.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 from typing import Any, Mapping, Optional, Tuple
@@ -34,7 +35,7 @@ from ..fl.config import RunConfig
 from ..fl.loop import Federation, peer_reply, peer_round
 from . import records
 from .config import torch_threads
-from .data import NodeLoader, SharedData, bundled_node, load_node
+from .data import NodeLoader, SharedData, bundled_node, load_node, resolve_shared
 
 
 def partition_of(context: Context) -> Tuple[int, int]:
@@ -56,7 +57,7 @@ class NodeSource:
     """Where a node's peer comes from: the user's ``load`` and shared
     ``probes``, or (both None) the bundled dataset split from the run config."""
 
-    def __init__(self, load: Optional[NodeLoader] = None, probes: Optional[SharedData] = None):
+    def __init__(self, load: Optional[NodeLoader] = None, probes: Any = None):
         if (load is None) != (probes is None):
             raise ValueError("client_app needs both load= (the node's own model and data) and "
                              "probes= (the shared probe pool and test set), or neither (the "
@@ -64,26 +65,31 @@ class NodeSource:
         if load is not None and not callable(load):
             raise ValueError(f"client_app load= must be a callable (node_config) -> (model, "
                              f"train_data), got {type(load).__name__}")
-        if probes is not None and not isinstance(probes, SharedData):
-            raise ValueError(f"client_app probes= must be a tallytrain.flower.SharedData, got "
-                             f"{type(probes).__name__}")
+        if probes is not None and not (isinstance(probes, SharedData) or callable(probes)):
+            raise ValueError(f"client_app probes= must be a tallytrain.flower.SharedData or a "
+                             f"function (run_config) -> SharedData, got {type(probes).__name__}")
         self.load, self.probes = load, probes
 
-    def federation(self, cfg: RunConfig, peer: int, node_config: Mapping[str, Any]) -> Federation:
+    def federation(self, cfg: RunConfig, peer: int, node_config: Mapping[str, Any],
+                   run_config: Mapping[str, Any]) -> Federation:
         if self.load is None:
             return Federation(cfg, bundled_node(cfg, peer), peers=[peer])
-        node_cfg, data = load_node(self.load, node_config, peer, cfg, self.probes.build())
+        shared = resolve_shared(self.probes, run_config, f"the node of peer {peer}").build()
+        # The probes' labels (if the source has them) only score the
+        # consensus on the server; a peer never needs them.
+        shared = dataclasses.replace(shared, y_probe=None)
+        node_cfg, data = load_node(self.load, node_config, peer, cfg, shared, run_config)
         return Federation(node_cfg, data, peers=[peer])
 
 
 @functools.lru_cache(maxsize=1)
-def _federation(source: NodeSource, cfg_json: str, peer: int,
-                node_items: Tuple[tuple, ...]) -> Tuple[Federation, dict, dict]:
+def _federation(source: NodeSource, cfg_json: str, peer: int, node_items: Tuple[tuple, ...],
+                run_items: Tuple[tuple, ...]) -> Tuple[Federation, dict, dict]:
     """This node's Federation (its peer alone), with the peer's initial
     parameters and method state, restored for its first round (the process
     may have served this peer in an earlier run)."""
     cfg = RunConfig.from_dict(json.loads(cfg_json))
-    fed = source.federation(cfg, peer, dict(node_items))
+    fed = source.federation(cfg, peer, dict(node_items), dict(run_items))
     return fed, fed.population.peer_params(peer), copy.deepcopy(fed.method.peer_state(peer))
 
 
@@ -96,8 +102,8 @@ def _node_federation(source: NodeSource, cfg_json: str, context: Context) -> Tup
                          f"{peers} peers")
     if not 0 <= peer < peers:
         raise ValueError(f"node config partition-id={peer} is outside 0..{peers - 1}")
-    items = tuple(sorted((str(k), v) for k, v in context.node_config.items()))
-    fed, initial_params, initial_state = _federation(source, cfg_json, peer, items)
+    fed, initial_params, initial_state = _federation(
+        source, cfg_json, peer, _items(context.node_config), _items(context.run_config))
     saved = records.load_peer_state(context.state)
     if saved is None:  # the peer's first round: its initial model and state
         params, state = initial_params, initial_state
@@ -107,6 +113,12 @@ def _node_federation(source: NodeSource, cfg_json: str, context: Context) -> Tup
     # A copy: the method may keep (and later change in place) what it loads.
     fed.method.load_peer_state(peer, copy.deepcopy(state))
     return fed, peer
+
+
+def _items(config: Mapping[str, Any]) -> Tuple[tuple, ...]:
+    """A config as a cache key (values are scalars, or lists of them)."""
+    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
+                        for k, v in (config or {}).items()))
 
 
 def _receive(source: NodeSource, content: RecordDict, context: Context):
@@ -175,16 +187,17 @@ def introduce(content: RecordDict, context: Context,
                        records.METRICS: records.scores_record(accuracy, perplexity)})
 
 
-def client_app(load: Optional[NodeLoader] = None,
-               probes: Optional[SharedData] = None) -> ClientApp:
+def client_app(load: Optional[NodeLoader] = None, probes: Any = None) -> ClientApp:
     """A Flower ClientApp serving one tallytrain peer per SuperNode.
 
     load: ``(node_config) -> (model, train_data)``, called on the node with
-    its node config (``--node-config``); model is a factory
+    its node config (``--node-config``; a second parameter, if ``load`` has
+    one, receives Flower's run config); model is a factory
     ``(num_classes) -> nn.Module``, an nn.Module (its parameters are the
     initial ones) or an architecture name; train_data is ``(x, y)``, a torch
     Dataset of ``(x, y)`` pairs, or a function returning either. probes: the
-    shared probe source (:class:`SharedData`), the same as the server's.
+    shared probe source (:class:`SharedData`, or a function of Flower's run
+    config returning one), the same as the server's.
     Without both, the node serves its shard of the bundled dataset named by
     the run config (as ``tallytrain run`` splits it)."""
     source = NodeSource(load, probes)

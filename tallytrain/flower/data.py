@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Tuple
 
@@ -33,7 +34,39 @@ from ..app.plugins import _as_tensors, _inputs_and_labels, register_model
 from ..data import FederatedData, Split, prepare
 from ..fl.config import RunConfig
 
-NodeLoader = Callable[[Mapping[str, Any]], tuple]
+NodeLoader = Callable[..., tuple]
+
+
+def accepts_run_config(fn: Callable) -> bool:
+    """Whether ``fn`` takes a second positional argument (the run config)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2
+
+
+def resolve_shared(probes: Any, run_config: Mapping[str, Any], what: str) -> "SharedData":
+    """``probes`` as a SharedData: itself, or a function of the Flower run
+    config returning one (so that a path in the run config reaches the
+    server and every node alike)."""
+    if isinstance(probes, SharedData):
+        return probes
+    if callable(probes):
+        try:
+            shared = probes(dict(run_config))
+        except Exception as exc:  # noqa: BLE001 - foreign code: report it in one line
+            raise ValueError(f"{what}: probes(run_config) failed: {type(exc).__name__}: "
+                             f"{exc}") from exc
+        if isinstance(shared, SharedData):
+            return shared
+        raise ValueError(f"{what}: probes(run_config) must return a tallytrain.flower.SharedData,"
+                         f" got {type(shared).__name__}")
+    raise ValueError(f"{what}: probes= must be a tallytrain.flower.SharedData or a function "
+                     f"(run_config) -> SharedData, got {type(probes).__name__}")
 
 
 @dataclass
@@ -154,11 +187,16 @@ def as_arch(model: Any, name: str, what: str) -> str:
 
 
 def load_node(load: NodeLoader, node_config: Mapping[str, Any], peer: int, cfg: RunConfig,
-              shared: Shared) -> Tuple[RunConfig, FederatedData]:
-    """(the node's RunConfig, its FederatedData) from the user's ``load``.
-    Any failure is one ValueError line that says what to fix."""
+              shared: Shared, run_config: Optional[Mapping[str, Any]] = None
+              ) -> Tuple[RunConfig, FederatedData]:
+    """(the node's RunConfig, its FederatedData) from the user's
+    ``load(node_config)`` (or ``load(node_config, run_config)``). Any
+    failure is one ValueError line that says what to fix."""
     try:
-        loaded = load(dict(node_config))
+        if accepts_run_config(load):
+            loaded = load(dict(node_config), dict(run_config or {}))
+        else:
+            loaded = load(dict(node_config))
     except Exception as exc:  # noqa: BLE001 - foreign code: report it in one line
         raise ValueError(f"load(node_config) failed on the node of peer {peer}: "
                          f"{type(exc).__name__}: {exc}") from exc

@@ -40,7 +40,7 @@ from ..fl.config import RunConfig
 from ..fl.loop import Federation, PeerResult, Transport
 from . import records
 from .config import FlowerOptions, parse_run_config, torch_threads
-from .data import SharedData, as_arch, federated_data, server_view
+from .data import SharedData, as_arch, federated_data, resolve_shared, server_view
 
 #: The architecture name a server registers the nodes' own model under (model=).
 SERVER_ARCH = "flower-server-model"
@@ -413,18 +413,22 @@ def metric_record(row: dict) -> MetricRecord:
     return MetricRecord(keep)
 
 
-def server_app(probes: Optional[SharedData] = None, model: Any = None) -> ServerApp:
+def server_app(probes: Any = None, model: Any = None) -> ServerApp:
     """A Flower ServerApp running :class:`TallyTrainStrategy` with the run
-    config of ``flwr run``; ``probes`` and ``model`` as for the strategy
-    (None: the bundled dataset the run config names). With flower.report
-    set, it writes :meth:`TallyTrainStrategy.report` there as JSON."""
+    config of ``flwr run``. probes: the shared probe source
+    (:class:`SharedData`, or a function of Flower's run config returning
+    one: the ClientApp's), or None for the bundled dataset the run config
+    names; model as for the strategy. With flower.report set, it writes
+    :meth:`TallyTrainStrategy.report` there as JSON."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg, options = parse_run_config(context.run_config)
+        shared = None if probes is None else resolve_shared(probes, context.run_config,
+                                                            "the ServerApp")
         with torch_threads(options.threads):
-            strategy = TallyTrainStrategy(cfg, options, probes=probes, model=model)
+            strategy = TallyTrainStrategy(cfg, options, probes=shared, model=model)
             strategy.start(grid)
         if options.report:
             report.write_json_atomic(options.report, strategy.report())
