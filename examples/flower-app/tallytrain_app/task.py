@@ -58,7 +58,7 @@ def load_node(node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
     """On a SuperNode: (model, this node's own training data)."""
     path = node_config.get("data-file") or os.path.join(
         _data_dir(run_config), f"node{node_config['partition-id']}.pt")
-    data = _read(str(path), ("x", "y"), "node config data-file")
+    data = _read(str(path), ("x", "y"), "the node's data file")
     return make_model, (data["x"], data["y"])
 
 
