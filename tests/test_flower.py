@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ from tallytrain.data import prepare  # noqa: E402
 from tallytrain.fl.config import (ModelConfig, ProtocolConfig, RunConfig,  # noqa: E402
                                   TrainConfig)
 from tallytrain.fl.loop import Federation  # noqa: E402
-from tallytrain.flower import FlowerOptions, TallyTrainStrategy, parse_run_config  # noqa: E402
+from tallytrain.flower import (FlowerOptions, SharedData, TallyTrainStrategy,  # noqa: E402
+                               parse_run_config)
 from tallytrain.flower import client, records  # noqa: E402
 from tallytrain.flower.config import torch_threads  # noqa: E402
 
@@ -332,9 +334,170 @@ def test_an_error_reply_is_reported_and_no_answer_at_all_fails():
 def test_start_runs_every_round_and_reports():
     cfg = dataclasses.replace(small_config(), rounds=2)
     strategy = strategy_for(cfg)
-    report = strategy.start(FakeGrid(client.app, 3))
+    result = strategy.start(FakeGrid(client.app, 3))
+    report = strategy.report()
     assert [row["round"] for row in report["rounds"]] == [0, 1]
+    # Flower's Result: the rows' numbers per round, numbered from 1 as Flower does.
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert result.train_metrics_clientapp[2]["accuracy"] == report["final_accuracy"]
     assert report["missing_peers"] == [] and report["peer_nodes"] == {"0": 1000, "1": 1001,
                                                                       "2": 1002}
     assert report["totals"]["total"] == report["rounds"][-1]["cum_bytes"]
     assert report["final_accuracy"] > report["initial_accuracy"]
+
+
+# ---- nodes with their own data (examples/flower-app) ------------------------------------
+EXAMPLE_APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
+
+
+@pytest.fixture
+def example(monkeypatch):
+    """The example app's package (tallytrain_app), imported from examples/."""
+    monkeypatch.syspath_prepend(str(EXAMPLE_APP))
+    import tallytrain_app.client_app
+    import tallytrain_app.make_data
+    import tallytrain_app.task
+    return tallytrain_app
+
+
+def own_data_grid(example, cfg: RunConfig, data_dir: Path, files=None) -> FakeGrid:
+    """Three nodes of the example's ClientApp, each with its own data file
+    in a directory of its own (as on separate machines) named by its node
+    config, and the shared probes named by the run config."""
+    example.make_data.write_files(str(data_dir), cfg)
+    grid = FakeGrid(example.client_app.app, cfg.peers)
+    for i, (node, ctx) in enumerate(sorted(grid.contexts.items())):
+        own = data_dir / f"machine{i}"
+        own.mkdir(exist_ok=True)
+        (data_dir / f"node{i}.pt").rename(own / "train.pt")
+        ctx.node_config["data-file"] = (files[i] if files and files[i]
+                                        else str(own / "train.pt"))
+        ctx.run_config["app.data-dir"] = str(data_dir)
+    return grid
+
+
+@pytest.mark.parametrize("method, protocol", [
+    ("tallytrain", {}), ("bridge", {"merge_period": 1, "topk_fraction": 0.05})])
+def test_nodes_reading_their_own_files_match_the_simulator(example, tmp_path, method, protocol):
+    """Each node holds only its own file's shard and its own model; given the
+    simulator's shards and the same model factory, the run is the
+    simulator's, round by round."""
+    from tallytrain.app.plugins import register_model
+
+    cfg = small_config(method, **protocol)
+    grid = own_data_grid(example, cfg, tmp_path)
+    shared = example.task.shared({"app.data-dir": str(tmp_path)})
+    strategy = TallyTrainStrategy(cfg, FlowerOptions(), probes=shared,
+                                  model=example.task.make_model)
+    register_model("example-mlp", example.task.make_model, replace=True)
+    sim_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 archs=("example-mlp",)))
+    sim = Federation(sim_cfg, prepare(cfg.data, cfg.peers, cfg.seed))
+    strategy.connect(grid)
+    assert strategy.fed.shard_sizes == sim.shard_sizes  # told by the nodes
+    app = grid.app
+    grid.app = lambda msg, ctx: (client._federation.cache_clear(), app(msg, ctx))[1]
+    for r in range(cfg.rounds):
+        with torch_threads(1):
+            expected = sim.run_round(r)
+        row = strategy.run_round(grid, r)
+        assert row["missing_peers"] == []
+        for key in ("bytes_up", "bytes_down", "accuracy", "consensus_acc", "agreement",
+                    "kept_fraction", "peer_acc_mean", "peer_acc_min", "peer_acc_max"):
+            assert row[key] == expected[key], key
+    # The server holds no peer and no training data.
+    assert strategy.fed.population.members == [] and len(strategy.fed.data.y_train) == 0
+
+
+def test_a_node_saves_only_its_own_peer(example, tmp_path):
+    """Bridge keeps [P, M] anchors and residuals in the simulator; a node's
+    saved state has its own rows only (and its own model, votes model and
+    memory), and its Federation holds its own shard alone."""
+    cfg = small_config("bridge", merge_period=2, topk_fraction=0.05)
+    grid = own_data_grid(example, cfg, tmp_path)
+    strategy = TallyTrainStrategy(cfg, FlowerOptions(),
+                                  probes=example.task.shared({"app.data-dir": str(tmp_path)}),
+                                  model=example.task.make_model)
+    strategy.connect(grid)
+    strategy.run_round(grid, 0)  # not a merge round: what was sent waits for nothing
+    for peer, node in strategy.peer_nodes.items():
+        params, state = records.load_peer_state(grid.contexts[node].state)
+        size = sum(v.numel() for v in params.values())
+        assert size == strategy.fed.population.single_group.num_params
+        assert state["anchor"].shape == (size,) and state["residual"].shape == (size,)
+        assert state["sent"] is None
+        assert {k: v.shape for k, v in state["voters"].items()} == {
+            k: v.shape for k, v in params.items()}
+        assert state["memory"] is not None
+        assert set(state) == {"anchor", "residual", "sent", "voters", "memory"}
+    fed, _, _ = client._federation.__wrapped__(
+        client.NodeSource(example.task.load_node, example.task.shared), records.config_json(cfg),
+        1, client._items(grid.contexts[1001].node_config),
+        client._items(grid.contexts[1001].run_config))
+    assert fed.population.members == [1] and fed.method.anchor.shape[0] == 1
+    assert len(fed.data.y_train) == strategy.fed.shard_sizes[1]
+    assert [len(s) for s in fed.data.shards] == [0, strategy.fed.shard_sizes[1], 0]
+    assert fed.data.y_probe.unique().tolist() == [0]  # the probes' labels stay on the server
+
+
+def test_a_missing_data_file_is_one_clear_line(example, tmp_path):
+    cfg = small_config()
+    missing = str(tmp_path / "nowhere" / "train.pt")
+    grid = own_data_grid(example, cfg, tmp_path, files=[None, None, missing])
+    grid.contexts[1000].node_config.pop("data-file")  # falls back to <app.data-dir>/node0.pt
+    (tmp_path / "machine0" / "train.pt").rename(tmp_path / "node0.pt")
+    strategy = TallyTrainStrategy(cfg, FlowerOptions(round_timeout=0.5),
+                                  probes=example.task.shared({"app.data-dir": str(tmp_path)}))
+    strategy.connect(grid)
+    assert sorted(strategy.peer_nodes) == [0, 1]
+    row = strategy.run_round(grid, 0)
+    assert row["answered_peers"] == [0, 1] and row["missing_peers"] == [2]
+    why = row["failures"]["2"]
+    assert why == (f"its node 1002 cannot serve it: load(node_config) failed on the node of "
+                   f"peer 2: FileNotFoundError: the node's data file {missing!r} does not exist")
+    assert ("train", 1002) not in grid.sent
+
+
+@pytest.mark.parametrize("loaded, match", [
+    (lambda cfg: ("mlp",), r"must return \(model, train_data\)"),
+    (lambda cfg: (42, (torch.zeros(4, 64), torch.zeros(4, dtype=torch.long))),
+     "the model must be an nn.Module, a factory"),
+    (lambda cfg: ("mlp", (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))),
+     r"training inputs are \(3,\), the shared probes \(64,\)"),
+    (lambda cfg: ("mlp", (torch.zeros(4, 64), torch.full((4,), 10))),
+     r"labels must lie in 0..9"),
+    (lambda cfg: ("mlp", (torch.zeros(4, 64), torch.zeros(4))), "labels must be integers"),
+])
+def test_a_bad_load_result_names_what_is_wrong(tmp_path, loaded, match):
+    cfg = small_config()
+    shared = SharedData((torch.zeros(80, 64), torch.arange(80) % 10),
+                        (torch.zeros(20, 64), torch.arange(20) % 10))
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                  node_config={"partition-id": 0, "num-partitions": 3})
+    content = records.hello(records.config_json(cfg), 1)
+    answer = client.introduce(content, ctx, client.NodeSource(loaded, shared))
+    error = answer.config_records[records.RECORD]["error"]
+    assert "\n" not in error
+    import re
+    assert re.search(match, error), error
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: client.client_app(load=lambda c: None), "needs both load= .* and probes="),
+    (lambda: client.client_app(load=3, probes=lambda rc: None), "load= must be a callable"),
+    (lambda: SharedData(None, (torch.zeros(2, 3), torch.zeros(2))), "needs both probes="),
+    (lambda: SharedData(torch.zeros(2, 3), None, num_classes=1), "needs both probes="),
+    (lambda: SharedData(torch.zeros(5), (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+                        ).build(), r"probes: inputs must be \[N, ...\]"),
+    (lambda: SharedData(torch.zeros(5, 4), (torch.zeros(2, 3), torch.arange(2))).build(),
+     r"test inputs are \(3,\), probe inputs \(4,\)"),
+    (lambda: TallyTrainStrategy(small_config(), probes="shared.pt"), "probes= must be a"),
+])
+def test_bad_flower_arguments_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_app_keys_belong_to_the_app():
+    cfg, _ = parse_run_config({"app.data-dir": "/data", "peers": 4})
+    assert cfg.peers == 4

@@ -4,6 +4,12 @@ them (the simulation engine), the example app submitted with ``flwr run``,
 offline (telemetry off, no run-time dependency installation,
 a temporary Flower home per process).
 
+Each SuperNode reads its own data file, named by its node config, from a
+directory of its own; the server and the nodes read the shared probes from
+the run config's ``app.data-dir``. The files hold the simulator's split
+(the example's make_data), so the runs are compared with the simulator
+running the example's model.
+
 Every process the deployment starts carries a marker in its environment, so
 the tests find them all -- including the ones Flower detaches into sessions
 of their own -- stop them afterwards, and check that none is left.
@@ -29,6 +35,7 @@ import pytest
 pytest.importorskip("flwr")
 
 import tallytrain  # noqa: E402
+from tallytrain.app.plugins import register_model  # noqa: E402
 from tallytrain.data import prepare  # noqa: E402
 from tallytrain.fl.loop import Federation  # noqa: E402
 from tallytrain.flower import parse_run_config  # noqa: E402
@@ -117,9 +124,27 @@ class Deployment:
                                                 stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
 
+    def write_data(self, run_config: dict) -> None:
+        """The example's files for ``run_config``: node i's own file in a
+        directory of its own (as on its machine), the shared file in data/."""
+        cfg, _ = parse_run_config(run_config)
+        self.data_dir = self.root / "data"
+        sys.path.insert(0, str(APP))
+        try:
+            from tallytrain_app.make_data import write_files
+        finally:
+            sys.path.remove(str(APP))
+        write_files(str(self.data_dir), cfg)
+        for i in range(cfg.peers):
+            machine = self.root / f"machine{i}"
+            machine.mkdir()
+            (self.data_dir / f"node{i}.pt").rename(machine / "train.pt")
+
     def start(self, nodes: int, simulation: bool = False) -> None:
-        """A SuperLink and ``nodes`` SuperNodes; with ``simulation``, a
-        SuperLink that simulates the nodes itself (Flower's simulation engine)."""
+        """A SuperLink and ``nodes`` SuperNodes, each node with its own data
+        file; with ``simulation``, a SuperLink that simulates the nodes itself
+        (Flower's simulation engine; the nodes then find their files as
+        <app.data-dir>/node<i>.pt)."""
         self.simulated_nodes = nodes if simulation else 0
         self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
                                   "--port", str(self.port),
@@ -131,7 +156,8 @@ class Deployment:
             self._start(f"node{i}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                 "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", f"partition-id={i} num-partitions={nodes}"],
+                "--node-config", f"partition-id={i} num-partitions={nodes} "
+                                 f"data-file=\"{self.root / f'machine{i}' / 'train.pt'}\""],
                 dict(self.env, FLWR_HOME=str(home)))
         wait_for(self.superlink_listens, 60, "the SuperLink to listen", self)
 
@@ -146,7 +172,8 @@ class Deployment:
     def submit(self, run_config: dict, report: Path) -> subprocess.Popen:
         """``flwr run`` of the example app; its output goes to flwr-run.log."""
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in
-                             {**run_config, "flower.report": str(report)}.items())
+                             {**run_config, "flower.report": str(report),
+                              "app.data-dir": str(self.data_dir)}.items())
         log = open(self.root / "flwr-run.log", "wb")
         with log:
             federation = (["--federation-config", f"num-supernodes={self.simulated_nodes}"]
@@ -212,9 +239,22 @@ def finish(dep: Deployment, proc: subprocess.Popen, report: Path, timeout: float
     return json.loads(report.read_text())
 
 
+def simulator(run_config: dict) -> Federation:
+    """The in-process simulator on the same split, with the example's model."""
+    sys.path.insert(0, str(APP))
+    try:
+        from tallytrain_app.task import make_model
+    finally:
+        sys.path.remove(str(APP))
+    register_model("example-mlp", make_model, replace=True)
+    cfg, _ = parse_run_config({**run_config, "model.archs": "example-mlp"})
+    return Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed))
+
+
 @pytest.mark.timeout(150)
 def test_two_rounds_on_three_supernodes_match_the_simulator(deployment, tmp_path):
     run_config = {**RUN_CONFIG, "rounds": 2}
+    deployment.write_data(run_config)
     deployment.start(NODES)
     report_path = tmp_path / "report.json"
     report = finish(deployment, deployment.submit(run_config, report_path), report_path, 120)
@@ -222,8 +262,7 @@ def test_two_rounds_on_three_supernodes_match_the_simulator(deployment, tmp_path
     assert report["missing_peers"] == [] and len(report["rounds"]) == 2
     assert report["final_accuracy"] > report["initial_accuracy"]
     # The in-process simulator, same seed and setting: same bytes, same models.
-    cfg, _ = parse_run_config(run_config)
-    sim = Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed))
+    sim = simulator(run_config)
     for row in report["rounds"]:
         with torch_threads(1):  # as the ClientApps (flower.threads = 1)
             expected = sim.run_round(row["round"])
@@ -238,6 +277,7 @@ def test_two_rounds_on_three_supernodes_match_the_simulator(deployment, tmp_path
 @pytest.mark.timeout(150)
 def test_a_supernode_killed_mid_round_is_reported_missing(deployment, tmp_path):
     run_config = {**RUN_CONFIG, "rounds": 1, "flower.round-timeout": 25.0}
+    deployment.write_data(run_config)
     deployment.start(NODES)
     report_path = tmp_path / "report.json"
     proc = deployment.submit(run_config, report_path)
@@ -257,8 +297,7 @@ def test_a_supernode_killed_mid_round_is_reported_missing(deployment, tmp_path):
     assert "flower.round-timeout" in why or "Message Unavailable" in why, why
     assert row["round_seconds"] >= 25.0
     # The votes that arrived were tallied: two peers' votes, three control messages.
-    cfg, _ = parse_run_config(run_config)
-    sim = Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed))
+    sim = simulator(run_config)
     with torch_threads(1):
         expected = sim.run_round(0)
     assert row["bytes_down"] == expected["bytes_down"]
@@ -272,13 +311,15 @@ def test_simulation_engine_matches_the_simulator(deployment, tmp_path):
     """Flower's simulation engine runs several nodes' ClientApps in one
     worker process, which exercises restoring each peer from its node state."""
     run_config = {**RUN_CONFIG, "rounds": 2}
+    deployment.write_data(run_config)
+    for i in range(NODES):  # one directory: the simulated nodes share the machine
+        (deployment.root / f"machine{i}" / "train.pt").rename(deployment.data_dir / f"node{i}.pt")
     deployment.start(NODES, simulation=True)
     report_path = tmp_path / "report.json"
     report = finish(deployment, deployment.submit(run_config, report_path), report_path, 120)
 
     assert report["missing_peers"] == [] and len(report["rounds"]) == 2
-    cfg, _ = parse_run_config(run_config)
-    sim = Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed))
+    sim = simulator(run_config)
     for row in report["rounds"]:
         with torch_threads(1):  # as the ClientApps (flower.threads = 1)
             expected = sim.run_round(row["round"])

@@ -15,13 +15,14 @@ import math
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..comm import Channel, Ledger
+from ..comm import Channel, Envelope, Ledger
 from ..data import FederatedData, probe_subset
 from ..models import SEQUENCE_ARCHS, build_model
 from ..streams import (ADVERSARY_STREAM, DISTILL_STREAM, INIT_STREAM, PROBE_STREAM,  # noqa: F401
@@ -96,14 +97,24 @@ def validate(cfg: RunConfig, data: FederatedData) -> None:
 
 
 class Federation:
-    """One run (one method, one seed) and everything its rounds need."""
+    """One run (one method, one seed) and everything its rounds need.
 
-    def __init__(self, cfg: RunConfig, data: FederatedData):
+    ``peers``: the peers this process holds (default: all of them, as the
+    simulator does). A Flower node holds one, its own, and ``data`` then has
+    only that peer's shard (the others empty); the Flower server holds none.
+    Models, shards and the method's per-peer state exist only for held peers."""
+
+    def __init__(self, cfg: RunConfig, data: FederatedData,
+                 peers: Optional[Sequence[int]] = None):
         validate(cfg, data)
         method_cls = get_method(cfg.method)
         self.cfg = cfg
         self.data = data
         p = cfg.peers
+        self.peers = list(range(p)) if peers is None else sorted(set(int(q) for q in peers))
+        outside = [q for q in self.peers if not 0 <= q < p]
+        if outside:
+            raise ValueError(f"peers {outside} are outside 0..{p - 1} (the run has {p} peers)")
         self.archs = peer_archs(cfg)
         self.num_classes = data.num_classes
         self.population = self.new_population()
@@ -122,7 +133,10 @@ class Federation:
         self.undertrained[roles[n_adv:n_adv + n_under]] = True
         self.local_steps = [cfg.train.undertrained_steps if u else cfg.train.local_steps
                             for u in self.undertrained]
-        self.shard_pools = [torch.from_numpy(s.astype(np.int64)) for s in data.shards]
+        # Only held peers' shards are used; the sizes of all are known to the
+        # server (a Flower server learns them from the nodes when they connect).
+        self.shard_pools = {q: torch.from_numpy(data.shards[q].astype(np.int64))
+                            for q in self.peers}
         self.shard_sizes = [len(s) for s in data.shards]
         self.round = 0
         self.metrics: List[dict] = []
@@ -144,10 +158,10 @@ class Federation:
                          self.data.y_train, t.batch_size, hard_label_loss)
 
     def new_population(self) -> Population:
-        """Every peer's model as initialised at the start of the run."""
+        """Every held peer's model as initialised at the start of the run."""
         return Population(
             self.archs, self.data.input_shape, self.data.num_classes, self.cfg.model.hidden,
-            [self.generator(INIT_STREAM, i) for i in range(self.cfg.peers)])
+            [self.generator(INIT_STREAM, i) for i in range(self.cfg.peers)], self.peers)
 
     def train_local(self, r: int, peers: Sequence[int], prox_mu: float = 0.0,
                     prox_ref: Optional[torch.Tensor] = None,
@@ -246,28 +260,57 @@ class Federation:
         return self.generator(ADVERSARY_STREAM, r, peer)
 
     # ---- the loop -----------------------------------------------------------
-    def run_round(self, r: int) -> dict:
+    def run_round(self, r: int, transport: Optional["Transport"] = None) -> dict:
+        """Round r, the one loop body of every method and every deployment:
+        select peers -> downlink -> (transport: peer_update, uplink) ->
+        aggregate -> reply (transport: apply_reply) -> evaluate. The
+        transport reaches the peers: :class:`InProcess` (default) runs their
+        hooks here, on this federation's own models; the Flower strategy
+        sends the envelopes to the peers' nodes (tallytrain/flower/server.py).
+        Bytes are counted here, on the server's side, either way."""
         if r != self.round:
-            raise ValueError(f"round {r} requested but the federation is at round {self.round}")
+            raise ValueError(f"round {r} requested but the run is at round {self.round}")
+        transport = InProcess(self) if transport is None else transport
         start = time.perf_counter()
         before = sum(self.timer.seconds.values())
         selected = select_peers(self.cfg.peers, self.cfg.protocol.participation,
                                 self.cfg.seed, SELECT_STREAM, self.method.selection_round(r))
-        inbox: Dict[int, list] = defaultdict(list)
-        for env, msg in self.channel.deliver(r, self.method.downlink(r, selected)):
-            inbox[env.receiver].append(msg)
-        self.method.peer_update(r, selected, inbox)
-        received = self.channel.deliver(r, self.method.uplink(r, selected))
+        reachable, failures = transport.reachable(selected)
+        # Downlink bytes are counted when sent: a server cannot know which arrive.
+        sent = [env for env in self.method.downlink(r, selected) if env.receiver in reachable]
+        result = transport.train(r, reachable, self.channel.deliver(r, sent))
+        failures.update(result.failures)
+        answered = result.answered
+        if not answered:
+            raise RuntimeError(f"round {r}: no peer answered; " + "; ".join(
+                f"peer {p}: {why}" for p, why in sorted(failures.items())))
+        received = self.channel.deliver(r, result.uplink)
         with self.timer("aggregation"):
-            stats = self.method.aggregate(r, selected, received)
-        replies: Dict[int, list] = defaultdict(list)
-        for env, msg in self.channel.deliver(r, self.method.reply(r, selected)):
-            replies[env.receiver].append(msg)
-        if replies:
-            with self.timer("aggregation"):
-                self.method.apply_reply(r, replies)
+            stats = self.method.aggregate(r, answered, received)
+        scores = result.scores
+        closing = self.method.reply(r, answered)
+        if closing:
+            # The method's in-round reply (bridge's merged update): peers apply
+            # it before they are evaluated, so their scores come from this step.
+            online, _ = transport.reachable(sorted({env.receiver for env in closing}))
+            sent = [env for env in closing if env.receiver in online]
+            result = transport.reply(r, online, self.channel.deliver(r, sent))
+            for p, why in result.failures.items():
+                failures.setdefault(p, why)
+            scores = result.scores
+            if scores is not None and not scores:
+                raise RuntimeError(f"round {r}: no peer applied the round's reply; " + "; ".join(
+                    f"peer {p}: {why}" for p, why in sorted(failures.items())))
         with self.timer("evaluation"):
-            row = self.evaluate(r, stats)
+            if scores is None:  # the peers are here: evaluate them here
+                row = self.evaluate(r, stats)
+            else:  # as the peers measured themselves
+                peers = sorted(scores)
+                ppl = [scores[p][1] for p in peers]
+                row = self.metrics_row(
+                    r, stats, torch.tensor([scores[p][0] for p in peers]),
+                    None if None in ppl else torch.tensor(ppl, dtype=torch.float64))
+        transport.annotate(r, row, answered, failures)
         elapsed = time.perf_counter() - start
         self.timer.seconds["other"] += elapsed - (sum(self.timer.seconds.values()) - before)
         row["round_seconds"] = elapsed
@@ -277,15 +320,20 @@ class Federation:
 
     @torch.no_grad()
     def evaluate(self, r: int, stats) -> dict:
-        peers = range(self.cfg.peers)
+        return self.metrics_row(r, stats, *self.peer_scores(self.peers))
+
+    @torch.no_grad()
+    def peer_scores(self, peers: Sequence[int]) -> tuple:
+        """(test accuracy [P'], perplexity [P'] or None) of held ``peers``'
+        models: what the simulator evaluates every round, and what a Flower
+        node measures of its own peer."""
         if not self.data.sequence:
             y = self.data.y_test
-            peer_acc = self.population.predict_each(
+            acc = self.population.predict_each(
                 self.data.x_test, peers, lambda j, logits: (logits.argmax(-1) == y).float().mean())
-            return self.metrics_row(r, stats, torch.stack(peer_acc))
-        acc, ppl = self.sequence_scores(
+            return torch.stack(acc), None
+        return self.sequence_scores(
             lambda x, score: self.population.predict_each(x, peers, lambda j, lg: score(lg)))
-        return self.metrics_row(r, stats, acc, ppl)
 
     def sequence_scores(self, predict: Callable) -> tuple:
         """Next-token top-1 accuracy (float32 [M]) and perplexity (float64 [M])
@@ -387,6 +435,80 @@ class Federation:
         self.metrics = [dict(m) for m in state["metrics"]]
         self.timer.seconds.update(state["timer"])
         self.round = rounds
+
+
+@dataclass
+class PeerResult:
+    """What a transport brings back from the peers of one exchange."""
+
+    answered: List[int]           # peers that answered, sorted
+    uplink: List[Envelope]        # their messages, in peer order (not yet counted)
+    # peer -> (test accuracy, perplexity or None) as the peer measured its
+    # own model; None: the peers' models are in this process, evaluate here
+    scores: Optional[Dict[int, tuple]] = None
+    failures: Dict[int, str] = field(default_factory=dict)  # peer -> why it did not answer
+
+
+class Transport:
+    """The seam between the round loop and the peers (Federation.run_round).
+
+    ``reachable(peers)`` -> (the peers a message can reach, {peer: why not}
+    for the others); ``train(r, peers, delivered)`` hands each peer its
+    downlink (``delivered``: the decoded (envelope, message) pairs, already
+    counted) and returns a :class:`PeerResult` with the peers' uplink;
+    ``reply(r, peers, delivered)`` the same for a method's in-round reply;
+    ``annotate`` adds what the transport knows to a round's metrics row."""
+
+    def reachable(self, peers: Sequence[int]) -> tuple:
+        return list(peers), {}
+
+    def train(self, r: int, peers: Sequence[int], delivered: list) -> PeerResult:
+        raise NotImplementedError
+
+    def reply(self, r: int, peers: Sequence[int], delivered: list) -> PeerResult:
+        raise NotImplementedError
+
+    def annotate(self, r: int, row: dict, answered: List[int], failures: Dict[int, str]) -> None:
+        pass
+
+
+def inbox_of(delivered: list) -> Dict[int, list]:
+    """Decoded messages per receiving peer, in arrival order."""
+    inbox: Dict[int, list] = defaultdict(list)
+    for env, msg in delivered:
+        inbox[env.receiver].append(msg)
+    return inbox
+
+
+def peer_round(fed: Federation, r: int, peers: Sequence[int], delivered: list) -> List[Envelope]:
+    """The peers' half of round r, on ``fed``'s models of ``peers``: digest
+    the downlink and train (peer_update), then the uplink. Run for every
+    peer at once in one process (InProcess), or by a Flower node for its
+    own peer alone (tallytrain/flower/client.py)."""
+    fed.method.peer_update(r, peers, inbox_of(delivered))
+    return fed.method.uplink(r, peers)
+
+
+def peer_reply(fed: Federation, r: int, delivered: list) -> None:
+    """The peers' half of a method's in-round reply: apply it."""
+    replies = inbox_of(delivered)
+    if replies:
+        with fed.timer("aggregation"):
+            fed.method.apply_reply(r, replies)
+
+
+class InProcess(Transport):
+    """The simulator's transport: the peers are ``fed``'s own, in this process."""
+
+    def __init__(self, fed: Federation):
+        self.fed = fed
+
+    def train(self, r, peers, delivered):
+        return PeerResult(list(peers), peer_round(self.fed, r, peers, delivered))
+
+    def reply(self, r, peers, delivered):
+        peer_reply(self.fed, r, delivered)
+        return PeerResult(list(peers), [])
 
 
 def save_checkpoint(fed: Federation, path: str) -> None:

@@ -15,6 +15,7 @@ saving between rounds.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -247,7 +248,7 @@ class PeerGroup:
 
     @property
     def num_params(self) -> int:
-        return sum(v[0].numel() for v in self.params.values())
+        return sum(math.prod(v.shape[1:]) for v in self.params.values())
 
     # ---- inference ----------------------------------------------------------
     @torch.no_grad()
@@ -327,13 +328,13 @@ class PeerGroup:
     def flatten(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[R, M] float32 parameter vectors in a fixed (init) order."""
         vs = [v if rows is None else v[rows] for v in self.params.values()]
-        return torch.cat([v.reshape(v.shape[0], -1) for v in vs], dim=1)
+        return torch.cat([v.reshape(v.shape[0], math.prod(v.shape[1:])) for v in vs], dim=1)
 
     def unflatten(self, flat: torch.Tensor) -> Params:
         """Stacked params {name: [R, ...]} from [R, M] vectors."""
         out, i = {}, 0
         for k, v in self.params.items():
-            n = v[0].numel()
+            n = math.prod(v.shape[1:])
             out[k] = flat[:, i:i + n].reshape((flat.shape[0],) + tuple(v.shape[1:])).clone()
             i += n
         if i != flat.shape[1]:
@@ -347,28 +348,68 @@ class PeerGroup:
 
 def make_group(arch: str, ids: List, input_shape, num_classes: int, hidden: int,
                generators: Sequence[torch.Generator]) -> PeerGroup:
-    """A group whose member i is initialised from ``generators[i]``."""
+    """A group whose member i is initialised from ``generators[i]``. With no
+    generators the group has no members, only the architecture: a process
+    that holds none of its peers (a Flower server, another peer's node)
+    still knows the model's shape, e.g. to check or average parameters."""
     template = build_model(arch, input_shape, num_classes, hidden)
+    if not generators:
+        like = init_params(template, torch.Generator().manual_seed(0))
+        return PeerGroup(arch, template, ids, {k: v.new_empty((0,) + tuple(v.shape))
+                                               for k, v in like.items()})
     inits = [init_params(template, g) for g in generators]
     params = {k: torch.stack([p[k] for p in inits]) for k in inits[0]}
     return PeerGroup(arch, template, ids, params)
 
 
 class Population:
-    """All peers, grouped by architecture; public calls use global peer ids."""
+    """The peers this process holds, grouped by architecture; public calls use
+    global peer ids.
+
+    ``archs`` names every peer's architecture (the whole federation);
+    ``members`` the peers held here (default: all). A Flower node holds its
+    own peer alone, the Flower server none: what a process does not hold it
+    never builds, so it cannot leak or depend on another peer's parameters.
+    Every architecture of ``archs`` still gets a group (possibly empty), so
+    its shape is known everywhere."""
 
     def __init__(self, archs: Sequence[str], input_shape, num_classes: int, hidden: int,
-                 init_generators: Sequence[torch.Generator]):
+                 init_generators: Sequence[torch.Generator],
+                 members: Optional[Sequence[int]] = None):
         self.num_peers = len(archs)
         self.archs = list(archs)
+        self.members = list(range(self.num_peers)) if members is None else sorted(members)
         self.groups: List[PeerGroup] = []
-        self.where: List[tuple] = [None] * self.num_peers  # peer -> (group index, row)
+        self.where: List[Optional[tuple]] = [None] * self.num_peers  # peer -> (group, row)
+        held = set(self.members)
         for arch in dict.fromkeys(archs):
-            ids = [i for i, a in enumerate(archs) if a == arch]
+            ids = [i for i, a in enumerate(archs) if a == arch and i in held]
             for row, i in enumerate(ids):
                 self.where[i] = (len(self.groups), row)
             self.groups.append(make_group(arch, ids, input_shape, num_classes, hidden,
                                           [init_generators[i] for i in ids]))
+
+    def locate(self, peer: int) -> tuple:
+        """(group index, row) of a peer held here."""
+        if not 0 <= peer < self.num_peers or self.where[peer] is None:
+            raise ValueError(f"peer {peer} is not held in this process (it holds peers "
+                             f"{self.members})")
+        return self.where[peer]
+
+    def peer_params(self, peer: int) -> Params:
+        """Peer ``peer``'s own parameters (copies), unstacked."""
+        gi, row = self.locate(peer)
+        return {k: v[row].clone() for k, v in self.groups[gi].params.items()}
+
+    def load_peer_params(self, peer: int, params: Params) -> None:
+        gi, row = self.locate(peer)
+        group = self.groups[gi]
+        if set(params) != set(group.params) or any(
+                tuple(params[k].shape) != tuple(group.params[k].shape[1:]) for k in params):
+            raise ValueError(f"peer {peer}'s saved parameters do not match its configured "
+                             f"{group.arch!r} model")
+        for k, v in params.items():
+            group.params[k][row] = v
 
     @property
     def single_group(self) -> PeerGroup:
@@ -381,7 +422,7 @@ class Population:
         """[(group, rows tensor, positions in `peers`)] for the groups involved."""
         out = []
         for gi, group in enumerate(self.groups):
-            pos = [j for j, p in enumerate(peers) if self.where[p][0] == gi]
+            pos = [j for j, p in enumerate(peers) if self.locate(p)[0] == gi]
             if pos:
                 rows = torch.tensor([self.where[peers[j]][1] for j in pos])
                 out.append((group, rows, pos))
@@ -410,7 +451,7 @@ class Population:
         than ten plain ones); training keeps the vectorised calls."""
         out = []
         for j, p in enumerate(peers):
-            group, row = self.where[p]
+            group, row = self.locate(p)
             logits = self.groups[group].predict_one(x, row)
             out.append(consume(j, logits))
             del logits

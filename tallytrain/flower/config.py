@@ -6,7 +6,10 @@ nested TOML tables with dots). Every field of the run configuration is a key,
 named as in ``tallytrain run`` without the dashes in front: ``peers``,
 ``rounds``, ``seed``, ``method`` at the top, the others under their section
 (``train.local-steps``, ``protocol.abstain-below``, ``data.alpha``, ...).
-Keys under ``flower.`` belong to the adapter (:class:`FlowerOptions`).
+Keys under ``flower.`` belong to the adapter (:class:`FlowerOptions`), keys
+under ``app.`` to the user's app (e.g. where its data lies): tallytrain
+leaves them alone, and a ClientApp's ``load`` or a shared probe source can
+read them from the run config.
 Values are TOML scalars; ``"none"`` means None and tuples are comma-separated
 strings, as on the command line. An unknown key is an error that names it,
 so a typo cannot silently run the defaults.
@@ -90,14 +93,17 @@ def parse_run_config(user_config: Mapping[str, Any]) -> Tuple[RunConfig, FlowerO
             run[section][name] = _convert(value, str(field.type), key)
         elif section == "flower" and name in _fields(FlowerOptions):
             options[name] = _convert(value, str(_fields(FlowerOptions)[name].type), key)
+        elif key.startswith("app."):
+            continue  # the user's app's own keys
         else:
             unknown.append(key)
     if unknown:
         raise ValueError(
             f"unknown run config keys: {', '.join(sorted(unknown))}; keys are {', '.join(_TOP)}, "
             f"<section>.<field> for the sections {', '.join(_SECTIONS)} (fields as in "
-            f"`tallytrain run --help`), and flower.<option> for "
-            f"{', '.join(f.replace('_', '-') for f in _fields(FlowerOptions))}")
+            f"`tallytrain run --help`), flower.<option> for "
+            f"{', '.join(f.replace('_', '-') for f in _fields(FlowerOptions))}, and app.<key> "
+            f"for the app's own settings")
     return RunConfig.from_dict(run), FlowerOptions(**options)
 
 

@@ -13,14 +13,20 @@ Content of a round's instruction (server -> node), record ``tallytrain``:
 message to act), ``threads`` (torch CPU threads to use), ``messages`` (wire
 bytes) and ``kinds`` (the ``wire.MessageKind`` the receiver must find in
 each, as the simulator's envelopes say). A reply (node -> server) holds ``peer``, ``messages`` and
-``kinds`` in the same record, and the peer's test accuracy in the MetricRecord
-``metrics``.
+``kinds`` in the same record, and the peer's test accuracy (and, on
+sequence tasks, perplexity) in the MetricRecord ``metrics``.
+
+Before the first round the server asks every node (``query``, record
+``tallytrain`` with ``config``) which peer it serves; the node builds its
+peer and answers ``partition-id``, ``num-partitions``, ``num-examples`` (its
+shard's size: the server's averaging weights), ``num-params`` (its model's),
+and its initial accuracy; or ``error``, one line saying why it cannot serve.
 """
 from __future__ import annotations
 
 import io
 import json
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -73,18 +79,38 @@ def instruction(cfg_json: str, threads: int, round_index: int, peer: int,
     return RecordDict({RECORD: pack_envelopes(record, envelopes)})
 
 
-def reply(peer: int, envelopes: Sequence[Envelope], accuracy: float) -> RecordDict:
+def scores_record(accuracy: float, perplexity: Optional[float] = None) -> MetricRecord:
+    values = {"accuracy": float(accuracy)}
+    if perplexity is not None:
+        values["perplexity"] = float(perplexity)
+    return MetricRecord(values)
+
+
+def read_scores(content: RecordDict) -> tuple:
+    """(accuracy, perplexity or None) from a node's reply."""
+    metrics = content.metric_records[METRICS]
+    return float(metrics["accuracy"]), (float(metrics["perplexity"])
+                                        if "perplexity" in metrics else None)
+
+
+def reply(peer: int, envelopes: Sequence[Envelope], accuracy: float,
+          perplexity: Optional[float] = None) -> RecordDict:
     if any(env.receiver != SERVER for env in envelopes):
         raise ValueError("through Flower a peer sends only to the server; the method's uplink "
                          "addressed another peer (is protocol.decentralized on?)")
     record = pack_envelopes(ConfigRecord({"peer": peer}), envelopes)
-    return RecordDict({RECORD: record, METRICS: MetricRecord({"accuracy": accuracy})})
+    return RecordDict({RECORD: record, METRICS: scores_record(accuracy, perplexity)})
+
+
+def hello(cfg_json: str, threads: int) -> RecordDict:
+    return RecordDict({RECORD: ConfigRecord({"config": cfg_json, "threads": threads})})
 
 
 # ---- the peer's state between rounds -------------------------------------------
 def save_peer_state(state: RecordDict, params: dict, method_state: dict) -> None:
-    """Own model parameters as an ArrayRecord, the method's state (e.g. an error
-    feedback residual) as torch-serialised bytes."""
+    """Own model parameters as an ArrayRecord, the method's state for this
+    peer alone (Method.peer_state: e.g. its error-feedback residual) as
+    torch-serialised bytes."""
     state[STATE_PARAMS] = ArrayRecord(torch_state_dict=params)
     buf = io.BytesIO()
     torch.save(method_state, buf)

@@ -1,20 +1,24 @@
 """The ServerApp and its strategy: tallytrain's server side over a Flower Grid.
 
-:class:`TallyTrainStrategy` runs the simulator's round loop with the peers on
-Flower nodes. It holds its own :class:`~tallytrain.fl.loop.Federation` for the
-server's side: every round it selects peers as the simulator does, calls the
-method's ``downlink``, sends each reachable peer its wire messages, waits at
-most ``flower.round-timeout`` seconds for the replies, decodes and counts them
-through the same channel and ledger as the simulator, and calls
-``aggregate`` with the peers that answered; a method with an in-round
-``reply`` (bridge) gets a second exchange in which the nodes apply it. A peer that did not answer in time
-(its node died, or is slow) or answered with an error is reported missing for
-that round; the round goes on with the others.
+:class:`TallyTrainStrategy` is a Flower ``Strategy`` that runs the
+simulator's own round loop (:meth:`tallytrain.fl.loop.Federation.run_round`)
+with itself as the loop's transport: instead of calling the peers' hooks in
+process, it sends each reachable peer its downlink as a Flower message,
+waits at most ``flower.round-timeout`` seconds for the replies, and hands
+the loop the uplink of the peers that answered (decoded and counted through
+the same channel and ledger as in the simulator); a method with an in-round
+``reply`` (bridge) gets a second exchange in which the nodes apply it. A
+peer that did not answer in time (its node died, or is slow) or answered
+with an error is reported missing for that round; the round goes on with the
+others.
 
-It works over the Method hooks only, so any server-mode method runs through it
-(tallytrain, softlabel, fedavg, ...). Flower's own ``Strategy`` base class is
-not used: it is built around one global model in an ArrayRecord, which a
-hard-label method does not have.
+The server holds no peer: its Federation has no models and no training
+data, only the shared probe pool and test set and the method's server
+state. It works over the Method hooks only, so any server-mode method runs
+through it (tallytrain, softlabel, fedavg, ...). The hard-label methods have
+no global model, so Flower's ``initial_arrays`` has no role; ``start``
+returns Flower's ``Result`` with each round's metrics (and, for methods with
+a global model, that model as ``arrays``).
 """
 from __future__ import annotations
 
@@ -22,23 +26,24 @@ import dataclasses
 import time
 from collections import defaultdict
 from logging import INFO, WARNING
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
-import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result, Strategy
 
 from .. import report
 from ..comm import SERVER, Channel, Ledger
 from ..data import FederatedData, prepare
 from ..fl.config import RunConfig
-from ..fl.loop import SELECT_STREAM, Federation
-from ..fl.server import select_peers
+from ..fl.loop import Federation, PeerResult, Transport
 from . import records
 from .config import FlowerOptions, parse_run_config, torch_threads
+from .data import SharedData, as_arch, federated_data, resolve_shared, server_view
 
-app = ServerApp()
+#: The architecture name a server registers the nodes' own model under (model=).
+SERVER_ARCH = "flower-server-model"
 
 # Seconds between polls for replies. Grid.send_and_receive polls every 3 s,
 # which would add up to 3 s to every round for nothing.
@@ -68,34 +73,68 @@ def exchange(grid: Grid, messages: List[Message], timeout: float) -> Dict[int, M
     return replies
 
 
-class TallyTrainStrategy:
-    """One tallytrain run (one method, one seed) driven over a Flower Grid."""
+class TallyTrainStrategy(Strategy, Transport):
+    """One tallytrain run (one method, one seed) driven over a Flower Grid.
+
+    cfg, options: the run and the adapter's options (parse_run_config reads
+    both from a Flower run config). The shared data, one of:
+    ``data``, the bundled dataset as prepared (default: prepared from
+    ``cfg``; the server keeps its probes and test set only), or ``probes``,
+    the shared probe source of a run whose nodes read their own data
+    (:class:`~tallytrain.flower.data.SharedData`, the ClientApp's too).
+    model: the nodes' model (a factory ``(num_classes) -> nn.Module``, a
+    module, or an architecture name) for methods that average parameters
+    when the nodes bring their own; the server needs its shape."""
 
     def __init__(self, cfg: RunConfig, options: FlowerOptions = FlowerOptions(),
-                 data: Optional[FederatedData] = None):
+                 data: Optional[FederatedData] = None, *, probes: Optional[SharedData] = None,
+                 model: Any = None):
         if cfg.protocol.decentralized:
             raise ValueError("protocol.decentralized is not supported through Flower: Flower "
                              "routes every message through the server")
+        if data is not None and probes is not None:
+            raise ValueError("TallyTrainStrategy takes data= (a bundled dataset) or probes= "
+                             "(the shared probe source), not both")
+        if probes is not None and not isinstance(probes, SharedData):
+            raise ValueError(f"TallyTrainStrategy probes= must be a tallytrain.flower.SharedData,"
+                             f" got {type(probes).__name__}")
         self.cfg = cfg
         self.options = options
-        self.fed = Federation(cfg, prepare(cfg.data, cfg.peers, cfg.seed) if data is None
-                              else data)
+        server_cfg = cfg
+        if model is not None:
+            arch = as_arch(model, SERVER_ARCH, "TallyTrainStrategy model=")
+            server_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                            archs=(arch,)))
+        if probes is not None:
+            shared = probes.build()
+            self.probe_labels = shared.y_probe is not None
+            server_data = federated_data(server_cfg, shared)
+        else:
+            self.probe_labels = True
+            server_data = server_view(cfg, prepare(cfg.data, cfg.peers, cfg.seed)
+                                      if data is None else data)
+        # No peers here: the nodes hold them. Shard sizes come from the nodes.
+        self.fed = Federation(server_cfg, server_data, peers=[])
         self._cfg_json = records.config_json(cfg)
         self.peer_nodes: Dict[int, int] = {}  # peer -> Flower node id
-        self.metrics: List[dict] = []
-        # Before any training the server's population holds every peer's
-        # initial model (the same seeds as on the nodes).
-        self.initial_accuracy = self._mean_accuracy(self.fed.population.predict(
-            self.fed.data.x_test, list(range(cfg.peers)), cfg.train.peer_batch))
+        self.unserved: Dict[int, str] = {}    # peer -> why its node cannot serve it
+        self.initial_accuracy: Optional[float] = None
+        self.result = Result()
+        self._grid: Optional[Grid] = None
+        self._exchange = None  # (round, message type, {peer: envelopes}) being sent
+        self._out: List[tuple] = []  # (peer, Message) of that exchange
+        self._collected: Optional[PeerResult] = None
 
-    def _mean_accuracy(self, logits: torch.Tensor) -> float:
-        return float((logits.argmax(-1) == self.fed.data.y_test).float().mean())
+    @property
+    def metrics(self) -> List[dict]:
+        return self.fed.metrics
 
     # ---- which node serves which peer ------------------------------------------------
     def connect(self, grid: Grid) -> None:
         """Wait (at most flower.node-timeout) for a node per peer, then ask each
-        node its partition-id. Peers without a node are reported missing in
-        every round they are selected."""
+        node which peer it serves. Peers without a node are reported missing
+        in every round they are selected, with the reason when their node
+        said why it cannot serve (e.g. its data file is missing)."""
         deadline = time.monotonic() + self.options.node_timeout
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < self.cfg.peers and time.monotonic() < deadline:
@@ -104,9 +143,11 @@ class TallyTrainStrategy:
         if not nodes:
             raise RuntimeError(f"no Flower node connected within flower.node-timeout = "
                                f"{self.options.node_timeout} s")
-        hello = [Message(RecordDict({records.RECORD: ConfigRecord()}), node, records.HELLO,
-                         group_id="hello", ttl=self.options.node_timeout) for node in nodes]
+        hello = [Message(records.hello(self._cfg_json, self.options.threads), node,
+                         records.HELLO, group_id="hello", ttl=self.options.node_timeout)
+                 for node in nodes]
         replies = exchange(grid, hello, max(deadline - time.monotonic(), 1.0))
+        accuracy = []
         for i, reply in sorted(replies.items()):
             node = nodes[i]
             if reply.has_error():
@@ -118,155 +159,235 @@ class TallyTrainStrategy:
             if parts != self.cfg.peers or not 0 <= peer < parts:
                 raise ValueError(f"node {node} has partition-id={peer} num-partitions={parts}, "
                                  f"but the run has {self.cfg.peers} peers")
-            if peer in self.peer_nodes:
-                raise ValueError(f"nodes {self.peer_nodes[peer]} and {node} both serve "
+            if peer in self.peer_nodes or peer in self.unserved:
+                raise ValueError(f"nodes {self.peer_nodes.get(peer, '')} and {node} both serve "
                                  f"partition-id={peer}")
+            if "error" in record:
+                self.unserved[peer] = f"its node {node} cannot serve it: {record['error']}"
+                log(WARNING, "peer %s: %s", peer, self.unserved[peer])
+                continue
+            self._check_model(node, peer, int(record["num-params"]))
             self.peer_nodes[peer] = node
+            self.fed.shard_sizes[peer] = int(record["num-examples"])
+            accuracy.append(records.read_scores(reply.content)[0])
+        # Before any training: the mean over the peers' initial models.
+        self.initial_accuracy = sum(accuracy) / len(accuracy) if accuracy else None
         absent = [p for p in range(self.cfg.peers) if p not in self.peer_nodes]
         if absent:
             log(WARNING, "no node serves peers %s; they will be reported missing", absent)
 
-    # ---- one round -------------------------------------------------------------------
+    def _check_model(self, node: int, peer: int, num_params: int) -> None:
+        """Parameter-averaging methods: the node's model must be the server's."""
+        if not self.fed.method.averages_parameters:
+            return
+        group = self.fed.population.single_group
+        if num_params != group.num_params:
+            raise ValueError(
+                f"node {node} (peer {peer}) has a model of {num_params} parameters, but the "
+                f"server's {group.arch!r} model has {group.num_params}; method "
+                f"{self.cfg.method!r} averages parameters, so give TallyTrainStrategy "
+                f"model= the nodes' model (or set model.archs to it)")
+
+    # ---- one round: the simulator's loop, with this strategy as its transport ---------
     def run_round(self, grid: Grid, r: int) -> dict:
         """Round r with the peers that answer in time; returns its metrics row."""
-        fed = self.fed
-        if r != fed.round:
-            raise ValueError(f"round {r} requested but the run is at round {fed.round}")
-        start = time.perf_counter()
-        selected = select_peers(self.cfg.peers, self.cfg.protocol.participation,
-                                self.cfg.seed, SELECT_STREAM, fed.method.selection_round(r))
+        self._grid = grid
+        return self.fed.run_round(r, self)
+
+    def reachable(self, peers):
         # A node the SuperLink no longer lists (it stopped, or lost its
         # connection) cannot answer: no need to wait for it.
-        online = set(grid.get_node_ids())
-        reachable = [p for p in selected if self.peer_nodes.get(p) in online]
-        # Downlink bytes are counted when sent: the server cannot know which
-        # arrived. The channel also checks the method's own messages.
-        sent = [env for env in fed.method.downlink(r, selected) if env.receiver in reachable]
-        fed.channel.deliver(r, sent)
+        online = set(self._grid.get_node_ids())
+        ok, why = [], {}
+        for p in peers:
+            node = self.peer_nodes.get(p)
+            if node is not None and node in online:
+                ok.append(p)
+            elif node is not None:
+                why[p] = f"its node {node} is no longer connected"
+            else:
+                why[p] = self.unserved.get(p, "no node serves this peer")
+        return ok, why
+
+    def train(self, r, peers, delivered):
+        return self._send(r, records.ROUND, peers, delivered)
+
+    def reply(self, r, peers, delivered):
+        return self._send(r, records.REPLY, peers, delivered)
+
+    def _send(self, r: int, kind: str, peers: List[int], delivered: list) -> PeerResult:
+        """One exchange with ``peers``' nodes through the Strategy's own
+        configure/aggregate steps (which is what Flower calls them)."""
         by_peer = defaultdict(list)
-        for env in sent:
+        for env, _ in delivered:
             by_peer[env.receiver].append(env)
-        # The TTL bounds the message's life to the round: a node that comes
-        # back later must not train on a round the server has closed.
-        out = [Message(records.instruction(self._cfg_json, self.options.threads, r, p,
-                                           by_peer[p]),
-                       self.peer_nodes[p], records.ROUND, group_id=str(r),
-                       ttl=self.options.round_timeout) for p in reachable]
-        replies = exchange(grid, out, self.options.round_timeout)
-        answers, failures = self._collect(r, selected, reachable, replies)
-        answered = sorted(answers)
-        if not answered:
-            raise RuntimeError(f"round {r}: no peer answered; " + "; ".join(
-                f"peer {p}: {why}" for p, why in sorted(failures.items())))
-        received = []
-        for p in answered:  # peer order, as in the simulator
-            ledger, delivered, _ = answers[p]
-            for e in ledger.entries:
-                fed.ledger.record(e.round, e.sender, e.receiver, e.kind, e.bytes)
-            received += delivered
-        with fed.timer("aggregation"):
-            stats = fed.method.aggregate(r, answered, received)
-        accuracy = {p: answers[p][2] for p in answered}
-        closing = fed.method.reply(r, answered)
-        if closing:
-            # The method's in-round reply (bridge's merged update): peers apply
-            # it before they are evaluated, so their accuracy comes from this step.
-            accuracy = self._reply_round(grid, r, closing, online, failures)
-        with fed.timer("evaluation"):
-            row = fed.metrics_row(r, stats, torch.tensor([accuracy[p] for p in sorted(accuracy)]))
+        self._exchange = (r, kind, {p: by_peer[p] for p in peers})
+        configure = self.configure_train if kind == records.ROUND else self.configure_evaluate
+        aggregate = self.aggregate_train if kind == records.ROUND else self.aggregate_evaluate
+        messages = list(configure(r + 1, ArrayRecord(), ConfigRecord(), self._grid))
+        replies = exchange(self._grid, messages, self.options.round_timeout)
+        aggregate(r + 1, [replies[i] for i in sorted(replies)])
+        self._exchange = None
+        return self._collected
+
+    def annotate(self, r, row, answered, failures):
+        if not self.probe_labels:  # unlabelled probes: nothing to score the consensus on
+            row.update(consensus_acc=None, memory_acc=None)
         for p in sorted(failures):
             log(WARNING, "round %s: peer %s missing: %s", r, p, failures[p])
-        row.update(answered_peers=answered, missing_peers=sorted(failures),
-                   failures={str(p): why for p, why in sorted(failures.items())},
-                   round_seconds=time.perf_counter() - start)
-        self.metrics.append(row)
-        fed.round = r + 1
-        return row
+        row.update(answered_peers=list(answered), missing_peers=sorted(failures),
+                   failures={str(p): why for p, why in sorted(failures.items())})
 
-    def _collect(self, r: int, selected: List[int], reachable: List[int],
-                 replies: Dict[int, Message]):
-        """(answers, failures): per peer that answered usefully, its messages'
-        ledger, the decoded messages and its accuracy; per selected peer that
-        did not, why."""
-        failures: Dict[int, str] = {}
-        answers = {}
-        for i, reply in sorted(replies.items()):
-            peer = reachable[i]
+    # ---- flwr Strategy: the Flower side of each exchange -----------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The round's instructions, one per reachable selected peer (Flower
+        numbers rounds from 1: ``server_round`` is round r + 1). The loop
+        prepares them: call :meth:`start` (or :meth:`run_round`)."""
+        return self._configure(server_round, records.ROUND)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The method's in-round reply (bridge), one message per peer; none
+        for the other methods."""
+        if self._exchange is None or self._exchange[1] != records.REPLY:
+            return []
+        return self._configure(server_round, records.REPLY)
+
+    def _configure(self, server_round: int, kind: str) -> List[Message]:
+        if self._exchange is None or self._exchange[1] != kind:
+            raise RuntimeError("TallyTrainStrategy prepares its messages in its own round loop: "
+                               "run it with strategy.start(grid)")
+        r, _, by_peer = self._exchange
+        if server_round != r + 1:
+            raise ValueError(f"server_round {server_round} requested but the loop is at "
+                             f"round {r + 1}")
+        # The TTL bounds the message's life to the round: a node that comes
+        # back later must not train on a round the server has closed.
+        group = str(r) if kind == records.ROUND else f"{r}-reply"
+        self._out = [(p, Message(records.instruction(self._cfg_json, self.options.threads, r, p,
+                                                     envelopes),
+                                 self.peer_nodes[p], kind, group_id=group,
+                                 ttl=self.options.round_timeout))
+                     for p, envelopes in by_peer.items()]
+        return [m for _, m in self._out]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple:
+        """Read the peers' replies: their uplink (checked to decode, handed to
+        the loop, which counts and aggregates it) and their accuracy. Returns
+        no arrays (the hard-label methods have no global model here) and the
+        mean accuracy of the peers that answered."""
+        return None, self._aggregate(server_round, replies, records.ROUND)
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> Optional[MetricRecord]:
+        """The peers' accuracy after applying the round's reply."""
+        if self._exchange is None or self._exchange[1] != records.REPLY:
+            return None
+        return self._aggregate(server_round, replies, records.REPLY)
+
+    def _aggregate(self, server_round: int, replies: Iterable[Message],
+                   kind: str) -> Optional[MetricRecord]:
+        r = server_round - 1
+        peer_of = {msg.metadata.message_id: p for p, msg in self._out}
+        answers, failures = {}, {}
+        for reply in replies:
+            # Matched by the message answered: a reply the SuperLink writes for
+            # a node that went away comes from the SuperLink, not the node.
+            p = peer_of.get(reply.metadata.reply_to_message_id)
+            if p is None:
+                continue
             if reply.has_error():
                 # From the node (its ClientApp raised) or from the SuperLink
                 # (e.g. the message expired: the node went away).
-                failures[peer] = f"error reply (code {reply.error.code}): {reply.error.reason}"
+                failures[p] = (f"error reply (code {reply.error.code}): {reply.error.reason}"
+                               if kind == records.ROUND else
+                               f"error applying the round's reply (code {reply.error.code}): "
+                               f"{reply.error.reason}")
                 continue
             try:
-                answers[peer] = self._read_reply(r, peer, reply)
+                answers[p] = self._read_reply(r, p, reply)
             except (KeyError, ValueError) as exc:  # includes wire.WireFormatError
-                failures[peer] = f"unusable reply ({type(exc).__name__}: {exc})"
-        for p in selected:
+                failures[p] = f"unusable reply ({type(exc).__name__}: {exc})"
+        for p, _ in self._out:
             if p not in answers and p not in failures:
-                if p in reachable:
-                    failures[p] = (f"no reply within flower.round-timeout = "
-                                   f"{self.options.round_timeout} s")
-                elif p in self.peer_nodes:
-                    failures[p] = f"its node {self.peer_nodes[p]} is no longer connected"
-                else:
-                    failures[p] = "no node serves this peer"
-        return answers, failures
+                failures[p] = (f"no reply within flower.round-timeout = "
+                               f"{self.options.round_timeout} s" if kind == records.ROUND else
+                               f"no answer to the round's reply within flower.round-timeout = "
+                               f"{self.options.round_timeout} s")
+        answered = sorted(answers)
+        self._collected = PeerResult(
+            answered, [env for p in answered for env in answers[p][0]],
+            {p: answers[p][1] for p in answered}, failures)
+        if not answered:
+            return None
+        return MetricRecord({"accuracy": sum(answers[p][1][0] for p in answered) / len(answered),
+                             "answered": len(answered)})
 
-    def _read_reply(self, r: int, peer: int, reply: Message):
+    def _read_reply(self, r: int, peer: int, reply: Message) -> tuple:
+        """(the reply's envelopes, (accuracy, perplexity)); raises on a reply
+        that does not decode, before anything is counted."""
         record = reply.content.config_records[records.RECORD]
         if int(record["peer"]) != peer:
             raise ValueError(f"reply of peer {peer}'s node says it is from peer {record['peer']}")
-        # A channel of its own, so that a reply that fails half-way leaves no
-        # entries in the run's ledger.
-        channel = Channel(Ledger())
-        delivered = channel.deliver(r, records.unpack_envelopes(record, peer, SERVER))
-        accuracy = float(reply.content.metric_records[records.METRICS]["accuracy"])
-        return channel.ledger, delivered, accuracy
+        envelopes = records.unpack_envelopes(record, peer, SERVER)
+        Channel(Ledger()).deliver(r, envelopes)  # decodes and checks each, counts nothing
+        return envelopes, records.read_scores(reply.content)
 
-    def _reply_round(self, grid: Grid, r: int, closing: list, online: set,
-                     failures: Dict[int, str]) -> Dict[int, float]:
-        """Send the method's reply envelopes (counted when sent, as the
-        downlink) to the peers whose nodes are online; each node applies
-        them, saves its state and measures its accuracy. A node that fails
-        here joins ``failures``; returns {peer: accuracy} of the others."""
-        fed = self.fed
-        sent = [env for env in closing if self.peer_nodes.get(env.receiver) in online]
-        fed.channel.deliver(r, sent)
-        by_peer = defaultdict(list)
-        for env in sent:
-            by_peer[env.receiver].append(env)
-        peers = sorted(by_peer)
-        out = [Message(records.instruction(self._cfg_json, self.options.threads, r, p,
-                                           by_peer[p]),
-                       self.peer_nodes[p], records.REPLY, group_id=f"{r}-reply",
-                       ttl=self.options.round_timeout) for p in peers]
-        replies = exchange(grid, out, self.options.round_timeout)
-        accuracy = {}
-        for i, p in enumerate(peers):
-            reply = replies.get(i)
-            if reply is None:
-                failures.setdefault(p, f"no answer to the round's reply within "
-                                       f"flower.round-timeout = {self.options.round_timeout} s")
-            elif reply.has_error():
-                failures.setdefault(p, f"error applying the round's reply (code "
-                                       f"{reply.error.code}): {reply.error.reason}")
-            else:
-                accuracy[p] = float(reply.content.metric_records[records.METRICS]["accuracy"])
-        if not accuracy:
-            raise RuntimeError(f"round {r}: no peer applied the round's reply; " + "; ".join(
-                f"peer {p}: {why}" for p, why in sorted(failures.items())))
-        return accuracy
+    def summary(self) -> None:
+        log(INFO, "\ttallytrain method %s, %s peers, %s rounds, seed %s; round timeout %s s",
+            self.cfg.method, self.cfg.peers, self.cfg.rounds, self.cfg.seed,
+            self.options.round_timeout)
 
     # ---- the whole run ---------------------------------------------------------------
-    def start(self, grid: Grid) -> dict:
-        """Connect, run every round, and return :meth:`report`."""
+    def start(self, grid: Grid, initial_arrays: Optional[ArrayRecord] = None,
+              num_rounds: Optional[int] = None, timeout: Optional[float] = None,
+              train_config: Optional[ConfigRecord] = None,
+              evaluate_config: Optional[ConfigRecord] = None,
+              evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]] = None
+              ) -> Result:
+        """Connect, run every round of the run config, and return Flower's
+        Result: per round (from 1) the metrics row's numbers as a
+        MetricRecord, and the global model (methods that have one) as
+        ``arrays``. :meth:`report` has the whole run as JSON. ``timeout``
+        overrides flower.round-timeout; ``evaluate_fn(round, arrays)`` is
+        called after every round, as in Flower's strategies."""
+        if initial_arrays is not None and len(initial_arrays):
+            raise ValueError("TallyTrainStrategy.start: initial_arrays must be empty; every "
+                             "peer starts from its own model on its node")
+        if num_rounds is not None and num_rounds != self.cfg.rounds:
+            raise ValueError(f"TallyTrainStrategy.start: num_rounds={num_rounds} differs from "
+                             f"the run config's rounds={self.cfg.rounds}; set rounds there")
+        if train_config or evaluate_config:
+            raise ValueError("TallyTrainStrategy.start takes no train_config/evaluate_config: "
+                             "the run config carries tallytrain's settings to the nodes")
+        if timeout is not None:
+            self.options = dataclasses.replace(self.options, round_timeout=float(timeout))
+        log(INFO, "Starting %s strategy:", type(self).__name__)
+        self.summary()
         self.connect(grid)
-        for r in range(self.cfg.rounds):
+        for r in range(self.fed.round, self.cfg.rounds):
             row = self.run_round(grid, r)
             log(INFO, "round %s: accuracy %.4f, consensus accuracy %s, %s bytes, missing "
                 "peers %s", r, row["accuracy"], row["consensus_acc"], row["bytes"],
                 row["missing_peers"])
-        return self.report()
+            self.result.train_metrics_clientapp[r + 1] = metric_record(row)
+            if evaluate_fn is not None:
+                res = evaluate_fn(r + 1, self.global_arrays())
+                if res is not None:
+                    self.result.evaluate_metrics_serverapp[r + 1] = res
+        self.result.arrays = self.global_arrays()
+        return self.result
+
+    def global_arrays(self) -> ArrayRecord:
+        """The method's global model (fedavg, feddf, ...) by parameter name;
+        empty for methods without one."""
+        g = self.fed.method.global_params()
+        if g is None:
+            return ArrayRecord()
+        params = self.fed.population.single_group.unflatten(g[None])
+        return ArrayRecord(torch_state_dict={k: v[0] for k, v in params.items()})
 
     def report(self) -> dict:
         missing = sorted({p for row in self.metrics for p in row["missing_peers"]})
@@ -280,11 +401,41 @@ class TallyTrainStrategy:
         }
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg, options = parse_run_config(context.run_config)
-    with torch_threads(options.threads):
-        result = TallyTrainStrategy(cfg, options).start(grid)
-    if options.report:
-        report.write_json_atomic(options.report, result)
-        log(INFO, "tallytrain report written to %s", options.report)
+def metric_record(row: dict) -> MetricRecord:
+    """The numbers of a metrics row (a MetricRecord holds numbers and lists of them)."""
+    keep = {}
+    for k, v in row.items():
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, (int, float)) or (isinstance(v, list) and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            keep[k] = v
+    return MetricRecord(keep)
+
+
+def server_app(probes: Any = None, model: Any = None) -> ServerApp:
+    """A Flower ServerApp running :class:`TallyTrainStrategy` with the run
+    config of ``flwr run``. probes: the shared probe source
+    (:class:`SharedData`, or a function of Flower's run config returning
+    one: the ClientApp's), or None for the bundled dataset the run config
+    names; model as for the strategy. With flower.report set, it writes
+    :meth:`TallyTrainStrategy.report` there as JSON."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg, options = parse_run_config(context.run_config)
+        shared = None if probes is None else resolve_shared(probes, context.run_config,
+                                                            "the ServerApp")
+        with torch_threads(options.threads):
+            strategy = TallyTrainStrategy(cfg, options, probes=shared, model=model)
+            strategy.start(grid)
+        if options.report:
+            report.write_json_atomic(options.report, strategy.report())
+            log(INFO, "tallytrain report written to %s", options.report)
+
+    return app
+
+
+#: The default ServerApp: the bundled dataset named by the run config.
+app = server_app()

@@ -1,4 +1,9 @@
-"""The ClientApp: one tallytrain peer per SuperNode (its partition-id)."""
-from tallytrain.flower.client import app
+"""The ClientApp: one tallytrain peer per SuperNode (its partition-id), which
+reads only its own data file (task.load_node)."""
+from tallytrain.flower import client_app
+
+from .task import load_node, shared
+
+app = client_app(load=load_node, probes=shared)
 
 __all__ = ["app"]

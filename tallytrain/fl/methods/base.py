@@ -38,8 +38,8 @@ class Method:
     name: ClassVar[str] = ""
     #: averages parameters, so every peer must share one architecture
     averages_parameters: ClassVar[bool] = False
-    #: keys of state_dict() that peers keep (deployed: on their own nodes);
-    #: the rest is the server's
+    #: keys of state_dict() that hold peers' state (deployed: each peer keeps
+    #: its own part on its own node, see peer_state); the rest is the server's
     peer_state_keys: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, fed):
@@ -80,11 +80,24 @@ class Method:
         return None
 
     def state_dict(self) -> dict:
+        """Everything, every held peer's state included (simulator checkpoints)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             raise ValueError(f"method {self.name!r} keeps no state, the checkpoint has some")
+
+    # ---- one peer's state (a deployed peer saves it on its own node) ----------
+    def peer_state(self, peer: int) -> dict:
+        """What ``peer`` keeps between rounds besides its model: its own
+        tensors only (never another peer's rows), so that a Flower node
+        saves and restores exactly its own peer. Server state is not in it."""
+        return {}
+
+    def load_peer_state(self, peer: int, state: dict) -> None:
+        """Restore what :meth:`peer_state` returned for ``peer``."""
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no peer state, got {sorted(state)}")
 
 
 def bytes_to_tensor(data: Optional[bytes]) -> Optional[torch.Tensor]:

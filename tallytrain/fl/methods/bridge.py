@@ -66,13 +66,18 @@ class Bridge(TallyTrain):
         self.group = fed.population.single_group
         self.size = self.group.num_params
         self.k = max(1, math.ceil(proto.topk_fraction * self.size))
-        self.rows = torch.tensor([fed.population.where[p][1] for p in range(fed.cfg.peers)])
-        if self.period > 0:
+        # Peer side, for the peers held here (all in the simulator, its own on
+        # a Flower node, none on the Flower server): row ``slot[p]`` of the
+        # stacks below is peer p's.
+        self.slot = {p: i for i, p in enumerate(fed.peers)}
+        self.rows = torch.tensor([fed.population.where[p][1] for p in fed.peers],
+                                 dtype=torch.int64)
+        if self.period > 0 and fed.peers:
             start = ServerModel(self.group, fed.data.input_shape, fed.num_classes,
                                 fed.cfg.model.hidden, fed.generator(SERVER_STREAM)).vector
             self.group.load_flat(self.rows, start.expand(len(self.rows), -1))
-        # Peer side: each peer's parameters when it last sent (or last applied
-        # a merge), its error-feedback residual, and what it sent this merge.
+        # Each peer's parameters when it last sent (or last applied a merge),
+        # its error-feedback residual, and what it sent this merge.
         self.anchor = self.group.flatten(self.rows).clone()
         self.residual = torch.zeros_like(self.anchor)
         self.sent = {}  # peer -> (indices, values as sent, in float32), until the reply
@@ -91,9 +96,10 @@ class Bridge(TallyTrain):
         if p in self.sent:
             idx, values = self.sent.pop(p)
             change.index_add_(0, idx, -values)
-        row = self.rows[p:p + 1]
+        i = self.slot[p]
+        row = self.rows[i:i + 1]
         self.group.load_flat(row, self.group.flatten(row) + change)
-        self.anchor[p] += change
+        self.anchor[i] += change
 
     def uplink(self, r, selected):
         votes = super().uplink(r, selected)  # server mode: one VOTES message per peer
@@ -101,16 +107,17 @@ class Bridge(TallyTrain):
             return votes
         out = []
         fed = self.fed
-        rows = self.rows[list(selected)]
-        flat = self.group.flatten(rows)
+        slots = [self.slot[p] for p in selected]
+        flat = self.group.flatten(self.rows[slots])
         for i, p in enumerate(selected):
+            s = slots[i]
             with fed.timer("ops"):
-                idx, values = ops.topk_sparse_ef(flat[i] - self.anchor[p], self.residual[p],
+                idx, values = ops.topk_sparse_ef(flat[i] - self.anchor[s], self.residual[s],
                                                  self.k)
                 sent = values.to(self.dtype)
                 # The payload's rounding is not lost either: it waits in the residual.
-                self.residual[p].index_add_(0, idx, values - sent.float())
-            self.anchor[p] = flat[i]
+                self.residual[s].index_add_(0, idx, values - sent.float())
+            self.anchor[s] = flat[i]
             self.sent[p] = (idx, sent.float())
             if fed.adversarial[p]:
                 # An adversary keeps honest books and an honest model (as in
@@ -162,6 +169,29 @@ class Bridge(TallyTrain):
         state.update(anchor=self.anchor.clone(), residual=self.residual.clone(),
                      sent={int(p): [i.clone(), v.clone()] for p, (i, v) in self.sent.items()})
         return state
+
+    def peer_state(self, peer):
+        state = super().peer_state(peer)
+        s = self.slot[peer]
+        sent = self.sent.get(peer)
+        # A deployed peer saves between its uplink and the round's reply, when
+        # what it sent is still pending.
+        state.update(anchor=self.anchor[s].clone(), residual=self.residual[s].clone(),
+                     sent=None if sent is None else [sent[0].clone(), sent[1].clone()])
+        return state
+
+    def load_peer_state(self, peer, state):
+        super().load_peer_state(peer, state)
+        s = self.slot[peer]
+        for name in ("anchor", "residual"):
+            if tuple(state[name].shape) != tuple(self.anchor[s].shape):
+                raise ValueError(f"peer {peer}'s saved {name} has shape "
+                                 f"{tuple(state[name].shape)}, its model {self.size} entries")
+        self.anchor[s] = state["anchor"]
+        self.residual[s] = state["residual"]
+        self.sent.pop(peer, None)
+        if state["sent"] is not None:
+            self.sent[peer] = (state["sent"][0].clone(), state["sent"][1].clone())
 
     def load_state_dict(self, state):
         super().load_state_dict(state)

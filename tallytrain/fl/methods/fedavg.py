@@ -37,6 +37,9 @@ class FedAvg(Method):
         self.server = ServerModel(self.group, fed.data.input_shape, fed.num_classes,
                                   fed.cfg.model.hidden, fed.generator(SERVER_STREAM))
         self.dtype = getattr(torch, fed.cfg.protocol.param_dtype)
+        # Peer side: the global model of this period as the peers received it
+        # (None until one arrives here; see anchor()).
+        self.received = None
 
     def prox_mu(self) -> float:
         return 0.0
@@ -60,14 +63,26 @@ class FedAvg(Method):
         if received:
             rows = torch.tensor([self.fed.population.where[p][1] for p in received])
             self.group.load_flat(rows, torch.stack([inbox[p][0].vector.float() for p in received]))
-        # The FedProx anchor is the global model of this period. The server's
-        # copy has not changed since it went down (it changes only when the
-        # period's parameters come back), so it is what every peer received,
-        # with the payload's rounding (param_dtype) applied.
+            # Every peer of a period receives the same message, at its start.
+            self.received = inbox[received[0]][0].vector.float()
         self.fed.train_local(r, selected, self.prox_mu(), self.anchor())
 
     def anchor(self) -> torch.Tensor:
+        """The global model of this period as the peers received it: the
+        FedProx anchor, and an adversary's reference. In one process it is
+        also the server's copy with the payload's rounding (param_dtype)
+        applied (the server's copy changes only when the period's parameters
+        come back), which is what a resumed run uses; a Flower node keeps
+        the one it received (peer_state)."""
+        if self.received is not None:
+            return self.received
         return self.server.vector.to(self.dtype).float()
+
+    def peer_state(self, peer):
+        return {"received": self.received}
+
+    def load_peer_state(self, peer, state):
+        self.received = state["received"]
 
     def uplink(self, r, selected):
         if not self.merges(r):

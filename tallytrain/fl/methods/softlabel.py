@@ -122,6 +122,15 @@ class SoftLabel(Method):
         return {"previous": self.previous,
                 "memory": {int(p): m.state_dict() for p, m in self.memory.items()}}
 
+    def peer_state(self, peer):
+        memory = self.memory.get(peer)
+        return {"memory": None if memory is None else memory.state_dict()}
+
+    def load_peer_state(self, peer, state):
+        self.memory.pop(peer, None)
+        if state["memory"] is not None:
+            self.memory[peer] = SoftLabelMemory.from_state(state["memory"])
+
     def load_state_dict(self, state):
         self.previous = state["previous"]
         self.memory = {}

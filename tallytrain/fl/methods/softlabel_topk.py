@@ -154,6 +154,15 @@ class SoftLabelTopK(Method):
         return {"previous": previous,
                 "memory": {int(p): m.state_dict() for p, m in self.memory.items()}}
 
+    def peer_state(self, peer):
+        memory = self.memory.get(peer)
+        return {"memory": None if memory is None else memory.state_dict()}
+
+    def load_peer_state(self, peer, state):
+        self.memory.pop(peer, None)
+        if state["memory"] is not None:
+            self.memory[peer] = TopKMemory.from_state(state["memory"])
+
     def load_state_dict(self, state):
         self.previous = None if state["previous"] is None else tuple(
             t.clone() for t in state["previous"])

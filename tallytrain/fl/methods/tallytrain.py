@@ -63,7 +63,7 @@ class TallyTrain(Method):
         self.support = {}
         if self.support_filter:
             data = fed.data
-            for p in range(fed.cfg.peers):
+            for p in fed.peers:  # held peers: only their own shards are here
                 idx = fed.shard_pools[p]
                 self.support[p] = LocalSupport(data.x_train[idx], data.y_train[idx],
                                                fed.num_classes, proto.support_min,
@@ -267,6 +267,18 @@ class TallyTrain(Method):
                 "voters": self.voters.state_dict() if self.voters is not None else [],
                 "votes_judged": self.votes_judged.clone(),
                 "votes_agreed": self.votes_agreed.clone()}
+
+    def peer_state(self, peer):
+        memory = self.memory.get(peer)
+        return {"memory": None if memory is None else memory.state_dict(),
+                "voters": None if self.voters is None else self.voters.peer_params(peer)}
+
+    def load_peer_state(self, peer, state):
+        self.memory.pop(peer, None)
+        if state["memory"] is not None:
+            self.memory_of(peer).load_state_dict(state["memory"])
+        if self.voters is not None:
+            self.voters.load_peer_params(peer, state["voters"])
 
     def load_state_dict(self, state):
         self.previous = tensor_to_bytes(state["previous"])
