@@ -108,7 +108,8 @@ _FLOAT_CODES: Dict[torch.dtype, Tuple[WireDtype, np.dtype]] = {
     torch.float16: (WireDtype.FLOAT16, np.dtype("<f2")),
     torch.float32: (WireDtype.FLOAT32, np.dtype("<f4")),
 }
-_FLOAT_BY_CODE: Dict[WireDtype, Tuple[torch.dtype, np.dtype]] = {code: (tdt, ndt) for tdt, (code, ndt) in _FLOAT_CODES.items()}
+_FLOAT_BY_CODE: Dict[WireDtype, Tuple[torch.dtype, np.dtype]] = {
+    code: (tdt, ndt) for tdt, (code, ndt) in _FLOAT_CODES.items()}
 
 
 # --------------------------------------------------------------------------- #

@@ -366,7 +366,7 @@ def own_data_grid(example, cfg: RunConfig, data_dir: Path, files=None) -> FakeGr
     config, and the shared probes named by the run config."""
     example.make_data.write_files(str(data_dir), cfg)
     grid = FakeGrid(example.client_app.app, cfg.peers)
-    for i, (node, ctx) in enumerate(sorted(grid.contexts.items())):
+    for i, (_node, ctx) in enumerate(sorted(grid.contexts.items())):
         own = data_dir / f"machine{i}"
         own.mkdir(exist_ok=True)
         (data_dir / f"node{i}.pt").rename(own / "train.pt")
@@ -420,7 +420,7 @@ def test_a_node_saves_only_its_own_peer(example, tmp_path):
                                   model=example.task.make_model)
     strategy.connect(grid)
     strategy.run_round(grid, 0)  # not a merge round: what was sent waits for nothing
-    for peer, node in strategy.peer_nodes.items():
+    for node in strategy.peer_nodes.values():
         params, state = records.load_peer_state(grid.contexts[node].state)
         size = sum(v.numel() for v in params.values())
         assert size == strategy.fed.population.single_group.num_params

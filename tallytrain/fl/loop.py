@@ -349,7 +349,8 @@ class Federation:
             target = y[i:i + step]
             real = target >= 0
 
-            def score(logits: torch.Tensor) -> tuple:
+            # Bound as defaults: predict calls score within this iteration.
+            def score(logits: torch.Tensor, target=target, real=real) -> tuple:
                 correct = int(((logits.argmax(-1) == target) & real).sum())
                 nll = float(F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(),
                                             ignore_index=-1, reduction="sum"))

@@ -263,7 +263,8 @@ class PeerGroup:
         outs = []
         for p0 in range(0, count, step):
             sub = {k: v[p0:p0 + step] for k, v in params.items()}
-            outs.append(in_row_chunks(lambda xs: self._shared(sub, xs), x, 1, self.positions))
+            outs.append(in_row_chunks(lambda xs, sub=sub: self._shared(sub, xs), x, 1,
+                                      self.positions))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     @torch.no_grad()

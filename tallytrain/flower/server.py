@@ -86,7 +86,7 @@ class TallyTrainStrategy(Strategy, Transport):
     module, or an architecture name) for methods that average parameters
     when the nodes bring their own; the server needs its shape."""
 
-    def __init__(self, cfg: RunConfig, options: FlowerOptions = FlowerOptions(),
+    def __init__(self, cfg: RunConfig, options: Optional[FlowerOptions] = None,
                  data: Optional[FederatedData] = None, *, probes: Optional[SharedData] = None,
                  model: Any = None):
         if cfg.protocol.decentralized:
@@ -99,7 +99,7 @@ class TallyTrainStrategy(Strategy, Transport):
             raise ValueError(f"TallyTrainStrategy probes= must be a tallytrain.flower.SharedData,"
                              f" got {type(probes).__name__}")
         self.cfg = cfg
-        self.options = options
+        self.options = options if options is not None else FlowerOptions()
         server_cfg = cfg
         if model is not None:
             arch = as_arch(model, SERVER_ARCH, "TallyTrainStrategy model=")

@@ -142,7 +142,6 @@ class TallyTrain(Method):
     def uplink(self, r, selected):
         fed = self.fed
         proto = fed.cfg.protocol
-        n = proto.probes_per_round
         c = self.num_classes
         out = []
         self._votes = {}
@@ -229,7 +228,6 @@ class TallyTrain(Method):
 
     def aggregate(self, r, selected, received):
         fed = self.fed
-        n = fed.cfg.protocol.probes_per_round
         truth = fed.data.y_probe[fed.probe_indices(r)]
         if fed.cfg.protocol.decentralized:
             heard: Dict[int, Dict[int, Votes]] = {q: {q: self._votes[q]} for q in selected}
