@@ -32,8 +32,10 @@ from .peer import LossFn, Objective, Population, hard_label_loss, rows_per_chunk
 from .registry import get_method
 from .server import select_peers
 
-PHASES = ("local_training", "distillation", "joint_training", "inference", "ops", "messaging",
-          "aggregation", "evaluation", "checkpoint", "other")
+# "support" is the support-aware abstention's local check (fl/support.py): a
+# protocol step that is not one of the ops, kept apart so that "ops" is the ops.
+PHASES = ("local_training", "distillation", "joint_training", "inference", "ops", "support",
+          "messaging", "aggregation", "evaluation", "checkpoint", "other")
 CHECKPOINT_VERSION = 1
 
 

@@ -160,7 +160,8 @@ class TallyTrain(Method):
                 if not self.support_filter:
                     return votes
                 labels = votes.labels()
-                backed = self.support[p].backed(x_probe, labels)
+                with fed.timer("support"):
+                    backed = self.support[p].backed(x_probe, labels)
                 return Votes.from_labels(labels.masked_fill(~backed, -1), c, abstain=True)
 
         cast = fed.consume_probe_logits(r, selected, peer_vote, self.voters)
