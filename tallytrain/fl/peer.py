@@ -4,7 +4,7 @@ Peers that share an architecture form a :class:`PeerGroup` whose parameters
 are stacked on a leading peer dimension. One ``torch.func.vmap`` of the
 template's ``functional_call`` runs every peer of the group at once (for the
 10-peer digits MLP about 5x faster than one peer per call, with identical
-results; docs/results.md §6), and because peers' losses are
+results; docs/results.md §7), and because peers' losses are
 independent, one backward pass of their sum yields every peer's own gradient.
 ``peer_batch`` bounds how many peers run in one call when memory matters.
 
