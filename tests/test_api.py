@@ -17,7 +17,6 @@ import pickle
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -710,26 +709,24 @@ def test_memory_load_state_dict_validates():
         target.load_state_dict([good])
 
 
-def test_memory_updates_a_large_pool_in_milliseconds():
+def test_memory_updates_a_large_pool():
+    # Scale, not speed (speed is not asserted in tests): 10^4 probes of 64
+    # positions per update into a pool of 10^5, then the whole pool at once.
     pool, window = 10**5, 64
     memory = ConsensusMemory(pool, max_age=3, position_shape=(window,))
     g = torch.Generator().manual_seed(0)
-    times = []
     for r in range(4):
         n = 10**4
         probes = torch.randperm(pool, generator=g)[:n]
         cons = SimpleNamespace(labels=torch.randint(-1, 50_000, (n, window), generator=g),
                                keep=torch.rand(n, window, generator=g) < 0.7)
-        start = time.perf_counter()
         memory.update(probes, cons, r)
-        times.append(time.perf_counter() - start)
-    # about 10 ms on a 2-core machine; a loop over probes in Python takes seconds
-    assert min(times) < 0.25, times
+        held = (cons.labels >= 0) & cons.keep
+        indices, labels = memory.labels()
+        assert set(probes[held.any(1)].tolist()) <= set(indices.tolist())
     everything = SimpleNamespace(labels=torch.zeros(pool, window, dtype=torch.int64),
                                  keep=torch.ones(pool, window, dtype=torch.bool))
-    start = time.perf_counter()
     memory.update(torch.randperm(pool, generator=g), everything, 4)
-    assert time.perf_counter() - start < 2.0
     assert len(memory) == pool * window
 
 
