@@ -7,7 +7,7 @@
 #   make vector-check    the CPU kernels compile with every vector operation in SIMD
 #   make check-aarch64   the CPU kernels compile for aarch64 (needs g++-aarch64-linux-gnu)
 #   make simt-coverage   which lines of the CUDA kernels the tests never run (on the CPU model)
-#   make lint            ruff, mypy (the public API) and clang-format --dry-run over csrc (CI runs it)
+#   make lint            ruff, mypy (all of tallytrain/) and clang-format --dry-run over csrc (CI runs it)
 #   make format          apply ruff's fixes and clang-format in place
 # Everything installs from this repository's own files into $(VENV).
 

@@ -188,7 +188,7 @@ def _help_values() -> Dict[str, str]:
 
 def _add_field(group, f: dataclasses.Field, values: Dict[str, str]) -> None:
     flag = "--" + f.name.replace("_", "-")
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     help_text = f"{HELP.get(f.name, '').format(**values)} (default: {_show(default)})".strip()
     # SUPPRESS: an option not given is absent from the namespace, so that an
     # explicit "none" (-> None) is distinguishable from "not given".
@@ -197,12 +197,13 @@ def _add_field(group, f: dataclasses.Field, values: Dict[str, str]) -> None:
         group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_text)
         return
-    cast = {"int": _integer, "float": _finite, "str": str}[
-        t.replace("Optional[", "").rstrip("]")] if not t.startswith("Tuple") else None
     if t.startswith("Tuple"):
         group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="A,B",
                            type=_names, help=help_text)
-    elif t.startswith("Optional"):
+        return
+    parsers: Dict[str, Callable[[str], Any]] = {"int": _integer, "float": _finite, "str": str}
+    cast = parsers[t.replace("Optional[", "").rstrip("]")]
+    if t.startswith("Optional"):
         group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_optional(cast),
                            help=help_text)
     else:

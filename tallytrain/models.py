@@ -9,7 +9,7 @@ RNG), with PyTorch's default initialisation rules.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, hidden: int, depth: int):
         super().__init__()
-        layers, width = [nn.Flatten()], in_features
+        layers: List[nn.Module] = [nn.Flatten()]
+        width = in_features
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.ReLU()]
             width = hidden

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
@@ -75,9 +75,9 @@ def summarize(results: Mapping[str, Sequence[Mapping]]) -> dict:
         }
         ppl = [r.get("final_perplexity") for r in runs]
         if all(p is not None for p in ppl):  # sequence tasks
-            ppl = np.array(ppl, dtype=np.float64)
-            methods[name]["final_perplexity_mean"] = float(ppl.mean())
-            methods[name]["final_perplexity_std"] = float(ppl.std(ddof=1)) if len(ppl) > 1 \
+            ppl_a = np.array(ppl, dtype=np.float64)
+            methods[name]["final_perplexity_mean"] = float(ppl_a.mean())
+            methods[name]["final_perplexity_std"] = float(ppl_a.std(ddof=1)) if len(ppl_a) > 1 \
                 else None
     return {"methods": methods}
 
@@ -173,7 +173,10 @@ def _method_colors(methods: Sequence[str]) -> Dict[str, str]:
     palette = [f"C{i}" for i in range(10)]
     if len(methods) > 10:
         import matplotlib
-        palette += [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors[1::2]]
+        tab20 = matplotlib.colormaps["tab20"]
+        assert isinstance(tab20, matplotlib.colors.ListedColormap)
+        rgb = cast(Sequence[Tuple[float, float, float]], tab20.colors)  # tab20 lists RGB tuples
+        palette += [matplotlib.colors.to_hex(c) for c in rgb[1::2]]
     return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
 
 
@@ -183,7 +186,7 @@ def _styles(rows: Sequence[Mapping]) -> Dict[str, dict]:
     pareto study's fedavg-R1, fedavg-R2, ...) differ by line style and
     marker, so that no two curves look alike."""
     labels = list(dict.fromkeys(_label(r) for r in rows))
-    method_of = {}
+    method_of: Dict[str, str] = {}
     for r in rows:
         method_of.setdefault(_label(r), r.get("method", _label(r)))
     colors = _method_colors(list(dict.fromkeys(method_of[label] for label in labels)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -54,9 +54,9 @@ def ablate_config(base: RunConfig, seeds: Sequence[int]) -> CompareConfig:
                          settings=settings)
 
 
-def _mean(values: List[float]):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 def ablation_rows(summary: Mapping, rows: Sequence[Mapping]) -> List[dict]:

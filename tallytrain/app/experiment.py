@@ -29,7 +29,7 @@ import json
 import os
 import pickle
 import shutil
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -56,7 +56,8 @@ def option_fields() -> Dict[str, Tuple[Optional[str], dataclasses.Field]]:
     for top in dataclasses.fields(RunConfig):
         if top.name in ("method", "seed"):
             continue
-        default = top.default_factory() if top.default is dataclasses.MISSING else top.default
+        default = (top.default_factory() if top.default_factory is not dataclasses.MISSING
+                   else top.default)
         for section, f in ([(top.name, f) for f in dataclasses.fields(default)]
                            if dataclasses.is_dataclass(default) else [(None, top)]):
             if f.name in out:
@@ -173,7 +174,7 @@ def _make_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> No
 
 
 def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
-             progress: Progress, name: str) -> dict:
+             progress: Union[Progress, _QueueProgress], name: str) -> dict:
     """One run; ``name`` is its label in the comparison (the method's name,
     or the operating point's label)."""
     result_path = os.path.join(run_dir, "result.json")
@@ -420,7 +421,9 @@ def _run_parallel(cfg: CompareConfig, out: str, resume: bool, progress: Progress
 
 def finish(cfg: CompareConfig, out: str, class_counts: np.ndarray) -> dict:
     """Gather the finished runs into metrics.jsonl, comm.csv, summary.json and plots."""
-    rows, comm, results = [], [], {}
+    rows: List[dict] = []
+    comm: List[str] = []
+    results: Dict[str, List[dict]] = {}
     for label in cfg.methods:
         for seed in cfg.seeds:
             run_dir = run_dir_of(out, label, seed)

@@ -55,10 +55,10 @@ def pareto_config(base: RunConfig, seeds: Sequence[int], periods: Sequence[int] 
     if not bridge_fractions or any(not 0 < f <= 1 for f in bridge_fractions):
         raise ValueError(f"bridge_fractions must list fractions in (0, 1], got "
                          f"{list(bridge_fractions)}")
-    for name, values in (("periods", periods), ("bridge_periods", bridge_periods),
+    for name, listed in (("periods", periods), ("bridge_periods", bridge_periods),
                          ("bridge_fractions", bridge_fractions), ("baselines", baselines)):
-        if len(set(values)) != len(values):
-            raise ValueError(f"{name} lists a value twice: {list(values)}")
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"{name} lists a value twice: {list(listed)}")
     unknown = set(baselines) - set(PARAMETER_BASELINES)
     if unknown:
         raise ValueError(f"baselines may only name {', '.join(PARAMETER_BASELINES)}; got "
@@ -167,7 +167,7 @@ def run_pareto(cfg: CompareConfig, out: str, **run_options) -> dict:
     """Run the study into ``out`` (a run directory like ``compare``'s, plus
     pareto.json, pareto.md and pareto.png); returns pareto.json's dict."""
     summary = run_compare(cfg, out, **run_options)
-    seed_accuracy = {}
+    seed_accuracy: Dict[str, List[float]] = {}
     for label in cfg.methods:
         seed_accuracy[label] = []
         for seed in cfg.seeds:

@@ -266,6 +266,8 @@ def load_plugin(spec: str) -> None:
             module_name = "tallytrain_plugin_" + "".join(
                 c if c.isalnum() else "_" for c in os.path.abspath(spec))
             loader_spec = importlib.util.spec_from_file_location(module_name, spec)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ValueError("not a Python source file")
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[module_name] = module  # so that what it defines can be pickled
             try:

@@ -25,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -245,7 +245,7 @@ SCALES = ("full", "quick", "micro")
 # smaller, "micro" small enough for repeated pytest-benchmark rounds.
 # pack_argmax (N, C, dtype), also with abstention; tally (P, N, C); topk (M, k), run plain and with
 # error feedback; sparse_merge (peers, k, size); unpack_labels N (C = 1000).
-SIZES = {
+SIZES: Dict[Tuple[str, str], Dict[str, Any]] = {
     ("cpu", "full"): dict(
         pack_argmax=[(4096, 50257, "bf16"), (65536, 1000, "fp32"), (1 << 20, 10, "fp32")],
         # one peer's vote at the README's C = 1000 run (2,000 probes per round)
@@ -284,7 +284,7 @@ SIZES = {
 }
 
 # docs/kernels.md targets, per device; pack_argmax one per size in order.
-TARGETS = {
+TARGETS: Dict[str, Dict[str, Any]] = {
     "cpu": dict(pack_argmax=[Target(ratio=10), Target(ratio=3), Target(ratio=8)],
                 tally=Target(ratio=30), topk_sparse=Target(ratio=8), topk_sparse_ef=None),
     # >= 85% of the copy ceiling for C >= 1000 (>= 1.5x the plain way at

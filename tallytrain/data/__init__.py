@@ -133,6 +133,8 @@ def split_dataset(ds: Dataset, test_fraction: float, probe_fraction: float,
     probe = np.sort(order[:n_probe])
     train = np.sort(order[n_probe + n_test:])
     if official:
+        if ds.y_test is None:
+            raise ValueError(f"dataset {ds.name!r} has x_test but no y_test")
         test = np.arange(len(ds.y_test))
         if max_test_samples and max_test_samples < len(test):
             test = np.sort(rng.permutation(len(test))[:max_test_samples])
@@ -158,8 +160,10 @@ def _at_most(index: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarra
 
 def _split_with_probe_pool(ds: Dataset, rng: np.random.Generator, max_samples: int,
                            max_test_samples: int, max_probe_samples: int) -> Split:
-    if ds.x_test is None:
+    if ds.x_test is None or ds.y_test is None:
         raise ValueError(f"dataset {ds.name!r} has a probe pool but no test split")
+    if ds.y_probe is None:
+        raise ValueError(f"dataset {ds.name!r} has x_probe but no y_probe")
     train = _at_most(np.arange(len(ds.y)), max_samples, rng)
     probe = _at_most(np.arange(len(ds.y_probe)), max_probe_samples, rng)
     test = _at_most(np.arange(len(ds.y_test)), max_test_samples, rng)
@@ -179,6 +183,9 @@ def prepare(cfg, num_peers: int, seed: int, dataset: Optional[Dataset] = None) -
     te = torch.from_numpy(split.test)
     x_test, y_test = (ds.x_test, ds.y_test) if split.official_test else (ds.x, ds.y)
     x_probe, y_probe = (ds.x_probe, ds.y_probe) if split.official_probe else (ds.x, ds.y)
+    # split_dataset takes an official split only where the dataset has it
+    assert x_test is not None and y_test is not None
+    assert x_probe is not None and y_probe is not None
     if cfg.partition == "groups" and ds.groups is None:
         raise ValueError(f"--partition groups needs a dataset whose samples have groups "
                          f"(pytext: modules, glyphs: font faces); {ds.name!r} has none")

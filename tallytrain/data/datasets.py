@@ -16,7 +16,7 @@ import os
 import pickle
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -96,8 +96,8 @@ def make_synthetic(num_classes: int = 100, dim: int = 32, samples_per_class: int
 # --------------------------------------------------------------------------- #
 # MNIST / Fashion-MNIST: the idx format
 # --------------------------------------------------------------------------- #
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
-               0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: Dict[int, Union[type, str]] = {
+    0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -216,9 +216,9 @@ def _cifar(name: str, data_dir: Optional[str], folder: str, train: List[str],
     for files in (train, test):
         xs, ys = [], []
         for fname in files:
-            x, y = _read_cifar_batch(_find_file(data_dir, [folder, ""], [fname]), label_key)
-            xs.append(x)
-            ys.append(y)
+            xb, yb = _read_cifar_batch(_find_file(data_dir, [folder, ""], [fname]), label_key)
+            xs.append(xb)
+            ys.append(yb)
         x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0).view(-1, 3, 32, 32)
         y = torch.from_numpy(np.concatenate(ys))
         _check_labels(name, y, num_classes)

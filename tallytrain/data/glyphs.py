@@ -294,9 +294,9 @@ def load_glyphs(num_classes: int = DEFAULT_NUM_CLASSES,
     if os.path.isfile(path):
         arrays = cache.load_arrays(path)
     else:
-        codes = select_classes(fonts, num_classes)
-        arrays = {"images": render(fonts, codes, renders_per_face, seed),
-                  "code_points": np.asarray(codes, dtype=np.int64)}
+        chosen = select_classes(fonts, num_classes)
+        arrays = {"images": render(fonts, chosen, renders_per_face, seed),
+                  "code_points": np.asarray(chosen, dtype=np.int64)}
         cache.save_arrays(path, **arrays)
     codes = tuple(int(c) for c in arrays["code_points"])
     per_class = len(fonts) * renders_per_face

@@ -294,7 +294,7 @@ class Federation:
         if closing:
             # The method's in-round reply (bridge's merged update): peers apply
             # it before they are evaluated, so their scores come from this step.
-            online, _ = transport.reachable(sorted({env.receiver for env in closing}))
+            online, _ = transport.reachable(sorted({int(env.receiver) for env in closing}))
             sent = [env for env in closing if env.receiver in online]
             result = transport.reply(r, online, self.channel.deliver(r, sent))
             for p, why in result.failures.items():
@@ -346,7 +346,7 @@ class Federation:
         bounded (the whole test split at V = 16,384 would be over 100 GB)."""
         x, y = self.data.x_test, self.data.y_test
         step = rows_per_chunk(math.prod(y.shape[1:]))
-        totals = None
+        totals: Optional[torch.Tensor] = None
         for i in range(0, len(x), step):
             target = y[i:i + step]
             real = target >= 0
@@ -360,6 +360,8 @@ class Federation:
 
             chunk = torch.tensor(predict(x[i:i + step], score), dtype=torch.float64)
             totals = chunk if totals is None else totals + chunk
+        if totals is None:
+            raise ValueError("the test split is empty")
         count = max(int((y >= 0).sum()), 1)
         return (totals[:, 0] / count).float(), torch.exp(totals[:, 1] / count)
 

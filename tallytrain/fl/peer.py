@@ -15,10 +15,11 @@ saving between rounds.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,7 @@ class StackedAdam:
         bc2 = 1.0 - self.b2 ** t
         for k, p in params.items():
             g = p.grad
+            assert g is not None, f"parameter {k!r} has no gradient"
             shape = (-1,) + (1,) * (p.dim() - 1)
             m, v = self.m[k], self.v[k]
             if everyone:
@@ -263,7 +265,7 @@ class PeerGroup:
         outs = []
         for p0 in range(0, count, step):
             sub = {k: v[p0:p0 + step] for k, v in params.items()}
-            outs.append(in_row_chunks(lambda xs, sub=sub: self._shared(sub, xs), x, 1,
+            outs.append(in_row_chunks(functools.partial(self._shared, sub), x, 1,
                                       self.positions))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
@@ -307,13 +309,15 @@ class PeerGroup:
                 idx = act[c0:c0 + chunk]
                 whole = len(idx) == r_count
                 p = sub if whole else {k: v[idx] for k, v in sub.items()}
-                loss = 0.0
+                loss: Union[float, torch.Tensor] = 0.0
                 for obj in objectives:
                     b = obj.index[idx, s]
                     loss = loss + obj.weight * obj.loss_fn(self._each(p, obj.x[b]), obj.y[b])
                 if prox_mu > 0:
+                    assert prox_ref is not None, "prox_mu > 0 needs prox_ref"
                     ref = prox_ref if whole else {k: v[idx] for k, v in prox_ref.items()}
                     loss = loss + 0.5 * prox_mu * sum(((p[k] - ref[k]) ** 2).sum() for k in p)
+                assert isinstance(loss, torch.Tensor)  # objectives is not empty
                 loss.backward()
             opt.step(sub, active)
             for v in sub.values():
@@ -392,10 +396,11 @@ class Population:
 
     def locate(self, peer: int) -> tuple:
         """(group index, row) of a peer held here."""
-        if not 0 <= peer < self.num_peers or self.where[peer] is None:
+        where = self.where[peer] if 0 <= peer < self.num_peers else None
+        if where is None:
             raise ValueError(f"peer {peer} is not held in this process (it holds peers "
                              f"{self.members})")
-        return self.where[peer]
+        return where
 
     def peer_params(self, peer: int) -> Params:
         """Peer ``peer``'s own parameters (copies), unstacked."""
@@ -425,7 +430,7 @@ class Population:
         for gi, group in enumerate(self.groups):
             pos = [j for j, p in enumerate(peers) if self.locate(p)[0] == gi]
             if pos:
-                rows = torch.tensor([self.where[peers[j]][1] for j in pos])
+                rows = torch.tensor([self.locate(peers[j])[1] for j in pos])
                 out.append((group, rows, pos))
         return out
 
@@ -437,6 +442,8 @@ class Population:
             if out is None:
                 out = logits.new_empty((len(peers),) + tuple(logits.shape[1:]))
             out[pos] = logits
+        if out is None:
+            raise ValueError("predict needs at least one peer")
         return out
 
     def predict_each(self, x: torch.Tensor, peers: Sequence[int],
@@ -471,6 +478,8 @@ class Population:
                              o.x, o.y, o.loss_fn, o.weight) for o in objectives]
             ref = None
             if prox_mu > 0:
+                if prox_ref is None:
+                    raise ValueError("prox_mu > 0 needs prox_ref")
                 ref = group.unflatten(prox_ref.expand(len(rows), -1))
             group.fit(rows, st, drawn, lr, prox_mu, ref, peer_batch)
 

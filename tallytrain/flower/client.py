@@ -126,11 +126,12 @@ def _receive(source: NodeSource, content: RecordDict, context: Context):
     this node's peer restored from its saved state."""
     record = content.config_records[records.RECORD]
     peer, _ = partition_of(context)
-    if int(record["peer"]) != peer:
-        raise ValueError(f"the server addressed peer {record['peer']} but this node serves "
+    addressed = records.integer(record, "peer")
+    if addressed != peer:
+        raise ValueError(f"the server addressed peer {addressed} but this node serves "
                          f"partition-id {peer}")
     fed, peer = _node_federation(source, str(record["config"]), context)
-    r = int(record["round"])
+    r = records.integer(record, "round")
     # The peer's copy of the channel: it decodes and checks what arrives; the
     # bytes are counted once, by the server.
     delivered = Channel(Ledger()).deliver(r, records.unpack_envelopes(record, SERVER, peer))
@@ -204,7 +205,7 @@ def client_app(load: Optional[NodeLoader] = None, probes: Any = None) -> ClientA
     app = ClientApp()
 
     def threads(message: Message) -> int:
-        return int(message.content.config_records[records.RECORD]["threads"])
+        return records.integer(message.content.config_records[records.RECORD], "threads")
 
     @app.query()
     def hello(message: Message, context: Context) -> Message:

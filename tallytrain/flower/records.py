@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -62,14 +62,36 @@ def unpack_envelopes(record: ConfigRecord, sender, receiver) -> List[Envelope]:
         messages, kinds = record["messages"], record["kinds"]
     except KeyError as exc:
         raise wire.WireFormatError(f"Flower record {RECORD!r} lacks {exc.args[0]!r}") from None
+    if not isinstance(messages, list) or not isinstance(kinds, list):
+        raise wire.WireFormatError(f"Flower record {RECORD!r}: messages and kinds must be lists")
     if len(messages) != len(kinds):
         raise wire.WireFormatError(
             f"Flower record {RECORD!r} holds {len(messages)} messages but {len(kinds)} kinds")
+    datas = [m for m in messages if isinstance(m, bytes)]
+    codes = [k for k in kinds if isinstance(k, int)]
+    if len(datas) != len(messages) or len(codes) != len(kinds):
+        raise wire.WireFormatError(
+            f"Flower record {RECORD!r}: messages must be bytes and kinds integers")
     try:
-        expected = [wire.MessageKind(k) for k in kinds]
+        expected = [wire.MessageKind(k) for k in codes]
     except ValueError as exc:
         raise wire.WireFormatError(f"Flower record {RECORD!r}: {exc}") from None
-    return [Envelope(sender, receiver, data, kind) for data, kind in zip(messages, expected)]
+    return [Envelope(sender, receiver, data, kind) for data, kind in zip(datas, expected)]
+
+
+def integer(record: ConfigRecord, key: str) -> int:
+    """``record[key]`` as an int; a list there is a WireFormatError."""
+    value = record[key]
+    if isinstance(value, list):
+        raise wire.WireFormatError(f"Flower record entry {key!r} is a list, not a number")
+    return int(value)
+
+
+def _number(metrics: MetricRecord, key: str) -> float:
+    value = metrics[key]
+    if isinstance(value, list):
+        raise wire.WireFormatError(f"Flower metric {key!r} is a list, not a number")
+    return float(value)
 
 
 def instruction(cfg_json: str, threads: int, round_index: int, peer: int,
@@ -80,7 +102,7 @@ def instruction(cfg_json: str, threads: int, round_index: int, peer: int,
 
 
 def scores_record(accuracy: float, perplexity: Optional[float] = None) -> MetricRecord:
-    values = {"accuracy": float(accuracy)}
+    values: Dict[str, Union[int, float, List[int], List[float]]] = {"accuracy": float(accuracy)}
     if perplexity is not None:
         values["perplexity"] = float(perplexity)
     return MetricRecord(values)
@@ -89,8 +111,8 @@ def scores_record(accuracy: float, perplexity: Optional[float] = None) -> Metric
 def read_scores(content: RecordDict) -> tuple:
     """(accuracy, perplexity or None) from a node's reply."""
     metrics = content.metric_records[METRICS]
-    return float(metrics["accuracy"]), (float(metrics["perplexity"])
-                                        if "perplexity" in metrics else None)
+    return _number(metrics, "accuracy"), (_number(metrics, "perplexity")
+                                          if "perplexity" in metrics else None)
 
 
 def reply(peer: int, envelopes: Sequence[Envelope], accuracy: float,
@@ -124,5 +146,7 @@ def load_peer_state(state: RecordDict):
         return None
     params = dict(state.array_records[STATE_PARAMS].to_torch_state_dict())
     blob = state.config_records[STATE_METHOD]["state"]
+    if not isinstance(blob, bytes):
+        raise wire.WireFormatError(f"Flower record {STATE_METHOD!r}: the state must be bytes")
     method_state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     return params, method_state

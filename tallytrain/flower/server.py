@@ -26,7 +26,7 @@ import dataclasses
 import time
 from collections import defaultdict
 from logging import INFO, WARNING
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
@@ -34,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 
 from .. import report
-from ..comm import SERVER, Channel, Ledger
+from ..comm import SERVER, Channel, Envelope, Ledger
 from ..data import FederatedData, prepare
 from ..fl.config import RunConfig
 from ..fl.loop import Federation, PeerResult, Transport
@@ -121,7 +121,8 @@ class TallyTrainStrategy(Strategy, Transport):
         self.initial_accuracy: Optional[float] = None
         self.result = Result()
         self._grid: Optional[Grid] = None
-        self._exchange = None  # (round, message type, {peer: envelopes}) being sent
+        # (round, message type, {peer: envelopes}) being sent
+        self._exchange: Optional[Tuple[int, str, Dict[int, List[Envelope]]]] = None
         self._out: List[tuple] = []  # (peer, Message) of that exchange
         self._collected: Optional[PeerResult] = None
 
@@ -155,7 +156,8 @@ class TallyTrainStrategy(Strategy, Transport):
                     reply.error.reason)
                 continue
             record = reply.content.config_records[records.RECORD]
-            peer, parts = int(record["partition-id"]), int(record["num-partitions"])
+            peer = records.integer(record, "partition-id")
+            parts = records.integer(record, "num-partitions")
             if parts != self.cfg.peers or not 0 <= peer < parts:
                 raise ValueError(f"node {node} has partition-id={peer} num-partitions={parts}, "
                                  f"but the run has {self.cfg.peers} peers")
@@ -163,12 +165,12 @@ class TallyTrainStrategy(Strategy, Transport):
                 raise ValueError(f"nodes {self.peer_nodes.get(peer, '')} and {node} both serve "
                                  f"partition-id={peer}")
             if "error" in record:
-                self.unserved[peer] = f"its node {node} cannot serve it: {record['error']}"
+                self.unserved[peer] = f"its node {node} cannot serve it: {str(record['error'])}"
                 log(WARNING, "peer %s: %s", peer, self.unserved[peer])
                 continue
-            self._check_model(node, peer, int(record["num-params"]))
+            self._check_model(node, peer, records.integer(record, "num-params"))
             self.peer_nodes[peer] = node
-            self.fed.shard_sizes[peer] = int(record["num-examples"])
+            self.fed.shard_sizes[peer] = records.integer(record, "num-examples")
             accuracy.append(records.read_scores(reply.content)[0])
         # Before any training: the mean over the peers' initial models.
         self.initial_accuracy = sum(accuracy) / len(accuracy) if accuracy else None
@@ -221,13 +223,16 @@ class TallyTrainStrategy(Strategy, Transport):
         by_peer = defaultdict(list)
         for env, _ in delivered:
             by_peer[env.receiver].append(env)
+        grid = self._grid
+        assert grid is not None  # run_round set it
         self._exchange = (r, kind, {p: by_peer[p] for p in peers})
         configure = self.configure_train if kind == records.ROUND else self.configure_evaluate
         aggregate = self.aggregate_train if kind == records.ROUND else self.aggregate_evaluate
-        messages = list(configure(r + 1, ArrayRecord(), ConfigRecord(), self._grid))
-        replies = exchange(self._grid, messages, self.options.round_timeout)
+        messages = list(configure(r + 1, ArrayRecord(), ConfigRecord(), grid))
+        replies = exchange(grid, messages, self.options.round_timeout)
         aggregate(r + 1, [replies[i] for i in sorted(replies)])
         self._exchange = None
+        assert self._collected is not None  # aggregate collected the replies
         return self._collected
 
     def annotate(self, r, row, answered, failures):
@@ -329,8 +334,9 @@ class TallyTrainStrategy(Strategy, Transport):
         """(the reply's envelopes, (accuracy, perplexity)); raises on a reply
         that does not decode, before anything is counted."""
         record = reply.content.config_records[records.RECORD]
-        if int(record["peer"]) != peer:
-            raise ValueError(f"reply of peer {peer}'s node says it is from peer {record['peer']}")
+        sender = records.integer(record, "peer")
+        if sender != peer:
+            raise ValueError(f"reply of peer {peer}'s node says it is from peer {sender}")
         envelopes = records.unpack_envelopes(record, peer, SERVER)
         Channel(Ledger()).deliver(r, envelopes)  # decodes and checks each, counts nothing
         return envelopes, records.read_scores(reply.content)

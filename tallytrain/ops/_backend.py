@@ -27,7 +27,7 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -104,7 +104,7 @@ class NativeBackendWarning(UserWarning):
 
 # module: the extension once its kernels are registered; build: how the
 # extension (loaded or refused) was built, from itself or its record.
-_state = {"mode": None, "module": None, "error": None, "build": {}}
+_state: Dict[str, Any] = {"mode": None, "module": None, "error": None, "build": {}}
 
 
 def requested_mode() -> str:

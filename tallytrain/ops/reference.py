@@ -11,7 +11,7 @@ words).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -210,7 +210,7 @@ def tally(votes: torch.Tensor, n: int, num_classes: int,
     p = votes.shape[0]
     w = check_weights(weights, p, votes.device)
     dev = votes.device
-    i64 = dict(dtype=torch.int64, device=dev)
+    i64: Dict[str, Any] = dict(dtype=torch.int64, device=dev)
     labels = _unpack_rows(votes, n, b)  # [P, N]
     _check_symbols(labels, num_symbols, "votes")
 

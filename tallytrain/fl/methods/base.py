@@ -18,6 +18,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
+from ... import wire
 from ...comm import Envelope
 
 
@@ -66,7 +67,7 @@ class Method:
         return []
 
     def aggregate(self, r: int, selected: Sequence[int],
-                  received: List[Tuple[Envelope, object]]) -> RoundStats:
+                  received: List[Tuple[Envelope, wire.Message]]) -> RoundStats:
         return RoundStats()
 
     def reply(self, r: int, selected: Sequence[int]) -> List[Envelope]:

@@ -91,6 +91,8 @@ class Bridge(TallyTrain):
         if msg.size != self.size:
             raise wire.WireFormatError(
                 f"merged update has {msg.size} entries, the model {self.size}")
+        if msg.indices is None or msg.values is None:
+            raise wire.WireFormatError(f"a {msg.kind.name} message carries no sparse update")
         change = torch.zeros(self.size)
         change[msg.indices] = msg.values.float()
         if p in self.sent:

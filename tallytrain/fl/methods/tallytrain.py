@@ -27,7 +27,7 @@ peer tallies its own copy of all votes.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Dict, Optional
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -50,7 +50,7 @@ REPUTATION_SCALE = 16
 @register
 class TallyTrain(Method):
     name = "tallytrain"
-    peer_state_keys = ("memory", "voters")
+    peer_state_keys: ClassVar[Tuple[str, ...]] = ("memory", "voters")
 
     def __init__(self, fed):
         super().__init__(fed)
@@ -294,4 +294,6 @@ class TallyTrain(Method):
 
 def received_votes(msg: wire.Message) -> Votes:
     """A decoded VOTES message as the Votes it carries."""
+    if msg.packed is None or msg.shape is None or msg.num_classes is None or msg.abstain is None:
+        raise wire.WireFormatError(f"a {msg.kind.name} message carries no votes")
     return Votes(msg.packed, msg.shape, msg.num_classes, msg.abstain)
