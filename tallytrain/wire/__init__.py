@@ -28,8 +28,8 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from . import ops
-from .ops import bits_for, packed_size
+from .. import ops
+from ..ops import bits_for, packed_size
 
 __all__ = [
     "WireFormatError", "MessageKind", "WireDtype", "Flag", "Message",
