@@ -44,3 +44,15 @@ def test_levels_side_by_side(capsys):
 def test_levels_this_machine_does_not_run_are_refused():
     with pytest.raises(SystemExit, match=r"--levels: v9 not run by this machine and build"):
         bench_ops.main(["--quick", "--ops", "unpack_labels", "--levels", "v9"], prog="test")
+
+
+@needs_two_levels
+def test_an_op_that_updates_its_input_agrees_at_every_level(capsys):
+    # topk_sparse_ef updates its residual in place: each level must start
+    # from the state the plain way started from, or later levels "disagree".
+    chosen = [LEVELS[0], LEVELS[-1]]
+    rows = bench_ops.main(["--quick", "--ops", "topk_sparse_ef", "--levels", ",".join(chosen)],
+                          prog="test")
+    capsys.readouterr()
+    assert [row.level for row in rows] == chosen
+    assert all(row.agrees is True for row in rows), [(r.level, r.agrees) for r in rows]

@@ -199,7 +199,11 @@ def run_case(case: Case, device: str, served: str, copy_gbps: float, *,
             return fn()
         return call
 
-    natives = [at_level(level) for level in levels]
+    # Each further level gets inputs of its own (case.make() again, the same
+    # seeded data): an op that updates its input in place (topk_sparse_ef's
+    # residual) must meet every level in the state the plain way met it.
+    natives = [at_level(level, native if i == 0 else case.make()[0])
+               for i, level in enumerate(levels)]
     # The first calls warm up, and their outputs are compared.
     warm, agrees = [], []
     plain_out, warm_plain = timed_call(plain, device)
