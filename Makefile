@@ -87,12 +87,12 @@ test-simt-asan: install
 	  TALLYTRAIN_SIMT_INSTRUMENT=address TALLYTRAIN_BACKEND=native \
 	  $(BIN)/python -m pytest -q -m simt --capture=sys $(PYTEST_ARGS) tests
 
-# The op tests (native kernels, CPU cases; tests/test_ops_*.py and
-# tests/test_backend.py) once per CPU level this machine runs, except the best
+# The op tests (native kernels, CPU cases; tests/ops/test_ops_*.py and
+# tests/ops/test_backend.py) once per CPU level this machine runs, except the best
 # one, which test-native runs (TALLYTRAIN_CPU_LEVEL=auto); CPU_LEVELS="v3 v2"
 # chooses. torch's own kernels run at the capability such a CPU gives them,
 # so that no oracle leans on how this CPU's float32 kernels accumulate.
-OP_TESTS = $(sort $(wildcard tests/test_ops_*.py)) tests/test_backend.py
+OP_TESTS = $(sort $(wildcard tests/ops/test_ops_*.py)) tests/ops/test_backend.py
 CPU_LEVELS ?=
 test-levels: install
 	@levels="$(CPU_LEVELS)"; \

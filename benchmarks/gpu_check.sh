@@ -11,9 +11,9 @@
 #   3. one C++ exception from a CUDA binding, which must reach Python (where it
 #      crashes the process, the libraries involved are printed and a retry
 #      with the extension's libstdc++ preloaded is kept if it works); then
-#      the CUDA tests of tests/test_cuda_large.py (pytest -m cuda)
+#      the CUDA tests of tests/ops/test_cuda_large.py (pytest -m cuda)
 #   4. the other CUDA tests: the device-parametrised op tests (pytest -k cuda,
-#      without tests/test_cuda_large.py, which step 3 ran)
+#      without tests/ops/test_cuda_large.py, which step 3 ran)
 #   5. compute-sanitizer memcheck over benchmarks/sanitize_cases.py
 #   6. the benchmarks (python -m benchmarks.ops --device cuda), table printed
 #      last; where that module is missing, a short built-in timing of the
@@ -186,12 +186,12 @@ fi
 # workers (they share the GPU) where pytest-xdist is installed.
 PARALLEL=()
 if "$PY" -c "import xdist" 2> /dev/null; then PARALLEL=(-n 4); fi
-step "pytest -m cuda (tests/test_cuda_large.py)" 180 pytest_cuda.log \
+step "pytest -m cuda (tests/ops/test_cuda_large.py)" 180 pytest_cuda.log \
   "$PY" -m pytest -q -m cuda "${PARALLEL[@]}" --maxfail=5 -p no:cacheprovider --timeout=120 \
-  tests/test_cuda_large.py
+  tests/ops/test_cuda_large.py
 step "pytest -k cuda (other tests)" 90 pytest_k_cuda.log \
   "$PY" -m pytest -q -k cuda "${PARALLEL[@]}" --maxfail=5 -p no:cacheprovider --timeout=60 \
-  --ignore=tests/test_cuda_large.py tests
+  --ignore=tests/ops/test_cuda_large.py tests
 
 SANITIZER="$(command -v compute-sanitizer || true)"
 if [[ -z "$SANITIZER" && -x /usr/local/cuda/bin/compute-sanitizer ]]; then

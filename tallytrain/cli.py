@@ -4,7 +4,7 @@
 Every field of the run configuration (tallytrain/fl/config.py) is an option,
 generated from the dataclasses so that the CLI and the config cannot drift
 apart (``--alpha 0.3``, ``--archs mlp,cnn``, ``--abstain-below none``, ...);
-its help is in :data:`HELP` below, and tests/test_cli.py fails when a field
+its help is in :data:`HELP` below, and tests/api/test_cli.py fails when a field
 has none. Bad input is one line on stderr naming the option, and exit
 status 2; Ctrl-C stops a run, keeps what it finished, and says how to
 resume it.

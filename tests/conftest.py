@@ -1,4 +1,5 @@
-"""Fixtures shared by the op tests.
+"""Fixtures shared by every area of the tests (ops/, fl/, wire/, flower/,
+data/, api/; each area's own fixtures are in its conftest.py).
 
 - ``device``: every test that takes it runs on the CPU, marked ``cuda`` on a
   CUDA device (skipped where there is none), and marked ``simt`` on the CUDA
@@ -15,8 +16,8 @@
   when the reference is what serves.
 - ``gen``: a ``torch.Generator`` seeded from the test's id (stable across runs
   and machines, different for every parametrised case).
-- ``across_threads``: runs a callable under several intra-op thread counts, so
-  that a CPU kernel whose result depends on how work was split shows it.
+- ``one_thread``: torch on one intra-op thread from the first test of a
+  module that asks for it to the end of that module (autouse in fl/).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import os
 import sys
 import zlib
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import List, Sequence
 
 import pytest
 import torch
@@ -113,19 +114,14 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-@pytest.fixture
-def across_threads() -> Callable:
-    def run(fn: Callable) -> list:
-        saved = torch.get_num_threads()
-        try:
-            results = []
-            for threads in (1, 2, 5):
-                torch.set_num_threads(threads)
-                results.append(fn())
-            return results
-        finally:
-            torch.set_num_threads(saved)
-    return run
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and on a shared machine two
+    threads spin against other processes (measured 70x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class BitStream:

@@ -1,7 +1,7 @@
 // Kernels that show what tests/simt's execution model (include/simt.h) does:
 // warp collectives and barriers giving a GPU's results, and each programming
 // error it reports instead of leaving undefined. Built by build.py's
-// load_selftest(), driven by tests/test_simt.py.
+// load_selftest(), driven by tests/ops/test_simt.py.
 #include <cuda_runtime.h>
 #include <stdint.h>
 

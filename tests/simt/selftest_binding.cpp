@@ -1,4 +1,4 @@
-// Python bindings of selftest.cu (tests/test_simt.py): int32 tensors in and
+// Python bindings of selftest.cu (tests/ops/test_simt.py): int32 tensors in and
 // out; faults come back as the error message (empty when the launch ran).
 #include <torch/extension.h>
 

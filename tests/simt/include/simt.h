@@ -21,7 +21,7 @@
 // threads than the device or the kernel's __launch_bounds__ allow or more
 // dynamic shared memory than its limit. Shared memory, static and dynamic,
 // starts every block filled with 0xCD, so that reading it before writing it
-// shows. tests/test_simt.py shows each of these.
+// shows. tests/ops/test_simt.py shows each of these.
 //
 // What it does not model: concurrency between blocks (a kernel that waits
 // for a later block fails as a spin-wait never satisfied; one that waits for

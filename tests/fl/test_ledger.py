@@ -1,6 +1,7 @@
 """The ledger and channel, and the bytes of real runs against closed forms."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -10,29 +11,15 @@ import torch
 from tallytrain import wire
 from tallytrain.comm import SERVER, Channel, Envelope, Ledger
 from tallytrain.data import prepare
-from tallytrain.fl.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, TrainConfig
+from tallytrain.fl.config import DataConfig, RunConfig
 from tallytrain.fl.loop import Federation
 from tallytrain.models import build_model, num_params
 from tallytrain.ops import packed_size
+from tests.fl import configs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared machine two
-    threads spin against other processes (measured 70x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(method: str, peers: int = 4, rounds: int = 3, **protocol) -> RunConfig:
-    return RunConfig(method=method, peers=peers, rounds=rounds,
-                     data=DataConfig(alpha=0.5, min_shard_size=5), model=ModelConfig(hidden=16),
-                     train=TrainConfig(local_steps=2, distill_steps=2, batch_size=16,
-                                       distill_batch_size=16),
-                     protocol=ProtocolConfig(probes_per_round=37, server_distill_steps=2,
-                                             **protocol))
+tiny = functools.partial(configs.tiny, probes_per_round=37,
+                         train=dataclasses.replace(configs.TRAIN, local_steps=2))
 
 
 @functools.lru_cache(maxsize=None)

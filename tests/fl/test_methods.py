@@ -10,33 +10,17 @@ import torch
 
 from tallytrain.data import prepare
 from tallytrain.fl import adversary, aggregate, methods
-from tallytrain.fl.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, TrainConfig
+from tallytrain.fl.config import DataConfig, TrainConfig
 from tallytrain.fl.loop import Federation
 from tallytrain.fl.peer import (Batches, StackedAdam, draw_batches, hard_label_loss, make_group,
                                 soft_label_loss)
 from tallytrain.fl.registry import get_method, method_names
+from tests.fl import configs
 
 ALL = method_names()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared machine two
-    threads spin against other processes (measured 70x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(method: str, rounds: int = 2, archs=("mlp",), train=None, **protocol) -> RunConfig:
-    return RunConfig(method=method, peers=4, rounds=rounds,
-                     data=DataConfig(alpha=0.5, min_shard_size=5),
-                     model=ModelConfig(archs=archs, hidden=16),
-                     train=train or TrainConfig(local_steps=3, distill_steps=2, batch_size=16,
-                                                distill_batch_size=16),
-                     protocol=ProtocolConfig(probes_per_round=40, server_distill_steps=2,
-                                             **protocol))
+tiny = functools.partial(configs.tiny, rounds=2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,7 +21,7 @@ from tallytrain.cli import main
 from tallytrain.fl.registry import method_names
 from tallytrain.report import read_jsonl, without_timing
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--peers", "4", "--rounds", "2", "--local-steps", "3", "--distill-steps", "2",
         "--batch-size", "16", "--distill-batch-size", "16", "--hidden", "16",
         "--probes-per-round", "40", "--server-distill-steps", "2", "--alpha", "0.5",

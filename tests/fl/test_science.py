@@ -15,14 +15,6 @@ from tallytrain.fl.loop import Federation, load_checkpoint, save_checkpoint
 from tallytrain.fl.support import LocalSupport
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(method="tallytrain", rounds=4, peers=4, train=None, **protocol) -> RunConfig:
     proto = dict(probes_per_round=60, abstain_below=0.5)
     proto.update(protocol)

@@ -41,7 +41,7 @@ from tallytrain.fl.loop import Federation  # noqa: E402
 from tallytrain.flower import parse_run_config  # noqa: E402
 from tallytrain.flower.config import torch_threads  # noqa: E402
 
-APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
+APP = Path(__file__).resolve().parents[2] / "examples" / "flower-app"
 # The Flower processes import the tallytrain this test imports (with its
 # native extension, if it has one), and use this environment's Flower.
 TALLYTRAIN_ROOT = Path(tallytrain.__file__).resolve().parents[1]

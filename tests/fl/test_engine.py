@@ -15,27 +15,12 @@ from tallytrain.fl.loop import PHASES, Federation, PhaseTimer, load_checkpoint, 
 from tallytrain.fl.registry import method_names
 from tallytrain.fl.server import select_peers
 from tallytrain.report import without_timing
+from tests.fl import configs
 
 METHODS = method_names()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared machine two
-    threads spin against other processes (measured 70x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(method: str, rounds: int = 3, seed: int = 0, **protocol) -> RunConfig:
-    return RunConfig(method=method, seed=seed, peers=4, rounds=rounds,
-                     data=DataConfig(alpha=0.5, min_shard_size=5), model=ModelConfig(hidden=16),
-                     train=TrainConfig(local_steps=3, distill_steps=2, batch_size=16,
-                                       distill_batch_size=16),
-                     protocol=ProtocolConfig(probes_per_round=40, server_distill_steps=2,
-                                             abstain_below=0.5, **protocol))
+tiny = functools.partial(configs.tiny, abstain_below=0.5)
 
 
 @functools.lru_cache(maxsize=None)

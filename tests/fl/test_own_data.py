@@ -21,22 +21,19 @@ from tallytrain.fl.registry import method_names
 from tallytrain.models import ARCHS
 from tallytrain.report import read_jsonl, without_timing
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(peers=4, rounds=2, local_steps=3, distill_steps=2, batch_size=16,
             distill_batch_size=16, probes_per_round=40, server_distill_steps=2, alpha=0.5,
             min_shard_size=5)
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_clean_tables():
-    """Tiny models: one thread is fastest. Registrations made by a test are
-    removed after it, so that tests do not see each other's names."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def clean_tables():
+    """Registrations made by a test are removed after it, so that tests do
+    not see each other's names."""
     datasets, archs = dict(DATASETS), dict(ARCHS)
     loaded, from_plugins = list(plugins._plugins), set(plugins._from_plugins)
     yield
-    torch.set_num_threads(before)
     for table, saved in ((DATASETS, datasets), (ARCHS, archs), (plugins._plugins, loaded),
                          (plugins._from_plugins, from_plugins)):
         table.clear()

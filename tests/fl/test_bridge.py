@@ -11,25 +11,16 @@ import torch
 from tallytrain import ops, wire
 from tallytrain.data import prepare
 from tallytrain.fl import aggregate
-from tallytrain.fl.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, TrainConfig
+from tallytrain.fl.config import DataConfig, ModelConfig, ProtocolConfig, TrainConfig
 from tallytrain.fl.loop import Federation
 from tallytrain.report import without_timing
+from tests.fl import configs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(method: str, rounds: int = 4, **protocol) -> RunConfig:
-    protocol = {"probes_per_round": 40, "abstain_below": 0.5, **protocol}
-    return RunConfig(method=method, peers=4, rounds=rounds,
-                     data=DataConfig(alpha=0.5, min_shard_size=5), model=ModelConfig(hidden=16),
-                     train=TrainConfig(local_steps=3, batch_size=16, distill_batch_size=16),
-                     protocol=ProtocolConfig(**protocol))
+# The default distillation steps (peers' and the server's), unlike the other modules.
+tiny = functools.partial(configs.tiny, rounds=4, abstain_below=0.5,
+                         server_distill_steps=ProtocolConfig.server_distill_steps,
+                         train=TrainConfig(local_steps=3, batch_size=16, distill_batch_size=16))
 
 
 @functools.lru_cache(maxsize=None)

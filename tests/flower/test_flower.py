@@ -347,7 +347,7 @@ def test_start_runs_every_round_and_reports():
 
 
 # ---- nodes with their own data (examples/flower-app) ------------------------------------
-EXAMPLE_APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
+EXAMPLE_APP = Path(__file__).resolve().parents[2] / "examples" / "flower-app"
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 Every case runs the dispatched op (native where the extension serves) and
 compares it with the reference called directly and with independent oracles:
 torch.argmax, torch.softmax in float64 and the bit-by-bit packer of
-conftest.py. Integer outputs must be identical; probabilities agree within
+tests/conftest.py. Integer outputs must be identical; probabilities agree within
 rtol=1e-4, atol=1e-6 with NaN in the same places.
 """
 from __future__ import annotations

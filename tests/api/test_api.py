@@ -28,7 +28,7 @@ import tallytrain
 from tallytrain import Consensus, ConsensusMemory, Votes, consensus_loss, ops, tally, vote, wire
 from tallytrain.fl import aggregate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # The API only composes the ops; their CUDA kernels run on the CPU model in
 # the op tests, so here the device fixture gives the CPU and a real GPU.
 EMULATED_CUDA = False
@@ -754,15 +754,6 @@ def load_example(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def one_thread():
-    """The examples' models are tiny: one thread is several times faster on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_own_loop_peers_beat_local_training(one_thread):
