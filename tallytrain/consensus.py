@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple, Optional, Protocol, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ._args import int_arg
 from . import ops
 from .votes import Votes, _position
 
@@ -100,15 +101,7 @@ def _fraction(value, name: str) -> float:
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
+    return int_arg(value, name, 1)
 
 
 def _weights(weights, peers: int, device: torch.device) -> Optional[torch.Tensor]:

@@ -9,11 +9,11 @@ is forgotten on purpose (:meth:`ConsensusMemory.forget`).
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._args import int_arg
 from .consensus import ConsensusLike
 from .votes import _position
 
@@ -24,15 +24,7 @@ _STATE_KEYS = ("version", "pool_size", "position_shape", "max_age", "round", "la
 
 
 def _int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
+    return int_arg(value, name, minimum)
 
 
 def _is_int_tensor(t: torch.Tensor) -> bool:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Optional, Sequence, Union
 
 import torch
 
+from ._args import int_arg
 from . import ops, wire
 
 __all__ = ["Votes", "vote"]
@@ -25,15 +25,7 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 def _int_arg(value, name: str, minimum: int) -> int:
     """An int argument (not a bool, not a float) that is at least ``minimum``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
+    return int_arg(value, name, minimum)
 
 
 def _position(flat_index: int, shape: Sequence[int]) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import operator
 import struct
 import zlib
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
@@ -21,6 +20,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .._args import int_arg
 from .. import ops
 from ..ops import bits_for
 
@@ -266,15 +266,7 @@ def _frame(kind: MessageKind, flags: Flag, bits: int, dtype: WireDtype, round: i
 
 
 def _uint(value, name: str, limit: int = U32_MAX) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if not 0 <= v <= limit:
-        raise ValueError(f"{name} must be in 0..{limit}, got {v}")
-    return v
+    return int_arg(value, name, 0, limit)
 
 
 def _num_classes(value, name: str = "num_classes") -> int:
