@@ -297,8 +297,12 @@ def test_a_supernode_killed_mid_round_is_reported_missing(deployment, tmp_path):
     # answered for the dead node that the message's TTL (the round timeout)
     # expired.
     why = row["failures"]["2"]
-    assert "flower.round-timeout" in why or "Message Unavailable" in why, why
-    assert row["round_seconds"] >= ROUND_TIMEOUT
+    # Or the SuperLink, missing the dead node's heartbeats, answered for it
+    # before the round timeout ran out.
+    assert ("flower.round-timeout" in why or "Message Unavailable" in why
+            or "Node Unavailable" in why), why
+    if "flower.round-timeout" in why:
+        assert row["round_seconds"] >= ROUND_TIMEOUT
     # The votes that arrived were tallied: two peers' votes, three control messages.
     sim = simulator(run_config)
     with torch_threads(1):
