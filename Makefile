@@ -65,11 +65,13 @@ $(VENV)/.lint: | $(BIN)/python
 
 lint: $(VENV)/.lint $(VENV)/.deps
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 format: $(VENV)/.lint
 	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 	$(BIN)/clang-format -i $(CXX_SOURCES)
 
 test-native: install

@@ -13,6 +13,7 @@ against, which tallytrain/ops/_backend.py compares with the running torch
 before loading it (a pure-Python install writes one saying so).
 No network is touched.
 """
+
 import glob
 import json
 import os
@@ -51,9 +52,14 @@ def _find_cuda_home():
             pass
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for c in candidates:
-        if c and os.path.exists(os.path.join(c, "bin", "nvcc")) and (
+        if (
+            c
+            and os.path.exists(os.path.join(c, "bin", "nvcc"))
+            and (
                 glob.glob(os.path.join(c, "lib64", "libcudart.so*"))
-                or glob.glob(os.path.join(c, "lib", "x64", "cudart*"))):
+                or glob.glob(os.path.join(c, "lib", "x64", "cudart*"))
+            )
+        ):
             return c
     return None
 
@@ -74,15 +80,17 @@ def _torch_cxx_standard(ce):
 # The file next to tallytrain/_C*.so that says how it was built (read by
 # tallytrain/ops/_backend.py before it loads the extension).
 BUILD_RECORD = "_C.build.json"
-NO_EXTENSION = ("set TALLYTRAIN_BUILD_EXT=0 to install without it (the pure-PyTorch "
-                "reference then serves every op)")
+NO_EXTENSION = (
+    "set TALLYTRAIN_BUILD_EXT=0 to install without it (the pure-PyTorch reference then serves every op)"
+)
 
 
 def _fail(cause, cuda=False):
     """Ends the build with one line: the cause and the way out."""
     cpu_only = "; FORCE_CUDA=0 builds the CPU kernels only" if cuda else ""
-    raise SystemExit(f"tallytrain: cannot build the native extension: {cause}. Fix that, "
-                     f"or {NO_EXTENSION}{cpu_only}.")
+    raise SystemExit(
+        f"tallytrain: cannot build the native extension: {cause}. Fix that, or {NO_EXTENSION}{cpu_only}."
+    )
 
 
 def _probe_compiler(cxx, workdir):
@@ -92,16 +100,28 @@ def _probe_compiler(cxx, workdir):
     with open(source, "w") as f:
         f.write("#include <vector>\nint probe() { return int(std::vector<int>(3).size()); }\n")
     try:
-        subprocess.run([cxx, "-shared", "-fPIC", source, "-o", os.path.join(workdir, "probe.so")],
-                       check=True, capture_output=True, text=True, timeout=120)
-        macros = subprocess.run([cxx, "-dM", "-E", "-x", "c++", os.devnull], check=True,
-                                capture_output=True, text=True, timeout=120).stdout
+        subprocess.run(
+            [cxx, "-shared", "-fPIC", source, "-o", os.path.join(workdir, "probe.so")],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        macros = subprocess.run(
+            [cxx, "-dM", "-E", "-x", "c++", os.devnull],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
     except FileNotFoundError:
         return f"no C++ compiler: {cxx!r} (the CXX variable, or c++) was not found", None
     except subprocess.CalledProcessError as exc:
         said = (exc.stderr or exc.stdout or "").strip().splitlines()
-        return (f"the C++ compiler {cxx!r} cannot build a test program (exit status "
-                f"{exc.returncode}{': ' + said[0] if said else ''})"), None
+        return (
+            f"the C++ compiler {cxx!r} cannot build a test program (exit status "
+            f"{exc.returncode}{': ' + said[0] if said else ''})"
+        ), None
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"the C++ compiler {cxx!r} cannot run ({type(exc).__name__}: {exc})", None
     return None, macros
@@ -118,8 +138,7 @@ def _cpu_levels(macros):
     gcc = int(defined.get("__GNUC__", "0") or 0)
     if "__x86_64__" in defined and "__clang__" not in defined and gcc >= 12:
         return "CPU levels v4, v3, v2, baseline"
-    return ("CPU level baseline only (one portable copy: the levels need x86-64 and "
-            "GCC >= 12)")
+    return "CPU level baseline only (one portable copy: the levels need x86-64 and GCC >= 12)"
 
 
 def _build_ext_class(ce, torch, plan):
@@ -137,13 +156,20 @@ def _build_ext_class(ce, torch, plan):
             if cause:
                 _fail(cause, plan["cuda"])
             self._write_version_header()
-            print(f"tallytrain: building tallytrain._C with {cxx}: {_cpu_levels(macros)}; "
-                  f"CUDA {plan['cuda_line']}", file=sys.stderr, flush=True)
+            print(
+                f"tallytrain: building tallytrain._C with {cxx}: {_cpu_levels(macros)}; "
+                f"CUDA {plan['cuda_line']}",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
                 super().build_extensions()
             except Exception as exc:  # compile or link errors, printed above
-                _fail(f"{type(exc).__name__}: {str(exc).strip() or 'failed'} (the compiler's "
-                      f"messages are above)", plan["cuda"])
+                _fail(
+                    f"{type(exc).__name__}: {str(exc).strip() or 'failed'} (the compiler's "
+                    f"messages are above)",
+                    plan["cuda"],
+                )
 
         def _write_version_header(self):
             # The versions compiled into build_info() (module.cpp), as a
@@ -151,9 +177,11 @@ def _build_ext_class(ce, torch, plan):
             # stays incremental.
             folder = os.path.join(os.path.abspath(self.build_temp), "tallytrain_generated")
             os.makedirs(folder, exist_ok=True)
-            text = (f"#define TALLYTRAIN_BUILT_TORCH {json.dumps(torch.__version__)}\n"
-                    f"#define TALLYTRAIN_BUILT_TORCH_CUDA "
-                    f"{json.dumps(torch.version.cuda or '')}\n")
+            text = (
+                f"#define TALLYTRAIN_BUILT_TORCH {json.dumps(torch.__version__)}\n"
+                f"#define TALLYTRAIN_BUILT_TORCH_CUDA "
+                f"{json.dumps(torch.version.cuda or '')}\n"
+            )
             path = os.path.join(folder, "tallytrain_build_versions.h")
             if not os.path.exists(path) or open(path).read() != text:
                 with open(path, "w") as f:
@@ -164,8 +192,12 @@ def _build_ext_class(ce, torch, plan):
 
         def build_extension(self, ext):
             super().build_extension(ext)
-            record = {"extension": True, "torch": torch.__version__,
-                      "torch_cuda": torch.version.cuda, "with_cuda": plan["cuda"]}
+            record = {
+                "extension": True,
+                "torch": torch.__version__,
+                "torch_cuda": torch.version.cuda,
+                "with_cuda": plan["cuda"],
+            }
             path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_RECORD)
             with open(path, "w") as f:
                 json.dump(record, f, indent=1)
@@ -175,8 +207,10 @@ def _build_ext_class(ce, torch, plan):
             build_py = self.get_finalized_command("build_py")
             for ext in self.extensions:
                 inplace, regular = self._get_inplace_equivalent(build_py, ext)
-                self.copy_file(os.path.join(os.path.dirname(regular), BUILD_RECORD),
-                               os.path.join(os.path.dirname(inplace), BUILD_RECORD))
+                self.copy_file(
+                    os.path.join(os.path.dirname(regular), BUILD_RECORD),
+                    os.path.join(os.path.dirname(inplace), BUILD_RECORD),
+                )
 
     return BuildExt
 
@@ -202,8 +236,11 @@ def _pure_python_build_py():
 
 def _extensions():
     if not _env_flag("TALLYTRAIN_BUILD_EXT", True):
-        print("tallytrain: TALLYTRAIN_BUILD_EXT=0, pure-Python install (no native extension; "
-              "the reference serves every op)", file=sys.stderr)
+        print(
+            "tallytrain: TALLYTRAIN_BUILD_EXT=0, pure-Python install (no native extension; "
+            "the reference serves every op)",
+            file=sys.stderr,
+        )
         return [], {"build_py": _pure_python_build_py()}
     force_cuda = os.environ.get("FORCE_CUDA")
     import torch
@@ -218,12 +255,15 @@ def _extensions():
         raise SystemExit(
             f"tallytrain: FORCE_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and the "
             f"CUDA toolkit (nvcc + libcudart) was "
-            f"{'found at ' + cuda_home if cuda_home else 'not found'}")
+            f"{'found at ' + cuda_home if cuda_home else 'not found'}"
+        )
     if want_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     if want_cuda:
-        cuda_line = (f"yes (torch CUDA {torch.version.cuda}, toolkit {cuda_home}, "
-                     f"archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
+        cuda_line = (
+            f"yes (torch CUDA {torch.version.cuda}, toolkit {cuda_home}, "
+            f"archs {os.environ['TORCH_CUDA_ARCH_LIST']})"
+        )
     elif force_cuda and not _env_flag("FORCE_CUDA", True):
         cuda_line = "no (FORCE_CUDA=0)"
     elif not torch.version.cuda:
@@ -234,8 +274,14 @@ def _extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", f"-std={_torch_cxx_standard(ce)}", "-fno-math-errno", "-fno-trapping-math",
-           "-Wall", "-Wno-unused-function"]
+    cxx = [
+        "-O3",
+        f"-std={_torch_cxx_standard(ce)}",
+        "-fno-math-errno",
+        "-fno-trapping-math",
+        "-Wall",
+        "-Wno-unused-function",
+    ]
     # ATen's parallel_for is an OpenMP loop in the headers: without -fopenmp
     # every kernel of the extension would run on one thread.
     if sys.platform.startswith("linux"):
@@ -254,8 +300,7 @@ def _extensions():
         extension = ce.CUDAExtension
         kwargs["extra_compile_args"] = {
             "cxx": cxx,
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo",
-                     "--expt-relaxed-constexpr"],
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
         }
     else:
         extension = ce.CppExtension

@@ -15,6 +15,7 @@ the table and what it means.
 
 x86-64 only (objdump's AT&T syntax); needs binutils.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,9 @@ def report(path: str) -> List[Tuple[str, str, Counter]]:
     objdump = shutil.which("objdump")
     if objdump is None:
         raise SystemExit("objdump (binutils) is needed")
-    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", path], check=True,
-                          capture_output=True, text=True).stdout
+    text = subprocess.run(
+        [objdump, "-d", "-C", "--no-show-raw-insn", path], check=True, capture_output=True, text=True
+    ).stdout
     counts: Dict[Tuple[str, str], Counter] = {}
     current: Optional[Counter] = None
     for line in text.splitlines():
@@ -105,11 +107,14 @@ def default_extension() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.isa_report",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="*", help="shared objects or object files "
-                        "(default: the loaded tallytrain._C)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.isa_report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "paths", nargs="*", help="shared objects or object files (default: the loaded tallytrain._C)"
+    )
     args = parser.parse_args(argv)
     paths = args.paths or [default_extension()]
     rows = [row for path in paths for row in report(path)]
@@ -117,8 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit("no level copies found (a portable build has none)")
     order = {name: i for i, name in enumerate(LEVELS.values())}
     rows.sort(key=lambda r: (r[0], order[r[1]]))
-    head = ["kernel", "level", "instructions", "zmm", "ymm", "xmm", "lane insert/extract",
-            "setcc"]
+    head = ["kernel", "level", "instructions", "zmm", "ymm", "xmm", "lane insert/extract", "setcc"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for kernel, level, c in rows:

@@ -7,6 +7,7 @@
 past a tensor's end is caught). Each case also checks its result against the
 reference, so the script fails on a wrong answer as well as on a bad access.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,7 +28,8 @@ def expect_equal(name, got, want):
         return
     if got.is_floating_point():
         ok = torch.equal(got.isnan(), want.isnan()) and torch.allclose(
-            got.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-6)
+            got.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-6
+        )
     else:
         ok = torch.equal(got, want)
     if not ok:
@@ -51,8 +53,11 @@ def pack_argmax_cases(g):
             flat = torch.empty(n * c + 1, device=DEV, dtype=dtype)
             flat[1:] = x.reshape(-1)
             for logits in (x, flat[1:].view(n, c)):
-                expect_equal(f"pack_argmax {n}x{c} {dtype}", _ops.pack_argmax(logits, True, None),
-                             ref.pack_argmax(logits, True, None))
+                expect_equal(
+                    f"pack_argmax {n}x{c} {dtype}",
+                    _ops.pack_argmax(logits, True, None),
+                    ref.pack_argmax(logits, True, None),
+                )
             _ops.pack_argmax(x, False, 0.5)
 
 
@@ -71,14 +76,22 @@ def label_cases(g):
 def tally_cases(g):
     # small P; large P with a class-indexed table, a hash table, and global
     # (unstaged) tables
-    for p, n, c, abstain in ((3, 333, 10, False), (20, 257, 50257, True), (40, 129, 1000, True),
-                             (100, 77, 50257, False), (2500, 9, 1 << 20, False)):
+    for p, n, c, abstain in (
+        (3, 333, 10, False),
+        (20, 257, 50257, True),
+        (40, 129, 1000, True),
+        (100, 77, 50257, False),
+        (2500, 9, 1 << 20, False),
+    ):
         s = c + 1 if abstain else c
         labels = torch.randint(0, s, (p, n), device=DEV, generator=g)
         votes = torch.stack([ref.pack_labels(labels[i], s) for i in range(p)])
         weights = torch.randint(0, 3, (p,), device=DEV, generator=g)
-        expect_equal(f"tally P={p} C={c}", _ops.tally(votes, n, c, weights, abstain),
-                     ref.tally(votes, n, c, weights, abstain))
+        expect_equal(
+            f"tally P={p} C={c}",
+            _ops.tally(votes, n, c, weights, abstain),
+            ref.tally(votes, n, c, weights, abstain),
+        )
     labels = torch.randint(0, 10, (40, 50), device=DEV, generator=g)
     labels[3, 7] = 12
     votes = torch.stack([ref.pack_labels(labels[i], 16) for i in range(40)])
@@ -91,12 +104,12 @@ def topk_cases(g):
         for m in (1, 1000, 50_000) + ((300_001,) if dtype == torch.float32 else ()):
             x = torch.randn(m, device=DEV, generator=g).to(dtype)
             for k in sorted({0, 1, m // 100, m // 2, m}):
-                expect_equal(f"topk m={m} k={k} {dtype}", _ops.topk_sparse(x, k),
-                             ref.topk_sparse(x, k))
+                expect_equal(f"topk m={m} k={k} {dtype}", _ops.topk_sparse(x, k), ref.topk_sparse(x, k))
                 r = torch.randn(m, device=DEV, generator=g).to(dtype)
                 r2 = r.clone()
-                expect_equal(f"topk_ef m={m} k={k} {dtype}", _ops.topk_sparse_ef(x, r, k),
-                             ref.topk_sparse_ef(x, r2, k))
+                expect_equal(
+                    f"topk_ef m={m} k={k} {dtype}", _ops.topk_sparse_ef(x, r, k), ref.topk_sparse_ef(x, r2, k)
+                )
                 expect_equal(f"topk_ef residual m={m} k={k} {dtype}", r, r2)
         ties = torch.randint(-2, 3, (50_001,), device=DEV, generator=g).to(dtype)[1:]
         expect_equal(f"topk ties {dtype}", _ops.topk_sparse(ties, 777), ref.topk_sparse(ties, 777))
@@ -107,13 +120,17 @@ def topk_cases(g):
 
 def merge_cases(g):
     size = 10_000
-    idx = [torch.sort(torch.randperm(size, device=DEV, generator=g)[:k]).values
-           for k in (100, 0, 5000)]
-    val = [torch.randn(i.numel(), device=DEV, generator=g).to(dt)
-           for i, dt in zip(idx, (torch.float16, torch.float32, torch.float64))]
+    idx = [torch.sort(torch.randperm(size, device=DEV, generator=g)[:k]).values for k in (100, 0, 5000)]
+    val = [
+        torch.randn(i.numel(), device=DEV, generator=g).to(dt)
+        for i, dt in zip(idx, (torch.float16, torch.float32, torch.float64))
+    ]
     for counts in (None, torch.tensor([1, 2, 3])):
-        expect_equal("sparse_merge", _ops.sparse_merge(idx, val, size, counts),
-                     ref.sparse_merge(idx, val, size, counts))
+        expect_equal(
+            "sparse_merge",
+            _ops.sparse_merge(idx, val, size, counts),
+            ref.sparse_merge(idx, val, size, counts),
+        )
     bad = [idx[2].flip(0)]
     expect_error("sparse_merge order", _ops.sparse_merge, bad, [val[2]], size, None)
 

@@ -5,6 +5,7 @@ Collected only when asked for (`python -m pytest benchmarks/`): the default
 test run looks in tests/ only. Each case is one group holding its native
 and plain rows.
 """
+
 import pytest
 import torch
 
@@ -21,9 +22,14 @@ def _params():
     params = []
     for device in ("cpu", "cuda"):
         for case in build_cases(device, "micro"):
-            params.append(pytest.param(
-                device, case, id=f"{device}-{case.op}-{case.name.replace(' ', '-')}",
-                marks=[no_cuda] if device == "cuda" else []))
+            params.append(
+                pytest.param(
+                    device,
+                    case,
+                    id=f"{device}-{case.op}-{case.name.replace(' ', '-')}",
+                    marks=[no_cuda] if device == "cuda" else [],
+                )
+            )
     return params
 
 
@@ -39,9 +45,13 @@ def test_op(benchmark, device, case, impl):
     native_cpu = device == "cpu" and op_served == "native"
     level = tt.backend_info()["cpu_level"] if native_cpu else None
     benchmark.group = f"{device} {case.op} {case.name}" + (f" (CPU level {level})" if level else "")
-    benchmark.extra_info.update(op=case.op, case=case.name, served=served,
-                                cpu_level=level if impl == "native" else None,
-                                bytes_moved=case.bytes_moved)
+    benchmark.extra_info.update(
+        op=case.op,
+        case=case.name,
+        served=served,
+        cpu_level=level if impl == "native" else None,
+        bytes_moved=case.bytes_moved,
+    )
 
     def call():
         out = fn()

@@ -12,6 +12,7 @@ under bfloat16 autocast on the CPU.
 
     python examples/language_model.py [--rounds 2] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.position = nn.Parameter(torch.zeros(MAX_LEN, dim))
-        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim,
-                                           dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, nhead=4, dim_feedforward=2 * dim, dropout=0.0, batch_first=True
+        )
         self.layers = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.head = nn.Linear(dim, VOCAB)
 
@@ -71,8 +73,9 @@ def next_token_accuracy(model: nn.Module, batch) -> float:
     return float((guess == targets)[mask].float().mean())
 
 
-def run(rounds: int = 2, seed: int = 0, local_steps: int = 20, distill_steps: int = 10,
-        verbose: bool = True) -> Dict[str, List[float]]:
+def run(
+    rounds: int = 2, seed: int = 0, local_steps: int = 20, distill_steps: int = 10, verbose: bool = True
+) -> Dict[str, List[float]]:
     """Train the peers; return per-round mean probe accuracy, consensus accuracy
     and kept fraction of the real (unpadded) positions."""
     g = torch.Generator().manual_seed(seed)
@@ -88,8 +91,9 @@ def run(rounds: int = 2, seed: int = 0, local_steps: int = 20, distill_steps: in
     for r in range(rounds):
         for p, (model, optim) in enumerate(zip(models, optims)):
             for _ in range(local_steps):  # next-token cross-entropy on private walks
-                batch = make_batch(cycle, peer_starts(p, BATCH, g),
-                                   torch.randint(4, MAX_LEN + 2, (BATCH,), generator=g))
+                batch = make_batch(
+                    cycle, peer_starts(p, BATCH, g), torch.randint(4, MAX_LEN + 2, (BATCH,), generator=g)
+                )
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     logits = model(batch[0])
                 loss = nn.functional.cross_entropy(logits[batch[2]].float(), batch[1][batch[2]])
@@ -109,13 +113,16 @@ def run(rounds: int = 2, seed: int = 0, local_steps: int = 20, distill_steps: in
         assert not bool((consensus.keep & ~real).any())
         kept = consensus.keep
         stats["consensus_accuracy"].append(
-            float((consensus.labels == truth)[kept].float().mean()) if bool(kept.any()) else 0.0)
+            float((consensus.labels == truth)[kept].float().mean()) if bool(kept.any()) else 0.0
+        )
         stats["kept"].append(float(kept[real].float().mean()))
         stats["accuracy"].append(sum(next_token_accuracy(m, probes) for m in models) / PEERS)
         if verbose:
-            print(f"round {r}: peers' next-token accuracy {stats['accuracy'][-1]:.3f}, "
-                  f"consensus keeps {stats['kept'][-1]:.0%} of the real positions, "
-                  f"{stats['consensus_accuracy'][-1]:.3f} of them right")
+            print(
+                f"round {r}: peers' next-token accuracy {stats['accuracy'][-1]:.3f}, "
+                f"consensus keeps {stats['kept'][-1]:.0%} of the real positions, "
+                f"{stats['consensus_accuracy'][-1]:.3f} of them right"
+            )
     return stats
 
 

@@ -14,6 +14,7 @@ as "rings" and the model as "ringnet":
     tallytrain compare --plugin examples/own_data_simulator.py --dataset rings \\
         --archs ringnet --out runs/rings-cli
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,14 @@ class Rings(torch.utils.data.Dataset):
 
 def ring_net(num_classes: int) -> nn.Module:
     """The model factory: (num_classes) -> a fresh module."""
-    return nn.Sequential(nn.Linear(2, 32), nn.LayerNorm(32), nn.GELU(),
-                         nn.Linear(32, 32), nn.GELU(), nn.Linear(32, num_classes))
+    return nn.Sequential(
+        nn.Linear(2, 32),
+        nn.LayerNorm(32),
+        nn.GELU(),
+        nn.Linear(32, 32),
+        nn.GELU(),
+        nn.Linear(32, num_classes),
+    )
 
 
 # As a plugin (--plugin examples/own_data_simulator.py), these two lines are
@@ -63,10 +70,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
-    summary = simulate(Rings(), ring_net, args.out,
-                       methods=["local", "fedavg", "softlabel", "tallytrain"], seeds=[0, 1],
-                       peers=5, rounds=args.rounds, alpha=0.3, local_steps=20, batch_size=16,
-                       probes_per_round=200, min_shard_size=5, overwrite=True, jobs=args.jobs)
+    summary = simulate(
+        Rings(),
+        ring_net,
+        args.out,
+        methods=["local", "fedavg", "softlabel", "tallytrain"],
+        seeds=[0, 1],
+        peers=5,
+        rounds=args.rounds,
+        alpha=0.3,
+        local_steps=20,
+        batch_size=16,
+        probes_per_round=200,
+        min_shard_size=5,
+        overwrite=True,
+        jobs=args.jobs,
+    )
     print(summary_table(summary), end="")
     print(f"run directory: {args.out}")
 

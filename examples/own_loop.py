@@ -10,6 +10,7 @@ is local training, run alongside for comparison.
 
     python examples/own_loop.py [--rounds 6] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,18 +48,18 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
-def run(rounds: int = 6, seed: int = 0, federated: bool = True, steps: int = 40,
-        verbose: bool = True) -> List[float]:
+def run(
+    rounds: int = 6, seed: int = 0, federated: bool = True, steps: int = 40, verbose: bool = True
+) -> List[float]:
     """Train the five peers; return their mean test accuracy after each round."""
     x, y, test, pool, shards = make_data(seed)
     torch.manual_seed(seed)
-    models = [nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, CLASSES))
-              for _ in range(PEERS)]
+    models = [nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, CLASSES)) for _ in range(PEERS)]
     optims = [torch.optim.Adam(m.parameters(), lr=3e-3) for m in models]
-    memory = tallytrain.ConsensusMemory(len(pool))                    # tallytrain
+    memory = tallytrain.ConsensusMemory(len(pool))  # tallytrain
     history = []
     for r in range(rounds):
-        held, targets = memory.labels()                               # tallytrain
+        held, targets = memory.labels()  # tallytrain
         for model, optim, shard in zip(models, optims, shards):
             for _ in range(steps):
                 batch = shard[torch.randint(len(shard), (32,))]
@@ -73,15 +74,19 @@ def run(rounds: int = 6, seed: int = 0, federated: bool = True, steps: int = 40,
         if federated:
             probes = torch.randperm(len(pool))[:400]
             with torch.no_grad():
-                votes = [tallytrain.vote(m(x[pool[probes]]), abstain_below=0.9)  # tallytrain
-                         for m in models]
-            memory.update(probes, tallytrain.tally(votes), round=r)          # tallytrain
+                votes = [
+                    tallytrain.vote(m(x[pool[probes]]), abstain_below=0.9)  # tallytrain
+                    for m in models
+                ]
+            memory.update(probes, tallytrain.tally(votes), round=r)  # tallytrain
         accs = [accuracy(m, x[test], y[test]) for m in models]
         history.append(sum(accs) / PEERS)
         if verbose:
             held_now = f", memory holds {len(memory)} labels" if federated else ""
-            print(f"round {r}: mean test accuracy {history[-1]:.3f} "
-                  f"(peers {' '.join(f'{a:.2f}' for a in accs)}{held_now})")
+            print(
+                f"round {r}: mean test accuracy {history[-1]:.3f} "
+                f"(peers {' '.join(f'{a:.2f}' for a in accs)}{held_now})"
+            )
     return history
 
 

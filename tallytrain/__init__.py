@@ -15,6 +15,7 @@ The ops underneath are in :mod:`tallytrain.ops`, the message bytes in
 :mod:`tallytrain.wire`. :func:`simulate` runs the federated simulator (every
 method of ``tallytrain compare``) on your own data and model.
 """
+
 from . import ops
 from .consensus import Consensus, consensus_loss, tally
 from .memory import ConsensusMemory
@@ -22,8 +23,17 @@ from .votes import Votes, vote
 
 __version__ = "0.1.0"
 
-__all__ = ["vote", "Votes", "tally", "Consensus", "consensus_loss", "ConsensusMemory", "ops",
-           "simulate", "__version__"]
+__all__ = [
+    "vote",
+    "Votes",
+    "tally",
+    "Consensus",
+    "consensus_loss",
+    "ConsensusMemory",
+    "ops",
+    "simulate",
+    "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -31,5 +41,6 @@ def __getattr__(name: str):
     # when first asked for, so that `import tallytrain` stays light.
     if name == "simulate":
         from .app.simulate import simulate
+
         return simulate
     raise AttributeError(f"module 'tallytrain' has no attribute {name!r}")

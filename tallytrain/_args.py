@@ -1,5 +1,6 @@
 """Argument checks shared by the public API and the wire codec (a leaf
 module: it imports nothing of tallytrain's)."""
+
 from __future__ import annotations
 
 import operator

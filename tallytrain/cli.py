@@ -9,6 +9,7 @@ has none. Bad input is one line on stderr naming the option, and exit
 status 2; Ctrl-C stops a run, keeps what it finished, and says how to
 resume it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,45 +34,41 @@ HELP: Dict[str, str] = {
     "rounds": "federated rounds per run",
     # data
     "dataset": "dataset: {datasets} (mnist, fashion-mnist and cifar* are read from --data-dir; "
-               "a --plugin adds more)",
+    "a --plugin adds more)",
     "data_dir": "folder holding the MNIST idx / CIFAR pickle files (nothing is downloaded)",
     "partition": "how the training split is dealt to peers: {partitions} (dirichlet: class "
-                 "shares drawn per class with --alpha; classes: --classes-per-peer classes "
-                 "each)",
+    "shares drawn per class with --alpha; classes: --classes-per-peer classes "
+    "each)",
     "alpha": "Dirichlet concentration of --partition dirichlet (> 0; small = skewed, "
-             "e.g. 0.1; large = near IID)",
+    "e.g. 0.1; large = near IID)",
     "classes_per_peer": "--partition classes: how many classes each peer holds",
     "min_shard_size": "fewest training samples a peer may get (partitions are redrawn until "
-                      "every peer has this many)",
+    "every peer has this many)",
     "max_retries": "Dirichlet redraws before giving up on --min-shard-size",
     "test_fraction": "share of the samples held out as the test set, for datasets without an "
-                     "official test split",
+    "official test split",
     "probe_fraction": "share of the samples that form the public, unlabeled probe pool",
     "max_samples": "use at most this many samples of the dataset, drawn at random "
-                   "(0 = all of them), for quick runs",
+    "(0 = all of them), for quick runs",
     "max_test_samples": "evaluate on at most this many test samples (0 = the whole test set)",
     "num_classes": "classes of --dataset synthetic (and glyphs); other datasets have their own",
     "synthetic_dim": "--dataset synthetic: input dimensions",
     "samples_per_class": "--dataset synthetic: samples of each class",
-    "synthetic_noise": "--dataset synthetic: standard deviation of the noise around each "
-                       "class prototype",
+    "synthetic_noise": "--dataset synthetic: standard deviation of the noise around each class prototype",
     "synthetic_seed": "--dataset synthetic: seed of the task itself (prototypes and noise; the "
-                      "same for every run seed)",
+    "same for every run seed)",
     "max_probe_samples": "keep at most this many samples of the public probe pool, drawn at "
-                         "random (0 = all); soft-label payloads of a language model grow with "
-                         "the pool",
+    "random (0 = all); soft-label payloads of a language model grow with "
+    "the pool",
     "vocab_size": "--dataset pytext: BPE vocabulary size = the number of classes (>= 257)",
     "context": "--dataset pytext: tokens per window (the lm arch's context)",
     "renders_per_face": "--dataset glyphs: jittered renders of each class in each font face",
-    "fonts": "--dataset glyphs: comma-separated font files (empty: matplotlib's 12 DejaVu "
-             "faces)",
+    "fonts": "--dataset glyphs: comma-separated font files (empty: matplotlib's 12 DejaVu faces)",
     "cache_dir": "folder for derived data (tokenizers, token ids, glyph renders); default "
-                 "$TALLYTRAIN_CACHE_DIR, else ~/.cache/tallytrain",
+    "$TALLYTRAIN_CACHE_DIR, else ~/.cache/tallytrain",
     # model
-    "archs": "comma-separated architectures dealt to peers round-robin: {archs} "
-             "(a --plugin adds more)",
-    "hidden": "width of the bundled architectures (hidden units; the CNN's channels derive "
-              "from it)",
+    "archs": "comma-separated architectures dealt to peers round-robin: {archs} (a --plugin adds more)",
+    "hidden": "width of the bundled architectures (hidden units; the CNN's channels derive from it)",
     # train
     "local_steps": "Adam steps per round on the peer's own shard",
     "batch_size": "minibatch size of local training",
@@ -79,55 +76,64 @@ HELP: Dict[str, str] = {
     "distill_steps": "distillation steps per round on the probes (sequential --order only)",
     "distill_batch_size": "smallest distillation minibatch",
     "distill_epochs": "passes over the distillation targets per round; the batch grows up to "
-                      "--distill-batch-max to make them (0 = a fixed batch)",
+    "--distill-batch-max to make them (0 = a fixed batch)",
     "distill_batch_max": "largest distillation minibatch",
     "temperature": "softlabel and feddf: distillation temperature",
     "undertrained_fraction": "share of peers that do only --undertrained-steps local steps",
     "undertrained_steps": "local steps per round of the under-trained peers",
     "peer_batch": "peers per vectorised training call (0 = every peer of an architecture at "
-                  "once; lower it to bound memory)",
-    "order": "distillation methods: {orders} (joint: every step sums the shard loss and the "
-             "consensus loss)",
+    "once; lower it to bound memory)",
+    "order": "distillation methods: {orders} (joint: every step sums the shard loss and the consensus loss)",
     "distill_weight": "--order joint: weight of the consensus loss",
     # protocol
     "probes_per_round": "probes drawn from the public pool each round",
     "participation": "share of peers selected each round (1 = all)",
-    "agreement_threshold": "tallytrain: keep probes whose winner's share count/total is at "
-                           "least this",
+    "agreement_threshold": "tallytrain: keep probes whose winner's share count/total is at least this",
     "min_votes": "tallytrain: keep probes whose winner has at least this many votes",
-    "abstain_below": "tallytrain: a peer abstains where its top-1 probability is below this "
-                     "('none' = never)",
+    "abstain_below": "tallytrain: a peer abstains where its top-1 probability is below this ('none' = never)",
     "support_min": "tallytrain: a peer also abstains on classes its shard holds fewer samples "
-                   "of than this (0 = off)",
+    "of than this (0 = off)",
     "memory_max_age": "tallytrain: peers keep consensus labels this many rounds (0 = until "
-                      "replaced or dropped; 1 = no memory)",
+    "replaced or dropped; 1 = no memory)",
     "support_radius": "tallytrain: a peer also abstains where the probe is farther from every "
-                      "shard sample of the predicted class than this quantile of the shard's "
-                      "nearest-same-class distances (float inputs; 'none' = off)",
+    "shard sample of the predicted class than this quantile of the shard's "
+    "nearest-same-class distances (float inputs; 'none' = off)",
     "votes_from": "tallytrain: the model a peer votes with: local (trained on its shard only), "
-                  "local-first (that, and the distilled model where it abstains), distilled",
+    "local-first (that, and the distilled model where it abstains), distilled",
     "softlabel_memory": "softlabel: keep past rounds' soft labels like tallytrain's memory "
-                        "(off: measured slower)",
+    "(off: measured slower)",
     "reputation": "tallytrain: weigh votes by each peer's past agreement with the consensus",
     "decentralized": "tallytrain: every peer sends its votes to every peer and tallies itself",
     "prox_mu": "fedprox: weight mu of the proximal term mu/2 * ||w - w_global||^2",
     "softlabel_dtype": "softlabel: dtype of the soft labels on the wire: {dtypes}",
     "softlabel_topk": "softlabel-topk: classes (k) sent per probe position, with their "
-                      "probabilities as float16",
+    "probabilities as float16",
     "sharpen_temperature": "softlabel: DS-FL sharpening softmax(average / T) ('none' = off)",
     "server_distill_steps": "feddf: the server's distillation steps per round",
     "server_lr": "feddf: Adam learning rate of the server model",
     "param_dtype": "dtype of parameter payloads (dense vectors, sparse values): {dtypes}",
     "merge_period": "fedavg/fedprox/feddf: average every this many rounds; bridge: sparse "
-                    "merge every this many rounds (0 = never)",
+    "merge every this many rounds (0 = never)",
     "topk_fraction": "bridge: share of its parameters a peer sends per merge (top-k)",
     "adversarial_fraction": "share of peers that send random or flipped payloads",
     "adversarial_mode": "what adversarial peers send: {adversaries}",
 }
 
 # Options that are not config fields, by the name their errors use.
-_CLI_NAMES = ("method", "methods", "seed", "seeds", "threads", "jobs", "out", "plugin",
-              "periods", "bridge_fractions", "bridge_periods", "baselines")
+_CLI_NAMES = (
+    "method",
+    "methods",
+    "seed",
+    "seeds",
+    "threads",
+    "jobs",
+    "out",
+    "plugin",
+    "periods",
+    "bridge_fractions",
+    "bridge_periods",
+    "baselines",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -157,6 +163,7 @@ def _integer(text: str) -> int:
 def _optional(cast: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str):
         return None if text.strip().lower() in ("none", "off", "") else cast(text)
+
     return parse
 
 
@@ -167,6 +174,7 @@ def _names(text: str) -> tuple:
 def _list_of(cast: Callable[[str], Any]) -> Callable[[str], tuple]:
     def parse(text: str) -> tuple:
         return tuple(cast(x) for x in _names(text))
+
     return parse
 
 
@@ -180,10 +188,15 @@ def _help_values() -> Dict[str, str]:
     from .data import DATASETS
     from .fl import config as C
     from .models import ARCHS
-    return {"datasets": ", ".join(DATASETS), "partitions": " | ".join(C.PARTITIONS),
-            "archs": ", ".join(ARCHS), "orders": " | ".join(C.PEER_ORDERS),
-            "dtypes": " | ".join(C.PAYLOAD_DTYPES),
-            "adversaries": " | ".join(C.ADVERSARIAL_MODES)}
+
+    return {
+        "datasets": ", ".join(DATASETS),
+        "partitions": " | ".join(C.PARTITIONS),
+        "archs": ", ".join(ARCHS),
+        "orders": " | ".join(C.PEER_ORDERS),
+        "dtypes": " | ".join(C.PAYLOAD_DTYPES),
+        "adversaries": " | ".join(C.ADVERSARIAL_MODES),
+    }
 
 
 def _add_field(group, f: dataclasses.Field, values: Dict[str, str]) -> None:
@@ -194,42 +207,67 @@ def _add_field(group, f: dataclasses.Field, values: Dict[str, str]) -> None:
     # explicit "none" (-> None) is distinguishable from "not given".
     t = str(f.type)
     if t == "bool":
-        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=help_text)
+        group.add_argument(
+            flag,
+            dest=f.name,
+            action=argparse.BooleanOptionalAction,
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
         return
     if t.startswith("Tuple"):
-        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="A,B",
-                           type=_names, help=help_text)
+        group.add_argument(
+            flag, dest=f.name, default=argparse.SUPPRESS, metavar="A,B", type=_names, help=help_text
+        )
         return
     parsers: Dict[str, Callable[[str], Any]] = {"int": _integer, "float": _finite, "str": str}
     cast = parsers[t.replace("Optional[", "").rstrip("]")]
     if t.startswith("Optional"):
-        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_optional(cast),
-                           help=help_text)
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_optional(cast), help=help_text)
     else:
-        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=cast,
-                           help=help_text)
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=cast, help=help_text)
 
 
 def _common(p: argparse.ArgumentParser, values: Dict[str, str]) -> None:
     from .app.experiment import option_fields
+
     p.add_argument("--out", required=True, help="run directory to create (or resume)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run directory (same options required)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run directory (only a run directory)")
-    p.add_argument("--seed", type=_integer, default=0,
-                   help="seed of the first run; --seeds counts up from it (default: 0)")
-    p.add_argument("--seeds", type=_integer, default=1,
-                   help="number of seeds: --seed, --seed + 1, ... (default: 1)")
-    p.add_argument("--threads", type=_integer, default=1,
-                   help="torch CPU threads per run (default: 1; results do not depend on it)")
-    p.add_argument("--jobs", type=_integer, default=1,
-                   help="runs in parallel processes (default: 1; results do not depend on it)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run directory (same options required)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run directory (only a run directory)"
+    )
+    p.add_argument(
+        "--seed",
+        type=_integer,
+        default=0,
+        help="seed of the first run; --seeds counts up from it (default: 0)",
+    )
+    p.add_argument(
+        "--seeds", type=_integer, default=1, help="number of seeds: --seed, --seed + 1, ... (default: 1)"
+    )
+    p.add_argument(
+        "--threads",
+        type=_integer,
+        default=1,
+        help="torch CPU threads per run (default: 1; results do not depend on it)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_integer,
+        default=1,
+        help="runs in parallel processes (default: 1; results do not depend on it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                   help="import a module (mypkg.myplugin) or .py file that registers datasets "
-                        "and models by name (docs/api.md); repeatable")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module (mypkg.myplugin) or .py file that registers datasets "
+        "and models by name (docs/api.md); repeatable",
+    )
     groups: Dict[Optional[str], Any] = {}
     for section, f in option_fields().values():
         title = section or "federation"
@@ -240,10 +278,10 @@ def _common(p: argparse.ArgumentParser, values: Dict[str, str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .fl.registry import method_names
+
     values = _help_values()
     methods = ", ".join(method_names())
-    parser = _Parser(prog="tallytrain",
-                     description="Hard-label federated distillation with packed votes.")
+    parser = _Parser(prog="tallytrain", description="Hard-label federated distillation with packed votes.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     info = sub.add_parser("info", help="which op backend serves each device, and versions")
@@ -252,34 +290,62 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", required=True, help=f"the method: {methods}")
     _common(run, values)
     cmp_ = sub.add_parser("compare", help="several methods on identical partitions and probes")
-    cmp_.add_argument("--methods", default="all",
-                      help=f"comma-separated methods, or 'all'; softlabel-matched is "
-                           f"softlabel in float16 on as few probes as fit in tallytrain's "
-                           f"uplink bytes (default: all = {methods}, softlabel-matched)")
+    cmp_.add_argument(
+        "--methods",
+        default="all",
+        help=f"comma-separated methods, or 'all'; softlabel-matched is "
+        f"softlabel in float16 on as few probes as fit in tallytrain's "
+        f"uplink bytes (default: all = {methods}, softlabel-matched)",
+    )
     _common(cmp_, values)
     from .app.pareto import BRIDGE_FRACTIONS, BRIDGE_PERIODS, PARAMETER_BASELINES, PERIODS
-    par = sub.add_parser("pareto", help="accuracy vs bytes: every operating point of FedAvg, "
-                                        "FedProx, FedDF, softlabel, tallytrain and bridge")
-    par.add_argument("--periods", type=_list_of(_integer), default=None,
-                     help=f"merge periods of the parameter-averaging baselines, each at most "
-                          f"--rounds (default: {_show(PERIODS)}, those within --rounds)")
-    par.add_argument("--bridge-fractions", type=_list_of(_finite), default=BRIDGE_FRACTIONS,
-                     help=f"bridge top-k fractions (default: {_show(BRIDGE_FRACTIONS)})")
-    par.add_argument("--bridge-periods", type=_list_of(_integer), default=None,
-                     help=f"bridge merge periods, each at most --rounds (default: "
-                          f"{_show(BRIDGE_PERIODS)}, those within --rounds)")
-    par.add_argument("--baselines", type=_names, default=PARAMETER_BASELINES,
-                     help=f"parameter-averaging baselines (default: "
-                          f"{_show(PARAMETER_BASELINES)})")
+
+    par = sub.add_parser(
+        "pareto",
+        help="accuracy vs bytes: every operating point of FedAvg, "
+        "FedProx, FedDF, softlabel, tallytrain and bridge",
+    )
+    par.add_argument(
+        "--periods",
+        type=_list_of(_integer),
+        default=None,
+        help=f"merge periods of the parameter-averaging baselines, each at most "
+        f"--rounds (default: {_show(PERIODS)}, those within --rounds)",
+    )
+    par.add_argument(
+        "--bridge-fractions",
+        type=_list_of(_finite),
+        default=BRIDGE_FRACTIONS,
+        help=f"bridge top-k fractions (default: {_show(BRIDGE_FRACTIONS)})",
+    )
+    par.add_argument(
+        "--bridge-periods",
+        type=_list_of(_integer),
+        default=None,
+        help=f"bridge merge periods, each at most --rounds (default: "
+        f"{_show(BRIDGE_PERIODS)}, those within --rounds)",
+    )
+    par.add_argument(
+        "--baselines",
+        type=_names,
+        default=PARAMETER_BASELINES,
+        help=f"parameter-averaging baselines (default: {_show(PARAMETER_BASELINES)})",
+    )
     _common(par, values)
-    abl = sub.add_parser("ablate", help="tallytrain's default recipe and one row per mechanism "
-                                        "turned off, with softlabel, on identical partitions")
+    abl = sub.add_parser(
+        "ablate",
+        help="tallytrain's default recipe and one row per mechanism "
+        "turned off, with softlabel, on identical partitions",
+    )
     _common(abl, values)
     from .bench import ops as bench_ops
-    bench = sub.add_parser("bench", help="every op against the plain-PyTorch way, as ratios "
-                                         "and fractions of the memory bandwidth",
-                           description=bench_ops.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    bench = sub.add_parser(
+        "bench",
+        help="every op against the plain-PyTorch way, as ratios and fractions of the memory bandwidth",
+        description=bench_ops.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bench_ops.add_arguments(bench)
     return parser
 
@@ -287,11 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _version() -> str:
     import numpy
     import torch
+
     return f"tallytrain {__version__} (torch {torch.__version__}, numpy {numpy.__version__})"
 
 
 def config_from_args(args: argparse.Namespace, methods: Sequence[str]):
     from .app.experiment import compare_config, option_fields
+
     if args.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {args.seeds}")
     options = {name: getattr(args, name) for name in option_fields() if hasattr(args, name)}
@@ -303,6 +371,7 @@ def _flags(message: str) -> str:
     them: ``abstain_below must be ...`` -> ``--abstain-below must be ...``,
     ``data.alpha: 0.5 != 0.7`` -> ``--alpha: 0.5 != 0.7``."""
     from .app.experiment import option_fields
+
     fields = option_fields()
     names = set(fields) | set(_CLI_NAMES)
     sections = sorted({s for s, _ in fields.values() if s})
@@ -311,20 +380,27 @@ def _flags(message: str) -> str:
         return "--" + name.replace("_", "-")
 
     # dotted config paths (a resumed directory's differences)
-    message = re.sub(r"\b(?:base\.)?(?:%s)\.(\w+)\b" % "|".join(sections),
-                     lambda m: flag(m.group(1)) if m.group(1) in names else m.group(0), message)
+    message = re.sub(
+        r"\b(?:base\.)?(?:%s)\.(\w+)\b" % "|".join(sections),
+        lambda m: flag(m.group(1)) if m.group(1) in names else m.group(0),
+        message,
+    )
     # names with an underscore are names wherever they appear
-    message = re.sub(r"(?<![\w.\-'])([a-z]+(?:_[a-z0-9]+)+)\b",
-                     lambda m: flag(m.group(1)) if m.group(1) in names else m.group(0), message)
+    message = re.sub(
+        r"(?<![\w.\-'])([a-z]+(?:_[a-z0-9]+)+)\b",
+        lambda m: flag(m.group(1)) if m.group(1) in names else m.group(0),
+        message,
+    )
     # a one-word name is one where it begins the message ("alpha must be > 0")
     first = re.match(r"([a-z]+)\b(?=[ :(=])", message)
     if first and first.group(1) in names:
-        message = flag(first.group(1)) + message[first.end():]
+        message = flag(first.group(1)) + message[first.end() :]
     return message
 
 
 def _info(as_json: bool) -> int:
     from . import ops
+
     info = ops.backend_info()
     if as_json:
         print(json.dumps(info, indent=2, default=str))
@@ -335,8 +411,10 @@ def _info(as_json: bool) -> int:
     if cuda_usable:
         print(f"  CUDA ops served by: {info['cuda']}")
     else:
-        print("  CUDA ops served by: none (no usable CUDA device); the CUDA kernels below "
-              "are registered, not in use")
+        print(
+            "  CUDA ops served by: none (no usable CUDA device); the CUDA kernels below "
+            "are registered, not in use"
+        )
     cuda_column = "serves on CUDA" if cuda_usable else "CUDA kernel"
     print(f"    {'op':16s} {'serves on CPU':14s} {cuda_column}")
     for op, where in info["ops"].items():
@@ -345,17 +423,22 @@ def _info(as_json: bool) -> int:
         else:
             cuda = "registered" if where["cuda_kernel"] == "registered" else "none (reference)"
         print(f"    {op:16s} {where['cpu']:14s} {cuda}")
-    print(f"  extension: {info['extension'] or 'not loaded'}"
-          + (" (built with CUDA)" if info.get("extension_built_with_cuda") else ""))
+    print(
+        f"  extension: {info['extension'] or 'not loaded'}"
+        + (" (built with CUDA)" if info.get("extension_built_with_cuda") else "")
+    )
     if info.get("native_error"):
         print(f"  native load error: {info['native_error']}")
-    print(f"  torch {info['torch']}, CUDA {info['torch_cuda'] or 'none'}"
-          + (f", device {info['cuda_device']}" if info.get("cuda_device") else ""))
+    print(
+        f"  torch {info['torch']}, CUDA {info['torch_cuda'] or 'none'}"
+        + (f", device {info['cuda_device']}" if info.get("cuda_device") else "")
+    )
     return 0
 
 
 def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .bench import ops as bench_ops
+
     try:
         bench_ops.run(args, "tallytrain", argv)
     except SystemExit as exc:  # bad options, found once the run starts
@@ -389,23 +472,30 @@ def _stopped(args: argparse.Namespace, cfg, argv: Sequence[str]) -> int:
         except (OSError, ValueError):
             resumable = False
     if resumable:
-        print(f"tallytrain: stopped; the finished rounds are saved in {args.out}. Continue "
-              f"with: {_resume_command(argv)}", file=sys.stderr)
+        print(
+            f"tallytrain: stopped; the finished rounds are saved in {args.out}. Continue "
+            f"with: {_resume_command(argv)}",
+            file=sys.stderr,
+        )
     else:
-        print(f"tallytrain: stopped before the run started; nothing was written to {args.out}",
-              file=sys.stderr)
+        print(
+            f"tallytrain: stopped before the run started; nothing was written to {args.out}", file=sys.stderr
+        )
     return 130
 
 
 def _methods(text: str) -> List[str]:
     from .app.experiment import BYTE_MATCHED
     from .fl.registry import method_names
+
     if text.strip() == "all":
         return method_names() + [BYTE_MATCHED]
     names = list(_names(text))
     if not names:
-        raise ValueError(f"methods names no method (got {text!r}); give comma-separated names "
-                         f"of {', '.join(method_names())}, or 'all'")
+        raise ValueError(
+            f"methods names no method (got {text!r}); give comma-separated names "
+            f"of {', '.join(method_names())}, or 'all'"
+        )
     return names
 
 
@@ -428,32 +518,44 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import report
     from .app import plugins
     from .app.experiment import RunDirError, run_compare
+
     cfg = None
     try:
         for spec in args.plugin:
             plugins.load_plugin(spec)
-        options = dict(resume=args.resume, overwrite=args.overwrite,
-                       show_progress=not args.quiet, threads=args.threads, jobs=args.jobs)
+        options = dict(
+            resume=args.resume,
+            overwrite=args.overwrite,
+            show_progress=not args.quiet,
+            threads=args.threads,
+            jobs=args.jobs,
+        )
         if args.command == "pareto":
-            from .app.pareto import BRIDGE_PERIODS, PERIODS, pareto_config, pareto_table, \
-                run_pareto
+            from .app.pareto import BRIDGE_PERIODS, PERIODS, pareto_config, pareto_table, run_pareto
+
             for name in ("merge_period", "topk_fraction"):
                 if hasattr(args, name):
-                    raise ValueError(f"pareto sets {name} per operating point; use --periods, "
-                                     f"--bridge-periods and --bridge-fractions instead")
+                    raise ValueError(
+                        f"pareto sets {name} per operating point; use --periods, "
+                        f"--bridge-periods and --bridge-fractions instead"
+                    )
             base = config_from_args(args, ["tallytrain"])
             rounds = base.base.rounds
-            cfg = pareto_config(base.base, base.seeds,
-                                args.periods or _within_rounds(PERIODS, rounds),
-                                args.bridge_fractions,
-                                args.bridge_periods or _within_rounds(BRIDGE_PERIODS, rounds),
-                                args.baselines)
+            cfg = pareto_config(
+                base.base,
+                base.seeds,
+                args.periods or _within_rounds(PERIODS, rounds),
+                args.bridge_fractions,
+                args.bridge_periods or _within_rounds(BRIDGE_PERIODS, rounds),
+                args.baselines,
+            )
             result = run_pareto(cfg, args.out, **options)
             print(pareto_table(result), end="")
             print(f"run directory: {os.path.abspath(args.out)}")
             return 0
         if args.command == "ablate":
             from .app.ablate import ablate_config, ablation_table, run_ablate
+
             base = config_from_args(args, ["tallytrain"])
             cfg = ablate_config(base.base, base.seeds)
             print(ablation_table(run_ablate(cfg, args.out, **options)), end="")

@@ -4,6 +4,7 @@
 (``ops.tally``) and decides which positions to keep (:class:`Consensus`);
 :func:`consensus_loss` is the cross-entropy on the kept positions.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,15 @@ class Consensus(NamedTuple):
     total: torch.Tensor
 
     @classmethod
-    def from_counts(cls, label: torch.Tensor, count: torch.Tensor, total: torch.Tensor, *,
-                    agreement: float = 0.5, min_votes: int = 1) -> "Consensus":
+    def from_counts(
+        cls,
+        label: torch.Tensor,
+        count: torch.Tensor,
+        total: torch.Tensor,
+        *,
+        agreement: float = 0.5,
+        min_votes: int = 1,
+    ) -> "Consensus":
         """The keep rule applied to a tally's ``label``, ``count`` and ``total``.
 
         The three are integer tensors of one shape, e.g. the fields of
@@ -67,7 +75,8 @@ class Consensus(NamedTuple):
         if not (label.shape == count.shape == total.shape):
             raise ValueError(
                 f"label, count and total must have one shape, got {tuple(label.shape)}, "
-                f"{tuple(count.shape)} and {tuple(total.shape)}")
+                f"{tuple(count.shape)} and {tuple(total.shape)}"
+            )
         count = count.to(torch.int64)
         total = total.to(torch.int64)
         voted = total > 0
@@ -77,8 +86,13 @@ class Consensus(NamedTuple):
         frac = (count.double() / total.clamp(min=1).double()).float()
         zero = torch.zeros((), dtype=torch.float32, device=frac.device)
         labels = torch.where(voted, label.to(torch.int64), torch.full_like(count, -1))
-        return cls(labels, keep, torch.where(voted, frac, zero),
-                   torch.where(voted, count, torch.zeros_like(count)), total)
+        return cls(
+            labels,
+            keep,
+            torch.where(voted, frac, zero),
+            torch.where(voted, count, torch.zeros_like(count)),
+            total,
+        )
 
 
 class ConsensusLike(Protocol):
@@ -109,40 +123,41 @@ def _weights(weights, peers: int, device: torch.device) -> Optional[torch.Tensor
     if weights is None:
         return None
     if isinstance(weights, torch.Tensor):
-        if weights.dtype.is_floating_point or weights.dtype.is_complex \
-                or weights.dtype == torch.bool:
+        if weights.dtype.is_floating_point or weights.dtype.is_complex or weights.dtype == torch.bool:
             raise TypeError(f"weights must be integers, got a {weights.dtype} tensor")
         w = weights.to(device=device, dtype=torch.int64)
     else:
         if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
             raise TypeError(
-                f"weights must be a sequence of ints or an integer tensor, got "
-                f"{type(weights).__name__}")
+                f"weights must be a sequence of ints or an integer tensor, got {type(weights).__name__}"
+            )
         values = []
         for i, x in enumerate(weights):
             if isinstance(x, bool) or not isinstance(x, int):
                 try:
                     x = operator.index(x)
                 except TypeError:
-                    raise TypeError(
-                        f"weights[{i}] must be an int, got {type(x).__name__}") from None
+                    raise TypeError(f"weights[{i}] must be an int, got {type(x).__name__}") from None
             values.append(x)
         try:
             w = torch.tensor(values, dtype=torch.int64, device=device)
         except RuntimeError:  # beyond int64
             raise ValueError("weights must fit int64") from None
     if w.shape != (peers,):
-        raise ValueError(
-            f"weights must have one entry per Votes ({peers}), got shape {tuple(w.shape)}")
+        raise ValueError(f"weights must have one entry per Votes ({peers}), got shape {tuple(w.shape)}")
     if peers and bool((w < 0).any()):
         i = int(torch.nonzero(w < 0)[0])
         raise ValueError(f"weights must be >= 0, got weights[{i}] = {int(w[i])}")
     return w
 
 
-def tally(votes: Sequence[Votes], *,
-          weights: Optional[Union[torch.Tensor, Sequence[int]]] = None,
-          agreement: float = 0.5, min_votes: int = 1) -> Consensus:
+def tally(
+    votes: Sequence[Votes],
+    *,
+    weights: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+    agreement: float = 0.5,
+    min_votes: int = 1,
+) -> Consensus:
     """Count the peers' votes at every position and form the consensus.
 
     Args:
@@ -170,8 +185,7 @@ def tally(votes: Sequence[Votes], *,
             of range.
     """
     if isinstance(votes, Votes) or not isinstance(votes, Sequence):
-        raise TypeError(
-            f"votes must be a sequence of Votes (one per peer), got {type(votes).__name__}")
+        raise TypeError(f"votes must be a sequence of Votes (one per peer), got {type(votes).__name__}")
     if len(votes) == 0:
         raise ValueError("votes must hold at least one Votes")
     for i, v in enumerate(votes):
@@ -179,10 +193,12 @@ def tally(votes: Sequence[Votes], *,
             raise TypeError(f"votes[{i}] must be a Votes, got {type(v).__name__}")
     first = votes[0]
     for i, v in enumerate(votes[1:], start=1):
-        for what, a, b in (("shape", tuple(first.shape), tuple(v.shape)),
-                           ("num_classes", first.num_classes, v.num_classes),
-                           ("abstain", first.abstain, v.abstain),
-                           ("device", first.device, v.device)):
+        for what, a, b in (
+            ("shape", tuple(first.shape), tuple(v.shape)),
+            ("num_classes", first.num_classes, v.num_classes),
+            ("abstain", first.abstain, v.abstain),
+            ("device", first.device, v.device),
+        ):
             if a != b:
                 raise ValueError(f"votes[{i}] has {what} {b}, but votes[0] has {what} {a}")
     # Checked before any counting so that a bad argument costs nothing.
@@ -191,13 +207,16 @@ def tally(votes: Sequence[Votes], *,
     w = _weights(weights, len(votes), first.device)
     stacked = torch.stack([v.packed for v in votes])
     t = ops.tally(stacked, first.n, first.num_classes, weights=w, abstain=first.abstain)
-    c = Consensus.from_counts(t.label, t.count, t.total, agreement=agreement,
-                              min_votes=min_votes)
+    c = Consensus.from_counts(t.label, t.count, t.total, agreement=agreement, min_votes=min_votes)
     return Consensus(*(field.reshape(first.shape) for field in c))
 
 
-def consensus_loss(logits: torch.Tensor, consensus: Union[ConsensusLike, torch.Tensor], *,
-                   reduction: Literal["mean", "sum", "none"] = "mean") -> torch.Tensor:
+def consensus_loss(
+    logits: torch.Tensor,
+    consensus: Union[ConsensusLike, torch.Tensor],
+    *,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+) -> torch.Tensor:
     """Cross-entropy of ``logits`` against the consensus labels, where kept.
 
     Args:
@@ -233,8 +252,7 @@ def consensus_loss(logits: torch.Tensor, consensus: Union[ConsensusLike, torch.T
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 2:
-        raise ValueError(
-            f"logits must be [..., C] with C >= 2 classes, got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must be [..., C] with C >= 2 classes, got shape {tuple(logits.shape)}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
     labels: Optional[torch.Tensor]
@@ -248,7 +266,8 @@ def consensus_loss(logits: torch.Tensor, consensus: Union[ConsensusLike, torch.T
         raise TypeError(
             f"consensus must be a Consensus (tensor attributes labels and keep) or an "
             f"integer tensor of labels, got {type(consensus).__name__}"
-            + (f" of {consensus.dtype}" if isinstance(consensus, torch.Tensor) else ""))
+            + (f" of {consensus.dtype}" if isinstance(consensus, torch.Tensor) else "")
+        )
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"consensus.labels must be an integer tensor, got {labels.dtype}")
     if keep.dtype != torch.bool:
@@ -258,8 +277,8 @@ def consensus_loss(logits: torch.Tensor, consensus: Union[ConsensusLike, torch.T
     for name, t in (("labels", labels), ("keep", keep)):
         if t.shape != leading:
             raise ValueError(
-                f"consensus.{name} must have the logits' leading shape {tuple(leading)}, got "
-                f"{tuple(t.shape)}")
+                f"consensus.{name} must have the logits' leading shape {tuple(leading)}, got {tuple(t.shape)}"
+            )
     flat_labels = labels.reshape(-1).to(device=logits.device, dtype=torch.int64)
     counted = keep.reshape(-1).to(logits.device) & (flat_labels >= 0)
     index = torch.nonzero(counted).flatten()
@@ -268,7 +287,8 @@ def consensus_loss(logits: torch.Tensor, consensus: Union[ConsensusLike, torch.T
         i = int(index[int(torch.argmax(targets))])
         raise ValueError(
             f"consensus.labels{_position(i, leading)} = {int(flat_labels[i])} is not a class "
-            f"of logits with C = {c}")
+            f"of logits with C = {c}"
+        )
     # Only the counted rows enter the loss, so other rows get exactly zero
     # gradient; an empty selection still sums to a graph-attached 0.
     rows = logits.reshape(-1, c)[index].float()
@@ -279,4 +299,3 @@ def consensus_loss(logits: torch.Tensor, consensus: Union[ConsensusLike, torch.T
         return per.sum() / max(index.numel(), 1)
     out = torch.zeros(math.prod(leading), dtype=torch.float32, device=logits.device)
     return out.index_put((index,), per).reshape(leading)
-

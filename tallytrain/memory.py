@@ -6,6 +6,7 @@ the memory keeps every label it has received, per probe position, until a
 newer consensus replaces or drops it, it grows too old (``max_age``), or it
 is forgotten on purpose (:meth:`ConsensusMemory.forget`).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,16 +64,21 @@ class ConsensusMemory:
             :meth:`update` are moved there).
     """
 
-    def __init__(self, pool_size: int, *, max_age: Optional[int] = None,
-                 position_shape: Sequence[int] = (),
-                 device: Union[str, torch.device] = "cpu") -> None:
+    def __init__(
+        self,
+        pool_size: int,
+        *,
+        max_age: Optional[int] = None,
+        position_shape: Sequence[int] = (),
+        device: Union[str, torch.device] = "cpu",
+    ) -> None:
         self._pool_size = _int(pool_size, "pool_size", 0)
         self._max_age = None if max_age is None else _int(max_age, "max_age", 1)
         if isinstance(position_shape, (str, bytes)) or not isinstance(position_shape, Sequence):
-            raise TypeError(
-                f"position_shape must be a sequence of ints, got {type(position_shape).__name__}")
+            raise TypeError(f"position_shape must be a sequence of ints, got {type(position_shape).__name__}")
         self._position_shape = torch.Size(
-            [_int(d, f"position_shape[{i}]", 0) for i, d in enumerate(position_shape)])
+            [_int(d, f"position_shape[{i}]", 0) for i, d in enumerate(position_shape)]
+        )
         self._positions = math.prod(self._position_shape)  # positions per probe
         self._device = torch.device(device)
         shape = (self._pool_size, *self._position_shape)
@@ -81,7 +87,7 @@ class ConsensusMemory:
         # the round that wrote each probe, and the positions held per probe
         self._stamps = torch.full((self._pool_size,), -1, dtype=i64, device=dev)
         self._held = torch.zeros(self._pool_size, dtype=i64, device=dev)
-        self._round = -1                                    # latest update's round
+        self._round = -1  # latest update's round
 
     # ---- facts ----------------------------------------------------------------
     @property
@@ -110,9 +116,11 @@ class ConsensusMemory:
         return int(self._held.sum())
 
     def __repr__(self) -> str:
-        return (f"ConsensusMemory(pool_size={self._pool_size}, max_age={self._max_age}, "
-                f"position_shape={tuple(self._position_shape)}, held={len(self)}, "
-                f"round={self.round})")
+        return (
+            f"ConsensusMemory(pool_size={self._pool_size}, max_age={self._max_age}, "
+            f"position_shape={tuple(self._position_shape)}, held={len(self)}, "
+            f"round={self.round})"
+        )
 
     # ---- update -----------------------------------------------------------------
     def update(self, probe_indices: torch.Tensor, consensus: ConsensusLike, round: int) -> None:
@@ -135,8 +143,7 @@ class ConsensusMemory:
         """
         r = _int(round, "round", 0)
         if r < self._round:
-            raise ValueError(
-                f"round must not go backwards: got {r} after an update of round {self._round}")
+            raise ValueError(f"round must not go backwards: got {r} after an update of round {self._round}")
         idx = self._probe_indices(probe_indices, distinct=True)
         n = idx.numel()
         labels = getattr(consensus, "labels", None)
@@ -144,7 +151,8 @@ class ConsensusMemory:
         if not isinstance(labels, torch.Tensor) or not isinstance(keep, torch.Tensor):
             raise TypeError(
                 f"consensus must have tensor attributes labels and keep (a Consensus), got "
-                f"{type(consensus).__name__}")
+                f"{type(consensus).__name__}"
+            )
         if not _is_int_tensor(labels):
             raise TypeError(f"consensus.labels must be an integer tensor, got {labels.dtype}")
         if keep.dtype != torch.bool:
@@ -154,13 +162,14 @@ class ConsensusMemory:
             if t.shape != expected:
                 raise ValueError(
                     f"consensus.{name} must have shape [n, *position_shape] = {tuple(expected)} "
-                    f"for {n} probe_indices, got {tuple(t.shape)}")
+                    f"for {n} probe_indices, got {tuple(t.shape)}"
+                )
         labels = labels.to(device=self._device, dtype=torch.int64)
         if labels.numel() and int(labels.min()) < -1:
             i = int(torch.nonzero(labels.reshape(-1) < -1)[0])
             raise ValueError(
-                f"consensus.labels{_position(i, expected)} = {int(labels.reshape(-1)[i])} "
-                f"is below -1")
+                f"consensus.labels{_position(i, expected)} = {int(labels.reshape(-1)[i])} is below -1"
+            )
         # Each step is one pass over the n rows (a full pool of 10^5 x 64 takes
         # tens of milliseconds; a round's subset a few).
         valid = keep.to(self._device) & (labels >= 0)
@@ -182,8 +191,9 @@ class ConsensusMemory:
             self._held[rows] = 0
             self._stamps[rows] = -1
 
-    def _probe_indices(self, probe_indices: torch.Tensor, *, distinct: bool,
-                       name: str = "probe_indices") -> torch.Tensor:
+    def _probe_indices(
+        self, probe_indices: torch.Tensor, *, distinct: bool, name: str = "probe_indices"
+    ) -> torch.Tensor:
         if not isinstance(probe_indices, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(probe_indices).__name__}")
         if not _is_int_tensor(probe_indices):
@@ -196,8 +206,7 @@ class ConsensusMemory:
         outside = (idx < 0) | (idx >= self._pool_size)
         if bool(outside.any()):
             i = int(torch.nonzero(outside)[0])
-            raise ValueError(
-                f"{name}[{i}] = {int(idx[i])} is outside the pool 0..{self._pool_size - 1}")
+            raise ValueError(f"{name}[{i}] = {int(idx[i])} is outside the pool 0..{self._pool_size - 1}")
         if distinct:
             ordered = torch.sort(idx).values
             repeated = ordered[1:] == ordered[:-1]
@@ -238,13 +247,13 @@ class ConsensusMemory:
                 self._labels[mask] = -1
                 per_probe = mask.reshape(self._pool_size, self._positions)
                 rows = torch.nonzero(per_probe.any(1)).flatten()
-                self._held[rows] = (self._labels[rows] >= 0).reshape(
-                    rows.numel(), self._positions).sum(1)
+                self._held[rows] = (self._labels[rows] >= 0).reshape(rows.numel(), self._positions).sum(1)
                 return before - len(self)
             if mask.shape != (self._pool_size,):
                 raise ValueError(
                     f"which must be a bool mask of shape {(self._pool_size,)} or "
-                    f"{tuple(full)}, got {tuple(mask.shape)}")
+                    f"{tuple(full)}, got {tuple(mask.shape)}"
+                )
             rows = torch.nonzero(mask).flatten()
         else:
             rows = self._probe_indices(which, distinct=False, name="which")
@@ -291,12 +300,10 @@ class ConsensusMemory:
         if missing or unknown:
             raise ValueError(f"state: missing keys {missing}, unknown keys {unknown}")
         if state["version"] != _STATE_VERSION:
-            raise ValueError(
-                f"state['version'] is {state['version']!r}; this code reads {_STATE_VERSION}")
+            raise ValueError(f"state['version'] is {state['version']!r}; this code reads {_STATE_VERSION}")
         pool = _int(state["pool_size"], "state['pool_size']", 0)
         shape_t = state["position_shape"]
-        if not isinstance(shape_t, torch.Tensor) or shape_t.dtype != torch.int64 \
-                or shape_t.dim() != 1:
+        if not isinstance(shape_t, torch.Tensor) or shape_t.dtype != torch.int64 or shape_t.dim() != 1:
             raise TypeError("state['position_shape'] must be a 1-D int64 tensor")
         max_age = _int(state["max_age"], "state['max_age']", 0)
         r = _int(state["round"], "state['round']", -1)
@@ -305,15 +312,15 @@ class ConsensusMemory:
         if mine != theirs:
             raise ValueError(
                 f"state is for (pool_size, position_shape, max_age) = {theirs} (0 = no "
-                f"max_age), but this memory has {mine}")
+                f"max_age), but this memory has {mine}"
+            )
         labels, stamps = state["labels"], state["stamps"]
         full = torch.Size([pool, *self._position_shape])
         for name, t, shape in (("labels", labels, full), ("stamps", stamps, (pool,))):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
                 raise TypeError(f"state['{name}'] must be an int64 tensor")
             if t.shape != shape:
-                raise ValueError(
-                    f"state['{name}'] must have shape {tuple(shape)}, got {tuple(t.shape)}")
+                raise ValueError(f"state['{name}'] must have shape {tuple(shape)}, got {tuple(t.shape)}")
         labels = labels.to(self._device).clone()
         stamps = stamps.to(self._device).clone()
         if labels.numel() and int(labels.min()) < -1:

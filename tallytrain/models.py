@@ -6,6 +6,7 @@ the template through ``torch.func.functional_call``. Parameters are created by
 :func:`init_params` from an explicit ``torch.Generator`` (never the global
 RNG), with PyTorch's default initialisation rules.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,14 @@ class CNN(nn.Module):
         super().__init__()
         c1, c2 = max(hidden // 4, 4), max(hidden // 2, 8)
         self.features = nn.Sequential(
-            nn.Conv2d(channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+            nn.Conv2d(channels, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(4 * c2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +60,7 @@ class CNN(nn.Module):
 def _mlp(depth: int) -> Callable[..., nn.Module]:
     def make(input_shape: Tuple[int, ...], num_classes: int, hidden: int) -> nn.Module:
         return MLP(math.prod(input_shape), num_classes, hidden, depth)
+
     return make
 
 
@@ -60,12 +68,13 @@ def _cnn(input_shape: Tuple[int, ...], num_classes: int, hidden: int) -> nn.Modu
     if len(input_shape) != 3 or min(input_shape[1:]) < 2:
         raise ValueError(
             f"arch 'cnn' needs image inputs [channels, height, width] of at least 2x2, got "
-            f"input shape {tuple(input_shape)}; use an MLP arch for this dataset")
+            f"input shape {tuple(input_shape)}; use an MLP arch for this dataset"
+        )
     return CNN(input_shape[0], num_classes, hidden)
 
 
 ARCHS: Dict[str, Callable[..., nn.Module]] = {
-    "mlp": _mlp(2),   # two hidden layers
+    "mlp": _mlp(2),  # two hidden layers
     "mlp1": _mlp(1),  # one hidden layer: a weaker peer for mixed populations
     "cnn": _cnn,
 }
@@ -102,7 +111,8 @@ def init_params(model: nn.Module, generator: torch.Generator) -> Dict[str, torch
         if mod.bias is not None:
             bound = 1.0 / math.sqrt(fan_in)
             params[f"{mod_name}.bias"] = torch.empty(mod.bias.shape).uniform_(
-                -bound, bound, generator=generator)
+                -bound, bound, generator=generator
+            )
     missing = set(dict(model.named_parameters())) - set(params)
     if missing:
         raise TypeError(f"init_params does not know how to initialise {sorted(missing)}")
@@ -173,12 +183,10 @@ class TransformerLM(nn.Module):
     token embedding (it halves the parameters at V = 4,096 and width 128, and
     every parameter is shipped by the parameter-averaging baselines)."""
 
-    def __init__(self, vocab_size: int, context: int, width: int = 128, layers: int = 2,
-                 heads: int = 4):
+    def __init__(self, vocab_size: int, context: int, width: int = 128, layers: int = 2, heads: int = 4):
         super().__init__()
         if width % heads:
-            raise ValueError(f"arch 'lm': hidden ({width}) must be a multiple of its {heads} "
-                             f"attention heads")
+            raise ValueError(f"arch 'lm': hidden ({width}) must be a multiple of its {heads} attention heads")
         self.layers = layers
         self.positions_per_sample = context  # one next-token prediction per input token
         self.token = nn.Embedding(vocab_size, width)
@@ -187,7 +195,7 @@ class TransformerLM(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.token(tokens) + self.position[:tokens.shape[-1]]
+        h = self.token(tokens) + self.position[: tokens.shape[-1]]
         for block in self.blocks:
             h = block(h)
         return F.linear(self.norm(h), self.token.weight)
@@ -199,8 +207,12 @@ class TransformerLM(nn.Module):
         residual stream N(0, 0.02 / sqrt(2 * layers)) so that its variance
         does not grow with depth, biases 0, LayerNorm gains 1."""
         residual_std = 0.02 / math.sqrt(2 * self.layers)
-        residual = {f"{n}.weight" for n, m in self.named_modules()
-                    if isinstance(m, CausalBlock) for n in (f"{n}.proj", f"{n}.out")}
+        residual = {
+            f"{n}.weight"
+            for n, m in self.named_modules()
+            if isinstance(m, CausalBlock)
+            for n in (f"{n}.proj", f"{n}.out")
+        }
         gains = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.LayerNorm)}
         params = {}
         for name, p in self.named_parameters():
@@ -223,7 +235,8 @@ def _lm(input_shape: Tuple[int, ...], num_classes: int, hidden: int) -> nn.Modul
     if len(input_shape) != 1 or input_shape[0] < 1:
         raise ValueError(
             f"arch 'lm' needs token windows of shape (context,), got input shape "
-            f"{tuple(input_shape)}; use it with a text dataset (pytext)")
+            f"{tuple(input_shape)}; use it with a text dataset (pytext)"
+        )
     return TransformerLM(num_classes, input_shape[0], hidden, LM_LAYERS, LM_HEADS)
 
 

@@ -4,6 +4,7 @@ Every file is written atomically (a temporary file in the same folder, then
 ``os.replace``), so an interrupted run never leaves a half-written file.
 Plots use matplotlib's Agg backend (no display needed).
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,7 @@ def summarize(results: Mapping[str, Sequence[Mapping]]) -> dict:
         if all(p is not None for p in ppl):  # sequence tasks
             ppl_a = np.array(ppl, dtype=np.float64)
             methods[name]["final_perplexity_mean"] = float(ppl_a.mean())
-            methods[name]["final_perplexity_std"] = float(ppl_a.std(ddof=1)) if len(ppl_a) > 1 \
-                else None
+            methods[name]["final_perplexity_std"] = float(ppl_a.std(ddof=1)) if len(ppl_a) > 1 else None
     return {"methods": methods}
 
 
@@ -93,8 +93,11 @@ def summary_table(summary: Mapping, reference: str = "softlabel") -> str:
     methods = summary["methods"]
     ref = methods.get(reference)
     ppl = all("final_perplexity_mean" in m for m in methods.values())
-    head = ["method", "accuracy (mean ± std)"] + (["perplexity (mean ± std)"] if ppl else []) \
+    head = (
+        ["method", "accuracy (mean ± std)"]
+        + (["perplexity (mean ± std)"] if ppl else [])
         + ["uplink bytes", "total bytes"]
+    )
     if ref:
         head += [f"uplink / {reference}", f"total / {reference}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -102,12 +105,15 @@ def summary_table(summary: Mapping, reference: str = "softlabel") -> str:
         cells = [name, mean_and_spread(m["final_accuracy_mean"], m["final_accuracy_std"])]
         if ppl:
             spread = m["final_perplexity_std"]
-            cells.append(f"{m['final_perplexity_mean']:.1f} ± "
-                         + ("–" if spread is None else f"{spread:.1f}"))
+            cells.append(
+                f"{m['final_perplexity_mean']:.1f} ± " + ("–" if spread is None else f"{spread:.1f}")
+            )
         cells += [f"{m['uplink_bytes']:,}", f"{m['total_bytes']:,}"]
         if ref:
-            cells += [_ratio(m["uplink_bytes"], ref["uplink_bytes"]),
-                      _ratio(m["total_bytes"], ref["total_bytes"])]
+            cells += [
+                _ratio(m["uplink_bytes"], ref["uplink_bytes"]),
+                _ratio(m["total_bytes"], ref["total_bytes"]),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -125,8 +131,13 @@ def phase_table(summary: Mapping) -> str:
         ps = m["phase_seconds"]
         total = sum(ps.values())
         share = ps.get("ops", 0.0) / total if total else 0.0
-        lines.append("| " + " | ".join([name] + [f"{ps.get(k, 0.0):.2f}" for k in phases]
-                                       + [f"{total:.2f}", f"{100 * share:.2f}%"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [name] + [f"{ps.get(k, 0.0):.2f}" for k in phases] + [f"{total:.2f}", f"{100 * share:.2f}%"]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -144,8 +155,10 @@ def _ratio(a: int, b: int) -> str:
 # --------------------------------------------------------------------------- #
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -158,8 +171,7 @@ def _curves(rows: Sequence[Mapping], key: str):
     for method, seeds in by.items():
         rounds = sorted(set.intersection(*(set(s) for s in seeds.values())))
         vals = np.array([[seeds[s][t][key] for t in rounds] for s in seeds], dtype=np.float64)
-        cum = np.array([[seeds[s][t]["cum_bytes"] for t in rounds] for s in seeds],
-                       dtype=np.float64)
+        cum = np.array([[seeds[s][t]["cum_bytes"] for t in rounds] for s in seeds], dtype=np.float64)
         out[method] = (np.array(rounds) + 1, vals.mean(0), vals.std(0), cum.mean(0))
     return out
 
@@ -173,6 +185,7 @@ def _method_colors(methods: Sequence[str]) -> Dict[str, str]:
     palette = [f"C{i}" for i in range(10)]
     if len(methods) > 10:
         import matplotlib
+
         tab20 = matplotlib.colormaps["tab20"]
         assert isinstance(tab20, matplotlib.colors.ListedColormap)
         rgb = cast(Sequence[Tuple[float, float, float]], tab20.colors)  # tab20 lists RGB tuples
@@ -194,9 +207,11 @@ def _styles(rows: Sequence[Mapping]) -> Dict[str, dict]:
     styles = {}
     for label in labels:
         k = seen[method_of[label]] = seen.get(method_of[label], -1) + 1
-        styles[label] = {"color": colors[method_of[label]],
-                         "linestyle": _LINESTYLES[k % len(_LINESTYLES)],
-                         "marker": _MARKERS[k % len(_MARKERS)]}
+        styles[label] = {
+            "color": colors[method_of[label]],
+            "linestyle": _LINESTYLES[k % len(_LINESTYLES)],
+            "marker": _MARKERS[k % len(_MARKERS)],
+        }
     return styles
 
 
@@ -208,13 +223,19 @@ def _label(row: Mapping) -> str:
 def _legend_outside(ax, count: int) -> None:
     """The legend right of the axes, where it covers neither the title nor
     the data, in columns of at most 20 entries."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
-              fontsize=7 if count > 8 else 8, ncol=max(1, math.ceil(count / 20)))
+    ax.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0.0,
+        fontsize=7 if count > 8 else 8,
+        ncol=max(1, math.ceil(count / 20)),
+    )
 
 
 def plot_accuracy_vs_round(rows: Sequence[Mapping], path: str, title: str = "") -> None:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
+
     styles = _styles(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, (x, mean, std, _) in _curves(rows, "accuracy").items():
@@ -230,9 +251,13 @@ def plot_accuracy_vs_round(rows: Sequence[Mapping], path: str, title: str = "") 
     plt.close(fig)
 
 
-def plot_accuracy_vs_bytes(rows: Sequence[Mapping], path: str, title: str = "",
-                           key: str = "accuracy",
-                           ylabel: str = "test accuracy (mean over seeds)") -> None:
+def plot_accuracy_vs_bytes(
+    rows: Sequence[Mapping],
+    path: str,
+    title: str = "",
+    key: str = "accuracy",
+    ylabel: str = "test accuracy (mean over seeds)",
+) -> None:
     """Accuracy (or another metric, ``key``) against cumulative bytes (log x).
     A method that sends nothing (local) cannot sit on a log axis: it is drawn
     as a dashed horizontal line at its final value."""
@@ -246,8 +271,13 @@ def plot_accuracy_vs_bytes(rows: Sequence[Mapping], path: str, title: str = "",
             continue
         ax.plot(cum, mean, label=method, markersize=2.5, **styles[method])
     for method, acc in silent:
-        ax.axhline(acc, linestyle="--", color=styles[method]["color"], linewidth=1,
-                   label=f"{method} (no communication)")
+        ax.axhline(
+            acc,
+            linestyle="--",
+            color=styles[method]["color"],
+            linewidth=1,
+            label=f"{method} (no communication)",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("cumulative bytes, all peers (log scale)")
     ax.set_ylabel(ylabel)
@@ -270,12 +300,21 @@ def _place_labels(ax, points: Sequence[tuple], fontsize: float) -> None:
     for x, y, text, color in points:
         best, best_overlap = None, None
         for dx, dy in offsets:
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
-                              fontsize=fontsize, color=color,
-                              ha="left" if dx >= 0 else "right")
+            ann = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=fontsize,
+                color=color,
+                ha="left" if dx >= 0 else "right",
+            )
             box = ann.get_window_extent(renderer)
-            overlap = sum(max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0))
-                          * max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0)) for b in placed)
+            overlap = sum(
+                max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0))
+                * max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0))
+                for b in placed
+            )
             if best is None or overlap < best_overlap:
                 if best is not None:
                     best.remove()
@@ -300,19 +339,39 @@ def plot_pareto(points: Sequence[Mapping], path: str, title: str = "") -> None:
     for i, method in enumerate(methods):
         mine = [p for p in points if p["method"] == method and p["total_bytes"] > 0]
         spread = [p["final_accuracy_std"] for p in mine]
-        ax.errorbar([p["total_bytes"] for p in mine], [p["final_accuracy_mean"] for p in mine],
-                    yerr=None if all(s is None for s in spread) else
-                    [0.0 if s is None else s for s in spread],
-                    fmt=_MARKERS[i % len(_MARKERS)], color=colors[method], label=method,
-                    markersize=5, capsize=2, linewidth=1)
-        labels += [(p["total_bytes"], p["final_accuracy_mean"],
-                    p["setting"].replace("every ", "/").replace(" rounds", "r")
-                    .replace(" round", "r"), colors[method]) for p in mine]
-    front = sorted((p for p in points if p.get("on_frontier") and p["total_bytes"] > 0),
-                   key=lambda p: p["total_bytes"])
+        ax.errorbar(
+            [p["total_bytes"] for p in mine],
+            [p["final_accuracy_mean"] for p in mine],
+            yerr=None if all(s is None for s in spread) else [0.0 if s is None else s for s in spread],
+            fmt=_MARKERS[i % len(_MARKERS)],
+            color=colors[method],
+            label=method,
+            markersize=5,
+            capsize=2,
+            linewidth=1,
+        )
+        labels += [
+            (
+                p["total_bytes"],
+                p["final_accuracy_mean"],
+                p["setting"].replace("every ", "/").replace(" rounds", "r").replace(" round", "r"),
+                colors[method],
+            )
+            for p in mine
+        ]
+    front = sorted(
+        (p for p in points if p.get("on_frontier") and p["total_bytes"] > 0), key=lambda p: p["total_bytes"]
+    )
     if front:
-        ax.step([p["total_bytes"] for p in front], [p["final_accuracy_mean"] for p in front],
-                where="post", color="black", linewidth=1, alpha=0.6, label="frontier")
+        ax.step(
+            [p["total_bytes"] for p in front],
+            [p["final_accuracy_mean"] for p in front],
+            where="post",
+            color="black",
+            linewidth=1,
+            alpha=0.6,
+            label="frontier",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("total bytes, all peers and rounds (log scale)")
     ax.set_ylabel("final test accuracy (mean ± std over seeds)")
@@ -336,8 +395,15 @@ def plot_partition(class_counts: np.ndarray, path: str, title: str = "") -> None
         top = counts.max() or 1
         for p in range(peers):
             for c in range(classes):
-                ax.text(c, p, str(counts[p, c]), ha="center", va="center", fontsize=6,
-                        color="white" if counts[p, c] < 0.6 * top else "black")
+                ax.text(
+                    c,
+                    p,
+                    str(counts[p, c]),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if counts[p, c] < 0.6 * top else "black",
+                )
     ax.set_xlabel("class")
     ax.set_ylabel("peer")
     ax.set_title(title or "samples per peer and class")

@@ -5,6 +5,7 @@ stream of its own, independent of every other and of the order of draws.
 A leaf module (numpy only), so that data, models, methods and the round loop
 all take their stream numbers from one place without importing each other.
 """
+
 from __future__ import annotations
 
 import numpy as np

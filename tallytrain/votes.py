@@ -6,6 +6,7 @@ the peer may abstain (symbol C). :class:`Votes` keeps the packed stream
 together with what is needed to read it (the leading shape, C and whether
 the stream has the abstain symbol), so nobody passes those twice.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,9 @@ class Votes:
     num_classes: int
     abstain: bool
 
-    def __init__(self, packed: torch.Tensor, shape: Sequence[int], num_classes: int,
-                 abstain: bool = False) -> None:
+    def __init__(
+        self, packed: torch.Tensor, shape: Sequence[int], num_classes: int, abstain: bool = False
+    ) -> None:
         if not isinstance(packed, torch.Tensor):
             raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
         if packed.dtype != torch.uint8:
@@ -87,7 +89,8 @@ class Votes:
         if packed.numel() != need:
             raise ValueError(
                 f"packed must hold packed_size(n={n}, num_symbols={symbols}) = {need} bytes "
-                f"for votes of shape {tuple(dims)}, got {packed.numel()}")
+                f"for votes of shape {tuple(dims)}, got {packed.numel()}"
+            )
         object.__setattr__(self, "packed", packed)
         object.__setattr__(self, "shape", dims)
         object.__setattr__(self, "num_classes", c)
@@ -117,8 +120,7 @@ class Votes:
 
     # ---- labels -----------------------------------------------------------------
     @classmethod
-    def from_labels(cls, labels: torch.Tensor, num_classes: int, *,
-                    abstain: bool = False) -> "Votes":
+    def from_labels(cls, labels: torch.Tensor, num_classes: int, *, abstain: bool = False) -> "Votes":
         """Votes from class indices rather than logits.
 
         Args:
@@ -149,8 +151,8 @@ class Votes:
                 i = int(torch.nonzero(bad)[0])
                 hint = "" if abstain or int(flat[i]) != -1 else " (-1 needs abstain=True)"
                 raise ValueError(
-                    f"labels{_position(i, labels.shape)} = {int(flat[i])} is outside "
-                    f"{low}..{c - 1}{hint}")
+                    f"labels{_position(i, labels.shape)} = {int(flat[i])} is outside {low}..{c - 1}{hint}"
+                )
         if abstain:
             flat = torch.where(flat < 0, c, flat)
         packed = ops.pack_labels(flat, c + 1 if abstain else c)
@@ -171,8 +173,15 @@ class Votes:
         any other shape adds a SHAPE section of ``1 + 4 * len(shape)`` bytes.
         ``round`` and ``sender`` go into the header (each in ``0..2**32-1``).
         """
-        return wire.encode_votes(self.packed, self.n, self.num_classes, abstain=self.abstain,
-                                 shape=self.shape, round=round, sender=sender)
+        return wire.encode_votes(
+            self.packed,
+            self.n,
+            self.num_classes,
+            abstain=self.abstain,
+            shape=self.shape,
+            round=round,
+            sender=sender,
+        )
 
     @classmethod
     def from_bytes(cls, data: Union[bytes, bytearray, memoryview]) -> "Votes":
@@ -191,22 +200,28 @@ class Votes:
         """Equal when shape, C, abstention and every packed byte are equal."""
         if not isinstance(other, Votes):
             return NotImplemented
-        return (self.shape == other.shape and self.num_classes == other.num_classes
-                and self.abstain == other.abstain
-                and self.packed.device == other.packed.device
-                and torch.equal(self.packed, other.packed))
+        return (
+            self.shape == other.shape
+            and self.num_classes == other.num_classes
+            and self.abstain == other.abstain
+            and self.packed.device == other.packed.device
+            and torch.equal(self.packed, other.packed)
+        )
 
     def __repr__(self) -> str:
-        return (f"Votes(shape={tuple(self.shape)}, num_classes={self.num_classes}, "
-                f"abstain={self.abstain}, bytes={self.packed.numel()}, "
-                f"device={self.packed.device})")
+        return (
+            f"Votes(shape={tuple(self.shape)}, num_classes={self.num_classes}, "
+            f"abstain={self.abstain}, bytes={self.packed.numel()}, "
+            f"device={self.packed.device})"
+        )
 
     def __reduce__(self):
         return (Votes, (self.packed, tuple(self.shape), self.num_classes, self.abstain))
 
 
-def vote(logits: torch.Tensor, *, abstain_below: Optional[float] = None,
-         mask: Optional[torch.Tensor] = None) -> Votes:
+def vote(
+    logits: torch.Tensor, *, abstain_below: Optional[float] = None, mask: Optional[torch.Tensor] = None
+) -> Votes:
     """Each position's argmax class, packed: one peer's votes.
 
     Args:
@@ -244,8 +259,7 @@ def vote(logits: torch.Tensor, *, abstain_below: Optional[float] = None,
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 2:
-        raise ValueError(
-            f"logits must be [..., C] with C >= 2 classes, got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must be [..., C] with C >= 2 classes, got shape {tuple(logits.shape)}")
     c = logits.shape[-1]
     leading = logits.shape[:-1]
     if mask is not None:
@@ -255,12 +269,11 @@ def vote(logits: torch.Tensor, *, abstain_below: Optional[float] = None,
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
         if mask.shape != leading:
             raise ValueError(
-                f"mask must have the logits' leading shape {tuple(leading)}, got "
-                f"{tuple(mask.shape)}")
+                f"mask must have the logits' leading shape {tuple(leading)}, got {tuple(mask.shape)}"
+            )
     if abstain_below is not None:
         if isinstance(abstain_below, bool) or not isinstance(abstain_below, numbers.Real):
-            raise TypeError(
-                f"abstain_below must be a float, got {type(abstain_below).__name__}")
+            raise TypeError(f"abstain_below must be a float, got {type(abstain_below).__name__}")
         if not 0.0 <= abstain_below <= 1.0:  # also rejects NaN
             raise ValueError(f"abstain_below must be in [0, 1], got {abstain_below}")
     rows = logits.detach().reshape(-1, c)

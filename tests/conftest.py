@@ -19,6 +19,7 @@ data/, api/; each area's own fixtures are in its conftest.py).
 - ``one_thread``: torch on one intra-op thread from the first test of a
   module that asks for it to the end of that module (autouse in fl/).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,10 +37,14 @@ from tallytrain.ops import reference
 
 DEVICE_PARAMS = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    ]),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ],
+    ),
 ]
 SIMT_PARAM = pytest.param("simt", id="simt", marks=pytest.mark.simt)
 
@@ -52,10 +57,15 @@ FLOAT_DTYPE_PARAMS = [
 
 def pytest_report_header(config):
     info = tallytrain.ops.backend_info()
-    level = (f"CPU level {info['cpu_level']} of {', '.join(info['cpu_levels'])}"
-             if info["cpu_level"] else "no CPU level (the reference serves the CPU)")
-    return [f"tallytrain: backend {info['mode']}, {level}; {info['cpu_model']}; "
-            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"]
+    level = (
+        f"CPU level {info['cpu_level']} of {', '.join(info['cpu_levels'])}"
+        if info["cpu_level"]
+        else "no CPU level (the reference serves the CPU)"
+    )
+    return [
+        f"tallytrain: backend {info['mode']}, {level}; {info['cpu_model']}; "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    ]
 
 
 def pytest_generate_tests(metafunc):

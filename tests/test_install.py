@@ -3,6 +3,7 @@ build stops with one line that names the cause and TALLYTRAIN_BUILD_EXT=0,
 never a traceback (setup.py). Each case builds a copy of the sources in a
 temporary folder with a compiler that cannot work, so it fails within
 seconds, before anything compiles."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,11 @@ def source_copy(tmp_path: Path) -> Path:
     for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, target / name)
     shutil.copytree(ROOT / "csrc", target / "csrc")
-    shutil.copytree(ROOT / "tallytrain", target / "tallytrain",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "_C.build.json"))
+    shutil.copytree(
+        ROOT / "tallytrain",
+        target / "tallytrain",
+        ignore=shutil.ignore_patterns("__pycache__", "*.so", "_C.build.json"),
+    )
     return target
 
 
@@ -35,14 +39,24 @@ def build_env(cxx: str) -> dict:
     return dict(os.environ, CXX=cxx, FORCE_CUDA="0", TALLYTRAIN_BUILD_EXT="1")
 
 
-@pytest.mark.parametrize("cxx,cause", [
-    ("/bin/false", "the C++ compiler '/bin/false' cannot build a test program"),
-    ("/nonexistent/c++", "no C++ compiler: '/nonexistent/c++'"),
-], ids=["broken-compiler", "no-compiler"])
+@pytest.mark.parametrize(
+    "cxx,cause",
+    [
+        ("/bin/false", "the C++ compiler '/bin/false' cannot build a test program"),
+        ("/nonexistent/c++", "no C++ compiler: '/nonexistent/c++'"),
+    ],
+    ids=["broken-compiler", "no-compiler"],
+)
 def test_build_without_a_working_compiler_stops_with_one_line(tmp_path, cxx, cause):
     src = source_copy(tmp_path)
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext"], cwd=src,
-                          env=build_env(cxx), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext"],
+        cwd=src,
+        env=build_env(cxx),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(LINE + cause), proc.stderr
@@ -54,10 +68,24 @@ def test_build_without_a_working_compiler_stops_with_one_line(tmp_path, cxx, cau
 def test_pip_install_without_a_working_compiler_shows_the_line(tmp_path):
     """What a user of `pip install` sees: pip's report ends with our line."""
     src = source_copy(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation",
-                           "--no-deps", "--no-index", "-w", str(tmp_path / "wheels"), str(src)],
-                          env=build_env("/bin/false"), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "-w",
+            str(tmp_path / "wheels"),
+            str(src),
+        ],
+        env=build_env("/bin/false"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert LINE in output and "TALLYTRAIN_BUILD_EXT=0" in output, output

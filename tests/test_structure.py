@@ -1,6 +1,7 @@
 """The package's structure: its import graph has no cycle (imports inside
 functions count), the engine does not import the application, and the
 random streams have one home."""
+
 from __future__ import annotations
 
 import ast
@@ -21,7 +22,7 @@ def modules() -> Dict[str, str]:
             if name.endswith(".py"):
                 path = os.path.join(base, name)
                 dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-                out[dotted[:-len(".__init__")] if dotted.endswith(".__init__") else dotted] = path
+                out[dotted[: -len(".__init__")] if dotted.endswith(".__init__") else dotted] = path
     return out
 
 
@@ -52,10 +53,16 @@ def import_graph() -> Dict[str, Set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = (".".join(here[:len(here) - node.level + 1] + [node.module or ""])
-                        .rstrip(".") if node.level else node.module or "")
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
-                           for a in node.names if f"{base}.{a.name}" not in compiled]
+                base = (
+                    ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).rstrip(".")
+                    if node.level
+                    else node.module or ""
+                )
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+                    for a in node.names
+                    if f"{base}.{a.name}" not in compiled
+                ]
             for target in targets:
                 while target and target not in mods and "." in target:
                     target = target.rsplit(".", 1)[0]
@@ -116,8 +123,7 @@ def test_the_package_import_graph_has_no_cycle():
     assert cycles(import_graph()) == []
 
 
-@pytest.mark.parametrize("engine", ["tallytrain.fl", "tallytrain.data", "tallytrain.ops",
-                                    "tallytrain.comm"])
+@pytest.mark.parametrize("engine", ["tallytrain.fl", "tallytrain.data", "tallytrain.ops", "tallytrain.comm"])
 def test_the_engine_does_not_import_the_application(engine):
     graph = import_graph()
     app = {m for m in graph if m.startswith(("tallytrain.app", "tallytrain.cli"))}
@@ -128,15 +134,27 @@ def test_the_engine_does_not_import_the_application(engine):
 
 def test_random_stream_numbers_are_distinct_and_defined_once():
     from tallytrain import streams
+
     numbers = {name: value for name, value in vars(streams).items() if name.endswith("_STREAM")}
     assert len(numbers) >= 10 and len(set(numbers.values())) == len(numbers)
     for mod, path in modules().items():
         if mod == "tallytrain.streams":
             continue
         tree = ast.parse(open(path, encoding="utf-8").read())
-        assigned = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                    for t in node.targets if isinstance(t, ast.Name)}
-        assigned |= {e.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                     for t in node.targets if isinstance(t, ast.Tuple)
-                     for e in t.elts if isinstance(e, ast.Name)}
+        assigned = {
+            t.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
+        assigned |= {
+            e.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Tuple)
+            for e in t.elts
+            if isinstance(e, ast.Name)
+        }
         assert not {n for n in assigned if n.endswith("_STREAM")}, mod

@@ -8,6 +8,7 @@ fraction and accuracy (what peers distill on), the share of abstentions
 (what peers vouch for); ablation.md tabulates them at the last round, and
 ablation.png draws them round by round.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,32 +27,36 @@ REFERENCE = "softlabel"
 
 #: label -> (what is off, the overrides that turn it off)
 ABLATIONS: Dict[str, tuple] = {
-    "no-memory": ("consensus memory: only the latest round's consensus",
-                  {"protocol": {"memory_max_age": 1}}),
-    "no-support": ("support-aware abstention (by label and by input)",
-                   {"protocol": {"support_min": 0, "support_radius": None}}),
-    "no-radius": ("the input-space support radius (the label test stays)",
-                  {"protocol": {"support_radius": None}}),
-    "no-local-votes": ("votes from local-only models: votes from the distilled models",
-                       {"protocol": {"votes_from": "distilled"}}),
-    "no-threshold": ("the probability threshold of abstention",
-                     {"protocol": {"abstain_below": None}}),
-    "no-reputation": ("reputation weights: every peer weighs 1",
-                      {"protocol": {"reputation": False}}),
-    "no-schedule": ("the distillation schedule: a fixed distillation batch",
-                    {"train": {"distill_epochs": 0.0}}),
+    "no-memory": ("consensus memory: only the latest round's consensus", {"protocol": {"memory_max_age": 1}}),
+    "no-support": (
+        "support-aware abstention (by label and by input)",
+        {"protocol": {"support_min": 0, "support_radius": None}},
+    ),
+    "no-radius": (
+        "the input-space support radius (the label test stays)",
+        {"protocol": {"support_radius": None}},
+    ),
+    "no-local-votes": (
+        "votes from local-only models: votes from the distilled models",
+        {"protocol": {"votes_from": "distilled"}},
+    ),
+    "no-threshold": ("the probability threshold of abstention", {"protocol": {"abstain_below": None}}),
+    "no-reputation": ("reputation weights: every peer weighs 1", {"protocol": {"reputation": False}}),
+    "no-schedule": (
+        "the distillation schedule: a fixed distillation batch",
+        {"train": {"distill_epochs": 0.0}},
+    ),
 }
-COLUMNS = ("consensus_acc", "kept_fraction", "memory_fraction", "memory_acc", "abstained",
-           "classes_covered")
+COLUMNS = ("consensus_acc", "kept_fraction", "memory_fraction", "memory_acc", "abstained", "classes_covered")
 ABLATION_TABLE, ABLATION_JSON, ABLATION_PLOT = "ablation.md", "ablation.json", "ablation.png"
 
 
 def ablate_config(base: RunConfig, seeds: Sequence[int]) -> CompareConfig:
     labels = [RECIPE] + [f"{RECIPE}-{name}" for name in ABLATIONS] + [REFERENCE]
-    settings = {f"{RECIPE}-{name}": {"method": RECIPE, **overrides}
-                for name, (_, overrides) in ABLATIONS.items()}
-    return CompareConfig(methods=tuple(labels), seeds=tuple(seeds), base=base,
-                         settings=settings)
+    settings = {
+        f"{RECIPE}-{name}": {"method": RECIPE, **overrides} for name, (_, overrides) in ABLATIONS.items()
+    }
+    return CompareConfig(methods=tuple(labels), seeds=tuple(seeds), base=base, settings=settings)
 
 
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -70,29 +75,57 @@ def ablation_rows(summary: Mapping, rows: Sequence[Mapping]) -> List[dict]:
     recipe = summary["methods"][RECIPE]["final_accuracy_mean"]
     out = []
     for label, m in summary["methods"].items():
-        name = label[len(RECIPE) + 1:] if label.startswith(RECIPE + "-") else None
-        off = ABLATIONS[name][0] if name in ABLATIONS else (
-            "nothing (the default recipe)" if label == RECIPE else "reference, same schedule")
-        row = {"label": label, "off": off, "accuracy": m["final_accuracy_mean"],
-               "accuracy_std": m["final_accuracy_std"],
-               "change": m["final_accuracy_mean"] - recipe,
-               "uplink_bytes": m["uplink_bytes"]}
+        name = label[len(RECIPE) + 1 :] if label.startswith(RECIPE + "-") else None
+        off = (
+            ABLATIONS[name][0]
+            if name in ABLATIONS
+            else ("nothing (the default recipe)" if label == RECIPE else "reference, same schedule")
+        )
+        row = {
+            "label": label,
+            "off": off,
+            "accuracy": m["final_accuracy_mean"],
+            "accuracy_std": m["final_accuracy_std"],
+            "change": m["final_accuracy_mean"] - recipe,
+            "uplink_bytes": m["uplink_bytes"],
+        }
         row.update({k: _mean([r.get(k) for r in last[label]]) for k in COLUMNS})
         out.append(row)
     return out
 
 
 def ablation_table(rows: Sequence[Mapping]) -> str:
-    head = ["row", "off", "accuracy", "change", "consensus acc", "kept", "memory",
-            "memory acc", "abstained", "classes"]
+    head = [
+        "row",
+        "off",
+        "accuracy",
+        "change",
+        "consensus acc",
+        "kept",
+        "memory",
+        "memory acc",
+        "abstained",
+        "classes",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(v):
         return "–" if v is None else f"{v:.3f}"
+
     for r in rows:
-        lines.append("| " + " | ".join(
-            [r["label"], r["off"], report.mean_and_spread(r["accuracy"], r["accuracy_std"]),
-             f"{r['change']:+.3f}"] + [f(r[k]) for k in COLUMNS]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["label"],
+                    r["off"],
+                    report.mean_and_spread(r["accuracy"], r["accuracy_std"]),
+                    f"{r['change']:+.3f}",
+                ]
+                + [f(r[k]) for k in COLUMNS]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -109,8 +142,12 @@ def plot_ablation(rows: Sequence[Mapping], path: str, title: str = "") -> None:
             ys = [_mean([r.get(key) for r in rounds[x]]) for x in xs]
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pts:
-                ax.plot(*zip(*pts), label=label, lw=2.2 if label == RECIPE else 1.2,
-                        ls="--" if label == REFERENCE else "-")
+                ax.plot(
+                    *zip(*pts),
+                    label=label,
+                    lw=2.2 if label == RECIPE else 1.2,
+                    ls="--" if label == REFERENCE else "-",
+                )
         ax.set_title(key.replace("_", " "))
         ax.grid(alpha=0.3)
     for ax in axes[1]:
@@ -130,6 +167,9 @@ def run_ablate(cfg: CompareConfig, out: str, **options) -> List[dict]:
     report.write_text_atomic(os.path.join(out, ABLATION_TABLE), ablation_table(table))
     report.write_text_atomic(os.path.join(out, ABLATION_JSON), json.dumps(table, indent=2))
     d = cfg.base.data
-    plot_ablation(rows, os.path.join(out, ABLATION_PLOT),
-                  f"tallytrain ablations: {d.dataset}, {cfg.base.peers} peers, alpha {d.alpha}")
+    plot_ablation(
+        rows,
+        os.path.join(out, ABLATION_PLOT),
+        f"tallytrain ablations: {d.dataset}, {cfg.base.peers} peers, alpha {d.alpha}",
+    )
     return table

@@ -21,6 +21,7 @@ Nothing existing is overwritten unless ``overwrite`` (which replaces a
 previous run directory, and only a run directory) or ``resume`` (which checks
 that the stored config equals the requested one and continues it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,40 +57,46 @@ def option_fields() -> Dict[str, Tuple[Optional[str], dataclasses.Field]]:
     for top in dataclasses.fields(RunConfig):
         if top.name in ("method", "seed"):
             continue
-        default = (top.default_factory() if top.default_factory is not dataclasses.MISSING
-                   else top.default)
-        for section, f in ([(top.name, f) for f in dataclasses.fields(default)]
-                           if dataclasses.is_dataclass(default) else [(None, top)]):
+        default = top.default_factory() if top.default_factory is not dataclasses.MISSING else top.default
+        for section, f in (
+            [(top.name, f) for f in dataclasses.fields(default)]
+            if dataclasses.is_dataclass(default)
+            else [(None, top)]
+        ):
             if f.name in out:
-                raise RuntimeError(f"config field {f.name!r} appears twice; options are "
-                                   f"named by field, so names must be unique")
+                raise RuntimeError(
+                    f"config field {f.name!r} appears twice; options are "
+                    f"named by field, so names must be unique"
+                )
             out[f.name] = (section, f)
     return out
 
 
-def compare_config(methods: Sequence[str], seeds: Sequence[int],
-                   **options: Any) -> CompareConfig:
+def compare_config(methods: Sequence[str], seeds: Sequence[int], **options: Any) -> CompareConfig:
     """A CompareConfig from flat options named like the config fields
     (``peers=5, alpha=0.3, local_steps=10``), as ``tallytrain compare`` takes
     them; unnamed fields keep their defaults."""
     known = option_fields()
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; options are the fields of "
-                         f"the run configuration (tallytrain/fl/config.py)")
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)}; options are the fields of "
+            f"the run configuration (tallytrain/fl/config.py)"
+        )
     sections: Dict[str, Dict[str, Any]] = {}
     top: Dict[str, Any] = {}
     for name, value in options.items():
         section = known[name][0]
         (top if section is None else sections.setdefault(section, {}))[name] = value
     defaults = RunConfig()
-    built = {section: dataclasses.replace(getattr(defaults, section), **values)
-             for section, values in sections.items()}
+    built = {
+        section: dataclasses.replace(getattr(defaults, section), **values)
+        for section, values in sections.items()
+    }
     methods, seeds = tuple(methods), tuple(seeds)
     if not methods:
         raise ValueError("methods must name at least one method")
-    base = dataclasses.replace(defaults, method=methods[0], seed=seeds[0] if seeds else 0,
-                               **top, **built)
+    base = dataclasses.replace(defaults, method=methods[0], seed=seeds[0] if seeds else 0, **top, **built)
     settings = {}
     if BYTE_MATCHED in methods:
         settings[BYTE_MATCHED] = byte_matched_softlabel(base)
@@ -106,12 +113,12 @@ def byte_matched_softlabel(base: RunConfig) -> Dict[str, Any]:
     one). The sizes are those of the real messages (wire.*_message_bytes);
     the ledger then counts what the runs actually send."""
     from .. import wire
+
     num_classes = load_dataset(base.data).num_classes
     votes = wire.votes_message_bytes(base.protocol.probes_per_round, num_classes, abstain=True)
     per_probe = wire.soft_labels_message_bytes(1, num_classes, torch.float16) - wire.OVERHEAD
     probes = max(1, round((votes - wire.OVERHEAD) / per_probe))
-    return {"method": "softlabel",
-            "protocol": {"softlabel_dtype": "float16", "probes_per_round": probes}}
+    return {"method": "softlabel", "protocol": {"softlabel_dtype": "float16", "probes_per_round": probes}}
 
 
 class RunDirError(ValueError):
@@ -141,8 +148,9 @@ def _check_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> N
     cfg_path = os.path.join(out, CONFIG_FILE)
     if resume:
         if not os.path.isfile(cfg_path):
-            raise RunDirError(f"cannot resume: run directory {out} holds no {CONFIG_FILE} (is it "
-                              f"a run directory?)")
+            raise RunDirError(
+                f"cannot resume: run directory {out} holds no {CONFIG_FILE} (is it a run directory?)"
+            )
         stored = _read_json(cfg_path, "run config")
         try:
             stored_cfg = CompareConfig.from_dict(stored)
@@ -150,18 +158,23 @@ def _check_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> N
             raise RunDirError(f"cannot resume: {cfg_path} is not a valid config ({exc})") from exc
         diff = config_diff(stored_cfg.to_dict(), cfg.to_dict())
         if diff:
-            raise RunDirError(f"cannot resume run directory {out}: it was started with another "
-                              "configuration ("
-                              + "; ".join(diff) + "); rerun with the same options, or use "
-                              "another --out")
+            raise RunDirError(
+                f"cannot resume run directory {out}: it was started with another "
+                "configuration (" + "; ".join(diff) + "); rerun with the same options, or use "
+                "another --out"
+            )
         return
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
-            raise RunDirError(f"run directory {out} already exists and is not empty; pass "
-                              f"--resume to continue it or --overwrite to replace it")
+            raise RunDirError(
+                f"run directory {out} already exists and is not empty; pass "
+                f"--resume to continue it or --overwrite to replace it"
+            )
         if not os.path.isfile(cfg_path):
-            raise RunDirError(f"refusing to overwrite run directory {out}: it holds no "
-                              f"{CONFIG_FILE}, so it does not look like a tallytrain run directory")
+            raise RunDirError(
+                f"refusing to overwrite run directory {out}: it holds no "
+                f"{CONFIG_FILE}, so it does not look like a tallytrain run directory"
+            )
 
 
 def _make_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> None:
@@ -173,8 +186,14 @@ def _make_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> No
     report.write_json_atomic(os.path.join(out, CONFIG_FILE), cfg.to_dict())
 
 
-def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
-             progress: Union[Progress, _QueueProgress], name: str) -> dict:
+def _run_one(
+    cfg: RunConfig,
+    data: FederatedData,
+    run_dir: str,
+    resume: bool,
+    progress: Union[Progress, _QueueProgress],
+    name: str,
+) -> dict:
     """One run; ``name`` is its label in the comparison (the method's name,
     or the operating point's label)."""
     result_path = os.path.join(run_dir, "result.json")
@@ -201,26 +220,37 @@ def _run_one(cfg: RunConfig, data: FederatedData, run_dir: str, resume: bool,
     def on_round(f: Federation) -> None:
         save_checkpoint(f, ckpt)
         with f.timer("checkpoint"):
-            report.write_text_atomic(os.path.join(run_dir, METRICS_FILE),
-                                     report.metrics_jsonl(f.metrics))
-        progress.advance(f"{label} round {f.round}/{cfg.rounds}",
-                         run_finished=f.round == cfg.rounds)
+            report.write_text_atomic(os.path.join(run_dir, METRICS_FILE), report.metrics_jsonl(f.metrics))
+        progress.advance(f"{label} round {f.round}/{cfg.rounds}", run_finished=f.round == cfg.rounds)
 
     fed.run(on_round)
-    report.write_text_atomic(os.path.join(run_dir, COMM_FILE),
-                             fed.ledger.to_csv({"method": name, "seed": cfg.seed}))
-    result = {"config": cfg.to_dict(), "final_accuracy": fed.metrics[-1]["accuracy"],
-              "totals": fed.ledger.totals(), "phase_seconds": dict(fed.timer.seconds),
-              "adversarial_peers": np.flatnonzero(fed.adversarial).tolist(),
-              "undertrained_peers": np.flatnonzero(fed.undertrained).tolist()}
+    report.write_text_atomic(
+        os.path.join(run_dir, COMM_FILE), fed.ledger.to_csv({"method": name, "seed": cfg.seed})
+    )
+    result = {
+        "config": cfg.to_dict(),
+        "final_accuracy": fed.metrics[-1]["accuracy"],
+        "totals": fed.ledger.totals(),
+        "phase_seconds": dict(fed.timer.seconds),
+        "adversarial_peers": np.flatnonzero(fed.adversarial).tolist(),
+        "undertrained_peers": np.flatnonzero(fed.undertrained).tolist(),
+    }
     if "perplexity" in fed.metrics[-1]:  # sequence tasks
         result["final_perplexity"] = fed.metrics[-1]["perplexity"]
     report.write_json_atomic(result_path, result)
     return result
 
 
-def run_compare(cfg: CompareConfig, out: str, *, resume: bool = False, overwrite: bool = False,
-                show_progress: bool = True, threads: int = 1, jobs: int = 1) -> dict:
+def run_compare(
+    cfg: CompareConfig,
+    out: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    threads: int = 1,
+    jobs: int = 1,
+) -> dict:
     """Run every (label, seed) of ``cfg`` into ``out``; returns summary.json's dict.
 
     threads: torch CPU threads per run (restored afterwards). The default 1
@@ -262,8 +292,9 @@ def run_dir_of(out: str, label: str, seed: int) -> str:
     return os.path.join(out, "runs", label, f"seed{seed}")
 
 
-def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
-                 show_progress: bool, threads: int, jobs: int) -> dict:
+def _run_compare(
+    cfg: CompareConfig, out: str, resume: bool, overwrite: bool, show_progress: bool, threads: int, jobs: int
+) -> dict:
     for label in cfg.methods:
         get_method(cfg.method_of(label))  # unknown names fail before anything is read
     # Workers need the plugins and own datasets and models too: refuse what
@@ -297,9 +328,11 @@ def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
         if "data_fingerprint" not in stored:  # written before fingerprints were kept
             del expected["data_fingerprint"]
         if stored != expected:
-            raise RunDirError(f"cannot resume run directory {out}: its data changed since the run "
-                              f"began (the dataset, split or partition in {partition_path} "
-                              f"differs); use another --out")
+            raise RunDirError(
+                f"cannot resume run directory {out}: its data changed since the run "
+                f"began (the dataset, split or partition in {partition_path} "
+                f"differs); use another --out"
+            )
     _make_dir(cfg, out, resume, overwrite)
     if not (resume and os.path.isfile(partition_path)):
         report.write_json_atomic(partition_path, partition)
@@ -309,8 +342,9 @@ def _run_compare(cfg: CompareConfig, out: str, resume: bool, overwrite: bool,
             for seed in cfg.seeds:
                 data = splits.pop(seed)
                 for label in cfg.methods:
-                    _run_one(cfg.run(label, seed), data, run_dir_of(out, label, seed), resume,
-                             progress, label)
+                    _run_one(
+                        cfg.run(label, seed), data, run_dir_of(out, label, seed), resume, progress, label
+                    )
                 del data
         else:
             _run_parallel(cfg, out, resume, progress, threads, jobs, own)
@@ -326,8 +360,7 @@ class _QueueProgress:
     def __init__(self, queue):
         self.queue = queue
 
-    def advance(self, label: str, n: int = 1, run_finished: bool = False,
-                skipped: bool = False) -> None:
+    def advance(self, label: str, n: int = 1, run_finished: bool = False, skipped: bool = False) -> None:
         self.queue.put(("progress", (label, n, run_finished, skipped)))
 
 
@@ -336,6 +369,7 @@ def _worker(tasks, updates, threads: int, own: Optional[bytes]) -> None:
     each finished run, and the first error (after which it stops). ``own``:
     the parent's plugins and own datasets and models (plugins.portable)."""
     import signal
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(threads)
     splits: Dict[tuple, FederatedData] = {}  # a worker keeps the split it made last
@@ -367,8 +401,15 @@ def _worker(tasks, updates, threads: int, own: Optional[bytes]) -> None:
         updates.put(("done", name))
 
 
-def _run_parallel(cfg: CompareConfig, out: str, resume: bool, progress: Progress,
-                  threads: int, jobs: int, own: Optional[bytes]) -> None:
+def _run_parallel(
+    cfg: CompareConfig,
+    out: str,
+    resume: bool,
+    progress: Progress,
+    threads: int,
+    jobs: int,
+    own: Optional[bytes],
+) -> None:
     """The runs in ``jobs`` spawned processes (not forked: a fork of a process
     whose OpenMP threads exist can deadlock). The first error in any worker,
     a worker that dies, or Ctrl-C in the parent stops every worker at once;
@@ -382,9 +423,10 @@ def _run_parallel(cfg: CompareConfig, out: str, resume: bool, progress: Progress
     runs = [(label, seed) for seed in cfg.seeds for label in cfg.methods]
     for label, seed in runs:
         tasks.put((cfg.run(label, seed).to_dict(), label, run_dir_of(out, label, seed), resume))
-    workers = [ctx.Process(target=_worker, args=(tasks, updates, threads, own),
-                          daemon=True)
-               for _ in range(min(jobs, len(runs)))]
+    workers = [
+        ctx.Process(target=_worker, args=(tasks, updates, threads, own), daemon=True)
+        for _ in range(min(jobs, len(runs)))
+    ]
     for _ in workers:
         tasks.put(None)
     for w in workers:
@@ -397,8 +439,10 @@ def _run_parallel(cfg: CompareConfig, out: str, resume: bool, progress: Progress
             except queue_mod.Empty:
                 dead = [w for w in workers if w.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"a worker process died (exit code {dead[0].exitcode}); "
-                                       f"rerun with --resume to continue") from None
+                    raise RuntimeError(
+                        f"a worker process died (exit code {dead[0].exitcode}); "
+                        f"rerun with --resume to continue"
+                    ) from None
                 continue
             if kind == "progress":
                 progress.advance(*payload)
@@ -427,27 +471,35 @@ def finish(cfg: CompareConfig, out: str, class_counts: np.ndarray) -> dict:
     for label in cfg.methods:
         for seed in cfg.seeds:
             run_dir = run_dir_of(out, label, seed)
-            rows += [dict(row, label=label)
-                     for row in report.read_jsonl(os.path.join(run_dir, METRICS_FILE))]
+            rows += [dict(row, label=label) for row in report.read_jsonl(os.path.join(run_dir, METRICS_FILE))]
             with open(os.path.join(run_dir, COMM_FILE), encoding="utf-8") as f:
                 text = f.read()
             comm.append(text if not comm else text.split("\n", 1)[1])
             results.setdefault(label, []).append(
-                _read_json(os.path.join(run_dir, "result.json"), "run result"))
+                _read_json(os.path.join(run_dir, "result.json"), "run result")
+            )
     report.write_text_atomic(os.path.join(out, METRICS_FILE), report.metrics_jsonl(rows))
     report.write_text_atomic(os.path.join(out, COMM_FILE), "".join(comm))
     summary = report.summarize(results)
     report.write_json_atomic(os.path.join(out, SUMMARY_FILE), summary)
     d = cfg.base.data
-    part = (f"{d.partition}" + (f" alpha={d.alpha}" if d.partition == "dirichlet" else "")
-            + (f" k={d.classes_per_peer}" if d.partition == "classes" else ""))
+    part = (
+        f"{d.partition}"
+        + (f" alpha={d.alpha}" if d.partition == "dirichlet" else "")
+        + (f" k={d.classes_per_peer}" if d.partition == "classes" else "")
+    )
     title = f"{d.dataset}, {cfg.base.peers} peers, {part}, {len(cfg.seeds)} seed(s)"
     report.plot_accuracy_vs_round(rows, os.path.join(out, PLOTS[0]), title)
     report.plot_accuracy_vs_bytes(rows, os.path.join(out, PLOTS[1]), title)
     if rows and all("perplexity" in r for r in rows):  # sequence tasks
-        report.plot_accuracy_vs_bytes(rows, os.path.join(out, "perplexity_vs_bytes.png"), title,
-                                      key="perplexity",
-                                      ylabel="test perplexity (mean over seeds; lower is better)")
-    report.plot_partition(class_counts, os.path.join(out, PLOTS[2]),
-                          f"samples per peer and class (seed {cfg.seeds[0]})")
+        report.plot_accuracy_vs_bytes(
+            rows,
+            os.path.join(out, "perplexity_vs_bytes.png"),
+            title,
+            key="perplexity",
+            ylabel="test perplexity (mean over seeds; lower is better)",
+        )
+    report.plot_partition(
+        class_counts, os.path.join(out, PLOTS[2]), f"samples per peer and class (seed {cfg.seeds[0]})"
+    )
     return summary

@@ -16,6 +16,7 @@ probes, initialisations) are shared, which of them are at least as accurate
 on every seed as well (a paired check; ``None`` with one seed), so that a
 domination within the seeds' noise is not presented as a clear one.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,14 @@ def _percent(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
 
-def pareto_config(base: RunConfig, seeds: Sequence[int], periods: Sequence[int] = PERIODS,
-                  bridge_fractions: Sequence[float] = BRIDGE_FRACTIONS,
-                  bridge_periods: Sequence[int] = BRIDGE_PERIODS,
-                  baselines: Sequence[str] = PARAMETER_BASELINES) -> CompareConfig:
+def pareto_config(
+    base: RunConfig,
+    seeds: Sequence[int],
+    periods: Sequence[int] = PERIODS,
+    bridge_fractions: Sequence[float] = BRIDGE_FRACTIONS,
+    bridge_periods: Sequence[int] = BRIDGE_PERIODS,
+    baselines: Sequence[str] = PARAMETER_BASELINES,
+) -> CompareConfig:
     """The study as one comparison: a label per operating point."""
     for name, values in (("periods", periods), ("bridge_periods", bridge_periods)):
         if not values or any(int(v) != v or v < 1 for v in values):
@@ -49,31 +54,38 @@ def pareto_config(base: RunConfig, seeds: Sequence[int], periods: Sequence[int] 
         # period of exactly the run's length does: the same point twice.
         longer = [int(v) for v in values if v > base.rounds]
         if longer:
-            raise ValueError(f"{name} {', '.join(map(str, longer))} exceed the {base.rounds} "
-                             f"rounds: such a period merges only in the last round, the same "
-                             f"point as a period of {base.rounds}; lower them or run more rounds")
+            raise ValueError(
+                f"{name} {', '.join(map(str, longer))} exceed the {base.rounds} "
+                f"rounds: such a period merges only in the last round, the same "
+                f"point as a period of {base.rounds}; lower them or run more rounds"
+            )
     if not bridge_fractions or any(not 0 < f <= 1 for f in bridge_fractions):
-        raise ValueError(f"bridge_fractions must list fractions in (0, 1], got "
-                         f"{list(bridge_fractions)}")
-    for name, listed in (("periods", periods), ("bridge_periods", bridge_periods),
-                         ("bridge_fractions", bridge_fractions), ("baselines", baselines)):
+        raise ValueError(f"bridge_fractions must list fractions in (0, 1], got {list(bridge_fractions)}")
+    for name, listed in (
+        ("periods", periods),
+        ("bridge_periods", bridge_periods),
+        ("bridge_fractions", bridge_fractions),
+        ("baselines", baselines),
+    ):
         if len(set(listed)) != len(listed):
             raise ValueError(f"{name} lists a value twice: {list(listed)}")
     unknown = set(baselines) - set(PARAMETER_BASELINES)
     if unknown:
-        raise ValueError(f"baselines may only name {', '.join(PARAMETER_BASELINES)}; got "
-                         f"{', '.join(sorted(unknown))}")
+        raise ValueError(
+            f"baselines may only name {', '.join(PARAMETER_BASELINES)}; got {', '.join(sorted(unknown))}"
+        )
     settings: Dict[str, dict] = {}
     for method in baselines:
         for r in periods:
-            settings[f"{method}-R{int(r)}"] = {"method": method,
-                                               "protocol": {"merge_period": int(r)}}
+            settings[f"{method}-R{int(r)}"] = {"method": method, "protocol": {"merge_period": int(r)}}
     labels = list(settings) + ["softlabel", "tallytrain"]
     for f in bridge_fractions:
         for r in bridge_periods:
             label = f"bridge-k{_percent(f)[:-1]}pct-R{int(r)}"
-            settings[label] = {"method": "bridge",
-                               "protocol": {"merge_period": int(r), "topk_fraction": float(f)}}
+            settings[label] = {
+                "method": "bridge",
+                "protocol": {"merge_period": int(r), "topk_fraction": float(f)},
+            }
             labels.append(label)
     return CompareConfig(methods=tuple(labels), seeds=tuple(seeds), base=base, settings=settings)
 
@@ -96,20 +108,25 @@ def dominates(a: Mapping, b: Mapping) -> bool:
     return acc_a >= acc_b and bytes_a <= bytes_b and (acc_a > acc_b or bytes_a < bytes_b)
 
 
-def analyze(cfg: CompareConfig, summary: Mapping,
-            seed_accuracy: Mapping[str, Sequence[float]]) -> dict:
+def analyze(cfg: CompareConfig, summary: Mapping, seed_accuracy: Mapping[str, Sequence[float]]) -> dict:
     """pareto.json: every point, the frontier, and for each baseline point the
     bridge points that dominate it. ``seed_accuracy[label]`` lists the final
     accuracy of each seed, in ``cfg.seeds`` order."""
     points: List[dict] = []
     for label in cfg.methods:
         m = summary["methods"][label]
-        points.append({"label": label, "method": cfg.method_of(label),
-                       "setting": describe(cfg, label),
-                       "final_accuracy_mean": m["final_accuracy_mean"],
-                       "final_accuracy_std": m["final_accuracy_std"],
-                       "total_bytes": m["total_bytes"], "seeds": m["seeds"],
-                       "seed_accuracy": list(seed_accuracy[label])})
+        points.append(
+            {
+                "label": label,
+                "method": cfg.method_of(label),
+                "setting": describe(cfg, label),
+                "final_accuracy_mean": m["final_accuracy_mean"],
+                "final_accuracy_std": m["final_accuracy_std"],
+                "total_bytes": m["total_bytes"],
+                "seeds": m["seeds"],
+                "seed_accuracy": list(seed_accuracy[label]),
+            }
+        )
     bridge = [p for p in points if p["method"] == "bridge"]
     paired = len(cfg.seeds) > 1
     for p in points:
@@ -118,17 +135,21 @@ def analyze(cfg: CompareConfig, summary: Mapping,
             continue
         by = [q for q in bridge if dominates(q, p)]
         p["dominated_by_bridge"] = [q["label"] for q in by]
-        p["dominated_on_every_seed_by"] = [
-            q["label"] for q in by
-            if all(a >= b for a, b in zip(q["seed_accuracy"], p["seed_accuracy"]))
-        ] if paired else None
+        p["dominated_on_every_seed_by"] = (
+            [q["label"] for q in by if all(a >= b for a, b in zip(q["seed_accuracy"], p["seed_accuracy"]))]
+            if paired
+            else None
+        )
     baselines = [p for p in points if p["method"] != "bridge"]
-    return {"points": points,
-            "baselines": len(baselines),
-            "baselines_dominated": sum(bool(p["dominated_by_bridge"]) for p in baselines),
-            "baselines_dominated_on_every_seed": sum(
-                bool(p["dominated_on_every_seed_by"]) for p in baselines) if paired else None,
-            "seeds": list(cfg.seeds)}
+    return {
+        "points": points,
+        "baselines": len(baselines),
+        "baselines_dominated": sum(bool(p["dominated_by_bridge"]) for p in baselines),
+        "baselines_dominated_on_every_seed": sum(bool(p["dominated_on_every_seed_by"]) for p in baselines)
+        if paired
+        else None,
+        "seeds": list(cfg.seeds),
+    }
 
 
 def _names(labels: Sequence[str], limit: int = 3) -> str:
@@ -136,8 +157,15 @@ def _names(labels: Sequence[str], limit: int = 3) -> str:
 
 
 def pareto_table(result: Mapping) -> str:
-    head = ["point", "method", "setting", "accuracy (mean ± std)", "total bytes", "frontier",
-            "dominated by a bridge point"]
+    head = [
+        "point",
+        "method",
+        "setting",
+        "accuracy (mean ± std)",
+        "total bytes",
+        "frontier",
+        "dominated by a bridge point",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in sorted(result["points"], key=lambda p: p["total_bytes"]):
         if p["method"] == "bridge":
@@ -146,20 +174,36 @@ def pareto_table(result: Mapping) -> str:
             every = p["dominated_on_every_seed_by"]
             dom = f"yes, by {len(p['dominated_by_bridge'])} ({_names(p['dominated_by_bridge'])})"
             if every is not None:
-                dom += (f"; on every seed by {len(every)} ({_names(every)})" if every
-                        else "; on every seed by none")
+                dom += (
+                    f"; on every seed by {len(every)} ({_names(every)})"
+                    if every
+                    else "; on every seed by none"
+                )
         else:
             dom = "**no**"
-        lines.append("| " + " | ".join([
-            p["label"], p["method"], p["setting"],
-            report.mean_and_spread(p["final_accuracy_mean"], p["final_accuracy_std"]),
-            f"{p['total_bytes']:,}", "yes" if p["on_frontier"] else "", dom]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    p["label"],
+                    p["method"],
+                    p["setting"],
+                    report.mean_and_spread(p["final_accuracy_mean"], p["final_accuracy_std"]),
+                    f"{p['total_bytes']:,}",
+                    "yes" if p["on_frontier"] else "",
+                    dom,
+                ]
+            )
+            + " |"
+        )
     lines.append("")
     every = result["baselines_dominated_on_every_seed"]
-    lines.append(f"Bridge points dominate {result['baselines_dominated']} of "
-                 f"{result['baselines']} baseline points (mean accuracy >= at total bytes <=, "
-                 f"{len(result['seeds'])} seed(s))"
-                 + (f"; {every} of them on every seed as well." if every is not None else "."))
+    lines.append(
+        f"Bridge points dominate {result['baselines_dominated']} of "
+        f"{result['baselines']} baseline points (mean accuracy >= at total bytes <=, "
+        f"{len(result['seeds'])} seed(s))"
+        + (f"; {every} of them on every seed as well." if every is not None else ".")
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -171,14 +215,15 @@ def run_pareto(cfg: CompareConfig, out: str, **run_options) -> dict:
     for label in cfg.methods:
         seed_accuracy[label] = []
         for seed in cfg.seeds:
-            with open(os.path.join(run_dir_of(out, label, seed), "result.json"),
-                      encoding="utf-8") as f:
+            with open(os.path.join(run_dir_of(out, label, seed), "result.json"), encoding="utf-8") as f:
                 seed_accuracy[label].append(json.load(f)["final_accuracy"])
     result = analyze(cfg, summary, seed_accuracy)
     report.write_json_atomic(os.path.join(out, PARETO_FILE), result)
     report.write_text_atomic(os.path.join(out, PARETO_TABLE), pareto_table(result))
     d = cfg.base.data
-    title = (f"{d.dataset}, {cfg.base.peers} peers, alpha={d.alpha}, {cfg.base.rounds} rounds, "
-             f"{len(cfg.seeds)} seed(s)")
+    title = (
+        f"{d.dataset}, {cfg.base.peers} peers, alpha={d.alpha}, {cfg.base.rounds} rounds, "
+        f"{len(cfg.seeds)} seed(s)"
+    )
     report.plot_pareto(result["points"], os.path.join(out, PARETO_PLOT), title)
     return result

@@ -23,6 +23,7 @@ applies. The state of a model is its parameters: a module with persistent
 buffers (BatchNorm's running statistics) is refused, because those would not
 be trained, averaged, sent or checkpointed per peer.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -46,15 +47,14 @@ ModelFactory = Callable[[int], nn.Module]
 _BUILTIN_DATASETS = frozenset(DATASETS)
 _BUILTIN_ARCHS = frozenset(ARCHS)
 
-_plugins: List[str] = []                # plugins loaded, in order (module names or paths)
-_loading: List[str] = []                # the plugin being imported, if any
-_from_plugins: set = set()              # ("dataset" | "model", name) registered by a plugin
+_plugins: List[str] = []  # plugins loaded, in order (module names or paths)
+_loading: List[str] = []  # the plugin being imported, if any
+_from_plugins: set = set()  # ("dataset" | "model", name) registered by a plugin
 
 
 def _check_name(kind: str, name: str, builtin: frozenset) -> None:
     if not isinstance(name, str) or not name.strip() or "," in name:
-        raise ValueError(f"a {kind} name must be a non-empty string without commas, got "
-                         f"{name!r}")
+        raise ValueError(f"a {kind} name must be a non-empty string without commas, got {name!r}")
     if name in builtin:
         raise ValueError(f"{kind} {name!r} is built in; register yours under another name")
 
@@ -73,8 +73,7 @@ def _as_tensors(source: Any, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
         for i in range(len(source)):
             item = source[i]
             if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ValueError(f"{what}: item {i} must be an (x, y) pair, got "
-                                 f"{type(item).__name__}")
+                raise ValueError(f"{what}: item {i} must be an (x, y) pair, got {type(item).__name__}")
             xs.append(torch.as_tensor(item[0]))
             ys.append(torch.as_tensor(item[1]))
         if not xs:
@@ -85,18 +84,19 @@ def _as_tensors(source: Any, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
         return torch.stack(xs), torch.stack(ys)
     if isinstance(source, (tuple, list)) and len(source) == 2:
         return torch.as_tensor(source[0]), torch.as_tensor(source[1])
-    raise ValueError(f"{what} must be (x, y) tensors, a torch.utils.data.Dataset of (x, y) "
-                     f"pairs, or a function returning one; got {type(source).__name__}")
+    raise ValueError(
+        f"{what} must be (x, y) tensors, a torch.utils.data.Dataset of (x, y) "
+        f"pairs, or a function returning one; got {type(source).__name__}"
+    )
 
 
-def _inputs_and_labels(x: torch.Tensor, y: torch.Tensor,
-                       what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _inputs_and_labels(x: torch.Tensor, y: torch.Tensor, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.dim() < 2 or len(x) == 0:
-        raise ValueError(f"{what}: inputs must be [N, ...] with N >= 1, got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(f"{what}: inputs must be [N, ...] with N >= 1, got shape {tuple(x.shape)}")
     if y.dim() != 1 or len(y) != len(x):
-        raise ValueError(f"{what}: labels must be [N] with one label per input ({len(x)}), got "
-                         f"shape {tuple(y.shape)}")
+        raise ValueError(
+            f"{what}: labels must be [N] with one label per input ({len(x)}), got shape {tuple(y.shape)}"
+        )
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"{what}: labels must be integers (class ids), got {y.dtype}")
     if x.dtype.is_floating_point:
@@ -129,26 +129,38 @@ class _OwnDataset:
         x, y = _inputs_and_labels(*_as_tensors(self.data, what), what)
         x_test = y_test = None
         if self.test is not None:
-            x_test, y_test = _inputs_and_labels(*_as_tensors(self.test, what + " test set"),
-                                                what + " test set")
+            x_test, y_test = _inputs_and_labels(
+                *_as_tensors(self.test, what + " test set"), what + " test set"
+            )
             if x_test.shape[1:] != x.shape[1:]:
-                raise ValueError(f"{what}: test inputs are {tuple(x_test.shape[1:])}, training "
-                                 f"inputs {tuple(x.shape[1:])}")
+                raise ValueError(
+                    f"{what}: test inputs are {tuple(x_test.shape[1:])}, training inputs {tuple(x.shape[1:])}"
+                )
         labels = y if y_test is None else torch.cat([y, y_test])
         low, high = int(labels.min()), int(labels.max())
         num_classes = high + 1 if self.num_classes is None else int(self.num_classes)
         if num_classes < 2:
             raise ValueError(f"{what}: needs at least 2 classes, got {num_classes}")
         if low < 0 or high >= num_classes:
-            raise ValueError(f"{what}: labels must lie in 0..{num_classes - 1}, got "
-                             f"{low}..{high}")
-        return Dataset(self.name, x, y, num_classes, x_test, y_test,
-                       info={"source": "registered", "samples": len(y),
-                             "test_samples": None if y_test is None else len(y_test)})
+            raise ValueError(f"{what}: labels must lie in 0..{num_classes - 1}, got {low}..{high}")
+        return Dataset(
+            self.name,
+            x,
+            y,
+            num_classes,
+            x_test,
+            y_test,
+            info={
+                "source": "registered",
+                "samples": len(y),
+                "test_samples": None if y_test is None else len(y_test),
+            },
+        )
 
 
-def register_dataset(name: str, data: Any, *, test: Any = None,
-                     num_classes: Optional[int] = None, replace: bool = False) -> None:
+def register_dataset(
+    name: str, data: Any, *, test: Any = None, num_classes: Optional[int] = None, replace: bool = False
+) -> None:
     """Make ``name`` a dataset the engine can run (``--dataset name``).
 
     data: ``(x, y)``, a torch Dataset of ``(x, y)`` pairs, or a function
@@ -158,8 +170,7 @@ def register_dataset(name: str, data: Any, *, test: Any = None,
     (without it, registering a name twice is an error)."""
     _check_name("dataset", name, _BUILTIN_DATASETS)
     if name in DATASETS and not replace:
-        raise ValueError(f"dataset {name!r} is registered already (pass replace=True to "
-                         f"replace it)")
+        raise ValueError(f"dataset {name!r} is registered already (pass replace=True to replace it)")
     if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     DATASETS[name] = _OwnDataset(name, data, test, num_classes)
@@ -172,8 +183,9 @@ def register_dataset(name: str, data: Any, *, test: Any = None,
 def _build_module(name: str, factory: ModelFactory, num_classes: int) -> nn.Module:
     module = factory(num_classes)
     if not isinstance(module, nn.Module):
-        raise ValueError(f"model {name!r}: the factory returned {type(module).__name__}, not a "
-                         f"torch.nn.Module")
+        raise ValueError(
+            f"model {name!r}: the factory returned {type(module).__name__}, not a torch.nn.Module"
+        )
     params = dict(module.named_parameters())
     if not params:
         raise ValueError(f"model {name!r} has no parameters to train")
@@ -184,7 +196,8 @@ def _build_module(name: str, factory: ModelFactory, num_classes: int) -> nn.Modu
             f"{', ...' if len(buffers) > 3 else ''}): the engine trains, averages, sends and "
             f"checkpoints parameters only, per peer. Use layers without running statistics "
             f"(LayerNorm or GroupNorm, or BatchNorm(track_running_stats=False)), or register "
-            f"constants with register_buffer(..., persistent=False)")
+            f"constants with register_buffer(..., persistent=False)"
+        )
     return module
 
 
@@ -205,7 +218,7 @@ class OwnModel(nn.Module):
     def initial_params(self, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """A fresh module's parameters: the factory run with the global RNG
         seeded from ``generator`` (and restored afterwards)."""
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.manual_seed(seed)
             fresh = _build_module(self.arch, self.__dict__["_factory"], self.num_classes)
@@ -233,11 +246,12 @@ def register_model(name: str, factory: ModelFactory, *, replace: bool = False) -
     inputs ``[B, ...]`` to logits ``[B, num_classes]``."""
     _check_name("model", name, _BUILTIN_ARCHS)
     if not callable(factory):
-        raise ValueError(f"model {name!r}: the factory must be callable (num_classes) -> "
-                         f"nn.Module, got {type(factory).__name__}")
+        raise ValueError(
+            f"model {name!r}: the factory must be callable (num_classes) -> "
+            f"nn.Module, got {type(factory).__name__}"
+        )
     if name in ARCHS and not replace:
-        raise ValueError(f"model {name!r} is registered already (pass replace=True to "
-                         f"replace it)")
+        raise ValueError(f"model {name!r} is registered already (pass replace=True to replace it)")
     ARCHS[name] = _OwnArch(name, factory)
     _note("model", name)
 
@@ -264,7 +278,8 @@ def load_plugin(spec: str) -> None:
             if not os.path.isfile(spec):
                 raise ValueError("no such file")
             module_name = "tallytrain_plugin_" + "".join(
-                c if c.isalnum() else "_" for c in os.path.abspath(spec))
+                c if c.isalnum() else "_" for c in os.path.abspath(spec)
+            )
             loader_spec = importlib.util.spec_from_file_location(module_name, spec)
             if loader_spec is None or loader_spec.loader is None:
                 raise ValueError("not a Python source file")
@@ -280,12 +295,15 @@ def load_plugin(spec: str) -> None:
     except ValueError as exc:
         raise ValueError(f"plugin {spec!r}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure of foreign code, in one line
-        frames = [f for f in traceback.extract_tb(exc.__traceback__)  # the plugin's frames,
-                  if not f.filename.startswith("<") and "importlib" not in f.filename
-                  and os.path.abspath(f.filename) != os.path.abspath(__file__)]  # not ours
+        frames = [
+            f
+            for f in traceback.extract_tb(exc.__traceback__)  # the plugin's frames,
+            if not f.filename.startswith("<")
+            and "importlib" not in f.filename
+            and os.path.abspath(f.filename) != os.path.abspath(__file__)
+        ]  # not ours
         at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-        raise ValueError(f"plugin {spec!r}: cannot import it ({type(exc).__name__}: "
-                         f"{exc}{at})") from exc
+        raise ValueError(f"plugin {spec!r}: cannot import it ({type(exc).__name__}: {exc}{at})") from exc
     finally:
         _loading.pop()
     _plugins.append(spec)
@@ -295,11 +313,16 @@ def portable(datasets: Iterable[str] = (), models: Iterable[str] = ()) -> Option
     """What a worker process needs to run ``datasets`` and ``models`` (names):
     the plugins to load, and those of them registered outside plugins,
     pickled. Refuses (ValueError) what cannot be pickled, naming it."""
-    own_datasets = {k: DATASETS[k] for k in dict.fromkeys(datasets)
-                    if isinstance(DATASETS.get(k), _OwnDataset)
-                    and ("dataset", k) not in _from_plugins}
-    own_models = {k: ARCHS[k] for k in dict.fromkeys(models)
-                  if isinstance(ARCHS.get(k), _OwnArch) and ("model", k) not in _from_plugins}
+    own_datasets = {
+        k: DATASETS[k]
+        for k in dict.fromkeys(datasets)
+        if isinstance(DATASETS.get(k), _OwnDataset) and ("dataset", k) not in _from_plugins
+    }
+    own_models = {
+        k: ARCHS[k]
+        for k in dict.fromkeys(models)
+        if isinstance(ARCHS.get(k), _OwnArch) and ("model", k) not in _from_plugins
+    }
     if not (_plugins or own_datasets or own_models):
         return None
     for kind, table in (("dataset", own_datasets), ("model", own_models)):
@@ -310,9 +333,9 @@ def portable(datasets: Iterable[str] = (), models: Iterable[str] = ()) -> Option
                 raise ValueError(
                     f"{kind} {name!r} cannot be sent to worker processes (jobs > 1): "
                     f"{type(exc).__name__}: {exc}. Define it at the top level of a module "
-                    f"(a plugin, --plugin), or run with jobs = 1") from exc
-    return pickle.dumps({"plugins": list(_plugins), "datasets": own_datasets,
-                         "models": own_models})
+                    f"(a plugin, --plugin), or run with jobs = 1"
+                ) from exc
+    return pickle.dumps({"plugins": list(_plugins), "datasets": own_datasets, "models": own_models})
 
 
 def restore(blob: Optional[bytes]) -> None:

@@ -1,4 +1,5 @@
 """The progress bar of ``tallytrain run / compare / pareto``, on stderr."""
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,7 @@ class Progress:
         self.since_line = 0  # rounds advanced since the last plain line
         self.start = time.perf_counter()
 
-    def advance(self, label: str, n: int = 1, run_finished: bool = False,
-                skipped: bool = False) -> None:
+    def advance(self, label: str, n: int = 1, run_finished: bool = False, skipped: bool = False) -> None:
         self.done += n
         self.since_line += n
         if skipped:
@@ -39,8 +39,10 @@ class Progress:
         eta = elapsed / worked * (self.total - self.done) if worked else 0.0
         frac = self.done / self.total
         bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        line = (f"[{bar}] {100 * frac:5.1f}% {self.done}/{self.total} rounds  {label}  "
-                f"elapsed {report.fmt_seconds(elapsed)} eta {report.fmt_seconds(eta)}")
+        line = (
+            f"[{bar}] {100 * frac:5.1f}% {self.done}/{self.total} rounds  {label}  "
+            f"elapsed {report.fmt_seconds(elapsed)} eta {report.fmt_seconds(eta)}"
+        )
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         self.stream.flush()
 

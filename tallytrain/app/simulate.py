@@ -1,6 +1,7 @@
 """The simulator on your own data and model, from Python: what
 ``tallytrain compare`` does, with a dataset and a model factory instead of
 the names of bundled ones (see docs/api.md, "Your own data and model")."""
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
@@ -10,12 +11,24 @@ from .experiment import compare_config, run_compare
 from .plugins import ModelFactory, register_dataset, register_model
 
 
-def simulate(data: Any, model: Optional[ModelFactory], out: str, *,
-             methods: Union[str, Sequence[str]] = "all", seeds: Sequence[int] = (0,),
-             test: Any = None, num_classes: Optional[int] = None,
-             dataset_name: str = "own", model_name: str = "own",
-             resume: bool = False, overwrite: bool = False, jobs: int = 1, threads: int = 1,
-             progress: bool = True, **options: Any) -> dict:
+def simulate(
+    data: Any,
+    model: Optional[ModelFactory],
+    out: str,
+    *,
+    methods: Union[str, Sequence[str]] = "all",
+    seeds: Sequence[int] = (0,),
+    test: Any = None,
+    num_classes: Optional[int] = None,
+    dataset_name: str = "own",
+    model_name: str = "own",
+    resume: bool = False,
+    overwrite: bool = False,
+    jobs: int = 1,
+    threads: int = 1,
+    progress: bool = True,
+    **options: Any,
+) -> dict:
     """Run ``methods`` for every seed on ``data`` into the run directory
     ``out``; returns summary.json's dict.
 
@@ -38,9 +51,16 @@ def simulate(data: Any, model: Optional[ModelFactory], out: str, *,
     if model is not None:
         register_model(model_name, model, replace=True)
         options.setdefault("archs", (model_name,))
-    names = method_names() if methods == "all" else (
-        [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str)
-        else list(methods))
+    names = (
+        method_names()
+        if methods == "all"
+        else (
+            [m.strip() for m in methods.split(",") if m.strip()]
+            if isinstance(methods, str)
+            else list(methods)
+        )
+    )
     cfg = compare_config(names, seeds, dataset=dataset_name, **options)
-    return run_compare(cfg, out, resume=resume, overwrite=overwrite, show_progress=progress,
-                       threads=threads, jobs=jobs)
+    return run_compare(
+        cfg, out, resume=resume, overwrite=overwrite, show_progress=progress, threads=threads, jobs=jobs
+    )

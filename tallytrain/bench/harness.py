@@ -6,6 +6,7 @@ written) measured in the same run. Timing synchronises the device before and
 after, warms up, and reports the median of repeats, so absolute times on a
 shared machine matter less than the ratios.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,10 +61,16 @@ class Timing:
     calls_per_repeat: int
 
 
-def measure_interleaved(fns: Sequence[Callable[[], Any]], device: str, *,
-                        budget_s: float = 1.0, min_repeats: int = 3, max_repeats: int = 15,
-                        min_batch_s: float = 2e-3,
-                        warm_s: Optional[Sequence[float]] = None) -> List[Timing]:
+def measure_interleaved(
+    fns: Sequence[Callable[[], Any]],
+    device: str,
+    *,
+    budget_s: float = 1.0,
+    min_repeats: int = 3,
+    max_repeats: int = 15,
+    min_batch_s: float = 2e-3,
+    warm_s: Optional[Sequence[float]] = None,
+) -> List[Timing]:
     """Median time of one call of each fn, their samples taken in turn (fn0,
     fn1, fn0, fn1, ...) so that a change of machine load hits all alike.
 
@@ -112,6 +119,7 @@ def copy_bandwidth(device: str, nbytes: Optional[int] = None, budget_s: float = 
 class Target:
     """What docs/kernels.md asks of a case: a minimum ratio against the plain way
     and/or a minimum fraction of the copy ceiling."""
+
     ratio: Optional[float] = None
     copy_fraction: Optional[float] = None
 
@@ -124,8 +132,9 @@ class Target:
         return ", ".join(parts)
 
     def met(self, ratio: float, copy_fraction: float) -> bool:
-        return ((self.ratio is None or ratio >= self.ratio)
-                and (self.copy_fraction is None or copy_fraction >= self.copy_fraction))
+        return (self.ratio is None or ratio >= self.ratio) and (
+            self.copy_fraction is None or copy_fraction >= self.copy_fraction
+        )
 
 
 @dataclass
@@ -134,6 +143,7 @@ class Case:
     (torch.ops.tallytrain.<op> as dispatched) and the plain-PyTorch call, so
     inputs live only while their case runs. `check(native_out, plain_out)`
     says whether the two agree where the plain way defines the same result."""
+
     op: str
     name: str
     make: Callable[[], Tuple[Callable[[], Any], Callable[[], Any]]]
@@ -146,14 +156,14 @@ class Case:
 class Row:
     op: str
     case: str
-    served: str                 # "native" or "reference": who served the op call
-    level: str                  # the CPU level of the native CPU kernels, or "-"
+    served: str  # "native" or "reference": who served the op call
+    level: str  # the CPU level of the native CPU kernels, or "-"
     native_s: float
     baseline_s: float
     bytes_moved: int
-    copy_gbps: float            # the copy ceiling measured next to this case
+    copy_gbps: float  # the copy ceiling measured next to this case
     target: Optional[str] = None
-    status: str = "-"           # "met", "missed", "n/a (...)" or "-" (no target)
+    status: str = "-"  # "met", "missed", "n/a (...)" or "-" (no target)
     agrees: Optional[bool] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -175,10 +185,17 @@ class Row:
         return d
 
 
-def run_case(case: Case, device: str, served: str, copy_gbps: float, *,
-             budget_s: float = 1.0, indicative: bool = False,
-             levels: Union[str, Sequence[str]] = "-",
-             use_level: Optional[Callable[[str], None]] = None) -> List[Row]:
+def run_case(
+    case: Case,
+    device: str,
+    served: str,
+    copy_gbps: float,
+    *,
+    budget_s: float = 1.0,
+    indicative: bool = False,
+    levels: Union[str, Sequence[str]] = "-",
+    use_level: Optional[Callable[[str], None]] = None,
+) -> List[Row]:
     """Times one case, native then plain, and judges its target: one Row, or
     with several CPU levels one Row per level, the native call at each level
     (use_level(level) switches) timed in turn with the plain one.
@@ -197,13 +214,13 @@ def run_case(case: Case, device: str, served: str, copy_gbps: float, *,
         def call():
             use_level(level)
             return fn()
+
         return call
 
     # Each further level gets inputs of its own (case.make() again, the same
     # seeded data): an op that updates its input in place (topk_sparse_ef's
     # residual) must meet every level in the state the plain way met it.
-    natives = [at_level(level, native if i == 0 else case.make()[0])
-               for i, level in enumerate(levels)]
+    natives = [at_level(level, native if i == 0 else case.make()[0]) for i, level in enumerate(levels)]
     # The first calls warm up, and their outputs are compared.
     warm, agrees = [], []
     plain_out, warm_plain = timed_call(plain, device)
@@ -213,15 +230,23 @@ def run_case(case: Case, device: str, served: str, copy_gbps: float, *,
         agrees.append(case.check(native_out, plain_out) if case.check is not None else None)
         del native_out
     del plain_out
-    timings = measure_interleaved(natives + [plain], device, budget_s=budget_s,
-                                  warm_s=warm + [warm_plain])
+    timings = measure_interleaved(natives + [plain], device, budget_s=budget_s, warm_s=warm + [warm_plain])
     t_plain = timings[-1]
     rows = []
     for level, t_native, agree in zip(levels, timings, agrees):
-        row = Row(case.op, case.name, served, level if served == "native" else "-",
-                  t_native.median_s, t_plain.median_s, case.bytes_moved, copy_gbps,
-                  target=case.target.describe() if case.target else None, agrees=agree,
-                  extra={"native_repeats": t_native.repeats, "plain_repeats": t_plain.repeats})
+        row = Row(
+            case.op,
+            case.name,
+            served,
+            level if served == "native" else "-",
+            t_native.median_s,
+            t_plain.median_s,
+            case.bytes_moved,
+            copy_gbps,
+            target=case.target.describe() if case.target else None,
+            agrees=agree,
+            extra={"native_repeats": t_native.repeats, "plain_repeats": t_plain.repeats},
+        )
         if case.target is not None:
             if served != "native":
                 row.status = "n/a (reference served)"
@@ -246,15 +271,39 @@ def _ms(seconds: float) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """A Markdown table of the rows."""
-    head = ["op", "case", "served", "level", "native ms", "plain ms", "ratio", "GB/s",
-            "copy GB/s", "of copy", "target", "status", "agrees"]
+    head = [
+        "op",
+        "case",
+        "served",
+        "level",
+        "native ms",
+        "plain ms",
+        "ratio",
+        "GB/s",
+        "copy GB/s",
+        "of copy",
+        "target",
+        "status",
+        "agrees",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         agrees = "-" if r.agrees is None else ("yes" if r.agrees else "NO")
-        cells = [r.op, r.case, r.served, r.level, _ms(r.native_s), _ms(r.baseline_s),
-                 f"{r.ratio:.1f}x", f"{r.gbps:.2f}", f"{r.copy_gbps:.1f}",
-                 f"{r.copy_fraction:.0%}",
-                 r.target or "-", r.status, agrees]
+        cells = [
+            r.op,
+            r.case,
+            r.served,
+            r.level,
+            _ms(r.native_s),
+            _ms(r.baseline_s),
+            f"{r.ratio:.1f}x",
+            f"{r.gbps:.2f}",
+            f"{r.copy_gbps:.1f}",
+            f"{r.copy_fraction:.0%}",
+            r.target or "-",
+            r.status,
+            agrees,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

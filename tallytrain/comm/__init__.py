@@ -1,4 +1,5 @@
 """Communication accounting: every message is real bytes, counted by the ledger."""
+
 from .channel import Channel, Envelope
 from .ledger import DIRECTIONS, SERVER, Entry, Ledger, direction_of
 

@@ -5,6 +5,7 @@ A delivery fails loudly when a message is not what the protocol expects
 (wrong kind, wrong round, a sender field that does not match who sent it):
 the simulator must not quietly account for bytes that nobody could use.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,13 +30,13 @@ def wire_sender(party: Party) -> int:
 
 
 class Channel:
-    def __init__(self, ledger: Ledger,
-                 timer: Optional[Callable[[str], ContextManager]] = None):
+    def __init__(self, ledger: Ledger, timer: Optional[Callable[[str], ContextManager]] = None):
         self.ledger = ledger
         self._timer = timer or (lambda phase: contextlib.nullcontext())
 
-    def deliver(self, round_index: int, envelopes: Sequence[Envelope]
-                ) -> List[Tuple[Envelope, "wire.Message"]]:
+    def deliver(
+        self, round_index: int, envelopes: Sequence[Envelope]
+    ) -> List[Tuple[Envelope, "wire.Message"]]:
         out = []
         with self._timer("messaging"):
             for env in envelopes:
@@ -43,12 +44,14 @@ class Channel:
                 if msg.round != round_index:
                     raise wire.WireFormatError(
                         f"{msg.kind.name} message from {env.sender} is for round {msg.round}, "
-                        f"expected round {round_index}")
+                        f"expected round {round_index}"
+                    )
                 if msg.sender != wire_sender(env.sender):
                     raise wire.WireFormatError(
-                        f"{msg.kind.name} message from {env.sender} carries sender id "
-                        f"{msg.sender}")
-                self.ledger.record(round_index, env.sender, env.receiver,
-                                   msg.kind.name.lower(), len(env.data))
+                        f"{msg.kind.name} message from {env.sender} carries sender id {msg.sender}"
+                    )
+                self.ledger.record(
+                    round_index, env.sender, env.receiver, msg.kind.name.lower(), len(env.data)
+                )
                 out.append((env, msg))
         return out

@@ -7,6 +7,7 @@ decentralized mode: one entry per link). Byte totals are defined so that a
 transmission is counted once: ``uplink`` = what peers send (up + p2p),
 ``downlink`` = what the server sends, ``total`` = every message.
 """
+
 from __future__ import annotations
 
 import csv
@@ -46,12 +47,12 @@ class Ledger:
     def __init__(self, entries: Iterable[Entry] = ()):
         self.entries: List[Entry] = list(entries)
 
-    def record(self, round_index: int, sender: Party, receiver: Party, kind: str,
-               nbytes: int) -> Entry:
+    def record(self, round_index: int, sender: Party, receiver: Party, kind: str, nbytes: int) -> Entry:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        entry = Entry(int(round_index), sender, receiver, direction_of(sender, receiver),
-                      str(kind), int(nbytes))
+        entry = Entry(
+            int(round_index), sender, receiver, direction_of(sender, receiver), str(kind), int(nbytes)
+        )
         self.entries.append(entry)
         return entry
 
@@ -61,8 +62,12 @@ class Ledger:
         for e in self.entries:
             if round_index is None or e.round == round_index:
                 out[e.direction] += e.bytes
-        return {**out, "uplink": out["up"] + out["p2p"], "downlink": out["down"],
-                "total": out["up"] + out["p2p"] + out["down"]}
+        return {
+            **out,
+            "uplink": out["up"] + out["p2p"],
+            "downlink": out["down"],
+            "total": out["up"] + out["p2p"] + out["down"],
+        }
 
     def by(self, *keys: str) -> Dict[tuple, int]:
         """Bytes summed over entries grouped by the named Entry fields."""
@@ -78,8 +83,10 @@ class Ledger:
 
     # ---- persistence ------------------------------------------------------ #
     def rows(self) -> List[dict]:
-        return [dict(zip(CSV_FIELDS, (e.round, e.sender, e.receiver, e.direction, e.kind,
-                                      e.bytes))) for e in self.entries]
+        return [
+            dict(zip(CSV_FIELDS, (e.round, e.sender, e.receiver, e.direction, e.kind, e.bytes)))
+            for e in self.entries
+        ]
 
     def to_csv(self, extra: Optional[Dict[str, object]] = None, header: bool = True) -> str:
         """CSV text; ``extra`` columns (e.g. method, seed) go first on every row."""

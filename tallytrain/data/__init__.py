@@ -5,6 +5,7 @@ disjoint train / probe / test splits, one shard of the training split per
 peer, and the per-peer class counts. The same (config, seed) always gives the
 same split and partition, whatever method runs on it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,24 +21,36 @@ from .glyphs import load_glyphs
 from .probes import probe_subset
 from .pytext import load_pytext
 
-__all__ = ["DATASETS", "Dataset", "FederatedData", "load_dataset", "load_glyphs", "load_pytext",
-           "make_synthetic", "Split", "partitioners", "prepare", "probe_subset", "read_idx",
-           "split_dataset"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "FederatedData",
+    "load_dataset",
+    "load_glyphs",
+    "load_pytext",
+    "make_synthetic",
+    "Split",
+    "partitioners",
+    "prepare",
+    "probe_subset",
+    "read_idx",
+    "split_dataset",
+]
 
 
 @dataclass
 class FederatedData:
     x_train: torch.Tensor
     y_train: torch.Tensor
-    shards: List[np.ndarray]      # indices into the training split, one per peer
-    x_probe: torch.Tensor         # the public probe pool
-    y_probe: torch.Tensor         # hidden: used only to score consensus
+    shards: List[np.ndarray]  # indices into the training split, one per peer
+    x_probe: torch.Tensor  # the public probe pool
+    y_probe: torch.Tensor  # hidden: used only to score consensus
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
     input_shape: Tuple[int, ...]
-    split: "Split"                # where each split came from in the dataset
-    info: Optional[dict] = None   # the dataset's provenance (Dataset.info)
+    split: "Split"  # where each split came from in the dataset
+    info: Optional[dict] = None  # the dataset's provenance (Dataset.info)
 
     @property
     def sequence(self) -> bool:
@@ -69,14 +82,14 @@ class FederatedData:
         """The partition as JSON: each peer's samples as dataset indices, and
         the per-peer class counts."""
         return {
-            "train_size": len(self.y_train), "probe_size": len(self.y_probe),
-            "test_size": len(self.y_test), "num_classes": self.num_classes,
+            "train_size": len(self.y_train),
+            "probe_size": len(self.y_probe),
+            "test_size": len(self.y_test),
+            "num_classes": self.num_classes,
             "probe_index": self.split.probe.tolist(),
-            "probe_index_refers_to": "official probe pool" if self.split.official_probe
-                                     else "dataset",
+            "probe_index_refers_to": "official probe pool" if self.split.official_probe else "dataset",
             "test_index": self.split.test.tolist(),
-            "test_index_refers_to": "official test split" if self.split.official_test
-                                    else "dataset",
+            "test_index_refers_to": "official test split" if self.split.official_test else "dataset",
             "shards": [self.split.train[s].tolist() for s in self.shards],
             "shard_sizes": self.shard_sizes,
             "class_counts": self.class_counts.tolist(),
@@ -98,9 +111,15 @@ class Split:
     official_probe: bool = False  # probe indices refer to the dataset's own probe pool
 
 
-def split_dataset(ds: Dataset, test_fraction: float, probe_fraction: float,
-                  rng: np.random.Generator, max_samples: int = 0,
-                  max_test_samples: int = 0, max_probe_samples: int = 0) -> Split:
+def split_dataset(
+    ds: Dataset,
+    test_fraction: float,
+    probe_fraction: float,
+    rng: np.random.Generator,
+    max_samples: int = 0,
+    max_test_samples: int = 0,
+    max_probe_samples: int = 0,
+) -> Split:
     """Disjoint train / probe / test indices.
 
     Without an official test split, ``test_fraction`` of the samples become the
@@ -123,7 +142,8 @@ def split_dataset(ds: Dataset, test_fraction: float, probe_fraction: float,
     if not official and not (0 < test_fraction < 1 and test_fraction + probe_fraction < 1):
         raise ValueError(
             f"test_fraction must be in (0, 1) with test_fraction + probe_fraction < 1, got "
-            f"{test_fraction} + {probe_fraction}")
+            f"{test_fraction} + {probe_fraction}"
+        )
     order = rng.permutation(len(ds.y))
     if max_samples:
         order = order[:max_samples]
@@ -131,7 +151,7 @@ def split_dataset(ds: Dataset, test_fraction: float, probe_fraction: float,
     n_probe = int(round(probe_fraction * n_use))
     n_test = 0 if official else int(round(test_fraction * n_use))
     probe = np.sort(order[:n_probe])
-    train = np.sort(order[n_probe + n_test:])
+    train = np.sort(order[n_probe + n_test :])
     if official:
         if ds.y_test is None:
             raise ValueError(f"dataset {ds.name!r} has x_test but no y_test")
@@ -139,13 +159,14 @@ def split_dataset(ds: Dataset, test_fraction: float, probe_fraction: float,
         if max_test_samples and max_test_samples < len(test):
             test = np.sort(rng.permutation(len(test))[:max_test_samples])
     else:
-        test = np.sort(order[n_probe:n_probe + n_test])
+        test = np.sort(order[n_probe : n_probe + n_test])
         if max_test_samples:
             test = test[:max_test_samples]
     if len(probe) < 1 or len(test) < 1 or len(train) < 1:
         raise ValueError(
             f"dataset {ds.name!r} with {n_use} samples is too small for probe_fraction="
-            f"{probe_fraction} and test_fraction={test_fraction}")
+            f"{probe_fraction} and test_fraction={test_fraction}"
+        )
     probe = _at_most(probe, max_probe_samples, rng)
     return Split(train, probe, test, official)
 
@@ -158,8 +179,9 @@ def _at_most(index: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarra
     return np.sort(index[rng.permutation(len(index))[:cap]])
 
 
-def _split_with_probe_pool(ds: Dataset, rng: np.random.Generator, max_samples: int,
-                           max_test_samples: int, max_probe_samples: int) -> Split:
+def _split_with_probe_pool(
+    ds: Dataset, rng: np.random.Generator, max_samples: int, max_test_samples: int, max_probe_samples: int
+) -> Split:
     if ds.x_test is None or ds.y_test is None:
         raise ValueError(f"dataset {ds.name!r} has a probe pool but no test split")
     if ds.y_probe is None:
@@ -176,9 +198,15 @@ def prepare(cfg, num_peers: int, seed: int, dataset: Optional[Dataset] = None) -
     """Split and partition ``cfg.dataset`` (a DataConfig) for ``seed``; pass
     ``dataset`` (from :func:`load_dataset`) to avoid reading it again."""
     ds = load_dataset(cfg) if dataset is None else dataset
-    split = split_dataset(ds, cfg.test_fraction, cfg.probe_fraction,
-                          np.random.default_rng([int(seed), SPLIT_STREAM]), cfg.max_samples,
-                          cfg.max_test_samples, getattr(cfg, "max_probe_samples", 0))
+    split = split_dataset(
+        ds,
+        cfg.test_fraction,
+        cfg.probe_fraction,
+        np.random.default_rng([int(seed), SPLIT_STREAM]),
+        cfg.max_samples,
+        cfg.max_test_samples,
+        getattr(cfg, "max_probe_samples", 0),
+    )
     tr, pr = torch.from_numpy(split.train), torch.from_numpy(split.probe)
     te = torch.from_numpy(split.test)
     x_test, y_test = (ds.x_test, ds.y_test) if split.official_test else (ds.x, ds.y)
@@ -187,8 +215,10 @@ def prepare(cfg, num_peers: int, seed: int, dataset: Optional[Dataset] = None) -
     assert x_test is not None and y_test is not None
     assert x_probe is not None and y_probe is not None
     if cfg.partition == "groups" and ds.groups is None:
-        raise ValueError(f"--partition groups needs a dataset whose samples have groups "
-                         f"(pytext: modules, glyphs: font faces); {ds.name!r} has none")
+        raise ValueError(
+            f"--partition groups needs a dataset whose samples have groups "
+            f"(pytext: modules, glyphs: font faces); {ds.name!r} has none"
+        )
     labels = _partition_labels(ds, split.train, cfg.partition)
     rng = np.random.default_rng([int(seed), PARTITION_STREAM])
     if cfg.partition == "groups":
@@ -196,16 +226,30 @@ def prepare(cfg, num_peers: int, seed: int, dataset: Optional[Dataset] = None) -
     elif cfg.partition == "iid":
         shards = partitioners.iid(labels, num_peers, rng, cfg.min_shard_size)
     elif cfg.partition == "dirichlet":
-        shards = partitioners.dirichlet(labels, num_peers, cfg.alpha, rng, cfg.min_shard_size,
-                                        cfg.max_retries)
+        shards = partitioners.dirichlet(
+            labels, num_peers, cfg.alpha, rng, cfg.min_shard_size, cfg.max_retries
+        )
     elif cfg.partition == "classes":
-        shards = partitioners.classes_per_peer(labels, num_peers, cfg.classes_per_peer, rng,
-                                               cfg.min_shard_size)
+        shards = partitioners.classes_per_peer(
+            labels, num_peers, cfg.classes_per_peer, rng, cfg.min_shard_size
+        )
     else:
-        raise ValueError(f"unknown partition {cfg.partition!r}; known partitions: "
-                         f"{', '.join(partitioners.PARTITIONS)}")
-    return FederatedData(ds.x[tr], ds.y[tr], shards, x_probe[pr], y_probe[pr], x_test[te],
-                         y_test[te], ds.num_classes, ds.input_shape, split, ds.info)
+        raise ValueError(
+            f"unknown partition {cfg.partition!r}; known partitions: {', '.join(partitioners.PARTITIONS)}"
+        )
+    return FederatedData(
+        ds.x[tr],
+        ds.y[tr],
+        shards,
+        x_probe[pr],
+        y_probe[pr],
+        x_test[te],
+        y_test[te],
+        ds.num_classes,
+        ds.input_shape,
+        split,
+        ds.info,
+    )
 
 
 def _partition_labels(ds: Dataset, train: np.ndarray, partition: str) -> np.ndarray:
@@ -215,8 +259,10 @@ def _partition_labels(ds: Dataset, train: np.ndarray, partition: str) -> np.ndar
     ``classes`` then skew over the windows' groups (pytext: modules)."""
     if partition == "groups" or (ds.y.dim() > 1 and partition in ("dirichlet", "classes")):
         if ds.groups is None:
-            raise ValueError(f"--partition {partition} on a sequence task skews over the "
-                             f"samples' groups, and dataset {ds.name!r} has none; use "
-                             f"--partition iid")
+            raise ValueError(
+                f"--partition {partition} on a sequence task skews over the "
+                f"samples' groups, and dataset {ds.name!r} has none; use "
+                f"--partition iid"
+            )
         return ds.groups[torch.from_numpy(train)].numpy()
     return ds.y[torch.from_numpy(train)].numpy()

@@ -8,6 +8,7 @@ runs that build the same entry cannot read a half-written file; and they are
 written byte-for-byte deterministically (fixed zip timestamps), so the same
 inputs give the same bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,8 +67,7 @@ def save_arrays(path: str, **arrays: np.ndarray) -> None:
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
             member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]),
-                                      allow_pickle=False)
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
             info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE)
             info.external_attr = 0o644 << 16
             zf.writestr(info, member.getvalue())

@@ -8,6 +8,7 @@ Every loader returns a :class:`Dataset` of inputs shaped ``[N, *shape]``
 Nothing is downloaded: the image datasets are read from a user-given folder,
 and a missing file is an error that says where we looked.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -67,8 +68,9 @@ def load_digits() -> Dataset:
     return Dataset("digits", x, y, 10)
 
 
-def make_synthetic(num_classes: int = 100, dim: int = 32, samples_per_class: int = 30,
-                   noise: float = 0.6, seed: int = 0) -> Dataset:
+def make_synthetic(
+    num_classes: int = 100, dim: int = 32, samples_per_class: int = 30, noise: float = 0.6, seed: int = 0
+) -> Dataset:
     """A many-class task a small MLP can learn: each class is a Gaussian blob
     around a random prototype in ``dim`` dimensions.
 
@@ -97,7 +99,13 @@ def make_synthetic(num_classes: int = 100, dim: int = 32, samples_per_class: int
 # MNIST / Fashion-MNIST: the idx format
 # --------------------------------------------------------------------------- #
 _IDX_DTYPES: Dict[int, Union[type, str]] = {
-    0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -121,8 +129,7 @@ def read_idx(path: str) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     need = int(np.prod(dims)) * dtype.itemsize
     if len(data) - head != need:
-        raise ValueError(
-            f"{path}: idx payload is {len(data) - head} bytes, header {dims} needs {need}")
+        raise ValueError(f"{path}: idx payload is {len(data) - head} bytes, header {dims} needs {need}")
     return np.frombuffer(data, dtype=dtype, offset=head).reshape(dims)
 
 
@@ -135,8 +142,8 @@ def _find_file(data_dir: str, subdirs: Sequence[str], names: Sequence[str]) -> s
             if os.path.isfile(path):
                 return path
     raise FileNotFoundError(
-        "could not find " + " or ".join(names) + " under data_dir; looked at: "
-        + ", ".join(tried))
+        "could not find " + " or ".join(names) + " under data_dir; looked at: " + ", ".join(tried)
+    )
 
 
 def _load_idx_dataset(name: str, data_dir: Optional[str], subdirs: Sequence[str]) -> Dataset:
@@ -152,8 +159,7 @@ def _load_idx_dataset(name: str, data_dir: Optional[str], subdirs: Sequence[str]
     for split in ("train", "test"):
         images, labels = arrays[split, "images"], arrays[split, "labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(
-                f"{name} {split}: images {images.shape} and labels {labels.shape} do not match")
+            raise ValueError(f"{name} {split}: images {images.shape} and labels {labels.shape} do not match")
         out.append(torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1))
         out.append(torch.from_numpy(labels.astype(np.int64)))
     _check_labels(name, out[1], 10)
@@ -166,8 +172,9 @@ def load_mnist(data_dir: Optional[str]) -> Dataset:
 
 
 def load_fashion_mnist(data_dir: Optional[str]) -> Dataset:
-    return _load_idx_dataset("fashion-mnist", data_dir,
-                             ["", "FashionMNIST/raw", "fashion-mnist", "FashionMNIST"])
+    return _load_idx_dataset(
+        "fashion-mnist", data_dir, ["", "FashionMNIST/raw", "fashion-mnist", "FashionMNIST"]
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -177,11 +184,16 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles only what a CIFAR batch holds (dicts, lists, bytes, numpy
     arrays), so a hostile file in --data-dir cannot run code."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-                ("numpy", "ndarray"), ("numpy", "dtype"),
-                # protocol-2 pickles written by Python 3 spell bytes this way
-                ("_codecs", "encode")}
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        # protocol-2 pickles written by Python 3 spell bytes this way
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
@@ -204,12 +216,20 @@ def _read_cifar_batch(path: str, label_key: bytes) -> Tuple[np.ndarray, np.ndarr
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise ValueError(
             f"{path}: data must be uint8 [N, 3072] with one label each, got "
-            f"{data.dtype} {data.shape} and {labels.shape[0]} labels")
+            f"{data.dtype} {data.shape} and {labels.shape[0]} labels"
+        )
     return data, labels
 
 
-def _cifar(name: str, data_dir: Optional[str], folder: str, train: List[str],
-           test: List[str], label_key: bytes, num_classes: int) -> Dataset:
+def _cifar(
+    name: str,
+    data_dir: Optional[str],
+    folder: str,
+    train: List[str],
+    test: List[str],
+    label_key: bytes,
+    num_classes: int,
+) -> Dataset:
     if not data_dir:
         raise ValueError(f"dataset {name!r} is read from disk: pass --data-dir")
     parts = []
@@ -227,19 +247,26 @@ def _cifar(name: str, data_dir: Optional[str], folder: str, train: List[str],
 
 
 def load_cifar10(data_dir: Optional[str]) -> Dataset:
-    return _cifar("cifar10", data_dir, "cifar-10-batches-py",
-                  [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10)
+    return _cifar(
+        "cifar10",
+        data_dir,
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        b"labels",
+        10,
+    )
 
 
 def load_cifar100(data_dir: Optional[str]) -> Dataset:
-    return _cifar("cifar100", data_dir, "cifar-100-python", ["train"], ["test"],
-                  b"fine_labels", 100)
+    return _cifar("cifar100", data_dir, "cifar-100-python", ["train"], ["test"], b"fine_labels", 100)
 
 
 def _check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(
-            f"{name}: labels must lie in 0..{num_classes - 1}, got {int(y.min())}..{int(y.max())}")
+            f"{name}: labels must lie in 0..{num_classes - 1}, got {int(y.min())}..{int(y.max())}"
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -247,9 +274,9 @@ def _check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
 # --------------------------------------------------------------------------- #
 DATASETS: Dict[str, Callable[..., Dataset]] = {
     "digits": lambda cfg: load_digits(),
-    "synthetic": lambda cfg: make_synthetic(cfg.num_classes, cfg.synthetic_dim,
-                                            cfg.samples_per_class, cfg.synthetic_noise,
-                                            cfg.synthetic_seed),
+    "synthetic": lambda cfg: make_synthetic(
+        cfg.num_classes, cfg.synthetic_dim, cfg.samples_per_class, cfg.synthetic_noise, cfg.synthetic_seed
+    ),
     "mnist": lambda cfg: load_mnist(cfg.data_dir),
     "fashion-mnist": lambda cfg: load_fashion_mnist(cfg.data_dir),
     "cifar10": lambda cfg: load_cifar10(cfg.data_dir),
@@ -264,6 +291,5 @@ def load_dataset(cfg) -> Dataset:
     try:
         loader = DATASETS[cfg.dataset]
     except KeyError:
-        raise ValueError(
-            f"unknown dataset {cfg.dataset!r}; known datasets: {', '.join(DATASETS)}") from None
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; known datasets: {', '.join(DATASETS)}") from None
     return loader(cfg)

@@ -26,6 +26,7 @@ face (feature skew).
 Renders are cached (data/cache.py) under a key of the font files' contents,
 the parameters, C, and the Pillow, FreeType and Unicode database versions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,10 +65,13 @@ VISIBLE_LEVEL = 64
 # would cut the shared set to almost nothing.
 DEFAULT_FACES = tuple(
     f"DejaVu{family}{style}.ttf"
-    for family, styles in (("Sans", ("", "-Bold", "-Oblique", "-BoldOblique")),
-                           ("SansMono", ("", "-Bold", "-Oblique", "-BoldOblique")),
-                           ("Serif", ("", "-Bold", "-Italic", "-BoldItalic")))
-    for style in styles)
+    for family, styles in (
+        ("Sans", ("", "-Bold", "-Oblique", "-BoldOblique")),
+        ("SansMono", ("", "-Bold", "-Oblique", "-BoldOblique")),
+        ("Serif", ("", "-Bold", "-Italic", "-BoldItalic")),
+    )
+    for style in styles
+)
 _FORMAT = 1  # bump when the cached arrays' layout or meaning changes
 
 
@@ -91,10 +95,21 @@ class Glyphs:
 
     def dataset(self) -> Dataset:
         """The engine's view; the face of each sample is its group."""
-        info = {"code_points": list(self.code_points), "faces": list(self.face_names),
-                "renders_per_face": self.renders_per_face, "seed": self.seed}
-        return Dataset(f"glyphs{self.num_classes}", self.x, self.y, self.num_classes,
-                       groups=self.faces, group_names=self.face_names, info=info)
+        info = {
+            "code_points": list(self.code_points),
+            "faces": list(self.face_names),
+            "renders_per_face": self.renders_per_face,
+            "seed": self.seed,
+        }
+        return Dataset(
+            f"glyphs{self.num_classes}",
+            self.x,
+            self.y,
+            self.num_classes,
+            groups=self.faces,
+            group_names=self.face_names,
+            info=info,
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -103,6 +118,7 @@ class Glyphs:
 def font_folder() -> str:
     """matplotlib's bundled TrueType fonts."""
     import matplotlib
+
     return os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
 
 
@@ -164,8 +180,9 @@ def _place(font, char: str):
     room = side - 2 * MARGIN
     shrink = min(1.0, room / ink.width, room / ink.height)
     if shrink < 1.0:
-        ink = ink.resize((max(1, round(ink.width * shrink)), max(1, round(ink.height * shrink))),
-                         Image.Resampling.LANCZOS)
+        ink = ink.resize(
+            (max(1, round(ink.width * shrink)), max(1, round(ink.height * shrink))), Image.Resampling.LANCZOS
+        )
         top *= shrink
     left = (side - ink.width) // 2
     y = int(round(BASELINE * side + top))
@@ -178,8 +195,7 @@ def _place(font, char: str):
 def _downsample(image) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX),
-                      dtype=np.uint8)
+    return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX), dtype=np.uint8)
 
 
 def _jitter(image, rng: np.random.Generator):
@@ -196,8 +212,9 @@ def _jitter(image, rng: np.random.Generator):
     inv = np.array([[cos, sin], [-sin, cos]])
     offset = centre - inv @ (np.array([centre, centre]) + shift)
     data = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
-    return image.transform(image.size, Image.Transform.AFFINE, data,
-                           resample=Image.Resampling.BICUBIC, fillcolor=0)
+    return image.transform(
+        image.size, Image.Transform.AFFINE, data, resample=Image.Resampling.BICUBIC, fillcolor=0
+    )
 
 
 def select_classes(fonts: Sequence[str], num_classes: Optional[int]) -> List[int]:
@@ -229,16 +246,17 @@ def select_classes(fonts: Sequence[str], num_classes: Optional[int]) -> List[int
     if num_classes is not None and len(kept) < num_classes:
         raise ValueError(
             f"--num-classes {num_classes} exceeds the {len(kept)} glyph classes these "
-            f"{len(fonts)} fonts share")
+            f"{len(fonts)} fonts share"
+        )
     return kept
 
 
-def render(fonts: Sequence[str], code_points: Sequence[int], renders_per_face: int,
-           seed: int) -> np.ndarray:
+def render(fonts: Sequence[str], code_points: Sequence[int], renders_per_face: int, seed: int) -> np.ndarray:
     """uint8 [C * faces * renders, 20, 20]: ordered by class, face, render."""
     loaded = _load_fonts(fonts)
-    out = np.empty((len(code_points) * len(loaded) * renders_per_face, IMAGE_SIZE, IMAGE_SIZE),
-                   dtype=np.uint8)
+    out = np.empty(
+        (len(code_points) * len(loaded) * renders_per_face, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8
+    )
     i = 0
     for code in code_points:
         for face, font in enumerate(loaded):
@@ -264,19 +282,31 @@ def glyphs_key(fonts: Sequence[str], num_classes: int, renders_per_face: int, se
     import PIL
     from PIL import features
 
-    return cache.key_of({
-        "kind": "glyphs", "format": _FORMAT, "fonts": [_file_sha256(p) for p in fonts],
-        "num_classes": num_classes, "renders_per_face": renders_per_face, "seed": seed,
-        "image": [IMAGE_SIZE, SUPERSAMPLE, FONT_SIZE, BASELINE, MARGIN],
-        "jitter": [MAX_ROTATION, list(SCALE_RANGE), MAX_SHIFT], "visible": VISIBLE_LEVEL,
-        "pillow": PIL.__version__, "freetype": features.version("freetype2"),
-        "unicode": unicodedata.unidata_version})
+    return cache.key_of(
+        {
+            "kind": "glyphs",
+            "format": _FORMAT,
+            "fonts": [_file_sha256(p) for p in fonts],
+            "num_classes": num_classes,
+            "renders_per_face": renders_per_face,
+            "seed": seed,
+            "image": [IMAGE_SIZE, SUPERSAMPLE, FONT_SIZE, BASELINE, MARGIN],
+            "jitter": [MAX_ROTATION, list(SCALE_RANGE), MAX_SHIFT],
+            "visible": VISIBLE_LEVEL,
+            "pillow": PIL.__version__,
+            "freetype": features.version("freetype2"),
+            "unicode": unicodedata.unidata_version,
+        }
+    )
 
 
-def load_glyphs(num_classes: int = DEFAULT_NUM_CLASSES,
-                renders_per_face: int = DEFAULT_RENDERS_PER_FACE, seed: int = 0,
-                fonts: Optional[Sequence[str]] = None,
-                cache_dir: Optional[str] = None) -> Glyphs:
+def load_glyphs(
+    num_classes: int = DEFAULT_NUM_CLASSES,
+    renders_per_face: int = DEFAULT_RENDERS_PER_FACE,
+    seed: int = 0,
+    fonts: Optional[Sequence[str]] = None,
+    cache_dir: Optional[str] = None,
+) -> Glyphs:
     """The glyphs task with the first ``num_classes`` classes,
     ``renders_per_face`` jittered renders of each class in each face.
 
@@ -289,14 +319,19 @@ def load_glyphs(num_classes: int = DEFAULT_NUM_CLASSES,
     if not isinstance(renders_per_face, int) or renders_per_face < 1:
         raise ValueError(f"renders_per_face must be an integer >= 1, got {renders_per_face!r}")
     fonts = _check_fonts(default_fonts() if fonts is None else list(fonts))
-    path = os.path.join(cache.cache_dir(cache_dir), "glyphs",
-                        f"glyphs-{glyphs_key(fonts, num_classes, renders_per_face, seed)}.npz")
+    path = os.path.join(
+        cache.cache_dir(cache_dir),
+        "glyphs",
+        f"glyphs-{glyphs_key(fonts, num_classes, renders_per_face, seed)}.npz",
+    )
     if os.path.isfile(path):
         arrays = cache.load_arrays(path)
     else:
         chosen = select_classes(fonts, num_classes)
-        arrays = {"images": render(fonts, chosen, renders_per_face, seed),
-                  "code_points": np.asarray(chosen, dtype=np.int64)}
+        arrays = {
+            "images": render(fonts, chosen, renders_per_face, seed),
+            "code_points": np.asarray(chosen, dtype=np.int64),
+        }
         cache.save_arrays(path, **arrays)
     codes = tuple(int(c) for c in arrays["code_points"])
     per_class = len(fonts) * renders_per_face
@@ -309,10 +344,12 @@ def load_glyphs(num_classes: int = DEFAULT_NUM_CLASSES,
 
 def _from_config(cfg) -> Dataset:
     fonts = getattr(cfg, "fonts", None)
-    return load_glyphs(cfg.num_classes,
-                       getattr(cfg, "renders_per_face", DEFAULT_RENDERS_PER_FACE),
-                       fonts=list(fonts) if fonts else None,
-                       cache_dir=getattr(cfg, "cache_dir", None)).dataset()
+    return load_glyphs(
+        cfg.num_classes,
+        getattr(cfg, "renders_per_face", DEFAULT_RENDERS_PER_FACE),
+        fonts=list(fonts) if fonts else None,
+        cache_dir=getattr(cfg, "cache_dir", None),
+    ).dataset()
 
 
 # Characters rendered from matplotlib's DejaVu fonts. Registered here rather

@@ -3,6 +3,7 @@
 Each returns a list of index arrays (one shard per peer, sorted, disjoint).
 Randomness comes only from the ``np.random.Generator`` passed in.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -19,24 +20,28 @@ def _check_common(labels: np.ndarray, num_peers: int, min_size: int) -> None:
         raise ValueError(f"min_shard_size must be >= 0, got {min_size}")
     n = len(labels)
     if num_peers > n:
-        raise ValueError(
-            f"peers ({num_peers}) exceeds the {n} training samples: every peer needs data")
+        raise ValueError(f"peers ({num_peers}) exceeds the {n} training samples: every peer needs data")
     if num_peers * max(min_size, 1) > n:
         raise ValueError(
-            f"peers ({num_peers}) x min_shard_size ({max(min_size, 1)}) exceeds the "
-            f"{n} training samples")
+            f"peers ({num_peers}) x min_shard_size ({max(min_size, 1)}) exceeds the {n} training samples"
+        )
 
 
-def iid(labels: np.ndarray, num_peers: int, rng: np.random.Generator,
-        min_size: int = 1) -> List[np.ndarray]:
+def iid(labels: np.ndarray, num_peers: int, rng: np.random.Generator, min_size: int = 1) -> List[np.ndarray]:
     """A uniformly random split into shards whose sizes differ by at most one."""
     _check_common(labels, num_peers, min_size)
     perm = rng.permutation(len(labels))
     return [np.sort(part) for part in np.array_split(perm, num_peers)]
 
 
-def dirichlet(labels: np.ndarray, num_peers: int, alpha: float, rng: np.random.Generator,
-              min_size: int = 1, max_retries: int = 100) -> List[np.ndarray]:
+def dirichlet(
+    labels: np.ndarray,
+    num_peers: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 1,
+    max_retries: int = 100,
+) -> List[np.ndarray]:
     """Label skew: for each class, the shares of the peers are drawn from
     Dirichlet(alpha); small alpha gives peers few classes.
 
@@ -67,11 +72,13 @@ def dirichlet(labels: np.ndarray, num_peers: int, alpha: float, rng: np.random.G
         f"Dirichlet(alpha={alpha}) partition over {num_peers} peers found no draw with "
         f"every shard >= min_shard_size={max(min_size, 1)} in {max_retries} tries (last "
         f"smallest shard: {smallest}); raise alpha, lower min_shard_size or peers, or "
-        f"raise max_retries")
+        f"raise max_retries"
+    )
 
 
-def classes_per_peer(labels: np.ndarray, num_peers: int, k: int,
-                     rng: np.random.Generator, min_size: int = 1) -> List[np.ndarray]:
+def classes_per_peer(
+    labels: np.ndarray, num_peers: int, k: int, rng: np.random.Generator, min_size: int = 1
+) -> List[np.ndarray]:
     """Pathological skew: each peer holds exactly ``k`` classes.
 
     Classes are dealt round-robin over a random class order, so with
@@ -97,12 +104,14 @@ def classes_per_peer(labels: np.ndarray, num_peers: int, k: int,
     if smallest < max(min_size, 1):
         raise ValueError(
             f"classes_per_peer={k} over {num_peers} peers leaves a shard of {smallest} "
-            f"samples, below min_shard_size={max(min_size, 1)}; use fewer peers or more classes")
+            f"samples, below min_shard_size={max(min_size, 1)}; use fewer peers or more classes"
+        )
     return out
 
 
-def by_group(groups: np.ndarray, num_peers: int, rng: np.random.Generator,
-             min_size: int = 1) -> List[np.ndarray]:
+def by_group(
+    groups: np.ndarray, num_peers: int, rng: np.random.Generator, min_size: int = 1
+) -> List[np.ndarray]:
     """Feature skew by group: all samples of a group (pytext: a module or
     package; glyphs: a font face) go to one peer, and the groups are dealt so
     that shard sizes balance: largest group first (equal sizes in a random
@@ -112,8 +121,10 @@ def by_group(groups: np.ndarray, num_peers: int, rng: np.random.Generator,
     _check_common(groups, num_peers, min_size)
     names, sizes = np.unique(groups, return_counts=True)
     if num_peers > len(names):
-        raise ValueError(f"partition by group: peers ({num_peers}) exceeds the {len(names)} "
-                         f"groups of the training samples; every peer needs a group")
+        raise ValueError(
+            f"partition by group: peers ({num_peers}) exceeds the {len(names)} "
+            f"groups of the training samples; every peer needs a group"
+        )
     tie_break = rng.permutation(len(names))
     order = sorted(range(len(names)), key=lambda g: (-sizes[g], tie_break[g]))
     load = np.zeros(num_peers, dtype=np.int64)
@@ -129,7 +140,8 @@ def by_group(groups: np.ndarray, num_peers: int, rng: np.random.Generator,
     if smallest < max(min_size, 1):
         raise ValueError(
             f"partition by group over {num_peers} peers leaves a shard of {smallest} samples, "
-            f"below min_shard_size={max(min_size, 1)}; use fewer peers")
+            f"below min_shard_size={max(min_size, 1)}; use fewer peers"
+        )
     return out
 
 
@@ -137,8 +149,9 @@ def class_counts(labels: np.ndarray, shards: List[np.ndarray], num_classes: int)
     """[peers, classes] number of samples of each class in each shard. For
     sequence labels ``[N, T]`` a sample is a target token: the count is how
     many of the shard's target positions hold each class, padding (-1) left out."""
+
     def count(s: np.ndarray) -> np.ndarray:
         held = labels[s].reshape(-1)
         return np.bincount(held[held >= 0], minlength=num_classes)
-    return np.stack([count(s) for s in shards]) \
-        if shards else np.zeros((0, num_classes), np.int64)
+
+    return np.stack([count(s) for s in shards]) if shards else np.zeros((0, num_classes), np.int64)

@@ -7,6 +7,7 @@ session's probe seed and the round, so a peer that receives the seed can
 rebuild the subset of any round (including the previous one, whose consensus
 it distills on) without holding state.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,8 @@ def probe_subset(pool_size: int, num_probes: int, probe_seed: int, round_index: 
     if num_probes > pool_size:
         raise ValueError(
             f"probes_per_round ({num_probes}) exceeds the probe pool of {pool_size} samples; "
-            f"lower probes_per_round or raise probe_fraction")
+            f"lower probes_per_round or raise probe_fraction"
+        )
     if round_index < 0:
         raise ValueError(f"round must be >= 0, got {round_index}")
     rng = np.random.default_rng([int(probe_seed), int(round_index)])

@@ -9,13 +9,15 @@ Two behaviours (``adversarial_mode``):
   ``2 * w_global - w``, i.e. the honest update reversed.
 Pure functions of their inputs and an explicit generator.
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def corrupt_labels(labels: torch.Tensor, num_classes: int, mode: str,
-                   generator: torch.Generator) -> torch.Tensor:
+def corrupt_labels(
+    labels: torch.Tensor, num_classes: int, mode: str, generator: torch.Generator
+) -> torch.Tensor:
     if mode == "random":
         return torch.randint(num_classes, labels.shape, generator=generator)
     if mode == "flip":
@@ -32,8 +34,9 @@ def corrupt_probs(probs: torch.Tensor, mode: str, generator: torch.Generator) ->
     raise ValueError(f"unknown adversarial mode {mode!r}")
 
 
-def corrupt_params(vector: torch.Tensor, reference: torch.Tensor, mode: str,
-                   generator: torch.Generator) -> torch.Tensor:
+def corrupt_params(
+    vector: torch.Tensor, reference: torch.Tensor, mode: str, generator: torch.Generator
+) -> torch.Tensor:
     if mode == "random":
         noise = torch.randn(vector.shape, generator=generator, dtype=vector.dtype)
         spread = vector.std() if vector.numel() > 1 else vector.new_zeros(())  # no NaN at 1

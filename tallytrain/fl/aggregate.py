@@ -2,6 +2,7 @@
 
 The methods call these; tests check them against hand-worked cases.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -20,7 +21,8 @@ def weighted_average(vectors: torch.Tensor, weights: Sequence[float]) -> torch.T
     if vectors.dim() != 2 or w.numel() != vectors.shape[0]:
         raise ValueError(
             f"weights must have one entry per row of vectors [P, M]; got {w.numel()} weights "
-            f"for shape {tuple(vectors.shape)}")
+            f"for shape {tuple(vectors.shape)}"
+        )
     if vectors.shape[0] == 0:
         raise ValueError("weighted_average needs at least one vector")
     if bool((w < 0).any()) or float(w.sum()) <= 0:
@@ -46,8 +48,9 @@ def sharpen(avg: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(avg.float() / temperature, dim=-1)
 
 
-def consensus(label: torch.Tensor, count: torch.Tensor, total: torch.Tensor,
-              threshold: float = 0.0, min_votes: int = 1) -> Consensus:
+def consensus(
+    label: torch.Tensor, count: torch.Tensor, total: torch.Tensor, threshold: float = 0.0, min_votes: int = 1
+) -> Consensus:
     """From a tally to a consensus: a probe is kept when its winner has at
     least ``min_votes`` votes and a share count/total of at least
     ``threshold`` (compared as count >= threshold * total in float64, so 0.5
@@ -58,8 +61,7 @@ def consensus(label: torch.Tensor, count: torch.Tensor, total: torch.Tensor,
     This is ``tallytrain.Consensus.from_counts`` (the rule ``tallytrain.tally``
     applies) under the engine's argument names; it returns the public
     ``tallytrain.Consensus``."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
-            or not 0.0 <= threshold <= 1.0:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     return Consensus.from_counts(label, count, total, agreement=threshold, min_votes=min_votes)
 
@@ -70,8 +72,9 @@ def mean_agreement(c: Consensus) -> Optional[float]:
     return float(c.agreement[voted].mean()) if bool(voted.any()) else None
 
 
-def labels_accuracy(labels: torch.Tensor, truth: torch.Tensor,
-                    keep: Optional[torch.Tensor] = None) -> Optional[float]:
+def labels_accuracy(
+    labels: torch.Tensor, truth: torch.Tensor, keep: Optional[torch.Tensor] = None
+) -> Optional[float]:
     """Share of (kept) probes whose label equals the hidden true label."""
     mask = labels >= 0 if keep is None else keep & (labels >= 0)
     if not bool(mask.any()):
@@ -79,8 +82,9 @@ def labels_accuracy(labels: torch.Tensor, truth: torch.Tensor,
     return float((labels[mask] == truth[mask]).float().mean())
 
 
-def share_agreeing(peer_labels: torch.Tensor, consensus_labels: torch.Tensor,
-                   mask: Optional[torch.Tensor] = None) -> Optional[float]:
+def share_agreeing(
+    peer_labels: torch.Tensor, consensus_labels: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> Optional[float]:
     """Mean over probes of the share of peers whose label [P, N] equals the
     consensus label [N] (the agreement measure for methods that do not tally);
     ``mask`` [N] (e.g. [N, T] with padding False) limits it to some positions."""

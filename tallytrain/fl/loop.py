@@ -8,6 +8,7 @@ the state after round r is just the parameters, the method's state, the
 ledger and the metrics: that is what a checkpoint holds, and a resumed run
 continues exactly as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,16 @@ import torch.nn.functional as F
 from ..comm import Channel, Envelope, Ledger
 from ..data import FederatedData, probe_subset
 from ..models import SEQUENCE_ARCHS, build_model
-from ..streams import (ADVERSARY_STREAM, DISTILL_STREAM, INIT_STREAM, PROBE_STREAM,  # noqa: F401
-                       ROLE_STREAM, SELECT_STREAM, SERVER_STREAM, TRAIN_STREAM, seed_int)
+from ..streams import (
+    ADVERSARY_STREAM,
+    DISTILL_STREAM,
+    INIT_STREAM,
+    PROBE_STREAM,
+    ROLE_STREAM,
+    SELECT_STREAM,
+    TRAIN_STREAM,
+    seed_int,
+)
 from .config import RunConfig, config_diff
 from .peer import LossFn, Objective, Population, hard_label_loss, rows_per_chunk
 from .registry import get_method
@@ -34,8 +43,19 @@ from .server import select_peers
 
 # "support" is the support-aware abstention's local check (fl/support.py): a
 # protocol step that is not one of the ops, kept apart so that "ops" is the ops.
-PHASES = ("local_training", "distillation", "joint_training", "inference", "ops", "support",
-          "messaging", "aggregation", "evaluation", "checkpoint", "other")
+PHASES = (
+    "local_training",
+    "distillation",
+    "joint_training",
+    "inference",
+    "ops",
+    "support",
+    "messaging",
+    "aggregation",
+    "evaluation",
+    "checkpoint",
+    "other",
+)
 CHECKPOINT_VERSION = 1
 
 
@@ -79,20 +99,26 @@ def validate(cfg: RunConfig, data: FederatedData) -> None:
     if cfg.protocol.probes_per_round > len(data.y_probe):
         raise ValueError(
             f"probes_per_round ({cfg.protocol.probes_per_round}) exceeds the probe pool of "
-            f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction")
+            f"{len(data.y_probe)} samples; lower probes_per_round or raise probe_fraction"
+        )
     archs = peer_archs(cfg)
     wrong = [a for a in dict.fromkeys(archs) if (a in SEQUENCE_ARCHS) != data.sequence]
     if wrong:
         raise ValueError(
             f"--archs {','.join(wrong)} does not fit dataset {cfg.data.dataset!r}: "
-            + (f"its samples are token windows with a label per position; use --archs "
-               f"{','.join(SEQUENCE_ARCHS)}" if data.sequence else
-               f"arch {wrong[0]!r} needs token windows (a text dataset such as pytext)"))
+            + (
+                f"its samples are token windows with a label per position; use --archs "
+                f"{','.join(SEQUENCE_ARCHS)}"
+                if data.sequence
+                else f"arch {wrong[0]!r} needs token windows (a text dataset such as pytext)"
+            )
+        )
     if method_cls.averages_parameters and len(set(archs)) > 1:
         raise ValueError(
             f"method {cfg.method!r} averages parameters, so every peer needs the same "
             f"architecture; got archs {','.join(cfg.model.archs)}. Mixed architectures "
-            f"work with the distillation methods (tallytrain, softlabel) and local")
+            f"work with the distillation methods (tallytrain, softlabel) and local"
+        )
     method_cls.check(cfg)
     for arch in dict.fromkeys(archs):  # templates live on the meta device: no parameters
         build_model(arch, data.input_shape, data.num_classes, cfg.model.hidden)
@@ -106,8 +132,7 @@ class Federation:
     only that peer's shard (the others empty); the Flower server holds none.
     Models, shards and the method's per-peer state exist only for held peers."""
 
-    def __init__(self, cfg: RunConfig, data: FederatedData,
-                 peers: Optional[Sequence[int]] = None):
+    def __init__(self, cfg: RunConfig, data: FederatedData, peers: Optional[Sequence[int]] = None):
         validate(cfg, data)
         method_cls = get_method(cfg.method)
         self.cfg = cfg
@@ -132,13 +157,13 @@ class Federation:
         self.adversarial = np.zeros(p, bool)
         self.adversarial[roles[:n_adv]] = True
         self.undertrained = np.zeros(p, bool)
-        self.undertrained[roles[n_adv:n_adv + n_under]] = True
-        self.local_steps = [cfg.train.undertrained_steps if u else cfg.train.local_steps
-                            for u in self.undertrained]
+        self.undertrained[roles[n_adv : n_adv + n_under]] = True
+        self.local_steps = [
+            cfg.train.undertrained_steps if u else cfg.train.local_steps for u in self.undertrained
+        ]
         # Only held peers' shards are used; the sizes of all are known to the
         # server (a Flower server learns them from the nodes when they connect).
-        self.shard_pools = {q: torch.from_numpy(data.shards[q].astype(np.int64))
-                            for q in self.peers}
+        self.shard_pools = {q: torch.from_numpy(data.shards[q].astype(np.int64)) for q in self.peers}
         self.shard_sizes = [len(s) for s in data.shards]
         self.round = 0
         self.metrics: List[dict] = []
@@ -150,32 +175,54 @@ class Federation:
 
     def probe_indices(self, r: int, probe_seed: Optional[int] = None) -> torch.Tensor:
         seed = self.probe_seed if probe_seed is None else probe_seed
-        return torch.from_numpy(probe_subset(len(self.data.y_probe),
-                                             self.cfg.protocol.probes_per_round, seed, r))
+        return torch.from_numpy(
+            probe_subset(len(self.data.y_probe), self.cfg.protocol.probes_per_round, seed, r)
+        )
 
     # ---- what peers do -----------------------------------------------------
     def _local_objective(self, peers: Sequence[int]) -> Objective:
         t = self.cfg.train
-        return Objective([self.shard_pools[p] for p in peers], self.data.x_train,
-                         self.data.y_train, t.batch_size, hard_label_loss)
+        return Objective(
+            [self.shard_pools[p] for p in peers],
+            self.data.x_train,
+            self.data.y_train,
+            t.batch_size,
+            hard_label_loss,
+        )
 
     def new_population(self) -> Population:
         """Every held peer's model as initialised at the start of the run."""
         return Population(
-            self.archs, self.data.input_shape, self.data.num_classes, self.cfg.model.hidden,
-            [self.generator(INIT_STREAM, i) for i in range(self.cfg.peers)], self.peers)
+            self.archs,
+            self.data.input_shape,
+            self.data.num_classes,
+            self.cfg.model.hidden,
+            [self.generator(INIT_STREAM, i) for i in range(self.cfg.peers)],
+            self.peers,
+        )
 
-    def train_local(self, r: int, peers: Sequence[int], prox_mu: float = 0.0,
-                    prox_ref: Optional[torch.Tensor] = None,
-                    population: Optional[Population] = None) -> None:
+    def train_local(
+        self,
+        r: int,
+        peers: Sequence[int],
+        prox_mu: float = 0.0,
+        prox_ref: Optional[torch.Tensor] = None,
+        population: Optional[Population] = None,
+    ) -> None:
         """Each peer's minibatch steps on its own shard (hard labels), on its
         model in ``population`` (default: the peers' models)."""
         population = self.population if population is None else population
         with self.timer("local_training"):
             population.fit(
-                peers, [self.local_steps[p] for p in peers], [self._local_objective(peers)],
-                self.cfg.train.lr, [self.generator(TRAIN_STREAM, r, p) for p in peers],
-                prox_mu, prox_ref, self.cfg.train.peer_batch)
+                peers,
+                [self.local_steps[p] for p in peers],
+                [self._local_objective(peers)],
+                self.cfg.train.lr,
+                [self.generator(TRAIN_STREAM, r, p) for p in peers],
+                prox_mu,
+                prox_ref,
+                self.cfg.train.peer_batch,
+            )
 
     def distill_batch(self, pool_size: int, steps: int) -> int:
         """The distillation batch for a pool of ``pool_size`` targets learnt
@@ -190,8 +237,7 @@ class Federation:
         want = math.ceil(t.distill_epochs * pool_size / steps)
         return min(max(want, t.distill_batch_size), t.distill_batch_max)
 
-    def learn(self, r: int, peers: Sequence[int], targets: Dict[int, tuple],
-              loss_fn: LossFn) -> None:
+    def learn(self, r: int, peers: Sequence[int], targets: Dict[int, tuple], loss_fn: LossFn) -> None:
         """A distillation method's peer step. ``targets[peer] = (x, y, pool)``:
         the peer's distillation targets ``y`` for the inputs ``x``, ``pool``
         the usable rows; an optional fourth item is a key that is equal
@@ -211,8 +257,9 @@ class Federation:
 
         def objective(members: List[int], weight: float, steps: int) -> Objective:
             x, y, pool = targets[members[0]][:3]
-            return Objective([pool] * len(members), x, y, self.distill_batch(len(pool), steps),
-                             loss_fn, weight)
+            return Objective(
+                [pool] * len(members), x, y, self.distill_batch(len(pool), steps), loss_fn, weight
+            )
 
         if t.order == "joint":
             # One fused pass (shard loss + consensus loss per step) cannot be
@@ -220,11 +267,13 @@ class Federation:
             with self.timer("joint_training"):
                 for members in groups.values():
                     self.population.fit(
-                        members, [self.local_steps[p] for p in members],
-                        [self._local_objective(members),
-                         objective(members, t.distill_weight, t.local_steps)],
-                        t.lr, [self.generator(TRAIN_STREAM, r, p) for p in members],
-                        peer_batch=t.peer_batch)
+                        members,
+                        [self.local_steps[p] for p in members],
+                        [self._local_objective(members), objective(members, t.distill_weight, t.local_steps)],
+                        t.lr,
+                        [self.generator(TRAIN_STREAM, r, p) for p in members],
+                        peer_batch=t.peer_batch,
+                    )
             if plain:
                 self.train_local(r, plain)
             return
@@ -233,10 +282,13 @@ class Federation:
             with self.timer("distillation"):
                 for members in groups.values():
                     self.population.fit(
-                        members, [t.distill_steps] * len(members),
+                        members,
+                        [t.distill_steps] * len(members),
                         [objective(members, 1.0, t.distill_steps)],
-                        t.lr, [self.generator(DISTILL_STREAM, r, p) for p in members],
-                        peer_batch=t.peer_batch)
+                        t.lr,
+                        [self.generator(DISTILL_STREAM, r, p) for p in members],
+                        peer_batch=t.peer_batch,
+                    )
 
         if t.order == "distill-train":
             distill()
@@ -245,9 +297,13 @@ class Federation:
             self.train_local(r, peers)
             distill()
 
-    def consume_probe_logits(self, r: int, peers: Sequence[int],
-                             consume: Callable[[int, torch.Tensor], Any],
-                             population: Optional[Population] = None) -> List[Any]:
+    def consume_probe_logits(
+        self,
+        r: int,
+        peers: Sequence[int],
+        consume: Callable[[int, torch.Tensor], Any],
+        population: Optional[Population] = None,
+    ) -> List[Any]:
         """``consume(peer, logits [N, C])`` on round r's probes, one peer at a
         time (Population.predict_each): uplinks turn each peer's logits into
         its payload (a packed vote, soft labels) while they are still in
@@ -275,8 +331,13 @@ class Federation:
         transport = InProcess(self) if transport is None else transport
         start = time.perf_counter()
         before = sum(self.timer.seconds.values())
-        selected = select_peers(self.cfg.peers, self.cfg.protocol.participation,
-                                self.cfg.seed, SELECT_STREAM, self.method.selection_round(r))
+        selected = select_peers(
+            self.cfg.peers,
+            self.cfg.protocol.participation,
+            self.cfg.seed,
+            SELECT_STREAM,
+            self.method.selection_round(r),
+        )
         reachable, failures = transport.reachable(selected)
         # Downlink bytes are counted when sent: a server cannot know which arrive.
         sent = [env for env in self.method.downlink(r, selected) if env.receiver in reachable]
@@ -284,8 +345,10 @@ class Federation:
         failures.update(result.failures)
         answered = result.answered
         if not answered:
-            raise RuntimeError(f"round {r}: no peer answered; " + "; ".join(
-                f"peer {p}: {why}" for p, why in sorted(failures.items())))
+            raise RuntimeError(
+                f"round {r}: no peer answered; "
+                + "; ".join(f"peer {p}: {why}" for p, why in sorted(failures.items()))
+            )
         received = self.channel.deliver(r, result.uplink)
         with self.timer("aggregation"):
             stats = self.method.aggregate(r, answered, received)
@@ -301,8 +364,10 @@ class Federation:
                 failures.setdefault(p, why)
             scores = result.scores
             if scores is not None and not scores:
-                raise RuntimeError(f"round {r}: no peer applied the round's reply; " + "; ".join(
-                    f"peer {p}: {why}" for p, why in sorted(failures.items())))
+                raise RuntimeError(
+                    f"round {r}: no peer applied the round's reply; "
+                    + "; ".join(f"peer {p}: {why}" for p, why in sorted(failures.items()))
+                )
         with self.timer("evaluation"):
             if scores is None:  # the peers are here: evaluate them here
                 row = self.evaluate(r, stats)
@@ -310,8 +375,11 @@ class Federation:
                 peers = sorted(scores)
                 ppl = [scores[p][1] for p in peers]
                 row = self.metrics_row(
-                    r, stats, torch.tensor([scores[p][0] for p in peers]),
-                    None if None in ppl else torch.tensor(ppl, dtype=torch.float64))
+                    r,
+                    stats,
+                    torch.tensor([scores[p][0] for p in peers]),
+                    None if None in ppl else torch.tensor(ppl, dtype=torch.float64),
+                )
         transport.annotate(r, row, answered, failures)
         elapsed = time.perf_counter() - start
         self.timer.seconds["other"] += elapsed - (sum(self.timer.seconds.values()) - before)
@@ -332,10 +400,12 @@ class Federation:
         if not self.data.sequence:
             y = self.data.y_test
             acc = self.population.predict_each(
-                self.data.x_test, peers, lambda j, logits: (logits.argmax(-1) == y).float().mean())
+                self.data.x_test, peers, lambda j, logits: (logits.argmax(-1) == y).float().mean()
+            )
             return torch.stack(acc), None
         return self.sequence_scores(
-            lambda x, score: self.population.predict_each(x, peers, lambda j, lg: score(lg)))
+            lambda x, score: self.population.predict_each(x, peers, lambda j, lg: score(lg))
+        )
 
     def sequence_scores(self, predict: Callable) -> tuple:
         """Next-token top-1 accuracy (float32 [M]) and perplexity (float64 [M])
@@ -348,17 +418,20 @@ class Federation:
         step = rows_per_chunk(math.prod(y.shape[1:]))
         totals: Optional[torch.Tensor] = None
         for i in range(0, len(x), step):
-            target = y[i:i + step]
+            target = y[i : i + step]
             real = target >= 0
 
             # Bound as defaults: predict calls score within this iteration.
             def score(logits: torch.Tensor, target=target, real=real) -> tuple:
                 correct = int(((logits.argmax(-1) == target) & real).sum())
-                nll = float(F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(),
-                                            ignore_index=-1, reduction="sum"))
+                nll = float(
+                    F.cross_entropy(
+                        logits.flatten(0, -2).float(), target.flatten(), ignore_index=-1, reduction="sum"
+                    )
+                )
                 return correct, nll
 
-            chunk = torch.tensor(predict(x[i:i + step], score), dtype=torch.float64)
+            chunk = torch.tensor(predict(x[i : i + step], score), dtype=torch.float64)
             totals = chunk if totals is None else totals + chunk
         if totals is None:
             raise ValueError("the test split is empty")
@@ -366,8 +439,9 @@ class Federation:
         return (totals[:, 0] / count).float(), torch.exp(totals[:, 1] / count)
 
     @torch.no_grad()
-    def metrics_row(self, r: int, stats, peer_acc: torch.Tensor,
-                    peer_ppl: Optional[torch.Tensor] = None) -> dict:
+    def metrics_row(
+        self, r: int, stats, peer_acc: torch.Tensor, peer_ppl: Optional[torch.Tensor] = None
+    ) -> dict:
         """Round r's metrics from the aggregation's stats and the test accuracy
         of each evaluated peer (``peer_acc`` [P']; the Flower adapter passes
         those its nodes measured). Sequence tasks add perplexity (``peer_ppl``
@@ -380,8 +454,7 @@ class Federation:
             group = self.population.single_group
             params = group.unflatten(g[None])
             if self.data.sequence:
-                acc, ppl = self.sequence_scores(
-                    lambda x, score: [score(group.predict(x, params=params)[0])])
+                acc, ppl = self.sequence_scores(lambda x, score: [score(group.predict(x, params=params)[0])])
                 global_acc, global_ppl = float(acc[0]), float(ppl[0])
             else:
                 glog = group.predict(self.data.x_test, params=params)
@@ -389,25 +462,39 @@ class Federation:
         now, cum = self.ledger.totals(r), self.ledger.totals()
         mean_acc = float(peer_acc.mean())
         row = {
-            "method": self.cfg.method, "seed": self.cfg.seed, "round": r,
+            "method": self.cfg.method,
+            "seed": self.cfg.seed,
+            "round": r,
             "accuracy": global_acc if global_acc is not None else mean_acc,
-            "peer_acc_mean": mean_acc, "peer_acc_min": float(peer_acc.min()),
-            "peer_acc_max": float(peer_acc.max()), "global_acc": global_acc,
-            "consensus_acc": stats.consensus_acc, "agreement": stats.agreement,
+            "peer_acc_mean": mean_acc,
+            "peer_acc_min": float(peer_acc.min()),
+            "peer_acc_max": float(peer_acc.max()),
+            "global_acc": global_acc,
+            "consensus_acc": stats.consensus_acc,
+            "agreement": stats.agreement,
             "kept_fraction": stats.kept_fraction,
-            "classes_covered": stats.classes_covered, "memory_fraction": stats.memory_fraction,
-            "memory_acc": stats.memory_acc, "abstained": stats.abstained,
-            "bytes_up": now["uplink"], "bytes_down": now["downlink"], "bytes": now["total"],
-            "cum_bytes_up": cum["uplink"], "cum_bytes_down": cum["downlink"],
+            "classes_covered": stats.classes_covered,
+            "memory_fraction": stats.memory_fraction,
+            "memory_acc": stats.memory_acc,
+            "abstained": stats.abstained,
+            "bytes_up": now["uplink"],
+            "bytes_down": now["downlink"],
+            "bytes": now["total"],
+            "cum_bytes_up": cum["uplink"],
+            "cum_bytes_down": cum["downlink"],
             "cum_bytes": cum["total"],
         }
         if peer_ppl is not None:
             # The deployed model's, like accuracy: the global model where
             # there is one, else the mean over peers of each peer's own.
             mean_ppl = float(peer_ppl.mean())
-            row.update(perplexity=global_ppl if global_ppl is not None else mean_ppl,
-                       peer_ppl_mean=mean_ppl, peer_ppl_min=float(peer_ppl.min()),
-                       peer_ppl_max=float(peer_ppl.max()), global_ppl=global_ppl)
+            row.update(
+                perplexity=global_ppl if global_ppl is not None else mean_ppl,
+                peer_ppl_mean=mean_ppl,
+                peer_ppl_min=float(peer_ppl.min()),
+                peer_ppl_max=float(peer_ppl.max()),
+                global_ppl=global_ppl,
+            )
         return row
 
     def run(self, on_round: Optional[Callable[["Federation"], None]] = None) -> None:
@@ -419,10 +506,16 @@ class Federation:
 
     # ---- checkpoints --------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": CHECKPOINT_VERSION, "config": self.cfg.to_dict(),
-                "round": self.round, "population": self.population.state_dict(),
-                "method": self.method.state_dict(), "ledger": self.ledger.state_dict(),
-                "metrics": [dict(m) for m in self.metrics], "timer": dict(self.timer.seconds)}
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.cfg.to_dict(),
+            "round": self.round,
+            "population": self.population.state_dict(),
+            "method": self.method.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "metrics": [dict(m) for m in self.metrics],
+            "timer": dict(self.timer.seconds),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
@@ -446,8 +539,8 @@ class Federation:
 class PeerResult:
     """What a transport brings back from the peers of one exchange."""
 
-    answered: List[int]           # peers that answered, sorted
-    uplink: List[Envelope]        # their messages, in peer order (not yet counted)
+    answered: List[int]  # peers that answered, sorted
+    uplink: List[Envelope]  # their messages, in peer order (not yet counted)
     # peer -> (test accuracy, perplexity or None) as the peer measured its
     # own model; None: the peers' models are in this process, evaluate here
     scores: Optional[Dict[int, tuple]] = None
@@ -528,8 +621,7 @@ def load_checkpoint(fed: Federation, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, not a torch archive, ...
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: "
-                         f"{exc})") from exc
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from exc
     try:
         fed.load_state_dict(state)
     except (KeyError, TypeError) as exc:

@@ -13,6 +13,7 @@ federation derives one from (seed, purpose, round, peer)), so a peer's stream
 does not depend on which other peers exist, and no generator state needs
 saving between rounds.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,12 +44,13 @@ def rows_per_chunk(positions_per_row: int = 1) -> int:
     return max(1, _PREDICT_POSITIONS // max(1, positions_per_row))
 
 
-def in_row_chunks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                  dim: int, positions_per_row: int = 1) -> torch.Tensor:
+def in_row_chunks(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int, positions_per_row: int = 1
+) -> torch.Tensor:
     """f over x in chunks of rows_per_chunk(positions_per_row) rows (bounded
     activation memory), the outputs joined along ``dim`` (their row dimension)."""
     step = rows_per_chunk(positions_per_row)
-    parts = [f(x[i:i + step]) for i in range(0, max(len(x), 1), step)]
+    parts = [f(x[i : i + step]) for i in range(0, max(len(x), 1), step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
@@ -63,12 +65,11 @@ def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     target (padding, or a position without a consensus label); each peer's
     loss is its mean over its real targets (0 when it has none)."""
     if labels.dim() == 2:
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                               reduction="sum") / logits.shape[1]
-    per_position = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(),
-                                   ignore_index=-1, reduction="none")
-    return per_peer_mean(per_position.view(labels.shape[0], -1),
-                         (labels >= 0).view(labels.shape[0], -1))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / logits.shape[1]
+    per_position = F.cross_entropy(
+        logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-1, reduction="none"
+    )
+    return per_peer_mean(per_position.view(labels.shape[0], -1), (labels >= 0).view(labels.shape[0], -1))
 
 
 def per_peer_mean(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,7 @@ def soft_label_loss(temperature: float) -> LossFn:
         kl = F.kl_div(logp, targets.float(), reduction="none").sum(-1) * (t * t)
         peers = targets.shape[0]
         return per_peer_mean(kl.view(peers, -1), (targets.sum(-1) > 0).view(peers, -1))
+
     return loss
 
 
@@ -110,7 +112,7 @@ def topk_label_loss(temperature: float, num_classes: int) -> LossFn:
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         k = (targets.shape[-1] - 1) // 2
         index = targets[..., :k].long()
-        value = targets[..., k:2 * k].float()
+        value = targets[..., k : 2 * k].float()
         weight = targets[..., 2 * k].float()
         logp = F.log_softmax(logits.float() / t, dim=-1)
         top_logp = logp.gather(-1, index)
@@ -124,6 +126,7 @@ def topk_label_loss(temperature: float, num_classes: int) -> LossFn:
         kl = (entropy - cross) * (t * t) * weight
         peers = targets.shape[0]
         return per_peer_mean(kl.reshape(peers, -1), (weight > 0).reshape(peers, -1))
+
     return loss
 
 
@@ -144,8 +147,8 @@ class StackedAdam:
         everyone = bool(active.all())
         self.t += active.float()
         t = self.t.clamp(min=1.0)
-        bc1 = 1.0 - self.b1 ** t
-        bc2 = 1.0 - self.b2 ** t
+        bc1 = 1.0 - self.b1**t
+        bc2 = 1.0 - self.b2**t
         for k, p in params.items():
             g = p.grad
             assert g is not None, f"parameter {k!r} has no gradient"
@@ -164,8 +167,9 @@ class StackedAdam:
                 p.sub_(torch.where(mask, self.lr * (m / bc1.view(shape)) / denom, 0.0))
 
 
-def draw_batches(pools: Sequence[torch.Tensor], steps: Sequence[int], batch: int,
-                 generators: Sequence[torch.Generator]) -> torch.Tensor:
+def draw_batches(
+    pools: Sequence[torch.Tensor], steps: Sequence[int], batch: int, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
     """[R, max(steps), batch] indices into a source tensor: row r draws its
     minibatches uniformly with replacement from ``pools[r]`` with its own
     generator; steps beyond ``steps[r]`` are zero and never used."""
@@ -237,13 +241,19 @@ class PeerGroup:
                 raise
             except Exception as exc:  # noqa: BLE001 - a real bug fails again below, unbatched
                 self.vectorised = False
-                warnings.warn(f"tallytrain: arch {self.arch!r} cannot run under torch.func.vmap "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); its "
-                              f"peers run one per call instead (same results, slower)",
-                              stacklevel=2)
+                warnings.warn(
+                    f"tallytrain: arch {self.arch!r} cannot run under torch.func.vmap "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); its "
+                    f"peers run one per call instead (same results, slower)",
+                    stacklevel=2,
+                )
         rows = next(iter(params.values())).shape[0]
-        return torch.stack([self._call({k: v[i] for k, v in params.items()},
-                                       x if x_dim is None else x[i]) for i in range(rows)])
+        return torch.stack(
+            [
+                self._call({k: v[i] for k, v in params.items()}, x if x_dim is None else x[i])
+                for i in range(rows)
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -254,8 +264,13 @@ class PeerGroup:
 
     # ---- inference ----------------------------------------------------------
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                params: Optional[Params] = None, peer_batch: int = 0) -> torch.Tensor:
+    def predict(
+        self,
+        x: torch.Tensor,
+        rows: Optional[torch.Tensor] = None,
+        params: Optional[Params] = None,
+        peer_batch: int = 0,
+    ) -> torch.Tensor:
         """Logits [R, N, C] of the selected rows (all by default) on shared x [N, ...]."""
         params = self.params if params is None else params
         if rows is not None:
@@ -264,9 +279,8 @@ class PeerGroup:
         step = peer_batch or count
         outs = []
         for p0 in range(0, count, step):
-            sub = {k: v[p0:p0 + step] for k, v in params.items()}
-            outs.append(in_row_chunks(functools.partial(self._shared, sub), x, 1,
-                                      self.positions))
+            sub = {k: v[p0 : p0 + step] for k, v in params.items()}
+            outs.append(in_row_chunks(functools.partial(self._shared, sub), x, 1, self.positions))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     @torch.no_grad()
@@ -280,13 +294,19 @@ class PeerGroup:
         measured bit-identical to the vmapped call's for the bundled
         architectures at one and two threads, so results did not change."""
         params = {k: v[row] for k, v in self.params.items()}
-        return in_row_chunks(lambda xs: functional_call(self.template, params, (xs,)), x, 0,
-                             self.positions)
+        return in_row_chunks(lambda xs: functional_call(self.template, params, (xs,)), x, 0, self.positions)
 
     # ---- training -----------------------------------------------------------
-    def fit(self, rows: torch.Tensor, steps: Sequence[int], objectives: Sequence["Batches"],
-            lr: float, prox_mu: float = 0.0, prox_ref: Optional[Params] = None,
-            peer_batch: int = 0) -> None:
+    def fit(
+        self,
+        rows: torch.Tensor,
+        steps: Sequence[int],
+        objectives: Sequence["Batches"],
+        lr: float,
+        prox_mu: float = 0.0,
+        prox_ref: Optional[Params] = None,
+        peer_batch: int = 0,
+    ) -> None:
         """Train rows ``rows`` for ``steps[i]`` Adam steps each (fresh state);
         each step's loss is the weighted sum of every objective's minibatch loss.
 
@@ -297,8 +317,9 @@ class PeerGroup:
         if s_max == 0 or not objectives:
             return
         full = len(rows) == len(self) and bool((rows == torch.arange(len(self))).all())
-        sub = {k: (v if full else v[rows]).detach().clone().requires_grad_(True)
-               for k, v in self.params.items()}
+        sub = {
+            k: (v if full else v[rows]).detach().clone().requires_grad_(True) for k, v in self.params.items()
+        }
         opt = StackedAdam(sub, lr)
         r_count = len(rows)
         chunk = peer_batch or r_count
@@ -306,7 +327,7 @@ class PeerGroup:
             active = steps_t > s
             act = torch.nonzero(active).flatten()
             for c0 in range(0, len(act), chunk):
-                idx = act[c0:c0 + chunk]
+                idx = act[c0 : c0 + chunk]
                 whole = len(idx) == r_count
                 p = sub if whole else {k: v[idx] for k, v in sub.items()}
                 loss: Union[float, torch.Tensor] = 0.0
@@ -340,7 +361,7 @@ class PeerGroup:
         out, i = {}, 0
         for k, v in self.params.items():
             n = math.prod(v.shape[1:])
-            out[k] = flat[:, i:i + n].reshape((flat.shape[0],) + tuple(v.shape[1:])).clone()
+            out[k] = flat[:, i : i + n].reshape((flat.shape[0],) + tuple(v.shape[1:])).clone()
             i += n
         if i != flat.shape[1]:
             raise ValueError(f"flat parameters have {flat.shape[1]} entries, the model {i}")
@@ -351,8 +372,9 @@ class PeerGroup:
             self.params[k][rows] = v
 
 
-def make_group(arch: str, ids: List, input_shape, num_classes: int, hidden: int,
-               generators: Sequence[torch.Generator]) -> PeerGroup:
+def make_group(
+    arch: str, ids: List, input_shape, num_classes: int, hidden: int, generators: Sequence[torch.Generator]
+) -> PeerGroup:
     """A group whose member i is initialised from ``generators[i]``. With no
     generators the group has no members, only the architecture: a process
     that holds none of its peers (a Flower server, another peer's node)
@@ -360,8 +382,9 @@ def make_group(arch: str, ids: List, input_shape, num_classes: int, hidden: int,
     template = build_model(arch, input_shape, num_classes, hidden)
     if not generators:
         like = init_params(template, torch.Generator().manual_seed(0))
-        return PeerGroup(arch, template, ids, {k: v.new_empty((0,) + tuple(v.shape))
-                                               for k, v in like.items()})
+        return PeerGroup(
+            arch, template, ids, {k: v.new_empty((0,) + tuple(v.shape)) for k, v in like.items()}
+        )
     inits = [init_params(template, g) for g in generators]
     params = {k: torch.stack([p[k] for p in inits]) for k in inits[0]}
     return PeerGroup(arch, template, ids, params)
@@ -378,9 +401,15 @@ class Population:
     Every architecture of ``archs`` still gets a group (possibly empty), so
     its shape is known everywhere."""
 
-    def __init__(self, archs: Sequence[str], input_shape, num_classes: int, hidden: int,
-                 init_generators: Sequence[torch.Generator],
-                 members: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        archs: Sequence[str],
+        input_shape,
+        num_classes: int,
+        hidden: int,
+        init_generators: Sequence[torch.Generator],
+        members: Optional[Sequence[int]] = None,
+    ):
         self.num_peers = len(archs)
         self.archs = list(archs)
         self.members = list(range(self.num_peers)) if members is None else sorted(members)
@@ -391,15 +420,15 @@ class Population:
             ids = [i for i, a in enumerate(archs) if a == arch and i in held]
             for row, i in enumerate(ids):
                 self.where[i] = (len(self.groups), row)
-            self.groups.append(make_group(arch, ids, input_shape, num_classes, hidden,
-                                          [init_generators[i] for i in ids]))
+            self.groups.append(
+                make_group(arch, ids, input_shape, num_classes, hidden, [init_generators[i] for i in ids])
+            )
 
     def locate(self, peer: int) -> tuple:
         """(group index, row) of a peer held here."""
         where = self.where[peer] if 0 <= peer < self.num_peers else None
         if where is None:
-            raise ValueError(f"peer {peer} is not held in this process (it holds peers "
-                             f"{self.members})")
+            raise ValueError(f"peer {peer} is not held in this process (it holds peers {self.members})")
         return where
 
     def peer_params(self, peer: int) -> Params:
@@ -411,17 +440,18 @@ class Population:
         gi, row = self.locate(peer)
         group = self.groups[gi]
         if set(params) != set(group.params) or any(
-                tuple(params[k].shape) != tuple(group.params[k].shape[1:]) for k in params):
-            raise ValueError(f"peer {peer}'s saved parameters do not match its configured "
-                             f"{group.arch!r} model")
+            tuple(params[k].shape) != tuple(group.params[k].shape[1:]) for k in params
+        ):
+            raise ValueError(
+                f"peer {peer}'s saved parameters do not match its configured {group.arch!r} model"
+            )
         for k, v in params.items():
             group.params[k][row] = v
 
     @property
     def single_group(self) -> PeerGroup:
         if len(self.groups) != 1:
-            raise ValueError(
-                f"this needs every peer on one architecture, got {', '.join(self.archs)}")
+            raise ValueError(f"this needs every peer on one architecture, got {', '.join(self.archs)}")
         return self.groups[0]
 
     def _split(self, peers: Sequence[int]):
@@ -446,8 +476,9 @@ class Population:
             raise ValueError("predict needs at least one peer")
         return out
 
-    def predict_each(self, x: torch.Tensor, peers: Sequence[int],
-                     consume: Callable[[int, torch.Tensor], Any]) -> List[Any]:
+    def predict_each(
+        self, x: torch.Tensor, peers: Sequence[int], consume: Callable[[int, torch.Tensor], Any]
+    ) -> List[Any]:
         """``consume(j, logits [N, C] of peers[j])`` for each peer in turn.
 
         One peer's logits exist at a time, consumed right after they are
@@ -465,17 +496,29 @@ class Population:
             del logits
         return out
 
-    def fit(self, peers: Sequence[int], steps: Sequence[int], objectives: Sequence[Objective],
-            lr: float, generators: Sequence[torch.Generator], prox_mu: float = 0.0,
-            prox_ref: Optional[torch.Tensor] = None, peer_batch: int = 0) -> None:
+    def fit(
+        self,
+        peers: Sequence[int],
+        steps: Sequence[int],
+        objectives: Sequence[Objective],
+        lr: float,
+        generators: Sequence[torch.Generator],
+        prox_mu: float = 0.0,
+        prox_ref: Optional[torch.Tensor] = None,
+        peer_batch: int = 0,
+    ) -> None:
         """Train each peer in ``peers`` for its ``steps`` on the objectives
         (pools listed in ``peers`` order), drawing minibatches with its
         generator. prox_ref: a flat parameter vector (FedProx)."""
         for group, rows, pos in self._split(peers):
             st = [steps[j] for j in pos]
             gens = [generators[j] for j in pos]
-            drawn = [Batches(draw_batches([o.pools[j] for j in pos], st, o.batch, gens),
-                             o.x, o.y, o.loss_fn, o.weight) for o in objectives]
+            drawn = [
+                Batches(
+                    draw_batches([o.pools[j] for j in pos], st, o.batch, gens), o.x, o.y, o.loss_fn, o.weight
+                )
+                for o in objectives
+            ]
             ref = None
             if prox_mu > 0:
                 if prox_ref is None:
@@ -492,7 +535,7 @@ class Population:
             raise ValueError("checkpoint holds a different number of architectures")
         for group, params in zip(self.groups, state):
             if set(params) != set(group.params) or any(
-                    params[k].shape != group.params[k].shape for k in params):
-                raise ValueError(
-                    f"checkpoint parameters do not match the configured {group.arch!r} models")
+                params[k].shape != group.params[k].shape for k in params
+            ):
+                raise ValueError(f"checkpoint parameters do not match the configured {group.arch!r} models")
             group.params = {k: params[k].clone() for k in group.params}

@@ -2,6 +2,7 @@
 ``register`` (tallytrain/fl/methods/base.py, where the table lives); this
 module imports the built-in methods, so that looking a name up here always
 sees them. A plugin registers more with the same ``register``."""
+
 from __future__ import annotations
 
 from typing import List, Type
@@ -20,5 +21,4 @@ def get_method(name: str) -> Type[Method]:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None

@@ -1,5 +1,6 @@
 """The server's side: choosing the round's peers, and a server-held model
 for the methods that have a global model (FedAvg, FedProx, FedDF)."""
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -10,8 +11,7 @@ import torch
 from .peer import Batches, LossFn, PeerGroup, draw_batches, make_group
 
 
-def select_peers(num_peers: int, participation: float, seed: int, stream: int,
-                 round_index: int) -> List[int]:
+def select_peers(num_peers: int, participation: float, seed: int, stream: int, round_index: int) -> List[int]:
     """The sorted peers taking part in a round: everyone at participation 1,
     else max(1, round(participation * P)) drawn from (seed, round) alone, so
     the choice needs no saved state."""
@@ -25,10 +25,10 @@ def select_peers(num_peers: int, participation: float, seed: int, stream: int,
 class ServerModel:
     """One model of the peers' architecture held by the server, as a flat vector."""
 
-    def __init__(self, like: PeerGroup, input_shape, num_classes: int, hidden: int,
-                 init_generator: torch.Generator):
-        self.group = make_group(like.arch, ["server"], input_shape, num_classes, hidden,
-                                [init_generator])
+    def __init__(
+        self, like: PeerGroup, input_shape, num_classes: int, hidden: int, init_generator: torch.Generator
+    ):
+        self.group = make_group(like.arch, ["server"], input_shape, num_classes, hidden, [init_generator])
         self._row = torch.tensor([0])
 
     @property
@@ -45,8 +45,16 @@ class ServerModel:
         params = None if vectors is None else self.group.unflatten(vectors.float())
         return self.group.predict(x, params=params)
 
-    def distill(self, x_src: torch.Tensor, targets: torch.Tensor, steps: int, batch: int,
-                loss_fn: LossFn, lr: float, generator: torch.Generator) -> None:
+    def distill(
+        self,
+        x_src: torch.Tensor,
+        targets: torch.Tensor,
+        steps: int,
+        batch: int,
+        loss_fn: LossFn,
+        lr: float,
+        generator: torch.Generator,
+    ) -> None:
         """Train the server model on (x_src, targets) for ``steps`` minibatches."""
         pool = torch.arange(len(x_src))
         index = draw_batches([pool], [steps], batch, [generator])

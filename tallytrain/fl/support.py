@@ -17,6 +17,7 @@ the vote, judged from local information alone (zero bytes):
   class lies about as close as the shard's samples typically lie to each
   other.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -36,17 +37,23 @@ def nearest_same_class_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tens
             continue
         xs = x[rows]
         for i in range(0, len(rows), _ROWS):
-            d = torch.cdist(xs[i:i + _ROWS], xs)
+            d = torch.cdist(xs[i : i + _ROWS], xs)
             d[torch.arange(d.shape[0]), torch.arange(i, i + d.shape[0])] = float("inf")
-            out[rows[i:i + _ROWS]] = d.min(1).values
+            out[rows[i : i + _ROWS]] = d.min(1).values
     return out
 
 
 class LocalSupport:
     """One peer's support test over its own shard (``x`` [m, ...], ``y`` [m])."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, min_count: int,
-                 radius_quantile: Optional[float]):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_classes: int,
+        min_count: int,
+        radius_quantile: Optional[float],
+    ):
         self.min_count = int(min_count)
         # Sequence labels [m, T]: target tokens, padding (-1) left out.
         counts = torch.bincount(y[y >= 0], minlength=num_classes)
@@ -75,7 +82,8 @@ class LocalSupport:
             if not len(mine):  # --support-min 0: a class the shard never saw backs nothing
                 ok[rows] = False
                 continue
-            near = torch.cat([torch.cdist(xp[rows[i:i + _ROWS]], mine).min(1).values
-                              for i in range(0, len(rows), _ROWS)])
+            near = torch.cat(
+                [torch.cdist(xp[rows[i : i + _ROWS]], mine).min(1).values for i in range(0, len(rows), _ROWS)]
+            )
             ok[rows] = near <= self.radius
         return ok

@@ -13,16 +13,24 @@ tallytrain server in a Flower ServerApp. See docs/flower.md.
 
 Needs the optional dependency: ``pip install "tallytrain[flower]"``.
 """
+
 try:
     import flwr  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError('tallytrain.flower needs Flower; install it with '
-                      'pip install "tallytrain[flower]"') from exc
+    raise ImportError(
+        'tallytrain.flower needs Flower; install it with pip install "tallytrain[flower]"'
+    ) from exc
 
 from .client import client_app
 from .config import FlowerOptions, parse_run_config
 from .data import SharedData
 from .server import TallyTrainStrategy, server_app
 
-__all__ = ["FlowerOptions", "SharedData", "TallyTrainStrategy", "client_app", "parse_run_config",
-           "server_app"]
+__all__ = [
+    "FlowerOptions",
+    "SharedData",
+    "TallyTrainStrategy",
+    "client_app",
+    "parse_run_config",
+    "server_app",
+]

@@ -19,6 +19,7 @@ depends on the process surviving between rounds (Flower may run each
 message in a fresh process); a process that does survive reuses its
 Federation, which saves reading the data again.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,12 +46,15 @@ def partition_of(context: Context) -> Tuple[int, int]:
     if missing:
         raise ValueError(
             f"the SuperNode's node config lacks {' and '.join(missing)}; start it with "
-            f"--node-config \"partition-id=<peer> num-partitions=<peers>\"")
+            f'--node-config "partition-id=<peer> num-partitions=<peers>"'
+        )
     try:
         return int(cfg["partition-id"]), int(cfg["num-partitions"])
     except (TypeError, ValueError):
-        raise ValueError(f"node config partition-id and num-partitions must be integers, got "
-                         f"{cfg['partition-id']!r} and {cfg['num-partitions']!r}") from None
+        raise ValueError(
+            f"node config partition-id and num-partitions must be integers, got "
+            f"{cfg['partition-id']!r} and {cfg['num-partitions']!r}"
+        ) from None
 
 
 class NodeSource:
@@ -59,19 +63,26 @@ class NodeSource:
 
     def __init__(self, load: Optional[NodeLoader] = None, probes: Any = None):
         if (load is None) != (probes is None):
-            raise ValueError("client_app needs both load= (the node's own model and data) and "
-                             "probes= (the shared probe pool and test set), or neither (the "
-                             "bundled datasets)")
+            raise ValueError(
+                "client_app needs both load= (the node's own model and data) and "
+                "probes= (the shared probe pool and test set), or neither (the "
+                "bundled datasets)"
+            )
         if load is not None and not callable(load):
-            raise ValueError(f"client_app load= must be a callable (node_config) -> (model, "
-                             f"train_data), got {type(load).__name__}")
+            raise ValueError(
+                f"client_app load= must be a callable (node_config) -> (model, "
+                f"train_data), got {type(load).__name__}"
+            )
         if probes is not None and not (isinstance(probes, SharedData) or callable(probes)):
-            raise ValueError(f"client_app probes= must be a tallytrain.flower.SharedData or a "
-                             f"function (run_config) -> SharedData, got {type(probes).__name__}")
+            raise ValueError(
+                f"client_app probes= must be a tallytrain.flower.SharedData or a "
+                f"function (run_config) -> SharedData, got {type(probes).__name__}"
+            )
         self.load, self.probes = load, probes
 
-    def federation(self, cfg: RunConfig, peer: int, node_config: Mapping[str, Any],
-                   run_config: Mapping[str, Any]) -> Federation:
+    def federation(
+        self, cfg: RunConfig, peer: int, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+    ) -> Federation:
         if self.load is None:
             return Federation(cfg, bundled_node(cfg, peer), peers=[peer])
         shared = resolve_shared(self.probes, run_config, f"the node of peer {peer}").build()
@@ -83,8 +94,9 @@ class NodeSource:
 
 
 @functools.lru_cache(maxsize=1)
-def _federation(source: NodeSource, cfg_json: str, peer: int, node_items: Tuple[tuple, ...],
-                run_items: Tuple[tuple, ...]) -> Tuple[Federation, dict, dict]:
+def _federation(
+    source: NodeSource, cfg_json: str, peer: int, node_items: Tuple[tuple, ...], run_items: Tuple[tuple, ...]
+) -> Tuple[Federation, dict, dict]:
     """This node's Federation (its peer alone), with the peer's initial
     parameters and method state, restored for its first round (the process
     may have served this peer in an earlier run)."""
@@ -93,17 +105,16 @@ def _federation(source: NodeSource, cfg_json: str, peer: int, node_items: Tuple[
     return fed, fed.population.peer_params(peer), copy.deepcopy(fed.method.peer_state(peer))
 
 
-def _node_federation(source: NodeSource, cfg_json: str, context: Context) -> Tuple[Federation,
-                                                                                   int]:
+def _node_federation(source: NodeSource, cfg_json: str, context: Context) -> Tuple[Federation, int]:
     peer, num_partitions = partition_of(context)
     peers = int(json.loads(cfg_json)["peers"])
     if num_partitions != peers:
-        raise ValueError(f"node config num-partitions={num_partitions} but the run has "
-                         f"{peers} peers")
+        raise ValueError(f"node config num-partitions={num_partitions} but the run has {peers} peers")
     if not 0 <= peer < peers:
         raise ValueError(f"node config partition-id={peer} is outside 0..{peers - 1}")
     fed, initial_params, initial_state = _federation(
-        source, cfg_json, peer, _items(context.node_config), _items(context.run_config))
+        source, cfg_json, peer, _items(context.node_config), _items(context.run_config)
+    )
     saved = records.load_peer_state(context.state)
     if saved is None:  # the peer's first round: its initial model and state
         params, state = initial_params, initial_state
@@ -117,8 +128,7 @@ def _node_federation(source: NodeSource, cfg_json: str, context: Context) -> Tup
 
 def _items(config: Mapping[str, Any]) -> Tuple[tuple, ...]:
     """A config as a cache key (values are scalars, or lists of them)."""
-    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
-                        for k, v in (config or {}).items()))
+    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in (config or {}).items()))
 
 
 def _receive(source: NodeSource, content: RecordDict, context: Context):
@@ -128,8 +138,7 @@ def _receive(source: NodeSource, content: RecordDict, context: Context):
     peer, _ = partition_of(context)
     addressed = records.integer(record, "peer")
     if addressed != peer:
-        raise ValueError(f"the server addressed peer {addressed} but this node serves "
-                         f"partition-id {peer}")
+        raise ValueError(f"the server addressed peer {addressed} but this node serves partition-id {peer}")
     fed, peer = _node_federation(source, str(record["config"]), context)
     r = records.integer(record, "round")
     # The peer's copy of the channel: it decodes and checks what arrives; the
@@ -144,12 +153,10 @@ def _scores(fed: Federation, peer: int) -> tuple:
 
 
 def _save(fed: Federation, peer: int, context: Context) -> None:
-    records.save_peer_state(context.state, fed.population.peer_params(peer),
-                            fed.method.peer_state(peer))
+    records.save_peer_state(context.state, fed.population.peer_params(peer), fed.method.peer_state(peer))
 
 
-def run_peer_round(content: RecordDict, context: Context,
-                   source: Optional[NodeSource] = None) -> RecordDict:
+def run_peer_round(content: RecordDict, context: Context, source: Optional[NodeSource] = None) -> RecordDict:
     """One round of this node's peer: the server's instruction in, the reply out."""
     fed, peer, r, delivered = _receive(source or BUNDLED, content, context)
     out = peer_round(fed, r, [peer], delivered)
@@ -157,8 +164,9 @@ def run_peer_round(content: RecordDict, context: Context,
     return records.reply(peer, out, *_scores(fed, peer))
 
 
-def apply_round_reply(content: RecordDict, context: Context,
-                      source: Optional[NodeSource] = None) -> RecordDict:
+def apply_round_reply(
+    content: RecordDict, context: Context, source: Optional[NodeSource] = None
+) -> RecordDict:
     """The method's in-round reply (bridge's merged update): apply it to this
     node's peer, save, and report the peer's scores."""
     fed, peer, r, delivered = _receive(source or BUNDLED, content, context)
@@ -167,8 +175,7 @@ def apply_round_reply(content: RecordDict, context: Context,
     return records.reply(peer, [], *_scores(fed, peer))
 
 
-def introduce(content: RecordDict, context: Context,
-              source: Optional[NodeSource] = None) -> RecordDict:
+def introduce(content: RecordDict, context: Context, source: Optional[NodeSource] = None) -> RecordDict:
     """The answer to the server's hello: which peer this node serves, its
     shard size and model size, and its initial accuracy; or, when the node
     cannot build its peer (a missing data file, a bad node config), ``error``:
@@ -184,8 +191,7 @@ def introduce(content: RecordDict, context: Context,
     accuracy, perplexity = _scores(fed, peer)
     answer["num-examples"] = fed.shard_sizes[peer]
     answer["num-params"] = sum(v.numel() for v in fed.population.peer_params(peer).values())
-    return RecordDict({records.RECORD: answer,
-                       records.METRICS: records.scores_record(accuracy, perplexity)})
+    return RecordDict({records.RECORD: answer, records.METRICS: records.scores_record(accuracy, perplexity)})
 
 
 def client_app(load: Optional[NodeLoader] = None, probes: Any = None) -> ClientApp:

@@ -14,6 +14,7 @@ Values are TOML scalars; ``"none"`` means None and tuples are comma-separated
 strings, as on the command line. An unknown key is an error that names it,
 so a typo cannot silently run the defaults.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,38 +36,44 @@ class FlowerOptions:
     """How the adapter drives a run over Flower (not part of the protocol)."""
 
     round_timeout: float = 120.0  # seconds the server waits for a round's replies
-    node_timeout: float = 120.0   # seconds the server waits for the peers' nodes to connect
-    threads: int = 1              # torch CPU threads in the ServerApp and each ClientApp
-    report: str = ""              # absolute path of the ServerApp's JSON report ("" = none)
+    node_timeout: float = 120.0  # seconds the server waits for the peers' nodes to connect
+    threads: int = 1  # torch CPU threads in the ServerApp and each ClientApp
+    report: str = ""  # absolute path of the ServerApp's JSON report ("" = none)
 
     def __post_init__(self):
         for name in ("round_timeout", "node_timeout"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"flower.{name.replace('_', '-')} must be > 0 seconds, "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"flower.{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}"
+                )
         if self.threads < 1:
             raise ValueError(f"flower.threads must be >= 1, got {self.threads}")
         if self.report and not os.path.isabs(self.report):
-            raise ValueError(f"flower.report must be an absolute path (the ServerApp runs in "
-                             f"a directory of Flower's choosing), got {self.report!r}")
+            raise ValueError(
+                f"flower.report must be an absolute path (the ServerApp runs in "
+                f"a directory of Flower's choosing), got {self.report!r}"
+            )
 
 
 def _convert(value: Any, annotation: str, key: str) -> Any:
     """A TOML scalar as the dataclass field typed ``annotation`` expects it."""
-    if annotation.startswith("Optional[") and isinstance(value, str) \
-            and value.strip().lower() in ("none", "off", ""):
+    if (
+        annotation.startswith("Optional[")
+        and isinstance(value, str)
+        and value.strip().lower() in ("none", "off", "")
+    ):
         return None
     if annotation.startswith("Tuple"):
         if not isinstance(value, str):
-            raise ValueError(f"run config key {key!r} takes a comma-separated string, "
-                             f"got {value!r}")
+            raise ValueError(f"run config key {key!r} takes a comma-separated string, got {value!r}")
         return tuple(part.strip() for part in value.split(",") if part.strip())
     base = annotation.replace("Optional[", "").rstrip("]")
     if base == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = {"int": int, "float": float, "str": str, "bool": bool}.get(base)
-    if expected is not None and (not isinstance(value, expected)
-                                 or (expected is int and isinstance(value, bool))):
+    if expected is not None and (
+        not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+    ):
         raise ValueError(f"run config key {key!r} takes a {base}, got {value!r}")
     return value
 
@@ -103,7 +110,8 @@ def parse_run_config(user_config: Mapping[str, Any]) -> Tuple[RunConfig, FlowerO
             f"<section>.<field> for the sections {', '.join(_SECTIONS)} (fields as in "
             f"`tallytrain run --help`), flower.<option> for "
             f"{', '.join(f.replace('_', '-') for f in _fields(FlowerOptions))}, and app.<key> "
-            f"for the app's own settings")
+            f"for the app's own settings"
+        )
     return RunConfig.from_dict(run), FlowerOptions(**options)
 
 

@@ -18,6 +18,7 @@ simulator splits them (:func:`bundled_node`, :func:`bundled_shared`): every
 node derives its own shard, which is what makes a Flower run comparable with
 the simulator bit for bit.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,14 +60,17 @@ def resolve_shared(probes: Any, run_config: Mapping[str, Any], what: str) -> "Sh
         try:
             shared = probes(dict(run_config))
         except Exception as exc:  # noqa: BLE001 - foreign code: report it in one line
-            raise ValueError(f"{what}: probes(run_config) failed: {type(exc).__name__}: "
-                             f"{exc}") from exc
+            raise ValueError(f"{what}: probes(run_config) failed: {type(exc).__name__}: {exc}") from exc
         if isinstance(shared, SharedData):
             return shared
-        raise ValueError(f"{what}: probes(run_config) must return a tallytrain.flower.SharedData,"
-                         f" got {type(shared).__name__}")
-    raise ValueError(f"{what}: probes= must be a tallytrain.flower.SharedData or a function "
-                     f"(run_config) -> SharedData, got {type(probes).__name__}")
+        raise ValueError(
+            f"{what}: probes(run_config) must return a tallytrain.flower.SharedData,"
+            f" got {type(shared).__name__}"
+        )
+    raise ValueError(
+        f"{what}: probes= must be a tallytrain.flower.SharedData or a function "
+        f"(run_config) -> SharedData, got {type(probes).__name__}"
+    )
 
 
 @dataclass
@@ -97,11 +101,12 @@ class SharedData:
 
     def __init__(self, probes: Any, test: Any, *, num_classes: Optional[int] = None):
         if probes is None or test is None:
-            raise ValueError("SharedData needs both probes= (the probe pool) and test= (the "
-                             "test set every peer is measured on)")
+            raise ValueError(
+                "SharedData needs both probes= (the probe pool) and test= (the "
+                "test set every peer is measured on)"
+            )
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
-            raise ValueError(f"SharedData num_classes must be an integer >= 2, got "
-                             f"{num_classes!r}")
+            raise ValueError(f"SharedData num_classes must be an integer >= 2, got {num_classes!r}")
         self.probes, self.test, self.num_classes = probes, test, num_classes
         self._built: Optional[Shared] = None
 
@@ -118,30 +123,39 @@ class SharedData:
             x_probe = torch.as_tensor(source)
             y_probe = None
             if x_probe.dim() < 2 or len(x_probe) == 0:
-                raise ValueError(f"SharedData probes: inputs must be [N, ...] with N >= 1, got "
-                                 f"shape {tuple(x_probe.shape)}")
+                raise ValueError(
+                    f"SharedData probes: inputs must be [N, ...] with N >= 1, got "
+                    f"shape {tuple(x_probe.shape)}"
+                )
             x_probe = x_probe.float() if x_probe.dtype.is_floating_point else x_probe.long()
         else:
-            x_probe, y_probe = _inputs_and_labels(*_as_tensors(source, "SharedData probes"),
-                                                  "SharedData probes")
-        x_test, y_test = _inputs_and_labels(*_as_tensors(self.test, "SharedData test"),
-                                            "SharedData test")
+            x_probe, y_probe = _inputs_and_labels(
+                *_as_tensors(source, "SharedData probes"), "SharedData probes"
+            )
+        x_test, y_test = _inputs_and_labels(*_as_tensors(self.test, "SharedData test"), "SharedData test")
         if x_test.shape[1:] != x_probe.shape[1:]:
-            raise ValueError(f"SharedData: test inputs are {tuple(x_test.shape[1:])}, probe "
-                             f"inputs {tuple(x_probe.shape[1:])}")
+            raise ValueError(
+                f"SharedData: test inputs are {tuple(x_test.shape[1:])}, probe "
+                f"inputs {tuple(x_probe.shape[1:])}"
+            )
         labels = y_test if y_probe is None else torch.cat([y_test, y_probe])
-        num_classes = (int(labels.max()) + 1 if self.num_classes is None
-                       else int(self.num_classes))
+        num_classes = int(labels.max()) + 1 if self.num_classes is None else int(self.num_classes)
         if num_classes < 2:
             raise ValueError(f"SharedData: needs at least 2 classes, got {num_classes}")
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ValueError(f"SharedData: labels must lie in 0..{num_classes - 1}, got "
-                             f"{int(labels.min())}..{int(labels.max())}")
+            raise ValueError(
+                f"SharedData: labels must lie in 0..{num_classes - 1}, got "
+                f"{int(labels.min())}..{int(labels.max())}"
+            )
         return Shared(x_probe.contiguous(), y_probe, x_test, y_test, num_classes)
 
 
-def federated_data(cfg: RunConfig, shared: Shared, peer: Optional[int] = None,
-                   train: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> FederatedData:
+def federated_data(
+    cfg: RunConfig,
+    shared: Shared,
+    peer: Optional[int] = None,
+    train: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> FederatedData:
     """The FederatedData of one party: the shared part, plus (on a node)
     ``peer``'s own training data as its shard; every other shard is empty,
     because no party holds another peer's data. Probes without labels get
@@ -153,15 +167,30 @@ def federated_data(cfg: RunConfig, shared: Shared, peer: Optional[int] = None,
         y_train = torch.empty(0, dtype=torch.int64)
     else:
         x_train, y_train = train
-    shards = [np.arange(len(y_train)) if q == peer else np.empty(0, dtype=np.int64)
-              for q in range(cfg.peers)]
-    y_probe = shared.y_probe if shared.y_probe is not None else torch.zeros(
-        len(shared.x_probe), dtype=torch.int64)
-    split = Split(np.arange(len(y_train)), np.arange(len(y_probe)), np.arange(len(shared.y_test)),
-                  official_test=True, official_probe=True)
-    return FederatedData(x_train, y_train, shards, shared.x_probe, y_probe, shared.x_test,
-                         shared.y_test, shared.num_classes, x_shape, split,
-                         info={"source": "flower"})
+    shards = [np.arange(len(y_train)) if q == peer else np.empty(0, dtype=np.int64) for q in range(cfg.peers)]
+    y_probe = (
+        shared.y_probe if shared.y_probe is not None else torch.zeros(len(shared.x_probe), dtype=torch.int64)
+    )
+    split = Split(
+        np.arange(len(y_train)),
+        np.arange(len(y_probe)),
+        np.arange(len(shared.y_test)),
+        official_test=True,
+        official_probe=True,
+    )
+    return FederatedData(
+        x_train,
+        y_train,
+        shards,
+        shared.x_probe,
+        y_probe,
+        shared.x_test,
+        shared.y_test,
+        shared.num_classes,
+        x_shape,
+        split,
+        info={"source": "flower"},
+    )
 
 
 # ---- a node's own data ------------------------------------------------------------
@@ -180,15 +209,22 @@ def as_arch(model: Any, name: str, what: str) -> str:
         module = model
         model = lambda num_classes: copy.deepcopy(module)  # noqa: E731
     if not callable(model):
-        raise ValueError(f"{what}: the model must be an nn.Module, a factory (num_classes) -> "
-                         f"nn.Module or an architecture name, got {type(model).__name__}")
+        raise ValueError(
+            f"{what}: the model must be an nn.Module, a factory (num_classes) -> "
+            f"nn.Module or an architecture name, got {type(model).__name__}"
+        )
     register_model(name, model, replace=True)
     return name
 
 
-def load_node(load: NodeLoader, node_config: Mapping[str, Any], peer: int, cfg: RunConfig,
-              shared: Shared, run_config: Optional[Mapping[str, Any]] = None
-              ) -> Tuple[RunConfig, FederatedData]:
+def load_node(
+    load: NodeLoader,
+    node_config: Mapping[str, Any],
+    peer: int,
+    cfg: RunConfig,
+    shared: Shared,
+    run_config: Optional[Mapping[str, Any]] = None,
+) -> Tuple[RunConfig, FederatedData]:
     """(the node's RunConfig, its FederatedData) from the user's
     ``load(node_config)`` (or ``load(node_config, run_config)``). Any
     failure is one ValueError line that says what to fix."""
@@ -198,20 +234,24 @@ def load_node(load: NodeLoader, node_config: Mapping[str, Any], peer: int, cfg: 
         else:
             loaded = load(dict(node_config))
     except Exception as exc:  # noqa: BLE001 - foreign code: report it in one line
-        raise ValueError(f"load(node_config) failed on the node of peer {peer}: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"load(node_config) failed on the node of peer {peer}: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(loaded, (tuple, list)) or len(loaded) != 2:
-        raise ValueError(f"load(node_config) must return (model, train_data), got "
-                         f"{type(loaded).__name__}")
+        raise ValueError(f"load(node_config) must return (model, train_data), got {type(loaded).__name__}")
     model, train = loaded
     what = f"load(node_config) of peer {peer}"
     x, y = _inputs_and_labels(*_as_tensors(train, what + " train_data"), what + " train_data")
     if x.shape[1:] != shared.x_probe.shape[1:]:
-        raise ValueError(f"{what}: training inputs are {tuple(x.shape[1:])}, the shared probes "
-                         f"{tuple(shared.x_probe.shape[1:])}")
+        raise ValueError(
+            f"{what}: training inputs are {tuple(x.shape[1:])}, the shared probes "
+            f"{tuple(shared.x_probe.shape[1:])}"
+        )
     if int(y.min()) < 0 or int(y.max()) >= shared.num_classes:
-        raise ValueError(f"{what}: labels must lie in 0..{shared.num_classes - 1} (the shared "
-                         f"data's classes), got {int(y.min())}..{int(y.max())}")
+        raise ValueError(
+            f"{what}: labels must lie in 0..{shared.num_classes - 1} (the shared "
+            f"data's classes), got {int(y.min())}..{int(y.max())}"
+        )
     arch = as_arch(model, node_arch(peer), what)
     node_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, archs=(arch,)))
     return node_cfg, federated_data(node_cfg, shared, peer, (x, y))
@@ -235,6 +275,4 @@ def bundled_node(cfg: RunConfig, peer: int) -> FederatedData:
 def server_view(cfg: RunConfig, data: FederatedData) -> FederatedData:
     """``data`` without its training split: the server holds the shared part
     only, and learns the shard sizes from the nodes."""
-    return dataclasses.replace(federated_data(cfg, bundled_shared(data)),
-                               input_shape=data.input_shape)
-
+    return dataclasses.replace(federated_data(cfg, bundled_shared(data)), input_shape=data.input_shape)

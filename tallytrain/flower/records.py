@@ -22,6 +22,7 @@ peer and answers ``partition-id``, ``num-partitions``, ``num-examples`` (its
 shard's size: the server's averaging weights), ``num-params`` (its model's),
 and its initial accuracy; or ``error``, one line saying why it cannot serve.
 """
+
 from __future__ import annotations
 
 import io
@@ -66,12 +67,12 @@ def unpack_envelopes(record: ConfigRecord, sender, receiver) -> List[Envelope]:
         raise wire.WireFormatError(f"Flower record {RECORD!r}: messages and kinds must be lists")
     if len(messages) != len(kinds):
         raise wire.WireFormatError(
-            f"Flower record {RECORD!r} holds {len(messages)} messages but {len(kinds)} kinds")
+            f"Flower record {RECORD!r} holds {len(messages)} messages but {len(kinds)} kinds"
+        )
     datas = [m for m in messages if isinstance(m, bytes)]
     codes = [k for k in kinds if isinstance(k, int)]
     if len(datas) != len(messages) or len(codes) != len(kinds):
-        raise wire.WireFormatError(
-            f"Flower record {RECORD!r}: messages must be bytes and kinds integers")
+        raise wire.WireFormatError(f"Flower record {RECORD!r}: messages must be bytes and kinds integers")
     try:
         expected = [wire.MessageKind(k) for k in codes]
     except ValueError as exc:
@@ -94,10 +95,10 @@ def _number(metrics: MetricRecord, key: str) -> float:
     return float(value)
 
 
-def instruction(cfg_json: str, threads: int, round_index: int, peer: int,
-                envelopes: Sequence[Envelope]) -> RecordDict:
-    record = ConfigRecord({"round": round_index, "peer": peer, "config": cfg_json,
-                           "threads": threads})
+def instruction(
+    cfg_json: str, threads: int, round_index: int, peer: int, envelopes: Sequence[Envelope]
+) -> RecordDict:
+    record = ConfigRecord({"round": round_index, "peer": peer, "config": cfg_json, "threads": threads})
     return RecordDict({RECORD: pack_envelopes(record, envelopes)})
 
 
@@ -111,15 +112,17 @@ def scores_record(accuracy: float, perplexity: Optional[float] = None) -> Metric
 def read_scores(content: RecordDict) -> tuple:
     """(accuracy, perplexity or None) from a node's reply."""
     metrics = content.metric_records[METRICS]
-    return _number(metrics, "accuracy"), (_number(metrics, "perplexity")
-                                          if "perplexity" in metrics else None)
+    return _number(metrics, "accuracy"), (_number(metrics, "perplexity") if "perplexity" in metrics else None)
 
 
-def reply(peer: int, envelopes: Sequence[Envelope], accuracy: float,
-          perplexity: Optional[float] = None) -> RecordDict:
+def reply(
+    peer: int, envelopes: Sequence[Envelope], accuracy: float, perplexity: Optional[float] = None
+) -> RecordDict:
     if any(env.receiver != SERVER for env in envelopes):
-        raise ValueError("through Flower a peer sends only to the server; the method's uplink "
-                         "addressed another peer (is protocol.decentralized on?)")
+        raise ValueError(
+            "through Flower a peer sends only to the server; the method's uplink "
+            "addressed another peer (is protocol.decentralized on?)"
+        )
     record = pack_envelopes(ConfigRecord({"peer": peer}), envelopes)
     return RecordDict({RECORD: record, METRICS: scores_record(accuracy, perplexity)})
 

@@ -20,6 +20,7 @@ no global model, so Flower's ``initial_arrays`` has no role; ``start``
 returns Flower's ``Result`` with each round's metrics (and, for methods with
 a global model, that model as ``arrays``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,38 +87,48 @@ class TallyTrainStrategy(Strategy, Transport):
     module, or an architecture name) for methods that average parameters
     when the nodes bring their own; the server needs its shape."""
 
-    def __init__(self, cfg: RunConfig, options: Optional[FlowerOptions] = None,
-                 data: Optional[FederatedData] = None, *, probes: Optional[SharedData] = None,
-                 model: Any = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        options: Optional[FlowerOptions] = None,
+        data: Optional[FederatedData] = None,
+        *,
+        probes: Optional[SharedData] = None,
+        model: Any = None,
+    ):
         if cfg.protocol.decentralized:
-            raise ValueError("protocol.decentralized is not supported through Flower: Flower "
-                             "routes every message through the server")
+            raise ValueError(
+                "protocol.decentralized is not supported through Flower: Flower "
+                "routes every message through the server"
+            )
         if data is not None and probes is not None:
-            raise ValueError("TallyTrainStrategy takes data= (a bundled dataset) or probes= "
-                             "(the shared probe source), not both")
+            raise ValueError(
+                "TallyTrainStrategy takes data= (a bundled dataset) or probes= "
+                "(the shared probe source), not both"
+            )
         if probes is not None and not isinstance(probes, SharedData):
-            raise ValueError(f"TallyTrainStrategy probes= must be a tallytrain.flower.SharedData,"
-                             f" got {type(probes).__name__}")
+            raise ValueError(
+                f"TallyTrainStrategy probes= must be a tallytrain.flower.SharedData,"
+                f" got {type(probes).__name__}"
+            )
         self.cfg = cfg
         self.options = options if options is not None else FlowerOptions()
         server_cfg = cfg
         if model is not None:
             arch = as_arch(model, SERVER_ARCH, "TallyTrainStrategy model=")
-            server_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                                            archs=(arch,)))
+            server_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, archs=(arch,)))
         if probes is not None:
             shared = probes.build()
             self.probe_labels = shared.y_probe is not None
             server_data = federated_data(server_cfg, shared)
         else:
             self.probe_labels = True
-            server_data = server_view(cfg, prepare(cfg.data, cfg.peers, cfg.seed)
-                                      if data is None else data)
+            server_data = server_view(cfg, prepare(cfg.data, cfg.peers, cfg.seed) if data is None else data)
         # No peers here: the nodes hold them. Shard sizes come from the nodes.
         self.fed = Federation(server_cfg, server_data, peers=[])
         self._cfg_json = records.config_json(cfg)
         self.peer_nodes: Dict[int, int] = {}  # peer -> Flower node id
-        self.unserved: Dict[int, str] = {}    # peer -> why its node cannot serve it
+        self.unserved: Dict[int, str] = {}  # peer -> why its node cannot serve it
         self.initial_accuracy: Optional[float] = None
         self.result = Result()
         self._grid: Optional[Grid] = None
@@ -142,28 +153,38 @@ class TallyTrainStrategy(Strategy, Transport):
             time.sleep(0.2)
             nodes = sorted(grid.get_node_ids())
         if not nodes:
-            raise RuntimeError(f"no Flower node connected within flower.node-timeout = "
-                               f"{self.options.node_timeout} s")
-        hello = [Message(records.hello(self._cfg_json, self.options.threads), node,
-                         records.HELLO, group_id="hello", ttl=self.options.node_timeout)
-                 for node in nodes]
+            raise RuntimeError(
+                f"no Flower node connected within flower.node-timeout = {self.options.node_timeout} s"
+            )
+        hello = [
+            Message(
+                records.hello(self._cfg_json, self.options.threads),
+                node,
+                records.HELLO,
+                group_id="hello",
+                ttl=self.options.node_timeout,
+            )
+            for node in nodes
+        ]
         replies = exchange(grid, hello, max(deadline - time.monotonic(), 1.0))
         accuracy = []
         for i, reply in sorted(replies.items()):
             node = nodes[i]
             if reply.has_error():
-                log(WARNING, "node %s did not say which peer it serves: %s", node,
-                    reply.error.reason)
+                log(WARNING, "node %s did not say which peer it serves: %s", node, reply.error.reason)
                 continue
             record = reply.content.config_records[records.RECORD]
             peer = records.integer(record, "partition-id")
             parts = records.integer(record, "num-partitions")
             if parts != self.cfg.peers or not 0 <= peer < parts:
-                raise ValueError(f"node {node} has partition-id={peer} num-partitions={parts}, "
-                                 f"but the run has {self.cfg.peers} peers")
+                raise ValueError(
+                    f"node {node} has partition-id={peer} num-partitions={parts}, "
+                    f"but the run has {self.cfg.peers} peers"
+                )
             if peer in self.peer_nodes or peer in self.unserved:
-                raise ValueError(f"nodes {self.peer_nodes.get(peer, '')} and {node} both serve "
-                                 f"partition-id={peer}")
+                raise ValueError(
+                    f"nodes {self.peer_nodes.get(peer, '')} and {node} both serve partition-id={peer}"
+                )
             if "error" in record:
                 self.unserved[peer] = f"its node {node} cannot serve it: {str(record['error'])}"
                 log(WARNING, "peer %s: %s", peer, self.unserved[peer])
@@ -188,7 +209,8 @@ class TallyTrainStrategy(Strategy, Transport):
                 f"node {node} (peer {peer}) has a model of {num_params} parameters, but the "
                 f"server's {group.arch!r} model has {group.num_params}; method "
                 f"{self.cfg.method!r} averages parameters, so give TallyTrainStrategy "
-                f"model= the nodes' model (or set model.archs to it)")
+                f"model= the nodes' model (or set model.archs to it)"
+            )
 
     # ---- one round: the simulator's loop, with this strategy as its transport ---------
     def run_round(self, grid: Grid, r: int) -> dict:
@@ -240,19 +262,24 @@ class TallyTrainStrategy(Strategy, Transport):
             row.update(consensus_acc=None, memory_acc=None)
         for p in sorted(failures):
             log(WARNING, "round %s: peer %s missing: %s", r, p, failures[p])
-        row.update(answered_peers=list(answered), missing_peers=sorted(failures),
-                   failures={str(p): why for p, why in sorted(failures.items())})
+        row.update(
+            answered_peers=list(answered),
+            missing_peers=sorted(failures),
+            failures={str(p): why for p, why in sorted(failures.items())},
+        )
 
     # ---- flwr Strategy: the Flower side of each exchange -----------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The round's instructions, one per reachable selected peer (Flower
         numbers rounds from 1: ``server_round`` is round r + 1). The loop
         prepares them: call :meth:`start` (or :meth:`run_round`)."""
         return self._configure(server_round, records.ROUND)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The method's in-round reply (bridge), one message per peer; none
         for the other methods."""
         if self._exchange is None or self._exchange[1] != records.REPLY:
@@ -261,39 +288,45 @@ class TallyTrainStrategy(Strategy, Transport):
 
     def _configure(self, server_round: int, kind: str) -> List[Message]:
         if self._exchange is None or self._exchange[1] != kind:
-            raise RuntimeError("TallyTrainStrategy prepares its messages in its own round loop: "
-                               "run it with strategy.start(grid)")
+            raise RuntimeError(
+                "TallyTrainStrategy prepares its messages in its own round loop: "
+                "run it with strategy.start(grid)"
+            )
         r, _, by_peer = self._exchange
         if server_round != r + 1:
-            raise ValueError(f"server_round {server_round} requested but the loop is at "
-                             f"round {r + 1}")
+            raise ValueError(f"server_round {server_round} requested but the loop is at round {r + 1}")
         # The TTL bounds the message's life to the round: a node that comes
         # back later must not train on a round the server has closed.
         group = str(r) if kind == records.ROUND else f"{r}-reply"
-        self._out = [(p, Message(records.instruction(self._cfg_json, self.options.threads, r, p,
-                                                     envelopes),
-                                 self.peer_nodes[p], kind, group_id=group,
-                                 ttl=self.options.round_timeout))
-                     for p, envelopes in by_peer.items()]
+        self._out = [
+            (
+                p,
+                Message(
+                    records.instruction(self._cfg_json, self.options.threads, r, p, envelopes),
+                    self.peer_nodes[p],
+                    kind,
+                    group_id=group,
+                    ttl=self.options.round_timeout,
+                ),
+            )
+            for p, envelopes in by_peer.items()
+        ]
         return [m for _, m in self._out]
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple:
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple:
         """Read the peers' replies: their uplink (checked to decode, handed to
         the loop, which counts and aggregates it) and their accuracy. Returns
         no arrays (the hard-label methods have no global model here) and the
         mean accuracy of the peers that answered."""
         return None, self._aggregate(server_round, replies, records.ROUND)
 
-    def aggregate_evaluate(self, server_round: int,
-                           replies: Iterable[Message]) -> Optional[MetricRecord]:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         """The peers' accuracy after applying the round's reply."""
         if self._exchange is None or self._exchange[1] != records.REPLY:
             return None
         return self._aggregate(server_round, replies, records.REPLY)
 
-    def _aggregate(self, server_round: int, replies: Iterable[Message],
-                   kind: str) -> Optional[MetricRecord]:
+    def _aggregate(self, server_round: int, replies: Iterable[Message], kind: str) -> Optional[MetricRecord]:
         r = server_round - 1
         peer_of = {msg.metadata.message_id: p for p, msg in self._out}
         answers, failures = {}, {}
@@ -306,10 +339,11 @@ class TallyTrainStrategy(Strategy, Transport):
             if reply.has_error():
                 # From the node (its ClientApp raised) or from the SuperLink
                 # (e.g. the message expired: the node went away).
-                failures[p] = (f"error reply (code {reply.error.code}): {reply.error.reason}"
-                               if kind == records.ROUND else
-                               f"error applying the round's reply (code {reply.error.code}): "
-                               f"{reply.error.reason}")
+                failures[p] = (
+                    f"error reply (code {reply.error.code}): {reply.error.reason}"
+                    if kind == records.ROUND
+                    else f"error applying the round's reply (code {reply.error.code}): {reply.error.reason}"
+                )
                 continue
             try:
                 answers[p] = self._read_reply(r, p, reply)
@@ -317,18 +351,24 @@ class TallyTrainStrategy(Strategy, Transport):
                 failures[p] = f"unusable reply ({type(exc).__name__}: {exc})"
         for p, _ in self._out:
             if p not in answers and p not in failures:
-                failures[p] = (f"no reply within flower.round-timeout = "
-                               f"{self.options.round_timeout} s" if kind == records.ROUND else
-                               f"no answer to the round's reply within flower.round-timeout = "
-                               f"{self.options.round_timeout} s")
+                failures[p] = (
+                    f"no reply within flower.round-timeout = {self.options.round_timeout} s"
+                    if kind == records.ROUND
+                    else f"no answer to the round's reply within flower.round-timeout = "
+                    f"{self.options.round_timeout} s"
+                )
         answered = sorted(answers)
         self._collected = PeerResult(
-            answered, [env for p in answered for env in answers[p][0]],
-            {p: answers[p][1] for p in answered}, failures)
+            answered,
+            [env for p in answered for env in answers[p][0]],
+            {p: answers[p][1] for p in answered},
+            failures,
+        )
         if not answered:
             return None
-        return MetricRecord({"accuracy": sum(answers[p][1][0] for p in answered) / len(answered),
-                             "answered": len(answered)})
+        return MetricRecord(
+            {"accuracy": sum(answers[p][1][0] for p in answered) / len(answered), "answered": len(answered)}
+        )
 
     def _read_reply(self, r: int, peer: int, reply: Message) -> tuple:
         """(the reply's envelopes, (accuracy, perplexity)); raises on a reply
@@ -342,17 +382,27 @@ class TallyTrainStrategy(Strategy, Transport):
         return envelopes, records.read_scores(reply.content)
 
     def summary(self) -> None:
-        log(INFO, "\ttallytrain method %s, %s peers, %s rounds, seed %s; round timeout %s s",
-            self.cfg.method, self.cfg.peers, self.cfg.rounds, self.cfg.seed,
-            self.options.round_timeout)
+        log(
+            INFO,
+            "\ttallytrain method %s, %s peers, %s rounds, seed %s; round timeout %s s",
+            self.cfg.method,
+            self.cfg.peers,
+            self.cfg.rounds,
+            self.cfg.seed,
+            self.options.round_timeout,
+        )
 
     # ---- the whole run ---------------------------------------------------------------
-    def start(self, grid: Grid, initial_arrays: Optional[ArrayRecord] = None,
-              num_rounds: Optional[int] = None, timeout: Optional[float] = None,
-              train_config: Optional[ConfigRecord] = None,
-              evaluate_config: Optional[ConfigRecord] = None,
-              evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]] = None
-              ) -> Result:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: Optional[ArrayRecord] = None,
+        num_rounds: Optional[int] = None,
+        timeout: Optional[float] = None,
+        train_config: Optional[ConfigRecord] = None,
+        evaluate_config: Optional[ConfigRecord] = None,
+        evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]] = None,
+    ) -> Result:
         """Connect, run every round of the run config, and return Flower's
         Result: per round (from 1) the metrics row's numbers as a
         MetricRecord, and the global model (methods that have one) as
@@ -360,14 +410,20 @@ class TallyTrainStrategy(Strategy, Transport):
         overrides flower.round-timeout; ``evaluate_fn(round, arrays)`` is
         called after every round, as in Flower's strategies."""
         if initial_arrays is not None and len(initial_arrays):
-            raise ValueError("TallyTrainStrategy.start: initial_arrays must be empty; every "
-                             "peer starts from its own model on its node")
+            raise ValueError(
+                "TallyTrainStrategy.start: initial_arrays must be empty; every "
+                "peer starts from its own model on its node"
+            )
         if num_rounds is not None and num_rounds != self.cfg.rounds:
-            raise ValueError(f"TallyTrainStrategy.start: num_rounds={num_rounds} differs from "
-                             f"the run config's rounds={self.cfg.rounds}; set rounds there")
+            raise ValueError(
+                f"TallyTrainStrategy.start: num_rounds={num_rounds} differs from "
+                f"the run config's rounds={self.cfg.rounds}; set rounds there"
+            )
         if train_config or evaluate_config:
-            raise ValueError("TallyTrainStrategy.start takes no train_config/evaluate_config: "
-                             "the run config carries tallytrain's settings to the nodes")
+            raise ValueError(
+                "TallyTrainStrategy.start takes no train_config/evaluate_config: "
+                "the run config carries tallytrain's settings to the nodes"
+            )
         if timeout is not None:
             self.options = dataclasses.replace(self.options, round_timeout=float(timeout))
         log(INFO, "Starting %s strategy:", type(self).__name__)
@@ -375,9 +431,15 @@ class TallyTrainStrategy(Strategy, Transport):
         self.connect(grid)
         for r in range(self.fed.round, self.cfg.rounds):
             row = self.run_round(grid, r)
-            log(INFO, "round %s: accuracy %.4f, consensus accuracy %s, %s bytes, missing "
-                "peers %s", r, row["accuracy"], row["consensus_acc"], row["bytes"],
-                row["missing_peers"])
+            log(
+                INFO,
+                "round %s: accuracy %.4f, consensus accuracy %s, %s bytes, missing peers %s",
+                r,
+                row["accuracy"],
+                row["consensus_acc"],
+                row["bytes"],
+                row["missing_peers"],
+            )
             self.result.train_metrics_clientapp[r + 1] = metric_record(row)
             if evaluate_fn is not None:
                 res = evaluate_fn(r + 1, self.global_arrays())
@@ -398,11 +460,13 @@ class TallyTrainStrategy(Strategy, Transport):
     def report(self) -> dict:
         missing = sorted({p for row in self.metrics for p in row["missing_peers"]})
         return {
-            "config": self.cfg.to_dict(), "flower": dataclasses.asdict(self.options),
+            "config": self.cfg.to_dict(),
+            "flower": dataclasses.asdict(self.options),
             "peer_nodes": {str(p): node for p, node in sorted(self.peer_nodes.items())},
             "initial_accuracy": self.initial_accuracy,
             "final_accuracy": self.metrics[-1]["accuracy"] if self.metrics else None,
-            "missing_peers": missing, "totals": self.fed.ledger.totals(),
+            "missing_peers": missing,
+            "totals": self.fed.ledger.totals(),
             "rounds": self.metrics,
         }
 
@@ -413,8 +477,9 @@ def metric_record(row: dict) -> MetricRecord:
     for k, v in row.items():
         if isinstance(v, bool) or v is None:
             continue
-        if isinstance(v, (int, float)) or (isinstance(v, list) and all(
-                isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        if isinstance(v, (int, float)) or (
+            isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        ):
             keep[k] = v
     return MetricRecord(keep)
 
@@ -431,8 +496,7 @@ def server_app(probes: Any = None, model: Any = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg, options = parse_run_config(context.run_config)
-        shared = None if probes is None else resolve_shared(probes, context.run_config,
-                                                            "the ServerApp")
+        shared = None if probes is None else resolve_shared(probes, context.run_config, "the ServerApp")
         with torch_threads(options.threads):
             strategy = TallyTrainStrategy(cfg, options, probes=shared, model=model)
             strategy.start(grid)

@@ -10,6 +10,7 @@ Votes are classes packed into b = ``bits_for(S)`` bits each, for a stream of
 S symbols: S = C classes, or C + 1 where peers may abstain (the abstain
 symbol is C, one past the last class).
 """
+
 from __future__ import annotations
 
 from typing import Literal, NamedTuple, Optional, Sequence, Tuple, Union, overload
@@ -25,40 +26,50 @@ backend_info = _backend.backend_info
 _ops = torch.ops.tallytrain
 
 __all__ = [
-    "bits_for", "packed_size", "pack_argmax", "pack_labels", "unpack_labels",
-    "tally", "Tally", "topk_sparse", "topk_sparse_ef", "sparse_merge", "backend_info",
+    "bits_for",
+    "packed_size",
+    "pack_argmax",
+    "pack_labels",
+    "unpack_labels",
+    "tally",
+    "Tally",
+    "topk_sparse",
+    "topk_sparse_ef",
+    "sparse_merge",
+    "backend_info",
 ]
 
 
 class Tally(NamedTuple):
     """One entry per probe (int64 [N] each); see :func:`tally`."""
 
-    label: torch.Tensor      # the plurality class, -1 where no weighted support
+    label: torch.Tensor  # the plurality class, -1 where no weighted support
     count: torch.Tensor  # type: ignore[assignment]  # the winner's summed weight (0 where label is -1)
-    total: torch.Tensor      # summed weight of the peers that did not abstain
+    total: torch.Tensor  # summed weight of the peers that did not abstain
     runner_up: torch.Tensor  # largest summed weight among the other classes
 
 
 @overload
-def pack_argmax(logits: torch.Tensor, *, return_prob: Literal[False] = False,
-                abstain_below: Optional[float] = None) -> torch.Tensor: ...
+def pack_argmax(
+    logits: torch.Tensor, *, return_prob: Literal[False] = False, abstain_below: Optional[float] = None
+) -> torch.Tensor: ...
 
 
 @overload
-def pack_argmax(logits: torch.Tensor, *, return_prob: Literal[True],
-                abstain_below: Optional[float] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor]: ...
+def pack_argmax(
+    logits: torch.Tensor, *, return_prob: Literal[True], abstain_below: Optional[float] = None
+) -> Tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @overload
-def pack_argmax(logits: torch.Tensor, *, return_prob: bool,
-                abstain_below: Optional[float] = None
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]: ...
+def pack_argmax(
+    logits: torch.Tensor, *, return_prob: bool, abstain_below: Optional[float] = None
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def pack_argmax(logits: torch.Tensor, *, return_prob: bool = False,
-                abstain_below: Optional[float] = None
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+def pack_argmax(
+    logits: torch.Tensor, *, return_prob: bool = False, abstain_below: Optional[float] = None
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Each row's ``logits.argmax(-1)``, packed into a stream of b-bit symbols
     (b = ``bits_for(C)``), in one pass that never builds the N indices.
 
@@ -86,8 +97,9 @@ def pack_argmax(logits: torch.Tensor, *, return_prob: bool = False,
     NaN wins), -0.0 equals +0.0. ValueError/TypeError name the argument at
     fault.
     """
-    packed, prob = _ops.pack_argmax(logits, return_prob,
-                                    None if abstain_below is None else float(abstain_below))
+    packed, prob = _ops.pack_argmax(
+        logits, return_prob, None if abstain_below is None else float(abstain_below)
+    )
     return (packed, prob) if return_prob else packed
 
 
@@ -119,9 +131,14 @@ def unpack_labels(packed: torch.Tensor, n: int, num_symbols: int) -> torch.Tenso
     return _ops.unpack_labels(packed, int(n), int(num_symbols))
 
 
-def tally(votes: Union[torch.Tensor, Sequence[torch.Tensor]], n: int, num_classes: int, *,
-          weights: Optional[Union[torch.Tensor, Sequence[int]]] = None,
-          abstain: bool = False) -> Tally:
+def tally(
+    votes: Union[torch.Tensor, Sequence[torch.Tensor]],
+    n: int,
+    num_classes: int,
+    *,
+    weights: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+    abstain: bool = False,
+) -> Tally:
     """Weighted plurality vote per probe over P peers' packed vote streams.
 
     Args:
@@ -170,8 +187,7 @@ def topk_sparse(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return _ops.topk_sparse(x, int(k))
 
 
-def topk_sparse_ef(x: torch.Tensor, residual: torch.Tensor, k: int
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_sparse_ef(x: torch.Tensor, residual: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k with error feedback: :func:`topk_sparse` of ``acc = x + residual``.
 
     ``residual`` (same shape, dtype and device as ``x``) is updated in place
@@ -181,9 +197,13 @@ def topk_sparse_ef(x: torch.Tensor, residual: torch.Tensor, k: int
     return _ops.topk_sparse_ef(x, residual, int(k))
 
 
-def sparse_merge(indices: Union[torch.Tensor, Sequence[torch.Tensor]],
-                 values: Union[torch.Tensor, Sequence[torch.Tensor]], size: int, *,
-                 counts: Optional[Union[torch.Tensor, Sequence[int]]] = None) -> torch.Tensor:
+def sparse_merge(
+    indices: Union[torch.Tensor, Sequence[torch.Tensor]],
+    values: Union[torch.Tensor, Sequence[torch.Tensor]],
+    size: int,
+    *,
+    counts: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+) -> torch.Tensor:
     """Dense sum of peers' sparse vectors, or with ``counts`` their weighted
     average.
 

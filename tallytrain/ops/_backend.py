@@ -20,6 +20,7 @@ TALLYTRAIN_CPU_LEVEL selects the CPU level the native CPU kernels run at:
              builds only baseline); a level the CPU or the build lacks is
              refused with ValueError, never replaced by another.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,7 @@ LEVEL_NEEDS = {
 # The file setup.py writes next to the extension: how it was built (the torch
 # and CUDA versions), or that the install has no extension on purpose.
 BUILD_RECORD = "_C.build.json"
-SILENCE = ("set TALLYTRAIN_BACKEND=reference to use the pure-PyTorch reference on purpose "
-           "(no warning)")
+SILENCE = "set TALLYTRAIN_BACKEND=reference to use the pure-PyTorch reference on purpose (no warning)"
 
 
 def _package_dir() -> Path:
@@ -63,11 +63,15 @@ def _in_checkout() -> bool:
 def build_advice() -> str:
     """How to build the native kernels, for the way this copy was installed."""
     if _in_checkout():
-        return ("build it with `pip install --no-build-isolation -e .` (or `make install`) "
-                "against the installed torch")
-    return ("reinstall tallytrain from its source (sdist or checkout) against the installed "
-            "torch, with a C++ compiler: `pip install --no-build-isolation --no-deps "
-            "--force-reinstall <sdist or folder>`")
+        return (
+            "build it with `pip install --no-build-isolation -e .` (or `make install`) "
+            "against the installed torch"
+        )
+    return (
+        "reinstall tallytrain from its source (sdist or checkout) against the installed "
+        "torch, with a C++ compiler: `pip install --no-build-isolation --no-deps "
+        "--force-reinstall <sdist or folder>`"
+    )
 
 
 def fix_advice() -> str:
@@ -94,8 +98,10 @@ def version_mismatch(built: dict) -> Optional[str]:
     running = (torch.__version__, torch.version.cuda)
     if (built.get("torch"), built.get("torch_cuda")) == running:
         return None
-    return (f"it was built against {_describe(built.get('torch'), built.get('torch_cuda'))}, "
-            f"but {_describe(*running)} is running")
+    return (
+        f"it was built against {_describe(built.get('torch'), built.get('torch_cuda'))}, "
+        f"but {_describe(*running)} is running"
+    )
 
 
 class NativeBackendWarning(UserWarning):
@@ -110,16 +116,14 @@ _state: Dict[str, Any] = {"mode": None, "module": None, "error": None, "build": 
 def requested_mode() -> str:
     mode = os.environ.get("TALLYTRAIN_BACKEND", "auto").strip().lower() or "auto"
     if mode not in MODES:
-        raise ValueError(
-            f"TALLYTRAIN_BACKEND must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ValueError(f"TALLYTRAIN_BACKEND must be one of {', '.join(MODES)}, got {mode!r}")
     return mode
 
 
 def requested_cpu_level() -> str:
     level = os.environ.get("TALLYTRAIN_CPU_LEVEL", "auto").strip().lower() or "auto"
     if level not in CPU_LEVELS:
-        raise ValueError(
-            f"TALLYTRAIN_CPU_LEVEL must be one of {', '.join(CPU_LEVELS)}, got {level!r}")
+        raise ValueError(f"TALLYTRAIN_CPU_LEVEL must be one of {', '.join(CPU_LEVELS)}, got {level!r}")
     return level
 
 
@@ -149,13 +153,16 @@ def set_cpu_level(level: str) -> None:
     if level not in supported:
         built = list(module.build_info()["cpu_levels"])
         if level not in built:
-            why = (f"this build of tallytrain._C has no copy of the kernels for it (it has "
-                   f"{', '.join(built)}: x86-64 builds with GCC >= 12 have every level)")
+            why = (
+                f"this build of tallytrain._C has no copy of the kernels for it (it has "
+                f"{', '.join(built)}: x86-64 builds with GCC >= 12 have every level)"
+            )
         else:
             why = f"this CPU ({cpu_model()}) lacks {LEVEL_NEEDS.get(level, level)}"
         raise ValueError(
             f"TALLYTRAIN_CPU_LEVEL={level}: {why}; this machine runs "
-            f"{', '.join(supported)}. Unset it (or set auto) to use the best of those.")
+            f"{', '.join(supported)}. Unset it (or set auto) to use the best of those."
+        )
     module.set_cpu_level(level)
 
 
@@ -164,11 +171,16 @@ def _refuse(cause: str, advice: str) -> None:
     once (cause and advice) and let the reference serve."""
     _state["error"] = cause
     if _state["mode"] == "native":
-        raise ImportError(f"TALLYTRAIN_BACKEND=native but the tallytrain native extension "
-                          f"cannot serve: {cause}. Fix: {advice}")
-    warnings.warn(f"tallytrain: the native extension cannot serve: {cause}. The pure-PyTorch "
-                  f"reference serves every op. Fix: {advice}",
-                  NativeBackendWarning, stacklevel=4)
+        raise ImportError(
+            f"TALLYTRAIN_BACKEND=native but the tallytrain native extension "
+            f"cannot serve: {cause}. Fix: {advice}"
+        )
+    warnings.warn(
+        f"tallytrain: the native extension cannot serve: {cause}. The pure-PyTorch "
+        f"reference serves every op. Fix: {advice}",
+        NativeBackendWarning,
+        stacklevel=4,
+    )
 
 
 def load() -> None:
@@ -186,9 +198,11 @@ def load() -> None:
     if record is not None and record.get("extension") is False:
         _state["build"] = dict(record)
         why = record.get("why") or "installed without it"
-        _refuse(f"this install has none (installed with {why})",
-                f"to have the native kernels, {build_advice()}, without "
-                f"TALLYTRAIN_BUILD_EXT=0; to keep this install, {SILENCE}")
+        _refuse(
+            f"this install has none (installed with {why})",
+            f"to have the native kernels, {build_advice()}, without "
+            f"TALLYTRAIN_BUILD_EXT=0; to keep this install, {SILENCE}",
+        )
         return
     if record is not None:
         _state["build"] = {k: record.get(k) for k in ("torch", "torch_cuda")}
@@ -239,10 +253,14 @@ def backend_info() -> dict:
         # Per op: who serves on the CPU, who serves on a CUDA device here
         # ("unavailable" without one), and whether a CUDA kernel is registered
         # at all (it may be, with no device to run it).
-        "ops": {op: {"cpu": "native" if _has_kernel(op, "CPU") else "reference",
-                     "cuda": on_cuda(op),
-                     "cuda_kernel": "registered" if _has_kernel(op, "CUDA") else "none"}
-                for op in SCHEMAS},
+        "ops": {
+            op: {
+                "cpu": "native" if _has_kernel(op, "CPU") else "reference",
+                "cuda": on_cuda(op),
+                "cuda_kernel": "registered" if _has_kernel(op, "CUDA") else "none",
+            }
+            for op in SCHEMAS
+        },
         "extension": getattr(module, "__file__", None),
         # The CPU level the native CPU kernels run at, and the levels this
         # build and CPU allow (best first); None and [] without the extension.

@@ -3,6 +3,7 @@ default kernel (CompositeExplicitAutograd, so it serves any device), and a fake
 kernel for meta/fake tensors. The native extension later registers CPU and CUDA
 kernels for the same names; a backend kernel takes precedence over the default.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ Errors: ``TypeError`` for a wrong dtype, ``ValueError`` for everything else, and
 every message names the argument at fault (the native kernels use the same
 words).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -62,7 +63,8 @@ def _check_stream(packed: torch.Tensor, n: int, num_symbols: int, name: str) -> 
     if have != need:
         raise ValueError(
             f"{name} must hold exactly ceil(n*bits/8) = {need} bytes for n={n} "
-            f"symbols of {b} bits, got {have}")
+            f"symbols of {b} bits, got {have}"
+        )
     return b
 
 
@@ -80,14 +82,14 @@ def pack_labels(labels: torch.Tensor, num_symbols: int) -> torch.Tensor:
     if n and (int(lab.min()) < 0 or int(lab.max()) >= num_symbols):
         bad = int(torch.nonzero((lab < 0) | (lab >= num_symbols))[0])
         raise ValueError(
-            f"labels[{bad}] = {int(lab[bad])} is outside 0..{num_symbols - 1} "
-            f"(num_symbols={num_symbols})")
+            f"labels[{bad}] = {int(lab[bad])} is outside 0..{num_symbols - 1} (num_symbols={num_symbols})"
+        )
     shifts = torch.arange(b, device=labels.device, dtype=torch.int64)
     bits = ((lab[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
     pad = (-bits.numel()) % 8
     if pad:
         bits = torch.cat([bits, bits.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=labels.device, dtype=torch.int32))
+    weights = 1 << torch.arange(8, device=labels.device, dtype=torch.int32)
     return (bits.view(-1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
@@ -107,7 +109,7 @@ def _unpack_rows(packed: torch.Tensor, n: int, b: int) -> torch.Tensor:
         return torch.zeros(rows, n, dtype=torch.int64, device=packed.device)
     shifts8 = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bits = ((packed[:, :, None] >> shifts8) & 1).reshape(rows, -1)[:, : n * b]
-    weights = (1 << torch.arange(b, device=packed.device, dtype=torch.int64))
+    weights = 1 << torch.arange(b, device=packed.device, dtype=torch.int64)
     return (bits.reshape(rows, n, b).to(torch.int64) * weights).sum(-1)
 
 
@@ -116,8 +118,8 @@ def _check_symbols(labels: torch.Tensor, num_symbols: int, name: str) -> None:
         flat = labels.reshape(-1)
         pos = int(torch.nonzero(flat >= num_symbols)[0])
         raise ValueError(
-            f"{name} holds symbol {int(flat[pos])} at position {pos}, outside "
-            f"0..{num_symbols - 1}")
+            f"{name} holds symbol {int(flat[pos])} at position {pos}, outside 0..{num_symbols - 1}"
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -135,16 +137,15 @@ def top1_prob(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32, device=logits.device)
     step = max(1, _PROB_CHUNK_ELEMS // max(c, 1))
     for r0 in range(0, n, step):
-        x = logits[r0:r0 + step].double()
+        x = logits[r0 : r0 + step].double()
         m = x.max(dim=-1, keepdim=True).values
-        out[r0:r0 + step] = 1.0 / torch.exp(x - m).sum(-1)
+        out[r0 : r0 + step] = 1.0 / torch.exp(x - m).sum(-1)
     return out
 
 
 def check_logits(logits: torch.Tensor) -> None:
     if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [N, C], got shape {tuple(logits.shape)}")
     if logits.shape[1] < 2:
@@ -153,8 +154,9 @@ def check_logits(logits: torch.Tensor) -> None:
         raise ValueError(f"logits must have C < 2**32 classes, got C={logits.shape[1]}")
 
 
-def pack_argmax(logits: torch.Tensor, return_prob: bool = False,
-                abstain_below: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def pack_argmax(
+    logits: torch.Tensor, return_prob: bool = False, abstain_below: Optional[float] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pack each row's argmax; optionally its top-1 probability; optionally
     abstain (symbol C, stream of bits_for(C+1)) unless prob >= abstain_below."""
     check_logits(logits)
@@ -185,8 +187,8 @@ def check_weights(weights: Optional[torch.Tensor], peers: int, device) -> torch.
         raise TypeError(f"weights must be an integer tensor, got {weights.dtype}")
     if weights.dim() != 1 or weights.shape[0] != peers:
         raise ValueError(
-            f"weights must be 1-D with one entry per peer ({peers}), got shape "
-            f"{tuple(weights.shape)}")
+            f"weights must be 1-D with one entry per peer ({peers}), got shape {tuple(weights.shape)}"
+        )
     w = weights.to(device=device, dtype=torch.int64)
     if peers and int(w.min()) < 0:
         bad = int(torch.nonzero(w < 0)[0])
@@ -194,9 +196,13 @@ def check_weights(weights: Optional[torch.Tensor], peers: int, device) -> torch.
     return w
 
 
-def tally(votes: torch.Tensor, n: int, num_classes: int,
-          weights: Optional[torch.Tensor] = None, abstain: bool = False
-          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def tally(
+    votes: torch.Tensor,
+    n: int,
+    num_classes: int,
+    weights: Optional[torch.Tensor] = None,
+    abstain: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted plurality per probe; ties to the smallest class index.
 
     A probe with no weighted support (every peer abstained, or every voter has
@@ -280,8 +286,7 @@ def topk_sparse(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return idx, x[idx]
 
 
-def topk_sparse_ef(x: torch.Tensor, residual: torch.Tensor, k: int
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_sparse_ef(x: torch.Tensor, residual: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k with error feedback: select on acc = x + residual, send acc at the
     selected indices and leave the rest in ``residual`` (updated in place)."""
     check_topk_input(x, k)
@@ -289,7 +294,8 @@ def topk_sparse_ef(x: torch.Tensor, residual: torch.Tensor, k: int
         raise ValueError(
             f"residual must match x in shape, dtype and device: x is "
             f"{tuple(x.shape)} {x.dtype} {x.device}, residual is "
-            f"{tuple(residual.shape)} {residual.dtype} {residual.device}")
+            f"{tuple(residual.shape)} {residual.dtype} {residual.device}"
+        )
     acc = x + residual
     _check_no_nan(acc, "x + residual")
     idx, values = topk_sparse(acc, k)
@@ -310,8 +316,8 @@ def merge_scales(counts: Optional[torch.Tensor], peers: int) -> List[float]:
         raise TypeError(f"counts must be an integer tensor, got {counts.dtype}")
     if counts.dim() != 1 or counts.shape[0] != peers:
         raise ValueError(
-            f"counts must be 1-D with one entry per peer ({peers}), got shape "
-            f"{tuple(counts.shape)}")
+            f"counts must be 1-D with one entry per peer ({peers}), got shape {tuple(counts.shape)}"
+        )
     c = [int(v) for v in counts.cpu().tolist()]
     for p, v in enumerate(c):
         if v < 0:
@@ -330,26 +336,28 @@ def check_sparse_peer(idx: torch.Tensor, val: torch.Tensor, size: int, p: int) -
     if idx.dim() != 1 or val.dim() != 1 or idx.shape != val.shape:
         raise ValueError(
             f"indices[{p}] and values[{p}] must be 1-D of equal length, got "
-            f"{tuple(idx.shape)} and {tuple(val.shape)}")
+            f"{tuple(idx.shape)} and {tuple(val.shape)}"
+        )
     if idx.numel():
         if int(idx[0]) < 0 or int(idx[-1]) >= size:
             raise ValueError(
-                f"indices[{p}] must lie in 0..size-1 = {size - 1}, got "
-                f"{int(idx.min())}..{int(idx.max())}")
+                f"indices[{p}] must lie in 0..size-1 = {size - 1}, got {int(idx.min())}..{int(idx.max())}"
+            )
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise ValueError(f"indices[{p}] must be strictly increasing")
 
 
-def sparse_merge(indices: List[torch.Tensor], values: List[torch.Tensor], size: int,
-                 counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sparse_merge(
+    indices: List[torch.Tensor], values: List[torch.Tensor], size: int, counts: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Sum (or counts-weighted average) of sparse vectors, peer 0 first.
 
     Each peer's contribution is ``values[p] * scale[p]`` rounded to the output
     dtype and added in peer order, so every backend gets the same floats."""
     if len(indices) != len(values):
         raise ValueError(
-            f"indices and values must list the same number of peers, got "
-            f"{len(indices)} and {len(values)}")
+            f"indices and values must list the same number of peers, got {len(indices)} and {len(values)}"
+        )
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}")
     peers = len(indices)

@@ -25,15 +25,30 @@ encoder and decoder side by side: :mod:`.votes`, :mod:`.consensus`,
 :mod:`.control`. Import from ``tallytrain.wire``; names with a leading
 underscore are private to the package.
 """
+
 from __future__ import annotations
 
 from .consensus import consensus_message_bytes, encode_consensus
 from .control import CONTROL_FIELDS_BYTES, control_message_bytes, encode_control
 from .dense import dense_message_bytes, encode_dense
-from .frame import (_DECODERS, HEADER_BYTES, MAGIC, OVERHEAD, SERVER, TRAILER_BYTES, VERSION, Flag,
-                    Message, MessageKind, WireDtype, WireFormatError, decode)
+from .frame import (
+    _DECODERS,
+    HEADER_BYTES,
+    MAGIC,
+    OVERHEAD,
+    SERVER,
+    TRAILER_BYTES,
+    VERSION,
+    Flag,
+    Message,
+    MessageKind,
+    WireDtype,
+    WireFormatError,
+    decode,
+)
 from .frame import U32_MAX as U32_MAX, U64_MAX as U64_MAX
 from .index import RICE_MAX_PARAM
+
 # The tests exercise the Rice remainders' field packer directly.
 from .index import _pack_fields as _pack_fields, _unpack_fields as _unpack_fields
 from .shape import MAX_SHAPE_DIMS
@@ -44,18 +59,41 @@ from .votes import encode_votes, votes_message_bytes
 
 
 __all__ = [
-    "WireFormatError", "MessageKind", "WireDtype", "Flag", "Message",
-    "MAGIC", "VERSION", "HEADER_BYTES", "TRAILER_BYTES", "OVERHEAD", "SERVER",
-    "RICE_MAX_PARAM", "CONTROL_FIELDS_BYTES", "MAX_SHAPE_DIMS",
-    "encode_votes", "encode_consensus", "encode_soft_labels", "encode_soft_topk", "encode_dense",
-    "encode_sparse", "encode_control", "decode",
-    "votes_message_bytes", "consensus_message_bytes", "soft_labels_message_bytes",
-    "soft_topk_message_bytes", "dense_message_bytes", "sparse_message_max_bytes",
+    "WireFormatError",
+    "MessageKind",
+    "WireDtype",
+    "Flag",
+    "Message",
+    "MAGIC",
+    "VERSION",
+    "HEADER_BYTES",
+    "TRAILER_BYTES",
+    "OVERHEAD",
+    "SERVER",
+    "RICE_MAX_PARAM",
+    "CONTROL_FIELDS_BYTES",
+    "MAX_SHAPE_DIMS",
+    "encode_votes",
+    "encode_consensus",
+    "encode_soft_labels",
+    "encode_soft_topk",
+    "encode_dense",
+    "encode_sparse",
+    "encode_control",
+    "decode",
+    "votes_message_bytes",
+    "consensus_message_bytes",
+    "soft_labels_message_bytes",
+    "soft_topk_message_bytes",
+    "dense_message_bytes",
+    "sparse_message_max_bytes",
     "control_message_bytes",
 ]
 
 # Importing the kinds' modules above registered their decoders; a kind
 # without one would make decode raise KeyError instead of WireFormatError.
 if set(_DECODERS) != set(MessageKind):
-    raise ImportError("tallytrain.wire: no decoder registered for "
-                      + ", ".join(k.name for k in MessageKind if k not in _DECODERS))
+    raise ImportError(
+        "tallytrain.wire: no decoder registered for "
+        + ", ".join(k.name for k in MessageKind if k not in _DECODERS)
+    )

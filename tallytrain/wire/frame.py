@@ -9,6 +9,7 @@ payload to its kind's decoder (registered with :func:`_decoder` by the kind's
 module). The helpers after those are shared by the kinds' modules: input checks
 for the encoders, header and payload checks for the decoders.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,7 @@ MAGIC = b"TT"
 VERSION = 1
 # magic, version, kind, flags, bits, dtype, round, sender, n, aux, payload_len
 _HEADER = struct.Struct("<2sBBHBBIIIII")
-_TRAILER = struct.Struct("<I")            # CRC32
+_TRAILER = struct.Struct("<I")  # CRC32
 HEADER_BYTES = _HEADER.size
 TRAILER_BYTES = _TRAILER.size
 OVERHEAD = HEADER_BYTES + TRAILER_BYTES
@@ -54,6 +55,7 @@ class MessageKind(enum.IntEnum):
 
 class WireDtype(enum.IntEnum):
     """The header's ``dtype`` code: the element type of the payload."""
+
     NONE = 0
     FLOAT16 = 1
     FLOAT32 = 2
@@ -62,11 +64,12 @@ class WireDtype(enum.IntEnum):
 
 class Flag(enum.IntFlag):
     """Header flag bits. Each kind allows only its own (see ``_ALLOWED_FLAGS``)."""
-    ABSTAIN = 1 << 0        # VOTES: symbols are bits_for(C + 1) wide, C = abstain
-    KEEP_MASK = 1 << 1      # CONSENSUS: a 1-bit keep mask follows the labels
-    BITMAP = 1 << 2         # SPARSE_PARAMS: indices as a bitmap, not Rice-coded gaps
+
+    ABSTAIN = 1 << 0  # VOTES: symbols are bits_for(C + 1) wide, C = abstain
+    KEEP_MASK = 1 << 1  # CONSENSUS: a 1-bit keep mask follows the labels
+    BITMAP = 1 << 2  # SPARSE_PARAMS: indices as a bitmap, not Rice-coded gaps
     HAS_CONSENSUS = 1 << 3  # CONTROL: a full CONSENSUS message is embedded
-    SHAPE = 1 << 4          # VOTES, CONSENSUS, SOFT_LABELS: the leading shape comes first
+    SHAPE = 1 << 4  # VOTES, CONSENSUS, SOFT_LABELS: the leading shape comes first
 
 
 _ALLOWED_FLAGS: Dict[MessageKind, Flag] = {
@@ -86,7 +89,8 @@ _FLOAT_CODES: Dict[torch.dtype, Tuple[WireDtype, np.dtype]] = {
     torch.float32: (WireDtype.FLOAT32, np.dtype("<f4")),
 }
 _FLOAT_BY_CODE: Dict[WireDtype, Tuple[torch.dtype, np.dtype]] = {
-    code: (tdt, ndt) for tdt, (code, ndt) in _FLOAT_CODES.items()}
+    code: (tdt, ndt) for tdt, (code, ndt) in _FLOAT_CODES.items()
+}
 
 
 # --------------------------------------------------------------------------- #
@@ -115,6 +119,7 @@ class Message:
     Equality compares every field; tensors must match in dtype, shape and bits
     (so NaN payloads compare equal to themselves, and -0.0 differs from 0.0).
     """
+
     kind: MessageKind
     version: int
     round: int
@@ -139,8 +144,7 @@ class Message:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented
-        return all(_same(getattr(self, f.name), getattr(other, f.name))
-                   for f in dataclasses.fields(self))
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
 
     __hash__ = None  # type: ignore[assignment]  # tensors are mutable
 
@@ -183,14 +187,17 @@ _DECODERS: Dict[MessageKind, _Decoder] = {}
 
 def _decoder(kind: MessageKind) -> Callable[[_Decoder], _Decoder]:
     """Register the decorated function as :func:`decode`'s reader of ``kind``."""
+
     def register(fn: _Decoder) -> _Decoder:
         _DECODERS[kind] = fn
         return fn
+
     return register
 
 
-def decode(data: Union[bytes, bytearray, memoryview], *,
-           expect_kind: Optional[MessageKind] = None) -> Message:
+def decode(
+    data: Union[bytes, bytearray, memoryview], *, expect_kind: Optional[MessageKind] = None
+) -> Message:
     """Parse and fully validate one message; WireFormatError says what is wrong."""
     view = _byte_view(data)
     if expect_kind is not None:
@@ -198,10 +205,11 @@ def decode(data: Union[bytes, bytearray, memoryview], *,
     total = view.nbytes
     if total < OVERHEAD:
         raise WireFormatError(
-            f"truncated message: {total} bytes, shorter than the {OVERHEAD}-byte "
-            f"header and trailer")
-    (magic, version, kind_code, flags, bits, dtype, round_, sender, n, aux,
-     payload_len) = _HEADER.unpack_from(view, 0)
+            f"truncated message: {total} bytes, shorter than the {OVERHEAD}-byte header and trailer"
+        )
+    (magic, version, kind_code, flags, bits, dtype, round_, sender, n, aux, payload_len) = (
+        _HEADER.unpack_from(view, 0)
+    )
     if magic != MAGIC:
         raise WireFormatError(f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -210,16 +218,16 @@ def decode(data: Union[bytes, bytearray, memoryview], *,
     if total < end + TRAILER_BYTES:
         raise WireFormatError(
             f"truncated message: header says payload_len = {payload_len}, so "
-            f"{end + TRAILER_BYTES} bytes, got {total}")
+            f"{end + TRAILER_BYTES} bytes, got {total}"
+        )
     if total > end + TRAILER_BYTES:
         raise WireFormatError(
-            f"{total - end - TRAILER_BYTES} trailing bytes after the "
-            f"{end + TRAILER_BYTES}-byte message")
+            f"{total - end - TRAILER_BYTES} trailing bytes after the {end + TRAILER_BYTES}-byte message"
+        )
     (sent_crc,) = _TRAILER.unpack_from(view, end)
     crc = zlib.crc32(view[:end])
     if crc != sent_crc:
-        raise WireFormatError(
-            f"checksum mismatch: CRC32 is {crc:#010x}, trailer says {sent_crc:#010x}")
+        raise WireFormatError(f"checksum mismatch: CRC32 is {crc:#010x}, trailer says {sent_crc:#010x}")
     try:
         kind = MessageKind(kind_code)
     except ValueError:
@@ -246,19 +254,26 @@ def _byte_view(data) -> memoryview:
 # --------------------------------------------------------------------------- #
 # encoding: the frame, and checks of the encoders' inputs
 # --------------------------------------------------------------------------- #
-def _frame(kind: MessageKind, flags: Flag, bits: int, dtype: WireDtype, round: int,
-           sender: int, n: int, aux: int, parts: Sequence) -> bytes:
+def _frame(
+    kind: MessageKind,
+    flags: Flag,
+    bits: int,
+    dtype: WireDtype,
+    round: int,
+    sender: int,
+    n: int,
+    aux: int,
+    parts: Sequence,
+) -> bytes:
     round = _uint(round, "round")
     sender = _uint(sender, "sender")
-    views = [p.reshape(-1).view(np.uint8).data if isinstance(p, np.ndarray)
-             else _byte_view(p) for p in parts]
+    views = [p.reshape(-1).view(np.uint8).data if isinstance(p, np.ndarray) else _byte_view(p) for p in parts]
     payload_len = sum(v.nbytes for v in views)
     if payload_len > U32_MAX:
         raise ValueError(
-            f"message too large: a payload of {payload_len} bytes does not fit the "
-            f"u32 payload_len field")
-    header = _HEADER.pack(MAGIC, VERSION, kind, flags, bits, dtype, round, sender,
-                          n, aux, payload_len)
+            f"message too large: a payload of {payload_len} bytes does not fit the u32 payload_len field"
+        )
+    header = _HEADER.pack(MAGIC, VERSION, kind, flags, bits, dtype, round, sender, n, aux, payload_len)
     crc = zlib.crc32(header)
     for v in views:
         crc = zlib.crc32(v, crc)
@@ -353,8 +368,11 @@ def _dtype(h: _Header, *allowed: WireDtype) -> WireDtype:
 
 def _payload_size(h: _Header, expected: int, what: str) -> None:
     if h.payload_len != expected:
-        raise _fail(h, f"payload size mismatch: {what} needs {expected} bytes, "
-                       f"header says payload_len = {h.payload_len}")
+        raise _fail(
+            h,
+            f"payload size mismatch: {what} needs {expected} bytes, "
+            f"header says payload_len = {h.payload_len}",
+        )
 
 
 def _classes(h: _Header) -> int:

@@ -1,6 +1,7 @@
 """The SPARSE_PARAMS index section, both directions: Rice-coded gaps or a
 bitmap, whichever is smaller (docs/wire.md, "Sparse index coding").
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,7 @@ def _rice_encode(gaps: np.ndarray, r: int) -> tuple:
     return unary, rem
 
 
-def _rice_decode(h: _Header, payload: memoryview, k: int, size: int,
-                 values_bytes: int) -> np.ndarray:
+def _rice_decode(h: _Header, payload: memoryview, k: int, size: int, values_bytes: int) -> np.ndarray:
     r = h.bits
     if r > RICE_MAX_PARAM:
         raise _fail(h, f"bits = {r} is not a valid Rice parameter (0..{RICE_MAX_PARAM})")
@@ -56,23 +56,33 @@ def _rice_decode(h: _Header, payload: memoryview, k: int, size: int,
         raise _fail(h, f"bits (Rice parameter) must be 0 when k = 0, got {r}")
     rem_bytes = (k * r + 7) // 8
     if h.payload_len < rem_bytes + values_bytes:
-        raise _fail(h, f"payload size mismatch: {k} Rice remainders of {r} bits and {k} "
-                       f"values need at least {rem_bytes + values_bytes} bytes, header "
-                       f"says payload_len = {h.payload_len}")
+        raise _fail(
+            h,
+            f"payload size mismatch: {k} Rice remainders of {r} bits and {k} "
+            f"values need at least {rem_bytes + values_bytes} bytes, header "
+            f"says payload_len = {h.payload_len}",
+        )
     unary_bytes = h.payload_len - rem_bytes - values_bytes
     unary = _bytes(payload, 0, unary_bytes)
     ones = _popcount(unary)
     if ones < k:
-        raise _fail(h, f"Rice unary codes run off the end of the index section: "
-                       f"{ones} terminating bits for k = {k} indices")
+        raise _fail(
+            h,
+            f"Rice unary codes run off the end of the index section: "
+            f"{ones} terminating bits for k = {k} indices",
+        )
     if ones > k:
-        raise _fail(h, f"Rice unary section holds {ones} terminating bits for k = {k} "
-                       f"indices (nonzero padding)")
+        raise _fail(
+            h, f"Rice unary section holds {ones} terminating bits for k = {k} indices (nonzero padding)"
+        )
     ends = np.flatnonzero(np.unpackbits(unary, bitorder="little")).astype(np.int64)
     used = int(ends[-1]) + 1 if k else 0
     if (used + 7) // 8 != unary_bytes:
-        raise _fail(h, f"Rice unary section is {unary_bytes} bytes, but its codes end "
-                       f"after {used} bits (payload size mismatch)")
+        raise _fail(
+            h,
+            f"Rice unary section is {unary_bytes} bytes, but its codes end "
+            f"after {used} bits (payload size mismatch)",
+        )
     if k == 0:
         return np.zeros(0, dtype=np.int64)
     quotients = np.diff(ends, prepend=-1) - 1
@@ -116,15 +126,14 @@ def _pack_fields(values: np.ndarray, r: int) -> np.ndarray:
 def _unpack_fields(stream: np.ndarray, k: int, r: int) -> np.ndarray:
     """Inverse of _pack_fields (no validation: callers check padding)."""
     words = np.zeros((stream.size + 7) // 8 + 1, dtype="<u8")
-    words.view(np.uint8)[:stream.size] = stream
+    words.view(np.uint8)[: stream.size] = stream
     words = words.astype(np.uint64, copy=False)
     offset = np.arange(k, dtype=np.uint64) * np.uint64(r)
     word = (offset >> np.uint64(6)).astype(np.int64)
     shift = offset & np.uint64(63)
     low = words[word] >> shift
     # A shift by 64 is undefined, so the s == 0 case masks the high part off.
-    high = np.where(shift > 0, words[word + 1] << ((np.uint64(64) - shift) & np.uint64(63)),
-                    np.uint64(0))
+    high = np.where(shift > 0, words[word + 1] << ((np.uint64(64) - shift) & np.uint64(63)), np.uint64(0))
     return ((low | high) & np.uint64((1 << r) - 1)).astype(np.int64)
 
 

@@ -2,6 +2,7 @@
 positions (votes, consensus labels, soft labels) and the ``(*positions, k)``
 shape of a soft top-k message. docs/wire.md, "The leading shape".
 """
+
 from __future__ import annotations
 
 import math
@@ -60,19 +61,31 @@ def _votes_shape(shape: Optional[Sequence[int]], n: int) -> Optional[Tuple[int, 
     return None if dims == (n,) else dims
 
 
-def _decode_shape(h: _Header, payload: memoryview, rest_bytes: int, what: str,
-                  one_dim_ok: bool = False, items: str = "votes") -> Tuple[int, ...]:
+def _decode_shape(
+    h: _Header,
+    payload: memoryview,
+    rest_bytes: int,
+    what: str,
+    one_dim_ok: bool = False,
+    items: str = "votes",
+) -> Tuple[int, ...]:
     """Read and check the shape section, which ``rest_bytes`` bytes of ``what``
     follow; every read stays inside the payload. The product of the
     dimensions must be the header's n (``items`` names what n counts)."""
     if h.payload_len < 1:
-        raise _fail(h, "payload size mismatch: a shape section is required but the payload "
-                       "has no room for the shape's dimension count")
+        raise _fail(
+            h,
+            "payload size mismatch: a shape section is required but the payload "
+            "has no room for the shape's dimension count",
+        )
     ndim = payload[0]
     need = _shape_section_bytes(ndim) + rest_bytes
     if h.payload_len != need:
-        raise _fail(h, f"payload size mismatch: a {ndim}-D shape and {what} need {need} "
-                       f"bytes, header says payload_len = {h.payload_len}")
+        raise _fail(
+            h,
+            f"payload size mismatch: a {ndim}-D shape and {what} need {need} "
+            f"bytes, header says payload_len = {h.payload_len}",
+        )
     if ndim == 1 and not one_dim_ok:
         raise _fail(h, "shape: a 1-D shape is sent without the SHAPE flag (non-canonical)")
     dims = tuple(int(d) for d in np.frombuffer(payload, dtype="<u4", count=ndim, offset=1))

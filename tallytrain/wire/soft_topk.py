@@ -1,6 +1,7 @@
 """SOFT_TOPK: each position's k largest class probabilities, as class
 indices and values. Size, encoder and decoder.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,25 +11,59 @@ import torch
 
 from .. import ops
 from ..ops import bits_for, packed_size
-from .frame import (_FLOAT_BY_CODE, OVERHEAD, VERSION, Flag, _Header, Message, MessageKind,
-                    WireDtype, _any_tensor, _bits, _bytes, _check_stream, _classes, _decoder,
-                    _dtype, _fail, _float_code, _floats, _floats_from, _frame, _index_text,
-                    _itemsize, _num_classes, _uint)
+from .frame import (
+    _FLOAT_BY_CODE,
+    OVERHEAD,
+    VERSION,
+    Flag,
+    _Header,
+    Message,
+    MessageKind,
+    WireDtype,
+    _any_tensor,
+    _bits,
+    _bytes,
+    _check_stream,
+    _classes,
+    _decoder,
+    _dtype,
+    _fail,
+    _float_code,
+    _floats,
+    _floats_from,
+    _frame,
+    _index_text,
+    _itemsize,
+    _num_classes,
+    _uint,
+)
 from .shape import _decode_shape, _shape_section, _shape_section_bytes
 
 
-def soft_topk_message_bytes(positions: Sequence[int], k: int, num_classes: int,
-                            dtype: torch.dtype = torch.float16) -> int:
+def soft_topk_message_bytes(
+    positions: Sequence[int], k: int, num_classes: int, dtype: torch.dtype = torch.float16
+) -> int:
     """len(encode_soft_topk(...)) for ``positions`` (a shape) of k entries each:
     the shape section of (*positions, k), the n class indices in bits_for(C)
     bits each, and n values, n = prod(positions) * k."""
     n = math.prod(positions) * k
-    return (OVERHEAD + _shape_section_bytes(len(positions) + 1) + packed_size(n, num_classes)
-            + n * _itemsize(dtype))
+    return (
+        OVERHEAD
+        + _shape_section_bytes(len(positions) + 1)
+        + packed_size(n, num_classes)
+        + n * _itemsize(dtype)
+    )
 
 
-def encode_soft_topk(indices: torch.Tensor, values: torch.Tensor, num_classes: int, *,
-                     dtype: torch.dtype = torch.float16, round: int, sender: int) -> bytes:
+def encode_soft_topk(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    num_classes: int,
+    *,
+    dtype: torch.dtype = torch.float16,
+    round: int,
+    sender: int,
+) -> bytes:
     """Each position's k largest class probabilities: ``indices`` (integer,
     distinct within a position, each in 0..C-1) and ``values`` (floating, sent
     as ``dtype``), both of shape ``(*positions, k)`` with k >= 1. The shape
@@ -36,14 +71,14 @@ def encode_soft_topk(indices: torch.Tensor, values: torch.Tensor, num_classes: i
     then the values (docs/wire.md)."""
     indices = _any_tensor(indices, "indices")
     values = _any_tensor(values, "values")
-    if indices.dtype.is_floating_point or indices.dtype.is_complex \
-            or indices.dtype == torch.bool:
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
     if indices.dim() < 1:
         raise ValueError("indices must be (*positions, k), got a 0-D tensor")
     if values.shape != indices.shape:
-        raise ValueError(f"values must have the indices' shape {tuple(indices.shape)}, got "
-                         f"{tuple(values.shape)}")
+        raise ValueError(
+            f"values must have the indices' shape {tuple(indices.shape)}, got {tuple(values.shape)}"
+        )
     c = _num_classes(num_classes)
     dims = tuple(_uint(d, f"indices.shape[{i}]") for i, d in enumerate(indices.shape))
     k = dims[-1]
@@ -53,15 +88,15 @@ def encode_soft_topk(indices: torch.Tensor, values: torch.Tensor, num_classes: i
     idx = indices.reshape(-1).to(torch.int64)
     if n and (int(idx.min()) < 0 or int(idx.max()) >= c):
         bad = int(torch.nonzero((idx < 0) | (idx >= c))[0])
-        raise ValueError(f"indices{_index_text(bad, indices.shape)} = {int(idx[bad])} is "
-                         f"outside 0..{c - 1}")
+        raise ValueError(f"indices{_index_text(bad, indices.shape)} = {int(idx[bad])} is outside 0..{c - 1}")
     repeated = _first_repeat(idx.view(-1, k))
     if repeated is not None:
         raise ValueError(f"indices of position {repeated} repeat a class (a top-k set is distinct)")
     data = _floats(values, "values", dtype)
     parts = [_shape_section(dims), ops.pack_labels(idx, c).numpy(), data]
-    return _frame(MessageKind.SOFT_TOPK, Flag(0), bits_for(c), _float_code(dtype)[0],
-                  round, sender, n, c, parts)
+    return _frame(
+        MessageKind.SOFT_TOPK, Flag(0), bits_for(c), _float_code(dtype)[0], round, sender, n, c, parts
+    )
 
 
 def _first_repeat(rows: torch.Tensor) -> Optional[int]:
@@ -80,9 +115,14 @@ def _decode_soft_topk(h: _Header, payload: memoryview) -> Message:
     code = _dtype(h, WireDtype.FLOAT32, WireDtype.FLOAT16)
     index_bytes = packed_size(h.n, c)
     values_bytes = h.n * _FLOAT_BY_CODE[code][1].itemsize
-    shape = _decode_shape(h, payload, index_bytes + values_bytes,
-                          f"n = {h.n} class indices of {h.bits} bits and {h.n} "
-                          f"{code.name.lower()} values", one_dim_ok=True, items="entries")
+    shape = _decode_shape(
+        h,
+        payload,
+        index_bytes + values_bytes,
+        f"n = {h.n} class indices of {h.bits} bits and {h.n} {code.name.lower()} values",
+        one_dim_ok=True,
+        items="entries",
+    )
     if not shape:
         raise _fail(h, "shape: a top-k message needs (*positions, k), got a 0-D shape")
     k = shape[-1]
@@ -96,5 +136,15 @@ def _decode_soft_topk(h: _Header, payload: memoryview) -> Message:
     if repeated is not None:
         raise _fail(h, f"class indices of position {repeated} repeat a class")
     values = _floats_from(payload, offset + index_bytes, h.n, code)
-    return Message(h.kind, VERSION, h.round, h.sender, h.flags, n=h.n, num_classes=c,
-                   indices=indices.reshape(shape), values=values.reshape(shape), shape=shape)
+    return Message(
+        h.kind,
+        VERSION,
+        h.round,
+        h.sender,
+        h.flags,
+        n=h.n,
+        num_classes=c,
+        indices=indices.reshape(shape),
+        values=values.reshape(shape),
+        shape=shape,
+    )

@@ -1,14 +1,35 @@
 """SPARSE_PARAMS: a sparse parameter vector, k indices (coded by
 :mod:`.index`) and k values. Size bound, encoder and decoder.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .frame import (_FLOAT_BY_CODE, OVERHEAD, VERSION, Flag, _Header, Message, MessageKind,
-                    WireDtype, _bytes, _decoder, _dtype, _fail, _float_code, _floats, _floats_from,
-                    _frame, _itemsize, _payload_size, _tensor, _uint, _zero)
+from .frame import (
+    _FLOAT_BY_CODE,
+    OVERHEAD,
+    VERSION,
+    Flag,
+    _Header,
+    Message,
+    MessageKind,
+    WireDtype,
+    _bytes,
+    _decoder,
+    _dtype,
+    _fail,
+    _float_code,
+    _floats,
+    _floats_from,
+    _frame,
+    _itemsize,
+    _payload_size,
+    _tensor,
+    _uint,
+    _zero,
+)
 from .index import _best_rice_parameter, _bitmap, _bitmap_decode, _rice_decode, _rice_encode
 
 
@@ -18,8 +39,15 @@ def sparse_message_max_bytes(k: int, size: int, dtype: torch.dtype = torch.float
     return OVERHEAD + (size + 7) // 8 + k * _itemsize(dtype)
 
 
-def encode_sparse(indices: torch.Tensor, values: torch.Tensor, size: int, *,
-                  dtype: torch.dtype = torch.float32, round: int, sender: int) -> bytes:
+def encode_sparse(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    size: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    round: int,
+    sender: int,
+) -> bytes:
     """A sparse vector of ``size`` entries: k strictly increasing indices, k values.
 
     The indices are coded as whichever is smaller: Rice-coded gaps (parameter
@@ -38,8 +66,9 @@ def encode_sparse(indices: torch.Tensor, values: torch.Tensor, size: int, *,
     idx = indices.numpy().astype(np.int64, copy=False)
     if k:
         if idx[0] < 0 or idx[-1] >= m:
-            raise ValueError(f"indices must lie in 0..size-1 = {m - 1}, got "
-                             f"{int(idx.min())}..{int(idx.max())}")
+            raise ValueError(
+                f"indices must lie in 0..size-1 = {m - 1}, got {int(idx.min())}..{int(idx.max())}"
+            )
         if k > 1 and not bool(np.all(idx[1:] > idx[:-1])):
             raise ValueError("indices must be strictly increasing")
     data = _floats(values, "values", dtype)
@@ -48,10 +77,12 @@ def encode_sparse(indices: torch.Tensor, values: torch.Tensor, size: int, *,
     r, rice_bytes = _best_rice_parameter(gaps)
     bitmap_bytes = (m + 7) // 8
     if bitmap_bytes <= rice_bytes:
-        return _frame(MessageKind.SPARSE_PARAMS, Flag.BITMAP, 0, code, round, sender, k, m,
-                      [_bitmap(idx, m), data])
-    return _frame(MessageKind.SPARSE_PARAMS, Flag(0), r, code, round, sender, k, m,
-                  [*_rice_encode(gaps, r), data])
+        return _frame(
+            MessageKind.SPARSE_PARAMS, Flag.BITMAP, 0, code, round, sender, k, m, [_bitmap(idx, m), data]
+        )
+    return _frame(
+        MessageKind.SPARSE_PARAMS, Flag(0), r, code, round, sender, k, m, [*_rice_encode(gaps, r), data]
+    )
 
 
 @_decoder(MessageKind.SPARSE_PARAMS)
@@ -64,11 +95,21 @@ def _decode_sparse(h: _Header, payload: memoryview) -> Message:
     if h.flags & Flag.BITMAP:
         _zero(h, bits=h.bits)
         index_bytes = (size + 7) // 8
-        _payload_size(h, index_bytes + values_bytes,
-                      f"a bitmap of {size} bits and {k} {code.name.lower()} values")
+        _payload_size(
+            h, index_bytes + values_bytes, f"a bitmap of {size} bits and {k} {code.name.lower()} values"
+        )
         indices = _bitmap_decode(h, _bytes(payload, 0, index_bytes), k, size)
     else:
         indices = _rice_decode(h, payload, k, size, values_bytes)
     values = _floats_from(payload, h.payload_len - values_bytes, k, code)
-    return Message(h.kind, VERSION, h.round, h.sender, h.flags, n=k,
-                   indices=torch.from_numpy(indices), values=values, size=size)
+    return Message(
+        h.kind,
+        VERSION,
+        h.round,
+        h.sender,
+        h.flags,
+        n=k,
+        indices=torch.from_numpy(indices),
+        values=values,
+        size=size,
+    )

@@ -6,6 +6,7 @@ torch or plain Python (torch.argmax, a one-hot count, a bit-by-bit packer,
 per-position log-softmax, a dictionary model of the memory), so the tests
 mean the same under TALLYTRAIN_BACKEND=native and =reference.
 """
+
 from __future__ import annotations
 
 import doctest
@@ -133,8 +134,7 @@ def test_vote_abstain_below_with_mask(c, gen, device):
     # the same as pack_argmax's abstention with the masked rows set to C
     plain = ops.unpack_labels(ops.pack_argmax(logits, abstain_below=0.6), n, c + 1)
     assert torch.equal(v.packed, ops.pack_labels(torch.where(mask, plain, c), c + 1))
-    assert torch.equal(vote(logits, abstain_below=0.6).packed,
-                       ops.pack_argmax(logits, abstain_below=0.6))
+    assert torch.equal(vote(logits, abstain_below=0.6).packed, ops.pack_argmax(logits, abstain_below=0.6))
 
 
 def test_vote_bfloat16_under_autocast(gen):
@@ -185,8 +185,11 @@ def test_from_labels_round_trip(shape, c, abstain, gen, bitstream):
 
 
 def test_from_labels_errors():
-    with pytest.raises(ValueError, match=r"labels\[1, 0\] = -1 is outside 0..3 \(-1 needs "
-                                         r"abstain=True\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"labels\[1, 0\] = -1 is outside 0..3 \(-1 needs "
+        r"abstain=True\)",
+    ):
         Votes.from_labels(torch.tensor([[0, 1], [-1, 2]]), 4)
     with pytest.raises(ValueError, match=r"labels\[0, 1\] = 4 is outside -1..3"):
         Votes.from_labels(torch.tensor([[0, 4], [-1, 2]]), 4, abstain=True)
@@ -207,8 +210,11 @@ def test_from_labels_errors():
 def test_votes_constructor_checks_the_stream():
     packed = ops.pack_labels(torch.tensor([1, 2, 0, 1]), 3)
     assert Votes(packed, (2, 2), 3).labels().tolist() == [[1, 2], [0, 1]]
-    with pytest.raises(ValueError, match=r"packed must hold packed_size\(n=6, num_symbols=3\) "
-                                         r"= 2 bytes"):
+    with pytest.raises(
+        ValueError,
+        match=r"packed must hold packed_size\(n=6, num_symbols=3\) "
+        r"= 2 bytes",
+    ):
         Votes(packed, (2, 3), 3)
     with pytest.raises(TypeError, match="packed must be a uint8 tensor"):
         Votes(packed.to(torch.int32), (4,), 3)
@@ -232,7 +238,7 @@ def test_votes_are_immutable_comparable_and_picklable():
         v.num_classes = 4
     assert v == Votes.from_labels(torch.tensor([[0, 1, -1]]), 3, abstain=True)
     assert v != Votes.from_labels(torch.tensor([[0, 1, 2]]), 3, abstain=True)
-    assert v != Votes.from_labels(torch.tensor([0, 1, -1]), 3, abstain=True)   # shape
+    assert v != Votes.from_labels(torch.tensor([0, 1, -1]), 3, abstain=True)  # shape
     assert pickle.loads(pickle.dumps(v)) == v
     buffer = io.BytesIO()
     torch.save(v, buffer)
@@ -290,10 +296,11 @@ def test_tally_against_one_hot_counts(c, shape, abstain, weighted, gen, device):
     total = counts.sum(-1)
     count = counts.max(-1).values
     winner = torch.where(total > 0, counts.argmax(-1), -1)  # argmax: first = smallest class
-    keep = [t > 0 and k >= min_votes and k >= agreement * t  # Python floats are float64
-            for k, t in zip(count.reshape(-1).tolist(), total.reshape(-1).tolist())]
-    share = [k / t if t else 0.0 for k, t in zip(count.reshape(-1).tolist(),
-                                                  total.reshape(-1).tolist())]
+    keep = [
+        t > 0 and k >= min_votes and k >= agreement * t  # Python floats are float64
+        for k, t in zip(count.reshape(-1).tolist(), total.reshape(-1).tolist())
+    ]
+    share = [k / t if t else 0.0 for k, t in zip(count.reshape(-1).tolist(), total.reshape(-1).tolist())]
     assert isinstance(got, Consensus)
     for field in got:
         assert field.shape == torch.Size(shape) and field.device == votes[0].device
@@ -303,23 +310,22 @@ def test_tally_against_one_hot_counts(c, shape, abstain, weighted, gen, device):
     assert torch.equal(got.count.cpu(), torch.where(total > 0, count, 0))
     assert torch.equal(got.total.cpu(), total)
     assert got.keep.cpu().reshape(-1).tolist() == keep
-    assert torch.equal(got.agreement.cpu().reshape(-1),
-                       torch.tensor(share, dtype=torch.float64).float())
+    assert torch.equal(got.agreement.cpu().reshape(-1), torch.tensor(share, dtype=torch.float64).float())
 
 
 def test_tally_ties_halves_and_nobody():
     def t(rows, **kw):
         return tally([Votes.from_labels(torch.tensor(r), 4, abstain=True) for r in rows], **kw)
+
     c = t([[3, 1, 2, -1], [1, 3, 2, -1]])
-    assert c.labels.tolist() == [1, 1, 2, -1]            # ties go to the smallest class
+    assert c.labels.tolist() == [1, 1, 2, -1]  # ties go to the smallest class
     assert c.keep.tolist() == [True, True, True, False]  # exactly half is kept at 0.5
     assert c.agreement.tolist() == [0.5, 0.5, 1.0, 0.0]
     assert c.count.tolist() == [1, 1, 2, 0] and c.total.tolist() == [2, 2, 2, 0]
     c = t([[0, 0], [1, 1], [2, 1]])
     assert c.labels.tolist() == [0, 1] and c.keep.tolist() == [False, True]  # 1/3 < 0.5
     assert t([[0, 0], [1, 1], [2, 1]], agreement=0.0).keep.tolist() == [True, True]
-    assert t([[0, 0], [1, 1], [2, 1]], agreement=0.0, min_votes=2).keep.tolist() == \
-        [False, True]
+    assert t([[0, 0], [1, 1], [2, 1]], agreement=0.0, min_votes=2).keep.tolist() == [False, True]
     # every voter of weight 0: nobody voted
     c = t([[2, -1], [3, 3]], weights=[0, 0])
     assert c.labels.tolist() == [-1, -1] and not bool(c.keep.any())
@@ -333,8 +339,10 @@ def test_tally_ties_halves_and_nobody():
 
 def test_tally_counts_beyond_float32():
     big = 2**40 + 1
-    c = tally([Votes.from_labels(torch.tensor([1]), 2), Votes.from_labels(torch.tensor([0]), 2)],
-              weights=[big, big - 2])
+    c = tally(
+        [Votes.from_labels(torch.tensor([1]), 2), Votes.from_labels(torch.tensor([0]), 2)],
+        weights=[big, big - 2],
+    )
     assert c.count.tolist() == [big] and c.total.tolist() == [2 * big - 2]
     assert c.agreement.tolist() == [pytest.approx(big / (2 * big - 2), rel=1e-7)]
     assert c.keep.tolist() == [True]
@@ -342,14 +350,23 @@ def test_tally_counts_beyond_float32():
 
 def test_tally_errors_name_what_differs():
     a = Votes.from_labels(torch.tensor([[0, 1]]), 3)
-    with pytest.raises(ValueError, match=r"votes\[1\] has shape \(2, 1\), but votes\[0\] has "
-                                         r"shape \(1, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"votes\[1\] has shape \(2, 1\), but votes\[0\] has "
+        r"shape \(1, 2\)",
+    ):
         tally([a, Votes.from_labels(torch.tensor([[0], [1]]), 3)])
-    with pytest.raises(ValueError, match=r"votes\[2\] has num_classes 4, but votes\[0\] has "
-                                         r"num_classes 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"votes\[2\] has num_classes 4, but votes\[0\] has "
+        r"num_classes 3",
+    ):
         tally([a, a, Votes.from_labels(torch.tensor([[0, 1]]), 4)])
-    with pytest.raises(ValueError, match=r"votes\[1\] has abstain True, but votes\[0\] has "
-                                         r"abstain False"):
+    with pytest.raises(
+        ValueError,
+        match=r"votes\[1\] has abstain True, but votes\[0\] has "
+        r"abstain False",
+    ):
         tally([a, Votes.from_labels(torch.tensor([[0, 1]]), 3, abstain=True)])
     with pytest.raises(ValueError, match="at least one Votes"):
         tally([])
@@ -426,8 +443,8 @@ def test_consensus_loss_against_log_softmax(shape, reduction, gen, device):
 
 def test_consensus_loss_never_touches_positions_not_counted(gen):
     logits = torch.randn(2, 4, 5, generator=gen)
-    logits[0, 1] = float("nan")     # garbage in a padded position
-    logits[1, 3] = float("inf")     # and in a dropped one
+    logits[0, 1] = float("nan")  # garbage in a padded position
+    logits[1, 3] = float("inf")  # and in a dropped one
     logits.requires_grad_()
     labels = torch.tensor([[0, 1, 2, 3], [4, 0, -1, 2]])
     keep = torch.tensor([[True, True, True, True], [True, True, True, False]])
@@ -458,12 +475,14 @@ def test_consensus_loss_accepts_a_consensus_and_plain_labels(gen):
     peers = [vote(logits + 0.1 * torch.randn(3, 4, 6, generator=gen)) for _ in range(3)]
     cons = tally(peers)
     expect = loss_oracle(logits, cons.labels, cons.keep)
-    torch.testing.assert_close(consensus_loss(logits, cons, reduction="none").double(), expect,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        consensus_loss(logits, cons, reduction="none").double(), expect, rtol=1e-5, atol=1e-6
+    )
     labels = torch.tensor([[0, -1, 5, 2]] * 3)  # a tensor alone: labels >= 0 count
     expect = loss_oracle(logits, labels, labels >= 0)
-    torch.testing.assert_close(consensus_loss(logits, labels, reduction="sum").double(),
-                               expect.sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        consensus_loss(logits, labels, reduction="sum").double(), expect.sum(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_consensus_loss_bfloat16_is_computed_in_float32(gen):
@@ -477,10 +496,14 @@ def test_consensus_loss_bfloat16_is_computed_in_float32(gen):
 
 def test_consensus_loss_errors():
     logits = torch.zeros(2, 3, 5)
-    cons = SimpleNamespace(labels=torch.zeros(2, 3, dtype=torch.int64),
-                           keep=torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"consensus.labels must have the logits' leading "
-                                         r"shape \(2, 3\), got \(3, 2\)"):
+    cons = SimpleNamespace(
+        labels=torch.zeros(2, 3, dtype=torch.int64), keep=torch.ones(2, 3, dtype=torch.bool)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"consensus.labels must have the logits' leading "
+        r"shape \(2, 3\), got \(3, 2\)",
+    ):
         consensus_loss(logits, SimpleNamespace(labels=cons.labels.T, keep=cons.keep))
     with pytest.raises(ValueError, match=r"consensus.keep must have the logits' leading shape"):
         consensus_loss(logits, SimpleNamespace(labels=cons.labels, keep=cons.keep[0]))
@@ -490,8 +513,11 @@ def test_consensus_loss_errors():
         consensus_loss(logits, object())
     with pytest.raises(TypeError, match="consensus must be a Consensus .* of torch.float32"):
         consensus_loss(logits, torch.zeros(2, 3))
-    with pytest.raises(ValueError, match=r"consensus.labels\[1, 2\] = 5 is not a class of "
-                                         r"logits with C = 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"consensus.labels\[1, 2\] = 5 is not a class of "
+        r"logits with C = 5",
+    ):
         bad = cons.labels.clone()
         bad[1, 2] = 5
         consensus_loss(logits, SimpleNamespace(labels=bad, keep=cons.keep))
@@ -525,8 +551,7 @@ class DictMemory:
                 else:
                     self.held.pop((probe, pos), None)
         if self.max_age is not None:
-            self.held = {key: (lab, s) for key, (lab, s) in self.held.items()
-                         if round - s < self.max_age}
+            self.held = {key: (lab, s) for key, (lab, s) in self.held.items() if round - s < self.max_age}
 
     def dense(self, pool):
         out = [[-1] * self.positions for _ in range(pool)]
@@ -549,8 +574,9 @@ def test_memory_against_a_dictionary(position_shape, max_age, gen, device):
         labels = torch.randint(-1, 5, (n, *position_shape), generator=gen)
         keep = torch.rand(n, *position_shape, generator=gen) < 0.7
         memory.update(probes.to(device), SimpleNamespace(labels=labels, keep=keep), round)
-        oracle.update(probes.tolist(), labels.reshape(n, positions).tolist(),
-                      keep.reshape(n, positions).tolist(), round)
+        oracle.update(
+            probes.tolist(), labels.reshape(n, positions).tolist(), keep.reshape(n, positions).tolist(), round
+        )
         dense = oracle.dense(pool)
         held = [i for i in range(pool) if any(x >= 0 for x in dense[i])]
         indices, got = memory.labels()
@@ -564,12 +590,14 @@ def test_memory_rules_by_hand():
     memory = ConsensusMemory(5, max_age=2)
     c = SimpleNamespace
     assert memory.round is None and len(memory) == 0
-    memory.update(torch.tensor([0, 1, 2]), c(labels=torch.tensor([4, 5, 6]),
-                                             keep=torch.tensor([True, True, False])), 0)
+    memory.update(
+        torch.tensor([0, 1, 2]), c(labels=torch.tensor([4, 5, 6]), keep=torch.tensor([True, True, False])), 0
+    )
     assert [t.tolist() for t in memory.labels()] == [[0, 1], [4, 5]]
     # a later consensus replaces (agreeing or not) or drops; others are unchanged
-    memory.update(torch.tensor([1, 0, 3]), c(labels=torch.tensor([7, -1, 8]),
-                                             keep=torch.ones(3, dtype=torch.bool)), 1)
+    memory.update(
+        torch.tensor([1, 0, 3]), c(labels=torch.tensor([7, -1, 8]), keep=torch.ones(3, dtype=torch.bool)), 1
+    )
     assert [t.tolist() for t in memory.labels()] == [[1, 3], [7, 8]]
     memory.update(torch.tensor([4]), c(labels=torch.tensor([9]), keep=torch.tensor([True])), 2)
     assert [t.tolist() for t in memory.labels()] == [[1, 3, 4], [7, 8, 9]]
@@ -586,7 +614,7 @@ def test_memory_rules_by_hand():
 def test_memory_takes_a_language_model_consensus(gen):
     logits = torch.randn(3, 4, 6, 50, generator=gen)  # 3 peers, 4 windows of 6 tokens
     mask = torch.ones(4, 6, dtype=torch.bool)
-    mask[:, 4:] = False                              # padding
+    mask[:, 4:] = False  # padding
     cons = tally([vote(x, mask=mask) for x in logits], agreement=0.0)  # every real token
     memory = ConsensusMemory(10, position_shape=(6,))
     memory.update(torch.tensor([9, 2, 5, 0]), cons, round=0)
@@ -598,12 +626,15 @@ def test_memory_takes_a_language_model_consensus(gen):
 
 def test_memory_forget():
     memory = ConsensusMemory(4, position_shape=(2,))
-    memory.update(torch.arange(4), SimpleNamespace(labels=torch.arange(8).reshape(4, 2),
-                                                   keep=torch.ones(4, 2, dtype=torch.bool)), 0)
+    memory.update(
+        torch.arange(4),
+        SimpleNamespace(labels=torch.arange(8).reshape(4, 2), keep=torch.ones(4, 2, dtype=torch.bool)),
+        0,
+    )
     assert memory.forget(torch.tensor([1, 1])) == 2 and len(memory) == 6
     positions = torch.zeros(4, 2, dtype=torch.bool)
     positions[0, 1] = positions[1, 0] = True
-    assert memory.forget(positions) == 1   # [1, 0] was already gone
+    assert memory.forget(positions) == 1  # [1, 0] was already gone
     assert memory.forget(torch.tensor([False, False, True, False])) == 2
     indices, labels = memory.labels()
     assert indices.tolist() == [0, 3] and labels.tolist() == [[0, -1], [6, 7]]
@@ -627,18 +658,21 @@ def test_memory_errors_name_the_argument():
         memory.update(torch.tensor([0.0, 1.0, 2.0]), cons, 0)
     with pytest.raises(ValueError, match="probe_indices must be 1-D"):
         memory.update(torch.tensor([[0, 1, 2]]), cons, 0)
-    with pytest.raises(ValueError, match=r"consensus.labels must have shape \[n, "
-                                         r"\*position_shape\] = \(2,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"consensus.labels must have shape \[n, "
+        r"\*position_shape\] = \(2,\)",
+    ):
         memory.update(torch.tensor([0, 1]), cons, 0)
     with pytest.raises(ValueError, match=r"consensus.labels\[1\] = -2 is below -1"):
-        memory.update(torch.tensor([0, 1, 2]),
-                      SimpleNamespace(labels=torch.tensor([0, -2, 2]), keep=keep3), 0)
+        memory.update(
+            torch.tensor([0, 1, 2]), SimpleNamespace(labels=torch.tensor([0, -2, 2]), keep=keep3), 0
+        )
     with pytest.raises(TypeError, match="consensus must have tensor attributes labels and keep"):
         memory.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), 0)
-    assert len(memory) == 0 and memory.round is None   # nothing was changed by the failures
+    assert len(memory) == 0 and memory.round is None  # nothing was changed by the failures
     memory.update(torch.tensor([0, 1, 2]), cons, 5)
-    with pytest.raises(ValueError, match="round must not go backwards: got 4 after an update "
-                                         "of round 5"):
+    with pytest.raises(ValueError, match="round must not go backwards: got 4 after an update of round 5"):
         memory.update(torch.tensor([0, 1, 2]), cons, 4)
     with pytest.raises(ValueError, match="round must be >= 0"):
         ConsensusMemory(3).update(torch.tensor([0, 1, 2]), cons, -1)
@@ -655,9 +689,14 @@ def test_memory_state_dict_round_trip(tmp_path, gen):
         g = torch.Generator().manual_seed(1)
         for r in rounds:
             probes = torch.randperm(50, generator=g)[:20]
-            memory.update(probes, SimpleNamespace(
-                labels=torch.randint(-1, 9, (20, 4), generator=g),
-                keep=torch.rand(20, 4, generator=g) < 0.8), r)
+            memory.update(
+                probes,
+                SimpleNamespace(
+                    labels=torch.randint(-1, 9, (20, 4), generator=g),
+                    keep=torch.rand(20, 4, generator=g) < 0.8,
+                ),
+                r,
+            )
 
     a = ConsensusMemory(50, max_age=3, position_shape=(4,))
     fill(a, range(4))
@@ -680,8 +719,11 @@ def test_memory_state_dict_round_trip(tmp_path, gen):
 
 def test_memory_load_state_dict_validates():
     memory = ConsensusMemory(6, max_age=2, position_shape=(2,))
-    memory.update(torch.tensor([1, 4]), SimpleNamespace(
-        labels=torch.tensor([[3, 1], [0, -1]]), keep=torch.ones(2, 2, dtype=torch.bool)), 3)
+    memory.update(
+        torch.tensor([1, 4]),
+        SimpleNamespace(labels=torch.tensor([[3, 1], [0, -1]]), keep=torch.ones(2, 2, dtype=torch.bool)),
+        3,
+    )
     good = memory.state_dict()
     target = ConsensusMemory(6, max_age=2, position_shape=(2,))
 
@@ -718,14 +760,17 @@ def test_memory_updates_a_large_pool():
     for r in range(4):
         n = 10**4
         probes = torch.randperm(pool, generator=g)[:n]
-        cons = SimpleNamespace(labels=torch.randint(-1, 50_000, (n, window), generator=g),
-                               keep=torch.rand(n, window, generator=g) < 0.7)
+        cons = SimpleNamespace(
+            labels=torch.randint(-1, 50_000, (n, window), generator=g),
+            keep=torch.rand(n, window, generator=g) < 0.7,
+        )
         memory.update(probes, cons, r)
         held = (cons.labels >= 0) & cons.keep
         indices, labels = memory.labels()
         assert set(probes[held.any(1)].tolist()) <= set(indices.tolist())
-    everything = SimpleNamespace(labels=torch.zeros(pool, window, dtype=torch.int64),
-                                 keep=torch.ones(pool, window, dtype=torch.bool))
+    everything = SimpleNamespace(
+        labels=torch.zeros(pool, window, dtype=torch.int64), keep=torch.ones(pool, window, dtype=torch.bool)
+    )
     memory.update(torch.randperm(pool, generator=g), everything, 4)
     assert len(memory) == pool * window
 
@@ -734,15 +779,28 @@ def test_memory_updates_a_large_pool():
 # the package
 # --------------------------------------------------------------------------- #
 def test_public_names_and_py_typed():
-    for name in ("vote", "Votes", "tally", "Consensus", "consensus_loss", "ConsensusMemory",
-                 "ops"):
+    for name in ("vote", "Votes", "tally", "Consensus", "consensus_loss", "ConsensusMemory", "ops"):
         assert name in tallytrain.__all__ and hasattr(tallytrain, name)
     assert (Path(tallytrain.__file__).parent / "py.typed").is_file()
     assert '"py.typed"' in (ROOT / "pyproject.toml").read_text()
-    for obj in (vote, Votes, Votes.from_labels, Votes.labels, Votes.to_bytes, Votes.from_bytes,
-                tally, Consensus, Consensus.from_counts, consensus_loss, ConsensusMemory,
-                ConsensusMemory.update, ConsensusMemory.labels, ConsensusMemory.forget,
-                ConsensusMemory.state_dict, ConsensusMemory.load_state_dict):
+    for obj in (
+        vote,
+        Votes,
+        Votes.from_labels,
+        Votes.labels,
+        Votes.to_bytes,
+        Votes.from_bytes,
+        tally,
+        Consensus,
+        Consensus.from_counts,
+        consensus_loss,
+        ConsensusMemory,
+        ConsensusMemory.update,
+        ConsensusMemory.labels,
+        ConsensusMemory.forget,
+        ConsensusMemory.state_dict,
+        ConsensusMemory.load_state_dict,
+    ):
         assert obj.__doc__ and len(obj.__doc__) > 40, obj
 
 
@@ -762,16 +820,20 @@ def test_own_loop_peers_beat_local_training(one_thread):
     local = own_loop.run(rounds=6, seed=0, federated=False, verbose=False)
     # Measured over seeds 0-9: tallytrain ends 0.22 to 0.40 above local training
     # (0.76-0.90 against 0.48-0.62); seed 0 gives 0.886 against 0.484.
-    assert federated[0] == local[0]               # identical until the first consensus
+    assert federated[0] == local[0]  # identical until the first consensus
     assert federated[-1] >= local[-1] + 0.15, (federated, local)
     assert federated[-1] >= 0.75
 
 
 def test_own_loop_runs_as_a_script():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "own_loop.py"),
-                           "--rounds", "2"], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "own_loop.py"), "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "final mean test accuracy: tallytrain" in proc.stdout
 
@@ -791,7 +853,7 @@ def test_language_model_padding_never_contributes(gen):
     lm = load_example("language_model.py")
     torch.manual_seed(0)
     model = lm.TinyLM()
-    cycle = torch.randperm(lm.VOCAB - 1, generator=gen)[:lm.WORDS] + 1
+    cycle = torch.randperm(lm.VOCAB - 1, generator=gen)[: lm.WORDS] + 1
     inputs, _, real = lm.make_batch(cycle, torch.tensor([0, 10, 20]), torch.tensor([3, 9, 17]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(inputs)
@@ -813,8 +875,7 @@ def code_blocks(path):
 def test_api_docs_examples_hold():
     """docs/api.md's sessions give the output shown, and its other snippets run."""
     blocks = code_blocks(ROOT / "docs" / "api.md")
-    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(
-        optionflags=doctest.NORMALIZE_WHITESPACE)
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     globs = {}
     for i, block in enumerate(blocks):
         if ">>>" in block:

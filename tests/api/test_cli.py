@@ -1,5 +1,6 @@
 """The tallytrain command: info, run, compare, run directories, resume after
 a kill, and clear errors that leave existing files alone."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,40 @@ from tallytrain.fl.registry import method_names
 from tallytrain.report import read_jsonl, without_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--peers", "4", "--rounds", "2", "--local-steps", "3", "--distill-steps", "2",
-        "--batch-size", "16", "--distill-batch-size", "16", "--hidden", "16",
-        "--probes-per-round", "40", "--server-distill-steps", "2", "--alpha", "0.5",
-        "--min-shard-size", "5", "--quiet"]
-SUMMARY_KEYS = {"final_accuracy_mean", "final_accuracy_std", "total_bytes", "uplink_bytes",
-                "downlink_bytes", "seeds", "phase_seconds"}
+TINY = [
+    "--peers",
+    "4",
+    "--rounds",
+    "2",
+    "--local-steps",
+    "3",
+    "--distill-steps",
+    "2",
+    "--batch-size",
+    "16",
+    "--distill-batch-size",
+    "16",
+    "--hidden",
+    "16",
+    "--probes-per-round",
+    "40",
+    "--server-distill-steps",
+    "2",
+    "--alpha",
+    "0.5",
+    "--min-shard-size",
+    "5",
+    "--quiet",
+]
+SUMMARY_KEYS = {
+    "final_accuracy_mean",
+    "final_accuracy_std",
+    "total_bytes",
+    "uplink_bytes",
+    "downlink_bytes",
+    "seeds",
+    "phase_seconds",
+}
 
 
 def snapshot(folder):
@@ -52,13 +81,22 @@ def test_info_text_and_json(capsys):
 
 def test_compare_writes_a_complete_run_directory(tmp_path, capsys):
     out = str(tmp_path / "cmp")
-    rc = main(["compare", "--methods", "local,fedavg,softlabel,tallytrain", "--seeds", "2",
-               "--out", out] + TINY)
+    rc = main(
+        ["compare", "--methods", "local,fedavg,softlabel,tallytrain", "--seeds", "2", "--out", out] + TINY
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| tallytrain |" in printed and "total / softlabel" in printed
-    for name in ("config.json", "partition.json", "metrics.jsonl", "comm.csv", "summary.json",
-                 "accuracy_vs_round.png", "accuracy_vs_bytes.png", "partition_heatmap.png"):
+    for name in (
+        "config.json",
+        "partition.json",
+        "metrics.jsonl",
+        "comm.csv",
+        "summary.json",
+        "accuracy_vs_round.png",
+        "accuracy_vs_bytes.png",
+        "partition_heatmap.png",
+    ):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert set(summary) == {"methods"}
@@ -70,7 +108,8 @@ def test_compare_writes_a_complete_run_directory(tmp_path, capsys):
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert len(rows) == 4 * 2 * 2
     assert {(r["method"], r["seed"], r["round"]) for r in rows} == {
-        (m, s, r) for m in summary["methods"] for s in (0, 1) for r in (0, 1)}
+        (m, s, r) for m in summary["methods"] for s in (0, 1) for r in (0, 1)
+    }
     # comm.csv sums to the summary's bytes, method by method
     with open(os.path.join(out, "comm.csv")) as f:
         comm = list(csv.DictReader(f))
@@ -104,20 +143,42 @@ def test_parallel_jobs_give_the_same_results(tmp_path):
 
 def test_pareto_writes_points_frontier_and_dominance(tmp_path, capsys):
     out = tmp_path / "pareto"
-    rc = main(["pareto", "--periods", "1,2", "--baselines", "fedavg,fedprox",
-               "--bridge-fractions", "0.01,1", "--bridge-periods", "1", "--seeds", "2",
-               "--out", str(out)] + TINY)
+    rc = main(
+        [
+            "pareto",
+            "--periods",
+            "1,2",
+            "--baselines",
+            "fedavg,fedprox",
+            "--bridge-fractions",
+            "0.01,1",
+            "--bridge-periods",
+            "1",
+            "--seeds",
+            "2",
+            "--out",
+            str(out),
+        ]
+        + TINY
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "dominated by a bridge point" in printed and "baseline points" in printed
     result = json.load(open(out / "pareto.json"))
     labels = [p["label"] for p in result["points"]]
-    assert labels == ["fedavg-R1", "fedavg-R2", "fedprox-R1", "fedprox-R2", "softlabel",
-                      "tallytrain", "bridge-k1pct-R1", "bridge-k100pct-R1"]
+    assert labels == [
+        "fedavg-R1",
+        "fedavg-R2",
+        "fedprox-R1",
+        "fedprox-R2",
+        "softlabel",
+        "tallytrain",
+        "bridge-k1pct-R1",
+        "bridge-k100pct-R1",
+    ]
     summary = json.load(open(out / "summary.json"))["methods"]
     for p in result["points"]:
-        assert {"method", "setting", "final_accuracy_mean", "final_accuracy_std",
-                "total_bytes"} <= set(p)
+        assert {"method", "setting", "final_accuracy_mean", "final_accuracy_std", "total_bytes"} <= set(p)
         assert p["total_bytes"] == summary[p["label"]]["total_bytes"]
         assert p["final_accuracy_mean"] == summary[p["label"]]["final_accuracy_mean"]
         assert ("dominated_by_bridge" in p) == (p["method"] != "bridge")
@@ -134,16 +195,36 @@ def test_pareto_writes_points_frontier_and_dominance(tmp_path, capsys):
 def test_pareto_analysis_by_hand():
     from tallytrain.fl.config import CompareConfig, RunConfig
     from tallytrain.app.pareto import analyze, pareto_config
-    cfg = pareto_config(RunConfig(), [0, 1], periods=[1], baselines=["fedavg"],
-                        bridge_fractions=[0.01], bridge_periods=[1, 5])
-    assert cfg.methods == ("fedavg-R1", "softlabel", "tallytrain", "bridge-k1pct-R1",
-                           "bridge-k1pct-R5")
-    seeds = {"fedavg-R1": [0.80, 0.90], "softlabel": [0.95, 0.95], "tallytrain": [0.70, 0.70],
-             "bridge-k1pct-R1": [0.88, 0.84], "bridge-k1pct-R5": [0.60, 0.60]}
-    nbytes = {"fedavg-R1": 1000, "softlabel": 500, "tallytrain": 10, "bridge-k1pct-R1": 100,
-              "bridge-k1pct-R5": 50}
-    summary = {"methods": {k: {"final_accuracy_mean": sum(v) / 2, "final_accuracy_std": 0.0,
-                               "total_bytes": nbytes[k], "seeds": 2} for k, v in seeds.items()}}
+
+    cfg = pareto_config(
+        RunConfig(), [0, 1], periods=[1], baselines=["fedavg"], bridge_fractions=[0.01], bridge_periods=[1, 5]
+    )
+    assert cfg.methods == ("fedavg-R1", "softlabel", "tallytrain", "bridge-k1pct-R1", "bridge-k1pct-R5")
+    seeds = {
+        "fedavg-R1": [0.80, 0.90],
+        "softlabel": [0.95, 0.95],
+        "tallytrain": [0.70, 0.70],
+        "bridge-k1pct-R1": [0.88, 0.84],
+        "bridge-k1pct-R5": [0.60, 0.60],
+    }
+    nbytes = {
+        "fedavg-R1": 1000,
+        "softlabel": 500,
+        "tallytrain": 10,
+        "bridge-k1pct-R1": 100,
+        "bridge-k1pct-R5": 50,
+    }
+    summary = {
+        "methods": {
+            k: {
+                "final_accuracy_mean": sum(v) / 2,
+                "final_accuracy_std": 0.0,
+                "total_bytes": nbytes[k],
+                "seeds": 2,
+            }
+            for k, v in seeds.items()
+        }
+    }
     result = analyze(cfg, summary, seeds)
     by = {p["label"]: p for p in result["points"]}
     # bridge-k1pct-R1 (0.86 at 100 B) dominates fedavg-R1 (0.85 at 1000 B) on the
@@ -153,20 +234,28 @@ def test_pareto_analysis_by_hand():
     assert by["softlabel"]["dominated_by_bridge"] == []
     assert by["tallytrain"]["dominated_by_bridge"] == []
     assert [p["label"] for p in result["points"] if p["on_frontier"]] == [
-        "softlabel", "tallytrain", "bridge-k1pct-R1"]
+        "softlabel",
+        "tallytrain",
+        "bridge-k1pct-R1",
+    ]
     assert result["baselines_dominated"] == 1 and result["baselines_dominated_on_every_seed"] == 0
-    one = analyze(CompareConfig(methods=cfg.methods, seeds=(0,), base=cfg.base,
-                                settings=cfg.settings),
-                  summary, {k: v[:1] for k, v in seeds.items()})
+    one = analyze(
+        CompareConfig(methods=cfg.methods, seeds=(0,), base=cfg.base, settings=cfg.settings),
+        summary,
+        {k: v[:1] for k, v in seeds.items()},
+    )
     assert one["baselines_dominated_on_every_seed"] is None
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--periods", "1,1"], "--periods lists a value twice"),
-    (["--bridge-fractions", "0"], "--bridge-fractions must list fractions in"),
-    (["--baselines", "fedavg,local"], "--baselines may only name"),
-    (["--merge-period", "3"], "pareto sets --merge-period per operating point"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--periods", "1,1"], "--periods lists a value twice"),
+        (["--bridge-fractions", "0"], "--bridge-fractions must list fractions in"),
+        (["--baselines", "fedavg,local"], "--baselines may only name"),
+        (["--merge-period", "3"], "pareto sets --merge-period per operating point"),
+    ],
+)
 def test_pareto_bad_options(tmp_path, capsys, args, message):
     assert main(["pareto", "--out", str(tmp_path / "p")] + TINY + args) == 2
     assert message in capsys.readouterr().err
@@ -175,8 +264,17 @@ def test_pareto_bad_options(tmp_path, capsys, args, message):
 
 def test_parallel_worker_error_is_reported_and_resume_still_works(tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", "--methods", "fedavg,tallytrain", "--seeds", "2", "--out", str(out),
-            "--jobs", "2"] + TINY
+    args = [
+        "compare",
+        "--methods",
+        "fedavg,tallytrain",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+    ] + TINY
     assert main(args) == 0
     before = read_jsonl(str(out / "metrics.jsonl"))
     broken = out / "runs" / "tallytrain" / "seed1" / "result.json"
@@ -192,6 +290,7 @@ def test_parallel_worker_error_is_reported_and_resume_still_works(tmp_path, caps
 
 def test_dominance_by_hand():
     from tallytrain.app.pareto import dominates
+
     a = {"final_accuracy_mean": 0.9, "total_bytes": 100}
     b = {"final_accuracy_mean": 0.8, "total_bytes": 100}
     c = {"final_accuracy_mean": 0.95, "total_bytes": 1000}
@@ -200,28 +299,32 @@ def test_dominance_by_hand():
     assert not dominates(a, dict(a))  # equal points do not dominate each other
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--methods", "tallytrain,fedsgd"],
-     "unknown method 'fedsgd'; known methods: " + ", ".join(method_names())),
-    (["--dataset", "imagenet"],
-     "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
-    (["--alpha", "0"], "--alpha must be > 0"),
-    (["--alpha", "-1"], "--alpha must be > 0"),
-    (["--peers", "2000"], "--peers (2000) exceeds the 1079 training samples"),
-    (["--probes-per-round", "5000"], "--probes-per-round (5000) exceeds the probe pool of 359"),
-    (["--methods", "fedavg", "--archs", "mlp,cnn"], "averages parameters"),
-    (["--dataset", "mnist"], "pass --data-dir"),
-    (["--methods", ""], "--methods names no method (got '')"),
-    (["--methods", ","], "--methods names no method (got ',')"),
-    (["--alpha", "inf"], "argument --alpha: expected a finite number, got 'inf'"),
-    (["--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
-    (["--peers", "four"], "argument --peers: expected an integer, got 'four'"),
-    (["--abstain-below", "2"], "--abstain-below must be in [0, 1], got 2.0"),
-    (["--merge-period", "0", "--methods", "fedavg"], "'fedavg' needs --merge-period >= 1"),
-    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
-    (["--jobs", "0"], "--jobs must be >= 1, got 0"),
-    (["--plugin", "no_such_plugin_module"], "--plugin no_such_plugin_module: cannot import it"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--methods", "tallytrain,fedsgd"],
+            "unknown method 'fedsgd'; known methods: " + ", ".join(method_names()),
+        ),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
+        (["--alpha", "0"], "--alpha must be > 0"),
+        (["--alpha", "-1"], "--alpha must be > 0"),
+        (["--peers", "2000"], "--peers (2000) exceeds the 1079 training samples"),
+        (["--probes-per-round", "5000"], "--probes-per-round (5000) exceeds the probe pool of 359"),
+        (["--methods", "fedavg", "--archs", "mlp,cnn"], "averages parameters"),
+        (["--dataset", "mnist"], "pass --data-dir"),
+        (["--methods", ""], "--methods names no method (got '')"),
+        (["--methods", ","], "--methods names no method (got ',')"),
+        (["--alpha", "inf"], "argument --alpha: expected a finite number, got 'inf'"),
+        (["--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+        (["--peers", "four"], "argument --peers: expected an integer, got 'four'"),
+        (["--abstain-below", "2"], "--abstain-below must be in [0, 1], got 2.0"),
+        (["--merge-period", "0", "--methods", "fedavg"], "'fedavg' needs --merge-period >= 1"),
+        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--plugin", "no_such_plugin_module"], "--plugin no_such_plugin_module: cannot import it"),
+    ],
+)
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     assert main(["compare", "--out", str(out)] + TINY + args) == 2
@@ -237,9 +340,10 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, args, m
 def test_unreadable_dataset_files_are_one_line(tmp_path, capsys, content):
     """A .gz of random bytes (BadGzipFile) or a truncated one (EOFError)."""
     import gzip
+
     if not content:  # the first half of a real gzip stream
         whole = gzip.compress(bytes(4) + os.urandom(6000))
-        content = whole[:len(whole) // 2]
+        content = whole[: len(whole) // 2]
     data = tmp_path / "mnist"
     data.mkdir()
     (data / "train-images-idx3-ubyte.gz").write_bytes(content)
@@ -247,8 +351,7 @@ def test_unreadable_dataset_files_are_one_line(tmp_path, capsys, content):
         (data / f"{name}.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\0"))
     before = snapshot(data)
     out = tmp_path / "run"
-    assert main(["compare", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out)]
-                + TINY) == 2
+    assert main(["compare", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out)] + TINY) == 2
     err = capsys.readouterr().err
     assert err.startswith("tallytrain: error: ") and err.count("\n") == 1
     assert "train-images-idx3-ubyte.gz: cannot read it (" in err
@@ -260,8 +363,9 @@ def test_out_below_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "a").write_text("my notes")
     assert main(["run", "--method", "local", "--out", str(tmp_path / "a" / "b")] + TINY) == 2
     err = capsys.readouterr().err
-    assert err == (f"tallytrain: error: cannot create --out {tmp_path / 'a' / 'b'}: "
-                   f"{tmp_path / 'a'} is a file\n")
+    assert err == (
+        f"tallytrain: error: cannot create --out {tmp_path / 'a' / 'b'}: {tmp_path / 'a'} is a file\n"
+    )
     assert (tmp_path / "a").read_text() == "my notes"
 
 
@@ -272,8 +376,12 @@ def test_existing_directories_are_never_clobbered(tmp_path, capsys):
     assert main(["run", "--method", "local", "--out", out] + TINY) == 2
     assert "already exists" in capsys.readouterr().err
     # resume with other options: refused, naming the difference
-    assert main(["run", "--method", "local", "--out", out, "--resume"] + TINY[:-1] +
-                ["--quiet", "--alpha", "0.7"]) == 2
+    assert (
+        main(
+            ["run", "--method", "local", "--out", out, "--resume"] + TINY[:-1] + ["--quiet", "--alpha", "0.7"]
+        )
+        == 2
+    )
     assert "--alpha: 0.5 != 0.7" in capsys.readouterr().err
     assert snapshot(out) == before
     # a folder that is not a run directory is not deleted by --overwrite
@@ -303,20 +411,35 @@ def test_resume_refuses_corrupt_files(tmp_path, capsys):
     (out / "config.json").write_text("{ truncated")
     assert main(["run", "--method", "tallytrain", "--out", str(out), "--resume"] + TINY) == 2
     assert "config.json is corrupt" in capsys.readouterr().err
-    assert main(["run", "--method", "tallytrain", "--out", str(tmp_path / "none"),
-                 "--resume"] + TINY) == 2
+    assert main(["run", "--method", "tallytrain", "--out", str(tmp_path / "none"), "--resume"] + TINY) == 2
     assert "holds no config.json" in capsys.readouterr().err
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
-    slow = ["--peers", "4", "--rounds", "30", "--local-steps", "40", "--hidden", "16",
-            "--probes-per-round", "40", "--alpha", "0.5", "--min-shard-size", "5", "--quiet"]
+    slow = [
+        "--peers",
+        "4",
+        "--rounds",
+        "30",
+        "--local-steps",
+        "40",
+        "--hidden",
+        "16",
+        "--probes-per-round",
+        "40",
+        "--alpha",
+        "0.5",
+        "--min-shard-size",
+        "5",
+        "--quiet",
+    ]
     cmd = [sys.executable, "-m", "tallytrain.cli", "run", "--method", "tallytrain"] + slow
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     killed = str(tmp_path / "killed")
     metrics = os.path.join(killed, "runs", "tallytrain", "seed0", "metrics.jsonl")
-    proc = subprocess.Popen(cmd + ["--out", killed], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd + ["--out", killed], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -332,8 +455,9 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     done_rounds = len(read_jsonl(metrics))
     assert 3 <= done_rounds < 30, "the run must have been killed mid-way"
     assert not os.path.exists(os.path.join(killed, "summary.json"))
-    resumed = subprocess.run(cmd + ["--out", killed, "--resume"], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        cmd + ["--out", killed, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     whole = str(tmp_path / "whole")
     assert main(["run", "--method", "tallytrain", "--out", whole] + slow) == 0
@@ -347,10 +471,31 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
 
 def test_every_config_field_is_an_option():
     from tallytrain.cli import build_parser, config_from_args
+
     args = build_parser().parse_args(
-        ["compare", "--out", "x", "--methods", "tallytrain", "--abstain-below", "none",
-         "--archs", "mlp,cnn", "--decentralized", "--sharpen-temperature", "0.1",
-         "--alpha", "0.3", "--seeds", "3", "--seed", "5", "--order", "distill-train"])
+        [
+            "compare",
+            "--out",
+            "x",
+            "--methods",
+            "tallytrain",
+            "--abstain-below",
+            "none",
+            "--archs",
+            "mlp,cnn",
+            "--decentralized",
+            "--sharpen-temperature",
+            "0.1",
+            "--alpha",
+            "0.3",
+            "--seeds",
+            "3",
+            "--seed",
+            "5",
+            "--order",
+            "distill-train",
+        ]
+    )
     cfg = config_from_args(args, ["tallytrain"])
     assert cfg.seeds == (5, 6, 7)
     assert cfg.base.protocol.abstain_below is None and cfg.base.protocol.decentralized
@@ -362,18 +507,38 @@ def test_every_config_field_is_an_option():
 
 
 def test_ctrl_c_stops_in_one_line_keeps_the_checkpoint_and_resumes(tmp_path):
-    slow = ["--peers", "4", "--rounds", "30", "--local-steps", "40", "--hidden", "16",
-            "--probes-per-round", "40", "--alpha", "0.5", "--min-shard-size", "5", "--quiet"]
+    slow = [
+        "--peers",
+        "4",
+        "--rounds",
+        "30",
+        "--local-steps",
+        "40",
+        "--hidden",
+        "16",
+        "--probes-per-round",
+        "40",
+        "--alpha",
+        "0.5",
+        "--min-shard-size",
+        "5",
+        "--quiet",
+    ]
     args = ["run", "--method", "tallytrain", "--out", str(tmp_path / "stopped")] + slow
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run_dir = tmp_path / "stopped" / "runs" / "tallytrain" / "seed0"
-    proc = subprocess.Popen([sys.executable, "-m", "tallytrain.cli"] + args, env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tallytrain.cli"] + args,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
-            if (run_dir / "metrics.jsonl").exists() and \
-                    len(read_jsonl(str(run_dir / "metrics.jsonl"))) >= 3:
+            if (run_dir / "metrics.jsonl").exists() and len(read_jsonl(str(run_dir / "metrics.jsonl"))) >= 3:
                 proc.send_signal(signal.SIGINT)
                 break
             time.sleep(0.005)
@@ -383,12 +548,15 @@ def test_ctrl_c_stops_in_one_line_keeps_the_checkpoint_and_resumes(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"tallytrain: stopped; the finished rounds are saved in "
-                          f"{tmp_path / 'stopped'}. Continue with: tallytrain run ")
+    assert err.startswith(
+        f"tallytrain: stopped; the finished rounds are saved in "
+        f"{tmp_path / 'stopped'}. Continue with: tallytrain run "
+    )
     resume = shlex.split(err.split("Continue with: ", 1)[1])
     assert resume[1:] == args + ["--resume"]
     # the checkpoint is intact: it loads, and holds the rounds its metrics say
     import torch
+
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert 3 <= state["round"] < 30 and len(state["metrics"]) == state["round"]
     assert main(resume[1:]) == 0
@@ -396,13 +564,15 @@ def test_ctrl_c_stops_in_one_line_keeps_the_checkpoint_and_resumes(tmp_path):
     assert main(["run", "--method", "tallytrain", "--out", whole] + slow) == 0
     a = read_jsonl(str(tmp_path / "stopped" / "metrics.jsonl"))
     assert len(a) == 30 and without_timing(a) == without_timing(
-        read_jsonl(os.path.join(whole, "metrics.jsonl")))
+        read_jsonl(os.path.join(whole, "metrics.jsonl"))
+    )
 
 
 def test_every_option_has_help_beyond_its_default():
     """Help comes from cli.HELP: a config field added without an entry there
     fails here, as does an entry for a field that no longer exists."""
     from tallytrain import cli
+
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
     for command in ("run", "compare", "pareto", "ablate", "bench", "info"):
@@ -416,13 +586,13 @@ def test_every_option_has_help_beyond_its_default():
     # argparse may wrap a line after the hyphen of a name (softlabel-topk)
     flat = re.sub(r"-\s+", "-", " ".join(compare_help.split()))
     assert "(default: all = " + ", ".join(method_names()) + ", softlabel-matched)" in flat
-    assert "(default: 1)" in " ".join(commands["compare"]._option_string_actions["--seeds"]
-                                      .help.split())
+    assert "(default: 1)" in " ".join(commands["compare"]._option_string_actions["--seeds"].help.split())
 
 
 def test_version(capsys):
     assert main(["--version"]) == 0
     from tallytrain import __version__
+
     assert capsys.readouterr().out.startswith(f"tallytrain {__version__} (torch ")
 
 
@@ -437,6 +607,7 @@ def test_one_seed_has_no_spread(tmp_path, capsys):
 
 def test_progress_without_a_terminal_prints_every_few_rounds():
     from tallytrain.app.progress import Progress
+
     stream = io.StringIO()  # not a terminal
     progress = Progress(24, stream=stream, every=5)
     for r in range(12):
@@ -446,9 +617,13 @@ def test_progress_without_a_terminal_prints_every_few_rounds():
     progress.close()
     lines = stream.getvalue().splitlines()
     assert [line.split("rounds  ")[1].split("  elapsed")[0] for line in lines] == [
-        "tallytrain seed 0 round 5/12", "tallytrain seed 0 round 10/12",
-        "tallytrain seed 0 round 12/12", "local seed 0 round 5/12", "local seed 0 round 10/12",
-        "local seed 0 round 12/12"]
+        "tallytrain seed 0 round 5/12",
+        "tallytrain seed 0 round 10/12",
+        "tallytrain seed 0 round 12/12",
+        "local seed 0 round 5/12",
+        "local seed 0 round 10/12",
+        "local seed 0 round 12/12",
+    ]
     assert "\r" not in stream.getvalue()
     quiet = io.StringIO()
     Progress(3, enabled=False, stream=quiet).advance("x", run_finished=True)
@@ -456,26 +631,40 @@ def test_progress_without_a_terminal_prints_every_few_rounds():
 
 
 @pytest.mark.parametrize("cuda", ["unavailable", "native"])
-def test_info_says_whether_cuda_kernels_are_usable_or_only_registered(monkeypatch, capsys,
-                                                                      cuda):
+def test_info_says_whether_cuda_kernels_are_usable_or_only_registered(monkeypatch, capsys, cuda):
     from tallytrain import ops
+
     usable = cuda != "unavailable"
-    info = {"mode": "auto", "cpu": "native", "cuda": cuda,
-            "ops": {"pack_argmax": {"cpu": "native", "cuda": "native" if usable else cuda,
-                                    "cuda_kernel": "registered"},
-                    "tally": {"cpu": "native", "cuda": "reference" if usable else cuda,
-                              "cuda_kernel": "none"}},
-            "extension": "/x/_C.so", "extension_built_with_cuda": True, "native_error": None,
-            "torch": "2.14", "torch_cuda": "13.0", "cuda_device": None}
+    info = {
+        "mode": "auto",
+        "cpu": "native",
+        "cuda": cuda,
+        "ops": {
+            "pack_argmax": {
+                "cpu": "native",
+                "cuda": "native" if usable else cuda,
+                "cuda_kernel": "registered",
+            },
+            "tally": {"cpu": "native", "cuda": "reference" if usable else cuda, "cuda_kernel": "none"},
+        },
+        "extension": "/x/_C.so",
+        "extension_built_with_cuda": True,
+        "native_error": None,
+        "torch": "2.14",
+        "torch_cuda": "13.0",
+        "cuda_device": None,
+    }
     monkeypatch.setattr(ops, "backend_info", lambda: info)
     assert main(["info"]) == 0
     text = capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()
-            if line.strip().startswith(("pack_argmax", "tally "))}
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in text.splitlines()
+        if line.strip().startswith(("pack_argmax", "tally "))
+    }
     if cuda == "unavailable":
         assert "CUDA ops served by: none (no usable CUDA device)" in text
-        assert rows == {"pack_argmax": ["native", "registered"],
-                        "tally": ["native", "none", "(reference)"]}
+        assert rows == {"pack_argmax": ["native", "registered"], "tally": ["native", "none", "(reference)"]}
     else:
         assert "CUDA ops served by: native" in text
         assert rows == {"pack_argmax": ["native", "native"], "tally": ["native", "reference"]}
@@ -488,14 +677,14 @@ def test_pareto_refuses_merge_periods_longer_than_the_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("tallytrain: error: --periods 5 exceed the 2 rounds")
     assert main(["pareto", "--out", str(out), "--bridge-periods", "3"] + TINY) == 2
-    assert capsys.readouterr().err.startswith(
-        "tallytrain: error: --bridge-periods 3 exceed the 2 rounds")
+    assert capsys.readouterr().err.startswith("tallytrain: error: --bridge-periods 3 exceed the 2 rounds")
     assert not out.exists()
 
 
 def _figures(monkeypatch):
     """The figures the plot functions make, kept open instead of closed."""
     from tallytrain import report
+
     real = report._pyplot
     figures = []
 
@@ -521,11 +710,21 @@ def test_plots_of_many_operating_points_stay_readable(tmp_path, monkeypatch):
     from tallytrain import report
     from tallytrain.app.pareto import pareto_config
     from tallytrain.fl.config import RunConfig
+
     cfg = pareto_config(RunConfig(rounds=20), [0])
     assert len(cfg.methods) == 23
-    rows = [{"label": label, "method": cfg.method_of(label), "seed": 0, "round": r,
-             "accuracy": 0.5 + 0.01 * i + 0.02 * r, "cum_bytes": (i + 1) * 1000 * (r + 1)}
-            for i, label in enumerate(cfg.methods) for r in range(3)]
+    rows = [
+        {
+            "label": label,
+            "method": cfg.method_of(label),
+            "seed": 0,
+            "round": r,
+            "accuracy": 0.5 + 0.01 * i + 0.02 * r,
+            "cum_bytes": (i + 1) * 1000 * (r + 1),
+        }
+        for i, label in enumerate(cfg.methods)
+        for r in range(3)
+    ]
     styles = report._styles(rows)
     assert len({tuple(sorted(s.items())) for s in styles.values()}) == 23
     for label in cfg.methods:
@@ -543,10 +742,18 @@ def test_plots_of_many_operating_points_stay_readable(tmp_path, monkeypatch):
         assert not _boxes_overlap(legend, ax.title.get_window_extent(renderer))
         assert len(ax.get_legend().get_texts()) == 23
     # pareto.png: fedavg at periods 5 and 10 sit close together
-    points = [{"label": label, "method": cfg.method_of(label), "setting": f"every {i} rounds",
-               "final_accuracy_mean": 0.80 + 0.001 * (i % 3), "final_accuracy_std": None,
-               "total_bytes": 10_000 * (1 + i % 4), "on_frontier": i == 0}
-              for i, label in enumerate(cfg.methods)]
+    points = [
+        {
+            "label": label,
+            "method": cfg.method_of(label),
+            "setting": f"every {i} rounds",
+            "final_accuracy_mean": 0.80 + 0.001 * (i % 3),
+            "final_accuracy_std": None,
+            "total_bytes": 10_000 * (1 + i % 4),
+            "on_frontier": i == 0,
+        }
+        for i, label in enumerate(cfg.methods)
+    ]
     figures.clear()
     report.plot_pareto(points, str(tmp_path / "p.png"), "a title")
     ax = figures[0].axes[0]
@@ -567,16 +774,23 @@ def test_bench_runs_from_the_installed_package(tmp_path, capsys):
     assert record["command"].startswith("tallytrain bench --quick")
     assert [row["op"] for row in record["rows"]] == ["unpack_labels"]
     assert main(["bench", "--ops", "nope"]) == 2
-    assert capsys.readouterr().err == ("tallytrain: error: --ops: unknown op(s) nope; known: "
-                                       "pack_argmax, tally, topk_sparse, topk_sparse_ef, "
-                                       "sparse_merge, unpack_labels\n")
+    assert capsys.readouterr().err == (
+        "tallytrain: error: --ops: unknown op(s) nope; known: "
+        "pack_argmax, tally, topk_sparse, topk_sparse_ef, "
+        "sparse_merge, unpack_labels\n"
+    )
 
 
 def test_the_checkout_benchmark_command_is_the_same_table():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.ops", "--quick", "--ops",
-                           "unpack_labels"], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ops", "--quick", "--ops", "unpack_labels"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| op | case | served | level | native ms | plain ms | ratio |" in proc.stdout
     assert "\n| unpack_labels | N=" in proc.stdout
@@ -587,8 +801,25 @@ def test_softlabel_matched_fits_in_tallytrains_uplink(tmp_path):
     one tallytrain VOTES message: its measured uplink is within one probe's
     soft label of tallytrain's."""
     out = tmp_path / "run"
-    assert main(["compare", "--methods", "tallytrain,softlabel-matched", "--rounds", "2",
-                 "--peers", "3", "--local-steps", "2", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--methods",
+                "tallytrain,softlabel-matched",
+                "--rounds",
+                "2",
+                "--peers",
+                "3",
+                "--local-steps",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     up = {label: row["uplink_bytes"] for label, row in summary["methods"].items()}
     per_probe_and_peer_round = 10 * 2  # C = 10 float16 values
@@ -600,9 +831,27 @@ def test_ablate_runs_one_row_per_mechanism_off(tmp_path, capsys):
     """tallytrain ablate: the recipe, each mechanism off alone (its override
     recorded in config.json), softlabel; a table and a plot."""
     from tallytrain.app.ablate import ABLATIONS
+
     out = tmp_path / "abl"
-    assert main(["ablate", "--rounds", "2", "--peers", "3", "--local-steps", "2",
-                 "--abstain-below", "0.2", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--rounds",
+                "2",
+                "--peers",
+                "3",
+                "--local-steps",
+                "2",
+                "--abstain-below",
+                "0.2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     table = (out / "ablation.md").read_text()
     for name in ABLATIONS:
         assert f"| tallytrain-{name} |" in table

@@ -1,5 +1,6 @@
 """tallytrain.data: datasets (bundled, synthetic, on-disk formats written here
 in their real layouts), splits, partitioners and probe subsets."""
+
 from __future__ import annotations
 
 import gzip
@@ -12,10 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from tallytrain.data import (DATASETS, load_dataset, make_synthetic, partitioners, prepare,
-                             probe_subset, read_idx, split_dataset)
-from tallytrain.data.datasets import load_cifar10, load_cifar100, load_digits, load_mnist, \
-    load_fashion_mnist
+from tallytrain.data import (
+    DATASETS,
+    load_dataset,
+    make_synthetic,
+    partitioners,
+    prepare,
+    probe_subset,
+    read_idx,
+    split_dataset,
+)
+from tallytrain.data.datasets import load_cifar10, load_cifar100, load_digits, load_mnist, load_fashion_mnist
 from tallytrain.fl.config import DataConfig
 
 
@@ -50,9 +58,15 @@ def test_synthetic_task_is_learnable_by_nearest_prototype():
     assert float((pred == y[:, 5]).float().mean()) > 0.9
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_classes=1), "num_classes"), (dict(dim=0), "dim"),
-    (dict(samples_per_class=0), "samples_per_class"), (dict(noise=-1.0), "noise")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_classes=1), "num_classes"),
+        (dict(dim=0), "dim"),
+        (dict(samples_per_class=0), "samples_per_class"),
+        (dict(noise=-1.0), "noise"),
+    ],
+)
 def test_synthetic_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_synthetic(**kwargs)
@@ -115,8 +129,12 @@ def test_read_idx_rejects_corrupt_files(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(good)
     assert read_idx(str(path)).tolist() == [[0, 1, 2], [3, 4, 5]]
-    for bad, match in ((b"\x01\x00\x08\x02" + good[4:], "bad magic"),
-                       (good[:-1], "payload"), (good[:6], "truncated"), (b"\x00", "not an idx")):
+    for bad, match in (
+        (b"\x01\x00\x08\x02" + good[4:], "bad magic"),
+        (good[:-1], "payload"),
+        (good[:6], "truncated"),
+        (b"\x00", "not an idx"),
+    ):
         path.write_bytes(bad)
         with pytest.raises(ValueError, match=match):
             read_idx(str(path))
@@ -133,8 +151,11 @@ def test_missing_files_say_where_we_looked(tmp_path):
 # CIFAR pickle batches
 # --------------------------------------------------------------------------- #
 def _cifar_batch(path, n, label_key, classes, rng):
-    batch = {b"batch_label": b"test", b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-             label_key: rng.integers(0, classes, n).tolist()}
+    batch = {
+        b"batch_label": b"test",
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        label_key: rng.integers(0, classes, n).tolist(),
+    }
     with open(path, "wb") as f:
         pickle.dump(batch, f, protocol=2)
     return batch
@@ -216,25 +237,28 @@ def test_dirichlet_alpha_controls_skew():
         counts = partitioners.class_counts(LABELS, shards, 10)
         # classes holding at least 5% of a peer's samples
         return float(((counts / counts.sum(1, keepdims=True)) >= 0.05).sum(1).mean())
+
     assert mean_classes(0.05) < 3 < 6 < mean_classes(100.0)
 
 
 def test_dirichlet_gives_up_with_a_clear_error_instead_of_hanging():
     start = time.perf_counter()
     with pytest.raises(ValueError, match="in 3 tries.*raise alpha"):
-        partitioners.dirichlet(LABELS, 40, 0.01, np.random.default_rng(0), min_size=12,
-                               max_retries=3)
+        partitioners.dirichlet(LABELS, 40, 0.01, np.random.default_rng(0), min_size=12, max_retries=3)
     assert time.perf_counter() - start < 5
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: partitioners.dirichlet(LABELS, 10, 0.0, np.random.default_rng(0)), "alpha must be > 0"),
-    (lambda: partitioners.dirichlet(LABELS, 10, -1, np.random.default_rng(0)), "alpha must be > 0"),
-    (lambda: partitioners.iid(LABELS, 501, np.random.default_rng(0)), "exceeds the 500 training samples"),
-    (lambda: partitioners.iid(LABELS, 0, np.random.default_rng(0)), "peers must be >= 1"),
-    (lambda: partitioners.iid(LABELS, 10, np.random.default_rng(0), min_size=60), "min_shard_size"),
-    (lambda: partitioners.classes_per_peer(LABELS, 5, 11, np.random.default_rng(0)), "classes_per_peer"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: partitioners.dirichlet(LABELS, 10, 0.0, np.random.default_rng(0)), "alpha must be > 0"),
+        (lambda: partitioners.dirichlet(LABELS, 10, -1, np.random.default_rng(0)), "alpha must be > 0"),
+        (lambda: partitioners.iid(LABELS, 501, np.random.default_rng(0)), "exceeds the 500 training samples"),
+        (lambda: partitioners.iid(LABELS, 0, np.random.default_rng(0)), "peers must be >= 1"),
+        (lambda: partitioners.iid(LABELS, 10, np.random.default_rng(0), min_size=60), "min_shard_size"),
+        (lambda: partitioners.classes_per_peer(LABELS, 5, 11, np.random.default_rng(0)), "classes_per_peer"),
+    ],
+)
 def test_partitioners_reject_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()

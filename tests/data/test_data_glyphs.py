@@ -1,5 +1,6 @@
 """tallytrain.data.glyphs: classes, rendering, cache, errors (a few classes,
 mostly two faces, so that each test renders in well under a second)."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,7 @@ import pytest
 import torch
 
 from tallytrain.data import glyphs, load_dataset
-from tallytrain.data.glyphs import default_fonts, load_glyphs, select_classes, \
-    shared_code_points
+from tallytrain.data.glyphs import default_fonts, load_glyphs, select_classes, shared_code_points
 from tallytrain.fl.config import DataConfig
 
 
@@ -33,7 +33,7 @@ def test_classes_are_shared_printable_visible_and_distinct():
     assert ord(" ") not in shared and ord("A") in shared
     classes = select_classes(default_fonts(), None)
     assert len(classes) > 2000 and classes == sorted(classes) and set(classes) <= set(shared)
-    assert 0xFFFC not in classes            # OBJECT REPLACEMENT CHARACTER renders blank
+    assert 0xFFFC not in classes  # OBJECT REPLACEMENT CHARACTER renders blank
     assert ord("A") in classes and 0x391 not in classes  # Greek Alpha is Latin A's homoglyph
     assert ord("a") in classes and 0x3B1 in classes  # Latin a and Greek alpha differ
 
@@ -49,12 +49,11 @@ def test_rendering_is_deterministic_and_every_class_is_present(tmp_path, two_fac
     assert 0.0 <= float(a.x.min()) and float(a.x.max()) <= 1.0
     assert torch.bincount(a.y).tolist() == [4] * 6
     assert torch.bincount(a.faces).tolist() == [12, 12]
-    assert (a.x.flatten(1).amax(1) > 0.25).all()   # no blank sample
+    assert (a.x.flatten(1).amax(1) > 0.25).all()  # no blank sample
     # the jitter differs between renders of one class in one face
     assert not torch.equal(a.x[0], a.x[1])
     assert a.face_names == ("DejaVuSans", "DejaVuSerif-BoldItalic")
-    other = load_glyphs(6, renders_per_face=2, seed=1, fonts=two_faces,
-                        cache_dir=str(tmp_path / "a"))
+    other = load_glyphs(6, renders_per_face=2, seed=1, fonts=two_faces, cache_dir=str(tmp_path / "a"))
     assert not torch.equal(other.x, a.x) and torch.equal(other.y, a.y)
 
 
@@ -62,7 +61,7 @@ def test_a_class_renders_the_same_whatever_the_number_of_classes(tmp_path, two_f
     small = load_glyphs(3, renders_per_face=2, fonts=two_faces, cache_dir=str(tmp_path))
     large = load_glyphs(5, renders_per_face=2, fonts=two_faces, cache_dir=str(tmp_path))
     assert large.code_points[:3] == small.code_points
-    assert torch.equal(large.x[:len(small.x)], small.x)
+    assert torch.equal(large.x[: len(small.x)], small.x)
 
 
 def test_the_cache_is_reused(tmp_path, two_faces, monkeypatch):
@@ -70,6 +69,7 @@ def test_the_cache_is_reused(tmp_path, two_faces, monkeypatch):
 
     def no_render(*args, **kwargs):
         raise AssertionError("rendered again instead of reading the cache")
+
     monkeypatch.setattr(glyphs, "render", no_render)
     again = load_glyphs(4, renders_per_face=1, fonts=two_faces, cache_dir=str(tmp_path))
     assert torch.equal(first.x, again.x)
@@ -89,8 +89,11 @@ def test_dataset_exposes_faces_as_groups(tmp_path, monkeypatch):
 def test_too_many_classes_is_refused_naming_the_flag(tmp_path):
     display = os.path.join(glyphs.font_folder(), "DejaVuSerifDisplay.ttf")
     available = len(select_classes([display], None))
-    with pytest.raises(ValueError, match=rf"--num-classes {available + 1} exceeds the "
-                                         rf"{available} glyph classes"):
+    with pytest.raises(
+        ValueError,
+        match=rf"--num-classes {available + 1} exceeds the "
+        rf"{available} glyph classes",
+    ):
         load_glyphs(available + 1, fonts=[display], cache_dir=str(tmp_path))
     for bad in (1, 2.5):
         with pytest.raises(ValueError, match="--num-classes must be an integer >= 2"):
@@ -110,6 +113,5 @@ def test_a_missing_font_is_refused_naming_it(tmp_path, two_faces):
 def test_renders_keep_height_information():
     # '-' and '_' differ only in height: the fixed baseline keeps them apart.
     fonts = glyphs._load_fonts(default_fonts()[:1])
-    rows = [np.flatnonzero(glyphs._downsample(glyphs._place(fonts[0], c)).max(1))
-            for c in "-_"]
+    rows = [np.flatnonzero(glyphs._downsample(glyphs._place(fonts[0], c)).max(1)) for c in "-_"]
     assert rows[0].max() < rows[1].min()

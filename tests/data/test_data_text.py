@@ -2,6 +2,7 @@
 few small files, a small vocabulary), plus invariants of the real one that
 are cheap to check (listing and splitting, no tokenizer). Needs the
 tokenizers package (the test extra; `make test` installs it)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,14 @@ import torch
 
 from tallytrain.data import DATASETS, load_dataset, partitioners
 from tallytrain.data import pytext
-from tallytrain.data.pytext import (list_sources, load_pytext, make_windows, split_sources,
-                                    tokenizer_key, train_tokenizer)
+from tallytrain.data.pytext import (
+    list_sources,
+    load_pytext,
+    make_windows,
+    split_sources,
+    tokenizer_key,
+    train_tokenizer,
+)
 from tallytrain.fl.config import DataConfig
 
 SMALL_VOCAB = 300
@@ -23,9 +30,12 @@ def _source(name: str, lines: int) -> str:
     """Python-looking text that differs by name (so BPE has pairs to merge)."""
     out = [f'"""Module {name}."""', "import os", ""]
     for i in range(lines):
-        out += [f"def {name}_{i}(value, count={i}):",
-                f"    result = value * {i} + count  # {name} step {i}",
-                "    return result", ""]
+        out += [
+            f"def {name}_{i}(value, count={i}):",
+            f"    result = value * {i} + count  # {name} step {i}",
+            "    return result",
+            "",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -44,10 +54,15 @@ def _fake_stdlib(root) -> str:
     files = {f"pkga/{m}.py": _source(f"a{m}", 6) for m in ("__init__", "one", "two", "three")}
     files.update({f"pkgb/{m}.py": _source(f"b{m}", 6) for m in ("__init__", "x", "y", "z")})
     files.update({f"{m}.py": _source(m, 8) for m in ("alpha", "beta", "gamma")})
-    files.update({"site-packages/thirdparty.py": _source("third", 3),
-                  "pkga/dist-packages/vendored.py": _source("vendored", 3),
-                  "__pycache__/cached.py": _source("cached", 3),
-                  "pkgb/empty.py": "  \n\n", "README.txt": "not python"})
+    files.update(
+        {
+            "site-packages/thirdparty.py": _source("third", 3),
+            "pkga/dist-packages/vendored.py": _source("vendored", 3),
+            "__pycache__/cached.py": _source("cached", 3),
+            "pkgb/empty.py": "  \n\n",
+            "README.txt": "not python",
+        }
+    )
     return _write(root, files)
 
 
@@ -69,11 +84,9 @@ def test_a_package_holding_too_much_of_the_corpus_is_split_one_level_down(tmp_pa
     files["test/support/__init__.py"] = _source("support", 20)
     files["test/support/helper.py"] = _source("helper", 20)
     files.update({f"{m}.py": _source(m, 5) for m in ("os", "re")})
-    groups = {f.path: f.group for f in list_sources(_write(tmp_path, files),
-                                                    max_group_share=0.5)}
+    groups = {f.path: f.group for f in list_sources(_write(tmp_path, files), max_group_share=0.5)}
     assert groups["test/test_os.py"] == "test.test_os"
-    assert groups["test/support/helper.py"] == groups["test/support/__init__.py"] == \
-        "test.support"
+    assert groups["test/support/helper.py"] == groups["test/support/__init__.py"] == "test.support"
     assert groups["os.py"] == "os"
     # with a share nothing exceeds, test stays one group
     whole = {f.path: f.group for f in list_sources(str(tmp_path), max_group_share=1.0)}
@@ -107,8 +120,10 @@ def test_three_files_are_enough_and_two_are_not(tmp_path):
         list_sources(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize("probe, test, match", [
-    (0.0, 0.2, "probe_fraction"), (0.2, 1.0, "test_fraction"), (0.5, 0.5, "probe_fraction")])
+@pytest.mark.parametrize(
+    "probe, test, match",
+    [(0.0, 0.2, "probe_fraction"), (0.2, 1.0, "test_fraction"), (0.5, 0.5, "probe_fraction")],
+)
 def test_bad_fractions_are_refused(tmp_path, probe, test, match):
     files = list_sources(_fake_stdlib(tmp_path))
     with pytest.raises(ValueError, match=match):
@@ -179,13 +194,18 @@ def test_a_vocabulary_too_small_is_refused_naming_the_flag(tmp_path, vocab):
         load_pytext(vocab_size=vocab, root=root, cache_dir=str(tmp_path / "c"))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(context=0), "--context must be an integer >= 1"),
-    (dict(max_group_share=0.0), r"max_group_share must be in \(0, 1\]")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(context=0), "--context must be an integer >= 1"),
+        (dict(max_group_share=0.0), r"max_group_share must be in \(0, 1\]"),
+    ],
+)
 def test_bad_context_and_group_share_are_refused(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        load_pytext(vocab_size=SMALL_VOCAB, root=_fake_stdlib(tmp_path),
-                    cache_dir=str(tmp_path / "c"), **kwargs)
+        load_pytext(
+            vocab_size=SMALL_VOCAB, root=_fake_stdlib(tmp_path), cache_dir=str(tmp_path / "c"), **kwargs
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -204,10 +224,10 @@ def test_windows_shift_targets_and_pad_the_tail():
 
 def test_load_pytext_gives_disjoint_windowed_splits(tmp_path):
     root = _fake_stdlib(tmp_path / "lib")
-    data = load_pytext(vocab_size=SMALL_VOCAB, context=16, root=root,
-                       cache_dir=str(tmp_path / "cache"))
-    tok, _ = train_tokenizer(root, [data.files[i] for i in data.file_split["train"]],
-                             SMALL_VOCAB, str(tmp_path / "cache"))
+    data = load_pytext(vocab_size=SMALL_VOCAB, context=16, root=root, cache_dir=str(tmp_path / "cache"))
+    tok, _ = train_tokenizer(
+        root, [data.files[i] for i in data.file_split["train"]], SMALL_VOCAB, str(tmp_path / "cache")
+    )
     for name in ("train", "probe", "test"):
         part = getattr(data, name)
         assert part.x.dtype == part.y.dtype == torch.int64 and part.x.shape[1] == 16
@@ -221,8 +241,8 @@ def test_load_pytext_gives_disjoint_windowed_splits(tmp_path):
                 ids = tok.encode(f.read(), add_special_tokens=False).ids
             flat_y = part.y[rows].flatten()
             assert flat_y[flat_y >= 0].tolist() == ids[1:]
-            assert part.x[rows].flatten()[:len(ids)].tolist() == ids
-            assert set(part.x[rows].flatten()[len(ids):].tolist()) <= {data.pad_id}
+            assert part.x[rows].flatten()[: len(ids)].tolist() == ids
+            assert set(part.x[rows].flatten()[len(ids) :].tolist()) <= {data.pad_id}
             assert (part.groups[rows] == data.group_names.index(data.files[file_id].group)).all()
     ids = [set(getattr(data, s).file_ids.tolist()) for s in ("train", "probe", "test")]
     assert ids[0].isdisjoint(ids[1]) and ids[0].isdisjoint(ids[2]) and ids[1].isdisjoint(ids[2])
@@ -231,11 +251,11 @@ def test_load_pytext_gives_disjoint_windowed_splits(tmp_path):
     assert ds.num_classes == SMALL_VOCAB and ds.input_shape == (16,)
     assert ds.x is data.train.x and ds.x_probe is data.probe.x and ds.y_test is data.test.y
     assert ds.groups is data.train.groups and len(ds.group_names) == len(set(ds.group_names))
-    assert sorted(ds.info["files"]["train"] + ds.info["files"]["probe"]
-                  + ds.info["files"]["test"]) == [f.path for f in data.files]
+    assert sorted(ds.info["files"]["train"] + ds.info["files"]["probe"] + ds.info["files"]["test"]) == [
+        f.path for f in data.files
+    ]
 
-    again = load_pytext(vocab_size=SMALL_VOCAB, context=16, root=root,
-                        cache_dir=str(tmp_path / "cache2"))
+    again = load_pytext(vocab_size=SMALL_VOCAB, context=16, root=root, cache_dir=str(tmp_path / "cache2"))
     assert torch.equal(again.train.x, data.train.x) and torch.equal(again.test.y, data.test.y)
 
 
@@ -253,12 +273,13 @@ def test_partition_by_group_keeps_groups_whole_and_balances(tmp_path):
     shards = partitioners.by_group(groups, 3, np.random.default_rng(0))
     assert sorted(np.concatenate(shards).tolist()) == list(range(len(groups)))
     held = [set(groups[s].tolist()) for s in shards]
-    assert all(a.isdisjoint(b) for i, a in enumerate(held) for b in held[i + 1:])
+    assert all(a.isdisjoint(b) for i, a in enumerate(held) for b in held[i + 1 :])
     assert sorted(map(len, shards)) == [50, 50, 60]  # 50 | 40+10 | 30+20+10
     again = partitioners.by_group(groups, 3, np.random.default_rng(0))
     assert all(np.array_equal(a, b) for a, b in zip(shards, again))
-    owners = {tuple(len(s) for s in partitioners.by_group(groups, 3, np.random.default_rng(k)))
-              for k in range(10)}
+    owners = {
+        tuple(len(s) for s in partitioners.by_group(groups, 3, np.random.default_rng(k))) for k in range(10)
+    }
     assert len(owners) > 1  # the seed decides which peer holds what
     with pytest.raises(ValueError, match=r"peers \(7\) exceeds the 6 groups"):
         partitioners.by_group(groups, 7, np.random.default_rng(0))

@@ -1,6 +1,7 @@
 """The transformer language model (arch "lm") used as the engine uses models:
 a meta-device template, parameters from init_params, functional_call, and
 vmap over peers' stacked parameters."""
+
 from __future__ import annotations
 
 import warnings
@@ -46,7 +47,7 @@ def test_logits_are_causal_and_shaped():
     changed = x.clone()
     changed[:, 5] = (changed[:, 5] + 1) % V
     other = functional_call(model, params, (changed,))
-    assert torch.equal(other[:, :5], logits[:, :5])       # the past does not see the future
+    assert torch.equal(other[:, :5], logits[:, :5])  # the past does not see the future
     assert not torch.allclose(other[:, 5:], logits[:, 5:])
     # a shorter window uses the first positions
     assert torch.allclose(functional_call(model, params, (x[:, :3],)), logits[:, :3], atol=1e-6)
@@ -63,21 +64,21 @@ def test_vmap_over_peers_equals_separate_calls_and_gradients_flow(shared_input):
     model = build_model("lm", (T,), V, WIDTH)
     inits, stacked = _stacked(model, 3)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randint(V, (4, T), generator=gen) if shared_input \
+    x = (
+        torch.randint(V, (4, T), generator=gen)
+        if shared_input
         else torch.randint(V, (3, 4, T), generator=gen)
+    )
     y = torch.randint(-1, V, (3, 4, T), generator=gen)  # -1: padding, ignored
-    call = vmap(lambda p, xs: functional_call(model, p, (xs,)),
-                in_dims=(0, None if shared_input else 0))
+    call = vmap(lambda p, xs: functional_call(model, p, (xs,)), in_dims=(0, None if shared_input else 0))
     leaves = {k: v.clone().requires_grad_(True) for k, v in stacked.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no slow per-peer fallback
         logits = call(leaves, x)
-    separate = [functional_call(model, inits[i], (x if shared_input else x[i],))
-                for i in range(3)]
+    separate = [functional_call(model, inits[i], (x if shared_input else x[i],)) for i in range(3)]
     assert torch.allclose(logits, torch.stack(separate), atol=1e-5)
     # the sum of per-peer losses gives each peer its own gradient
-    losses = [F.cross_entropy(logits[i].flatten(0, 1), y[i].flatten(), ignore_index=-1)
-              for i in range(3)]
+    losses = [F.cross_entropy(logits[i].flatten(0, 1), y[i].flatten(), ignore_index=-1) for i in range(3)]
     sum(losses).backward()
     for i in range(3):
         own = {k: v.clone().requires_grad_(True) for k, v in inits[i].items()}
@@ -111,10 +112,14 @@ def test_peer_group_predicts_token_logits():
     assert torch.allclose(logits[1], group.predict_one(x, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("shape, hidden, match", [
-    ((1, 20, 20), WIDTH, "arch 'lm' needs token windows of shape \\(context,\\)"),
-    ((0,), WIDTH, "arch 'lm' needs token windows"),
-    ((T,), 30, r"hidden \(30\) must be a multiple of its 4 attention heads")])
+@pytest.mark.parametrize(
+    "shape, hidden, match",
+    [
+        ((1, 20, 20), WIDTH, "arch 'lm' needs token windows of shape \\(context,\\)"),
+        ((0,), WIDTH, "arch 'lm' needs token windows"),
+        ((T,), 30, r"hidden \(30\) must be a multiple of its 4 attention heads"),
+    ],
+)
 def test_bad_shapes_and_widths_are_refused(shape, hidden, match):
     with pytest.raises(ValueError, match=match):
         build_model("lm", shape, V, hidden)

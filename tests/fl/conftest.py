@@ -3,6 +3,7 @@ the ledger, the recipe's mechanisms, sequence tasks, your own data). Their
 models are tiny, so every module here runs on one thread (``one_thread`` of
 tests/conftest.py, autouse here); ``tiny()`` of tests/fl/configs.py is the
 run configuration they share."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """The bridge variant (TallyTrain + sparse top-k merges with error feedback)
 and FedAvg's merge periods."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,13 @@ from tests.fl import configs
 
 
 # The default distillation steps (peers' and the server's), unlike the other modules.
-tiny = functools.partial(configs.tiny, rounds=4, abstain_below=0.5,
-                         server_distill_steps=ProtocolConfig.server_distill_steps,
-                         train=TrainConfig(local_steps=3, batch_size=16, distill_batch_size=16))
+tiny = functools.partial(
+    configs.tiny,
+    rounds=4,
+    abstain_below=0.5,
+    server_distill_steps=ProtocolConfig.server_distill_steps,
+    train=TrainConfig(local_steps=3, batch_size=16, distill_batch_size=16),
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +49,7 @@ def spy_on_merges(fed: Federation):
         apply_reply(r, inbox)
         update = next(iter(inbox.values()))[0]
         seen.append((r, before, fed.population.single_group.flatten().clone(), update))
+
     fed.method.apply_reply = spy
     return seen
 
@@ -68,14 +74,22 @@ def test_error_feedback_conserves_the_accumulated_change():
     torch.testing.assert_close(sent + residual, total, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("protocol", [
-    dict(merge_period=1, topk_fraction=0.02),
-    dict(merge_period=2, topk_fraction=0.1, param_dtype="float16"),
-    dict(merge_period=1, topk_fraction=0.05, participation=0.5),
-    dict(merge_period=1, topk_fraction=0.05, adversarial_fraction=0.25, adversarial_mode="flip"),
-    dict(merge_period=1, topk_fraction=0.05, adversarial_fraction=0.25,
-         adversarial_mode="random", param_dtype="float16"),
-])
+@pytest.mark.parametrize(
+    "protocol",
+    [
+        dict(merge_period=1, topk_fraction=0.02),
+        dict(merge_period=2, topk_fraction=0.1, param_dtype="float16"),
+        dict(merge_period=1, topk_fraction=0.05, participation=0.5),
+        dict(merge_period=1, topk_fraction=0.05, adversarial_fraction=0.25, adversarial_mode="flip"),
+        dict(
+            merge_period=1,
+            topk_fraction=0.05,
+            adversarial_fraction=0.25,
+            adversarial_mode="random",
+            param_dtype="float16",
+        ),
+    ],
+)
 def test_every_peer_keeps_the_same_view_of_the_shared_model(protocol):
     """Engine level: anchor - residual is one vector on every peer (what a
     peer sent, with its rounding, plus what it kept equals its accumulated
@@ -116,18 +130,23 @@ def test_bridge_without_merges_is_tallytrain_round_for_round():
     b = Federation(tiny("bridge", rounds=3, merge_period=0), digits4())
     a.run()
     b.run()
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "method"}  # noqa: E731
-                          for r in without_timing(rows)]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "method"} for r in without_timing(rows)]
+
     assert strip(a.metrics) == strip(b.metrics)
     assert a.ledger.entries == b.ledger.entries
-    assert all(torch.equal(x, y) for x, y in zip(a.population.single_group.params.values(),
-                                                  b.population.single_group.params.values()))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.population.single_group.params.values(), b.population.single_group.params.values())
+    )
 
 
 @pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("float16", 2)])
 def test_bridge_messages_are_sparse_and_counted(dtype, itemsize):
-    fed = Federation(tiny("bridge", rounds=3, merge_period=2, topk_fraction=0.01,
-                          param_dtype=dtype), digits4())
+    fed = Federation(
+        tiny("bridge", rounds=3, merge_period=2, topk_fraction=0.01, param_dtype=dtype), digits4()
+    )
     fed.run()
     m, k = fed.population.single_group.num_params, fed.method.k
     assert k == -(-m // 100)
@@ -205,10 +224,13 @@ def test_periodic_selection_keeps_the_same_peers_for_a_period():
     assert len(senders[1]) == 2
 
 
-@pytest.mark.parametrize("protocol, match", [
-    (dict(method="fedavg", merge_period=0), "needs merge_period >= 1"),
-    (dict(method="bridge", merge_period=2, decentralized=True), "decentralized mode works only"),
-])
+@pytest.mark.parametrize(
+    "protocol, match",
+    [
+        (dict(method="fedavg", merge_period=0), "needs merge_period >= 1"),
+        (dict(method="bridge", merge_period=2, decentralized=True), "decentralized mode works only"),
+    ],
+)
 def test_bad_merge_settings_are_refused(protocol, match):
     method = protocol.pop("method")
     with pytest.raises(ValueError, match=match):
@@ -233,12 +255,13 @@ def test_adversaries_corrupt_what_they_send_but_keep_honest_books(monkeypatch):
         if kw["sender"] != wire.SERVER:
             sent[(tag, kw["sender"])] = (indices.clone(), values.clone())
         return encode(indices, values, size, **kw)
+
     monkeypatch.setattr(wire, "encode_sparse", spy)
     feds = {}
-    for tag, protocol in (("honest", {}),
-                          ("flip", dict(adversarial_fraction=0.25, adversarial_mode="flip"))):
-        feds[tag] = Federation(tiny("bridge", rounds=2, merge_period=1, topk_fraction=0.05,
-                                    **protocol), digits4())
+    for tag, protocol in (("honest", {}), ("flip", dict(adversarial_fraction=0.25, adversarial_mode="flip"))):
+        feds[tag] = Federation(
+            tiny("bridge", rounds=2, merge_period=1, topk_fraction=0.05, **protocol), digits4()
+        )
         feds[tag].run_round(0)
     adversary = int(feds["flip"].adversarial.nonzero()[0][0])
     idx_h, val_h = sent[("honest", adversary)]
@@ -251,14 +274,24 @@ def test_adversaries_corrupt_what_they_send_but_keep_honest_books(monkeypatch):
 
 
 def test_random_adversary_values_stay_bounded():
-    fed = Federation(tiny("bridge", rounds=5, merge_period=1, topk_fraction=0.05,
-                          adversarial_fraction=0.25, adversarial_mode="random"), digits4())
+    fed = Federation(
+        tiny(
+            "bridge",
+            rounds=5,
+            merge_period=1,
+            topk_fraction=0.05,
+            adversarial_fraction=0.25,
+            adversarial_mode="random",
+        ),
+        digits4(),
+    )
     fed.run()
     adversary = int(torch.nonzero(torch.from_numpy(fed.adversarial)).flatten()[0])
     honest = [p for p in range(4) if p != adversary]
     # Its residual is kept like an honest peer's: same order of magnitude.
-    assert float(fed.method.residual[adversary].abs().max()) < \
-        10 * float(fed.method.residual[honest].abs().max())
+    assert float(fed.method.residual[adversary].abs().max()) < 10 * float(
+        fed.method.residual[honest].abs().max()
+    )
 
 
 @pytest.mark.parametrize("value", [2.5, True, -1])
@@ -267,23 +300,34 @@ def test_merge_period_must_be_a_non_negative_integer(value):
         ProtocolConfig(merge_period=value)
 
 
-@pytest.mark.parametrize("methods, settings, match", [
-    (("..",), {"..": {"method": "fedavg"}}, "not only dots"),
-    (("a/b",), {}, "must use letters"),
-    (("x",), {"x": {"method": "fedavg", "protocol": {"merge_periods": 2}}},
-     "unknown protocol fields: merge_periods"),
-    (("x",), {"x": {"method": "fedavg", "protocol": {"merge_period": 2.5}}},
-     "merge_period must be an integer"),
-    (("x",), {"y": {"method": "fedavg"}}, "which methods does not list"),
-])
+@pytest.mark.parametrize(
+    "methods, settings, match",
+    [
+        (("..",), {"..": {"method": "fedavg"}}, "not only dots"),
+        (("a/b",), {}, "must use letters"),
+        (
+            ("x",),
+            {"x": {"method": "fedavg", "protocol": {"merge_periods": 2}}},
+            "unknown protocol fields: merge_periods",
+        ),
+        (
+            ("x",),
+            {"x": {"method": "fedavg", "protocol": {"merge_period": 2.5}}},
+            "merge_period must be an integer",
+        ),
+        (("x",), {"y": {"method": "fedavg"}}, "which methods does not list"),
+    ],
+)
 def test_compare_settings_are_validated(methods, settings, match):
     from tallytrain.fl.config import CompareConfig
+
     with pytest.raises(ValueError, match=match):
         CompareConfig(methods=methods, settings=settings)
 
 
 def test_compare_settings_are_copied():
     from tallytrain.fl.config import CompareConfig
+
     settings = {"f": {"method": "fedavg", "protocol": {"merge_period": 2}}}
     cfg = CompareConfig(methods=("f",), settings=settings)
     settings["f"]["protocol"]["merge_period"] = 7

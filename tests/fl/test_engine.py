@@ -1,4 +1,5 @@
 """The round loop: determinism, checkpoints and in-process resume, timing."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,15 @@ import pytest
 import torch
 
 from tallytrain.data import prepare
-from tallytrain.fl.config import (CompareConfig, DataConfig, ModelConfig, ProtocolConfig,
-                                  RunConfig, TrainConfig, from_dict)
+from tallytrain.fl.config import (
+    CompareConfig,
+    DataConfig,
+    ModelConfig,
+    ProtocolConfig,
+    RunConfig,
+    TrainConfig,
+    from_dict,
+)
 from tallytrain.fl.loop import PHASES, Federation, PhaseTimer, load_checkpoint, save_checkpoint
 from tallytrain.fl.registry import method_names
 from tallytrain.fl.server import select_peers
@@ -51,11 +59,19 @@ def test_other_seed_other_numbers():
     assert without_timing(a.metrics) != without_timing(b.metrics)
 
 
-@pytest.mark.parametrize("method, protocol", [
-    ("fedavg", {}), ("fedavg", {"merge_period": 3}), ("feddf", {}), ("softlabel", {}),
-    ("softlabel-topk", {}),
-    ("tallytrain", {}), ("bridge", {"merge_period": 2, "topk_fraction": 0.05}),
-    ("bridge", {"merge_period": 3, "topk_fraction": 0.05, "param_dtype": "float16"})])
+@pytest.mark.parametrize(
+    "method, protocol",
+    [
+        ("fedavg", {}),
+        ("fedavg", {"merge_period": 3}),
+        ("feddf", {}),
+        ("softlabel", {}),
+        ("softlabel-topk", {}),
+        ("tallytrain", {}),
+        ("bridge", {"merge_period": 2, "topk_fraction": 0.05}),
+        ("bridge", {"merge_period": 3, "topk_fraction": 0.05, "param_dtype": "float16"}),
+    ],
+)
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, method, protocol):
     """Resumed after round 2: mid-period for the periodic cases."""
     cfg = tiny(method, rounds=4, **protocol)
@@ -128,9 +144,15 @@ def test_phases_cover_the_round_time():
     assert sum(fed.timer.seconds.values()) == pytest.approx(wall, rel=1e-6)
     for phase in ("local_training", "joint_training", "ops", "messaging", "inference"):
         assert fed.timer.seconds[phase] > 0, phase
-    seq = Federation(dataclasses.replace(tiny("tallytrain"), train=TrainConfig(
-        order="distill-train", local_steps=2, distill_steps=2, batch_size=16,
-        distill_batch_size=16)), data())
+    seq = Federation(
+        dataclasses.replace(
+            tiny("tallytrain"),
+            train=TrainConfig(
+                order="distill-train", local_steps=2, distill_steps=2, batch_size=16, distill_batch_size=16
+            ),
+        ),
+        data(),
+    )
     seq.run()
     assert seq.timer.seconds["distillation"] > 0 and seq.timer.seconds["joint_training"] == 0
 
@@ -146,17 +168,20 @@ def test_config_round_trip_is_strict():
         from_dict(CompareConfig, {"seeds": [0], "base": cfg.base.to_dict()})
 
 
-@pytest.mark.parametrize("section, kwargs, match", [
-    (DataConfig, dict(alpha=0.0), "alpha must be > 0"),
-    (DataConfig, dict(partition="zipf"), "known partitions: iid, dirichlet, classes"),
-    (DataConfig, dict(probe_fraction=0.5, test_fraction=0.5), "test_fraction"),
-    (TrainConfig, dict(order="random"), "order must be one of"),
-    (TrainConfig, dict(lr=0), "lr must be > 0"),
-    (ProtocolConfig, dict(decentralized=True, participation=0.5), "participation = 1"),
-    (ProtocolConfig, dict(softlabel_dtype="bfloat16"), "softlabel_dtype"),
-    (ProtocolConfig, dict(adversarial_mode="loud"), "adversarial_mode"),
-    (ProtocolConfig, dict(abstain_below=1.5), "abstain_below"),
-])
+@pytest.mark.parametrize(
+    "section, kwargs, match",
+    [
+        (DataConfig, dict(alpha=0.0), "alpha must be > 0"),
+        (DataConfig, dict(partition="zipf"), "known partitions: iid, dirichlet, classes"),
+        (DataConfig, dict(probe_fraction=0.5, test_fraction=0.5), "test_fraction"),
+        (TrainConfig, dict(order="random"), "order must be one of"),
+        (TrainConfig, dict(lr=0), "lr must be > 0"),
+        (ProtocolConfig, dict(decentralized=True, participation=0.5), "participation = 1"),
+        (ProtocolConfig, dict(softlabel_dtype="bfloat16"), "softlabel_dtype"),
+        (ProtocolConfig, dict(adversarial_mode="loud"), "adversarial_mode"),
+        (ProtocolConfig, dict(abstain_below=1.5), "abstain_below"),
+    ],
+)
 def test_config_validation_names_the_field(section, kwargs, match):
     with pytest.raises(ValueError, match=match):
         section(**kwargs)
@@ -169,10 +194,10 @@ def test_probe_set_too_large_is_refused():
 
 
 def test_many_class_synthetic_runs():
-    d = DataConfig(dataset="synthetic", num_classes=2000, samples_per_class=3, alpha=1.0,
-                   min_shard_size=2)
-    cfg = dataclasses.replace(tiny("tallytrain", rounds=1), data=d,
-                              protocol=ProtocolConfig(probes_per_round=300))
+    d = DataConfig(dataset="synthetic", num_classes=2000, samples_per_class=3, alpha=1.0, min_shard_size=2)
+    cfg = dataclasses.replace(
+        tiny("tallytrain", rounds=1), data=d, protocol=ProtocolConfig(probes_per_round=300)
+    )
     fed = Federation(cfg, prepare(d, 4, 0))
     fed.run()
     votes = [e for e in fed.ledger.entries if e.kind == "votes"]
@@ -183,8 +208,7 @@ def test_predict_each_hands_every_peer_its_own_logits_in_order():
     """Votes and evaluation take each peer's logits one peer at a time
     (Population.predict_each); they must be the logits of predict, for each
     peer in the order asked, across architectures."""
-    cfg = dataclasses.replace(tiny("tallytrain"),
-                              model=ModelConfig(hidden=16, archs=("mlp", "mlp1", "cnn")))
+    cfg = dataclasses.replace(tiny("tallytrain"), model=ModelConfig(hidden=16, archs=("mlp", "mlp1", "cnn")))
     fed = Federation(cfg, data(0))
     x = fed.data.x_test[:50]
     order = [3, 0, 2, 1]
@@ -206,8 +230,11 @@ def test_tallytrain_votes_are_the_argmax_of_the_probe_logits_with_abstention(vot
     or where the peer's shard holds fewer than support_min samples of that
     class. The voting model is the peer's local-only model or its distilled one."""
     cfg = tiny("tallytrain", rounds=4, support_min=8, support_radius=None, votes_from=votes_from)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=20),
-                              protocol=dataclasses.replace(cfg.protocol, abstain_below=0.3))
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, local_steps=20),
+        protocol=dataclasses.replace(cfg.protocol, abstain_below=0.3),
+    )
     fed = Federation(cfg, data(0))
     fed.run()  # after distillation peers also predict classes they hold few samples of
     sent = fed.method._votes
@@ -223,5 +250,3 @@ def test_tallytrain_votes_are_the_argmax_of_the_probe_logits_with_abstention(vot
         assert torch.equal(sent[p].labels(), expected)
     # Distilled models predict classes their shard lacks; the rule was exercised.
     assert unsupported_somewhere or votes_from == "local"
-
-

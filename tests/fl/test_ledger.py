@@ -1,4 +1,5 @@
 """The ledger and channel, and the bytes of real runs against closed forms."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,9 @@ from tallytrain.ops import packed_size
 from tests.fl import configs
 
 
-tiny = functools.partial(configs.tiny, probes_per_round=37,
-                         train=dataclasses.replace(configs.TRAIN, local_steps=2))
+tiny = functools.partial(
+    configs.tiny, probes_per_round=37, train=dataclasses.replace(configs.TRAIN, local_steps=2)
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,8 +66,11 @@ def test_csv_and_state_round_trip():
     led.record(3, 2, SERVER, "votes", 40)
     led.record(3, SERVER, 2, "control", 44)
     text = led.to_csv({"method": "m", "seed": 1})
-    assert text.splitlines() == ["method,seed,round,sender,receiver,direction,kind,bytes",
-                                 "m,1,3,2,server,up,votes,40", "m,1,3,server,2,down,control,44"]
+    assert text.splitlines() == [
+        "method,seed,round,sender,receiver,direction,kind,bytes",
+        "m,1,3,2,server,up,votes,40",
+        "m,1,3,server,2,down,control,44",
+    ]
     assert Ledger.from_state(led.state_dict()).entries == led.entries
 
 
@@ -85,12 +90,15 @@ def test_channel_counts_len_of_the_real_message():
     assert led.entries[0].kind == "votes"
 
 
-@pytest.mark.parametrize("env, match", [
-    (Envelope(1, SERVER, _votes(round_=1), wire.MessageKind.VOTES), "round 1, expected round 0"),
-    (Envelope(2, SERVER, _votes(sender=1), wire.MessageKind.VOTES), "sender id 1"),
-    (Envelope(1, SERVER, _votes(), wire.MessageKind.CONTROL), "unexpected kind"),
-    (Envelope(1, SERVER, _votes()[:-1], wire.MessageKind.VOTES), "truncated"),
-])
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        (Envelope(1, SERVER, _votes(round_=1), wire.MessageKind.VOTES), "round 1, expected round 0"),
+        (Envelope(2, SERVER, _votes(sender=1), wire.MessageKind.VOTES), "sender id 1"),
+        (Envelope(1, SERVER, _votes(), wire.MessageKind.CONTROL), "unexpected kind"),
+        (Envelope(1, SERVER, _votes()[:-1], wire.MessageKind.VOTES), "truncated"),
+    ],
+)
 def test_channel_refuses_what_the_protocol_does_not_expect(env, match):
     led = Ledger()
     with pytest.raises(wire.WireFormatError, match=match):
@@ -105,11 +113,11 @@ def _per(led: Ledger, kind: str, direction: str):
     return [e for e in led.entries if e.kind == kind and e.direction == direction]
 
 
-@pytest.mark.parametrize("abstain, threshold, quorum", [(None, 0.0, 1), (0.9, 0.0, 1),
-                                                       (0.9, 0.5, 1), (None, 0.0, 2)])
+@pytest.mark.parametrize(
+    "abstain, threshold, quorum", [(None, 0.0, 1), (0.9, 0.0, 1), (0.9, 0.5, 1), (None, 0.0, 2)]
+)
 def test_tallytrain_bytes_match_closed_forms(abstain, threshold, quorum):
-    cfg = tiny("tallytrain", abstain_below=abstain, agreement_threshold=threshold,
-               min_votes=quorum)
+    cfg = tiny("tallytrain", abstain_below=abstain, agreement_threshold=threshold, min_votes=quorum)
     fed = run(cfg)
     n, c, p, rounds = 37, 10, cfg.peers, cfg.rounds
     symbols = c + 1 if abstain is not None else c

@@ -1,5 +1,6 @@
 """Aggregation math, adversaries, the registry, the batched optimizer, and
 each method's behaviour on tiny federations."""
+
 from __future__ import annotations
 
 import functools
@@ -12,8 +13,14 @@ from tallytrain.data import prepare
 from tallytrain.fl import adversary, aggregate, methods
 from tallytrain.fl.config import DataConfig, TrainConfig
 from tallytrain.fl.loop import Federation
-from tallytrain.fl.peer import (Batches, StackedAdam, draw_batches, hard_label_loss, make_group,
-                                soft_label_loss)
+from tallytrain.fl.peer import (
+    Batches,
+    StackedAdam,
+    draw_batches,
+    hard_label_loss,
+    make_group,
+    soft_label_loss,
+)
 from tallytrain.fl.registry import get_method, method_names
 from tests.fl import configs
 
@@ -38,8 +45,9 @@ def test_weighted_average_by_hand():
     assert torch.equal(aggregate.weighted_average(v[:1], [7]), v[0])
 
 
-@pytest.mark.parametrize("weights, match", [([1, 2], "one entry per row"), ([0, 0, 0], "positive sum"),
-                                            ([1, -1, 1], ">= 0")])
+@pytest.mark.parametrize(
+    "weights, match", [([1, 2], "one entry per row"), ([0, 0, 0], "positive sum"), ([1, -1, 1], ">= 0")]
+)
 def test_weighted_average_rejects_bad_weights(weights, match):
     with pytest.raises(ValueError, match=match):
         aggregate.weighted_average(torch.zeros(3, 2), weights)
@@ -67,8 +75,12 @@ def test_consensus_threshold_and_empty_probes():
     assert torch.allclose(c.agreement, torch.tensor([0.5, 0.75, 1 / 3, 0.0]))
     assert aggregate.mean_agreement(c) == pytest.approx((0.5 + 0.75 + 1 / 3) / 3)
     assert aggregate.consensus(label, count, total, 0.0).keep.tolist() == [True, True, True, False]
-    assert aggregate.consensus(label, count, total, 0.0, min_votes=2).keep.tolist() == \
-        [True, True, False, False]
+    assert aggregate.consensus(label, count, total, 0.0, min_votes=2).keep.tolist() == [
+        True,
+        True,
+        False,
+        False,
+    ]
     with pytest.raises(ValueError, match="min_votes"):
         aggregate.consensus(label, count, total, 0.0, min_votes=0)
     truth = torch.tensor([3, 2, 0, 5])
@@ -98,8 +110,9 @@ def test_adversaries():
     v, ref = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5])
     assert torch.equal(adversary.corrupt_params(v, ref, "flip", g), torch.tensor([0.0, -1.0]))
     honest = 3.0 + 2.0 * torch.randn(1000, generator=g)
-    a, b, c = (adversary.corrupt_params(honest, ref, "random", torch.Generator().manual_seed(s))
-               for s in (1, 1, 2))
+    a, b, c = (
+        adversary.corrupt_params(honest, ref, "random", torch.Generator().manual_seed(s)) for s in (1, 1, 2)
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)
     # noise with the honest vector's mean and spread, unrelated to its values
     assert abs(float(a.mean()) - 3.0) < 0.3 and abs(float(a.std()) - 2.0) < 0.2
@@ -155,13 +168,15 @@ def test_batched_peers_train_exactly_like_separate_peers():
     pools = [torch.from_numpy(s) for s in data.shards[:3]]
     steps = [4, 2, 3]
     idx = draw_batches(pools, steps, 8, [torch.Generator().manual_seed(9 + i) for i in range(3)])
-    group.fit(torch.arange(3), steps,
-              [Batches(idx, data.x_train, data.y_train, hard_label_loss, 1.0)], 0.01)
+    group.fit(torch.arange(3), steps, [Batches(idx, data.x_train, data.y_train, hard_label_loss, 1.0)], 0.01)
     for i in range(3):
         alone = make_group("mlp", [i], (1, 8, 8), 10, 16, [gens()[i]])
-        alone.fit(torch.tensor([0]), [steps[i]],
-                  [Batches(idx[i:i + 1, :steps[i]], data.x_train, data.y_train,
-                           hard_label_loss, 1.0)], 0.01)
+        alone.fit(
+            torch.tensor([0]),
+            [steps[i]],
+            [Batches(idx[i : i + 1, : steps[i]], data.x_train, data.y_train, hard_label_loss, 1.0)],
+            0.01,
+        )
         for k in group.params:
             assert torch.allclose(group.params[k][i], alone.params[k][0], atol=1e-5), k
 
@@ -234,8 +249,9 @@ def test_feddf_distillation_changes_the_averaged_model():
 
 
 def test_roles_undertrained_and_adversarial_are_disjoint_and_counted():
-    train = TrainConfig(local_steps=5, undertrained_fraction=0.5, undertrained_steps=1,
-                        batch_size=16, distill_batch_size=16)
+    train = TrainConfig(
+        local_steps=5, undertrained_fraction=0.5, undertrained_steps=1, batch_size=16, distill_batch_size=16
+    )
     fed = Federation(tiny("tallytrain", train=train, adversarial_fraction=0.25), digits4())
     assert fed.adversarial.sum() == 1 and fed.undertrained.sum() == 2
     assert not (fed.adversarial & fed.undertrained).any()
@@ -243,8 +259,9 @@ def test_roles_undertrained_and_adversarial_are_disjoint_and_counted():
 
 
 def test_undertrained_peers_move_less():
-    train = TrainConfig(local_steps=8, undertrained_fraction=0.5, undertrained_steps=1,
-                        batch_size=16, distill_batch_size=16)
+    train = TrainConfig(
+        local_steps=8, undertrained_fraction=0.5, undertrained_steps=1, batch_size=16, distill_batch_size=16
+    )
     fed = Federation(tiny("local", rounds=1, train=train), digits4())
     before = fed.population.single_group.flatten().clone()
     fed.run()
@@ -256,17 +273,29 @@ def test_undertrained_peers_move_less():
 def test_flipping_adversaries_hurt_the_consensus(method):
     def consensus_acc(fraction):
         train = TrainConfig(local_steps=15, batch_size=16, distill_batch_size=16)
-        fed = Federation(tiny(method, rounds=2, train=train, adversarial_fraction=fraction,
-                              adversarial_mode="flip", abstain_below=None,
-                              agreement_threshold=0.0), digits4())
+        fed = Federation(
+            tiny(
+                method,
+                rounds=2,
+                train=train,
+                adversarial_fraction=fraction,
+                adversarial_mode="flip",
+                abstain_below=None,
+                agreement_threshold=0.0,
+            ),
+            digits4(),
+        )
         fed.run()
         return fed.metrics[-1]["consensus_acc"]
+
     assert consensus_acc(1.0) < consensus_acc(0.0)
 
 
 def test_abstention_and_threshold_shrink_what_peers_distill_on():
-    loose = Federation(tiny("tallytrain", abstain_below=None, agreement_threshold=0.0,
-                            support_min=0, support_radius=None), digits4())
+    loose = Federation(
+        tiny("tallytrain", abstain_below=None, agreement_threshold=0.0, support_min=0, support_radius=None),
+        digits4(),
+    )
     strict = Federation(tiny("tallytrain", abstain_below=0.999, agreement_threshold=0.9), digits4())
     loose.run()
     strict.run()
@@ -287,9 +316,7 @@ def test_decentralized_peers_reach_the_server_consensus():
 @pytest.mark.parametrize("order", ["distill-train", "train-distill"])
 @pytest.mark.parametrize("method", ["tallytrain", "softlabel"])
 def test_sequential_orders_distill_on_the_consensus(method, order):
-    train = TrainConfig(order=order, local_steps=2, distill_steps=3, batch_size=16,
-                        distill_batch_size=16)
-    fed = Federation(tiny(method, train=train, abstain_below=None, agreement_threshold=0.0),
-                     digits4())
+    train = TrainConfig(order=order, local_steps=2, distill_steps=3, batch_size=16, distill_batch_size=16)
+    fed = Federation(tiny(method, train=train, abstain_below=None, agreement_threshold=0.0), digits4())
     fed.run()
     assert fed.timer.seconds["distillation"] > 0 and fed.timer.seconds["joint_training"] == 0

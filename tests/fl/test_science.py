@@ -2,6 +2,7 @@
 test that fails when the mechanism is broken: consensus memory, support-aware
 abstention (by label and by input), votes from local-only models, reputation
 weights, and the distillation schedule."""
+
 from __future__ import annotations
 
 import functools
@@ -18,12 +19,15 @@ from tallytrain.fl.support import LocalSupport
 def config(method="tallytrain", rounds=4, peers=4, train=None, **protocol) -> RunConfig:
     proto = dict(probes_per_round=60, abstain_below=0.5)
     proto.update(protocol)
-    return RunConfig(method=method, peers=peers, rounds=rounds,
-                     data=DataConfig(alpha=0.3, min_shard_size=5),
-                     model=ModelConfig(hidden=16),
-                     train=train or TrainConfig(local_steps=10, batch_size=16,
-                                                distill_batch_size=16),
-                     protocol=ProtocolConfig(**proto))
+    return RunConfig(
+        method=method,
+        peers=peers,
+        rounds=rounds,
+        data=DataConfig(alpha=0.3, min_shard_size=5),
+        model=ModelConfig(hidden=16),
+        train=train or TrainConfig(local_steps=10, batch_size=16, distill_batch_size=16),
+        protocol=ProtocolConfig(**proto),
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +72,9 @@ def test_memory_survives_checkpoint_and_resume(tmp_path):
     save_checkpoint(first, path)
     resumed = Federation(cfg, data())
     load_checkpoint(resumed, path)
-    assert {p: m.labels()[1].tolist() for p, m in resumed.method.memory.items()} == \
-        {p: m.labels()[1].tolist() for p, m in first.method.memory.items()}
+    assert {p: m.labels()[1].tolist() for p, m in resumed.method.memory.items()} == {
+        p: m.labels()[1].tolist() for p, m in first.method.memory.items()
+    }
     resumed.run()
     assert [r["accuracy"] for r in resumed.metrics] == [r["accuracy"] for r in whole.metrics]
     for p in whole.method.memory:
@@ -89,8 +94,7 @@ def brute_force_backed(x_shard, y_shard, x_probe, labels, min_count, quantile):
     xp = x_probe.reshape(len(x_probe), -1).double()
     nn = []
     for i in range(len(xs)):
-        same = [float((xs[i] - xs[j]).norm()) for j in range(len(xs))
-                if j != i and y_shard[j] == y_shard[i]]
+        same = [float((xs[i] - xs[j]).norm()) for j in range(len(xs)) if j != i and y_shard[j] == y_shard[i]]
         if same:
             nn.append(min(same))
     radius = float(torch.quantile(torch.tensor(nn), quantile))
@@ -113,8 +117,7 @@ def test_support_test_matches_brute_force(min_count, quantile):
     xp = torch.randn(80, 2, 3, generator=g) * 1.5
     labels = torch.randint(-1, 9, (80,), generator=g)
     s = LocalSupport(x, y, 9, min_count, quantile)
-    assert torch.equal(s.backed(xp, labels), brute_force_backed(x, y, xp, labels, min_count,
-                                                                quantile))
+    assert torch.equal(s.backed(xp, labels), brute_force_backed(x, y, xp, labels, min_count, quantile))
 
 
 def test_support_far_probe_is_not_backed_and_integer_inputs_use_labels_only():
@@ -125,8 +128,11 @@ def test_support_far_probe_is_not_backed_and_integer_inputs_use_labels_only():
     assert s.backed(probes, torch.tensor([0, 1, 2])).tolist() == [True, False, False]
     tokens = LocalSupport(torch.zeros(4, 2, dtype=torch.int64), y, 3, 1, 1.0)
     assert tokens.radius is None
-    assert tokens.backed(torch.zeros(3, 2, dtype=torch.int64),
-                         torch.tensor([0, 1, 2])).tolist() == [True, True, False]
+    assert tokens.backed(torch.zeros(3, 2, dtype=torch.int64), torch.tensor([0, 1, 2])).tolist() == [
+        True,
+        True,
+        False,
+    ]
 
 
 def test_support_aware_abstention_raises_consensus_accuracy():
@@ -134,6 +140,7 @@ def test_support_aware_abstention_raises_consensus_accuracy():
     their shard does not back; the kept consensus is less accurate."""
     on = run(config(rounds=5, votes_from="distilled"))
     off = run(config(rounds=5, votes_from="distilled", support_min=0, support_radius=None))
+
     def acc(fed):
         return sum(r["consensus_acc"] or 0 for r in fed.metrics[1:]) / (len(fed.metrics) - 1)
 
@@ -150,8 +157,11 @@ def test_local_voters_are_the_local_baselines_models():
         for k in a.params:
             assert torch.equal(a.params[k], b.params[k])
     # and the distilled models are not
-    assert not all(torch.equal(a.params[k], b.params[k])
-                   for a, b in zip(tt.population.groups, loc.population.groups) for k in a.params)
+    assert not all(
+        torch.equal(a.params[k], b.params[k])
+        for a, b in zip(tt.population.groups, loc.population.groups)
+        for k in a.params
+    )
 
 
 def test_local_first_falls_back_to_the_distilled_vote_only_where_local_abstains():
@@ -174,28 +184,34 @@ def test_reputation_weighs_a_peer_that_always_disagrees_to_zero():
     bad = int(torch.nonzero(torch.as_tensor(fed.adversarial)).flatten()[0])
     assert int(weights[bad]) == 0
     assert all(int(w) > 0 for p, w in enumerate(weights) if p != bad)
-    off = run(config(rounds=4, peers=5, adversarial_fraction=0.2, adversarial_mode="flip",
-                     reputation=False))
+    off = run(config(rounds=4, peers=5, adversarial_fraction=0.2, adversarial_mode="flip", reputation=False))
     assert off.method.reputation_weights(range(5)) is None
 
 
 # ---- schedule --------------------------------------------------------------------
 def test_distillation_batch_grows_with_the_pool_within_bounds():
-    fed = Federation(config(train=TrainConfig(local_steps=10, distill_batch_size=16,
-                                              distill_epochs=5, distill_batch_max=200)), data())
-    assert fed.distill_batch(10, 10) == 16       # at least distill_batch_size
-    assert fed.distill_batch(100, 10) == 50      # 5 passes over 100 targets in 10 steps
+    fed = Federation(
+        config(
+            train=TrainConfig(local_steps=10, distill_batch_size=16, distill_epochs=5, distill_batch_max=200)
+        ),
+        data(),
+    )
+    assert fed.distill_batch(10, 10) == 16  # at least distill_batch_size
+    assert fed.distill_batch(100, 10) == 50  # 5 passes over 100 targets in 10 steps
     assert fed.distill_batch(10_000, 10) == 200  # at most distill_batch_max
     fixed = Federation(config(train=TrainConfig(distill_batch_size=16, distill_epochs=0)), data())
     assert fixed.distill_batch(10_000, 10) == 16
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("support_radius", 1.5, "support_radius must be in"),
-    ("support_min", -1, "support_min must be >= 0"),
-    ("memory_max_age", -2, "memory_max_age must be >= 0"),
-    ("votes_from", "nobody", "votes_from must be one of"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("support_radius", 1.5, "support_radius must be in"),
+        ("support_min", -1, "support_min must be >= 0"),
+        ("memory_max_age", -2, "memory_max_age must be >= 0"),
+        ("votes_from", "nobody", "votes_from must be one of"),
+    ],
+)
 def test_bad_recipe_values_are_refused_by_name(flag, value, message):
     with pytest.raises(ValueError, match=message):
         ProtocolConfig(**{flag: value})

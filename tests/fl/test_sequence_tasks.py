@@ -4,6 +4,7 @@ padding, chunked evaluation with perplexity, votes / consensus / memory of
 token windows, softlabel-topk, and a tiny end-to-end run of every method on
 both tasks. pytext runs on a fake standard library written to a temporary
 folder (a few small files, a 300-token vocabulary); glyphs on 12 classes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,7 @@ from tallytrain.fl import peer as peer_mod
 from tallytrain.fl.config import DataConfig, ModelConfig, ProtocolConfig, RunConfig, TrainConfig
 from tallytrain.fl.loop import Federation, load_checkpoint, save_checkpoint
 from tallytrain.fl.methods.softlabel_topk import average_topk, complete
-from tallytrain.fl.peer import (hard_label_loss, rows_per_chunk, soft_label_loss,
-                                topk_label_loss)
+from tallytrain.fl.peer import hard_label_loss, rows_per_chunk, soft_label_loss, topk_label_loss
 from tallytrain.fl.registry import method_names
 from tallytrain.report import without_timing
 
@@ -35,9 +35,12 @@ METHODS = method_names()  # the registry's order, which `compare` reports in
 def _module(name: str, functions: int) -> str:
     out = [f'"""Module {name}."""', "import os", ""]
     for i in range(functions):
-        out += [f"def {name}_{i}(value, count={i}):",
-                f"    result = value * {i} + count  # {name} step {i}",
-                "    return result", ""]
+        out += [
+            f"def {name}_{i}(value, count={i}):",
+            f"    result = value * {i} + count  # {name} step {i}",
+            "    return result",
+            "",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -47,8 +50,12 @@ def stdlib(tmp_path_factory):
     root = tmp_path_factory.mktemp("lib")
     files = {}
     for pkg in ("pkga", "pkgb", "pkgc"):
-        files.update({f"{pkg}/{m}.py": _module(f"{pkg}{m}", 5 + len(m))
-                      for m in ("__init__", "one", "two", "three", "four")})
+        files.update(
+            {
+                f"{pkg}/{m}.py": _module(f"{pkg}{m}", 5 + len(m))
+                for m in ("__init__", "one", "two", "three", "four")
+            }
+        )
     files.update({f"{m}.py": _module(m, 7) for m in ("alpha", "beta", "gamma", "delta")})
     for rel, text in files.items():
         path = root / rel
@@ -59,14 +66,27 @@ def stdlib(tmp_path_factory):
 
 def text_config(stdlib, **kw) -> DataConfig:
     root, cache = stdlib
-    base = dict(dataset="pytext", data_dir=root, cache_dir=cache, vocab_size=VOCAB,
-                context=CONTEXT, partition="groups", min_shard_size=1)
+    base = dict(
+        dataset="pytext",
+        data_dir=root,
+        cache_dir=cache,
+        vocab_size=VOCAB,
+        context=CONTEXT,
+        partition="groups",
+        min_shard_size=1,
+    )
     return DataConfig(**{**base, **kw})
 
 
 def glyph_config(tmp_path_factory_or_dir, **kw) -> DataConfig:
-    base = dict(dataset="glyphs", num_classes=12, renders_per_face=1, alpha=0.5,
-                min_shard_size=2, cache_dir=str(tmp_path_factory_or_dir))
+    base = dict(
+        dataset="glyphs",
+        num_classes=12,
+        renders_per_face=1,
+        alpha=0.5,
+        min_shard_size=2,
+        cache_dir=str(tmp_path_factory_or_dir),
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -75,15 +95,21 @@ def glyph_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("glyph_cache")
 
 
-def run_config(method: str, data: DataConfig, peers: int = 3, rounds: int = 2,
-               arch: str = "lm", **protocol) -> RunConfig:
-    proto = dict(probes_per_round=4, server_distill_steps=2, abstain_below=None,
-                 agreement_threshold=0.0, support_min=0)
-    return RunConfig(method=method, peers=peers, rounds=rounds, data=data,
-                     model=ModelConfig(archs=(arch,), hidden=16),
-                     train=TrainConfig(local_steps=2, batch_size=4, distill_batch_size=4,
-                                       distill_batch_max=4),
-                     protocol=ProtocolConfig(**{**proto, **protocol}))
+def run_config(
+    method: str, data: DataConfig, peers: int = 3, rounds: int = 2, arch: str = "lm", **protocol
+) -> RunConfig:
+    proto = dict(
+        probes_per_round=4, server_distill_steps=2, abstain_below=None, agreement_threshold=0.0, support_min=0
+    )
+    return RunConfig(
+        method=method,
+        peers=peers,
+        rounds=rounds,
+        data=data,
+        model=ModelConfig(archs=(arch,), hidden=16),
+        train=TrainConfig(local_steps=2, batch_size=4, distill_batch_size=4, distill_batch_max=4),
+        protocol=ProtocolConfig(**{**proto, **protocol}),
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -101,7 +127,7 @@ def test_pytext_keeps_its_own_probe_pool_and_partitions_by_module(stdlib):
     assert data.sequence and data.position_shape == (CONTEXT,)
     # whole modules per peer
     held = [set(ds.groups[torch.from_numpy(data.split.train[s])].tolist()) for s in data.shards]
-    assert all(a.isdisjoint(b) for i, a in enumerate(held) for b in held[i + 1:])
+    assert all(a.isdisjoint(b) for i, a in enumerate(held) for b in held[i + 1 :])
     described = data.describe()
     assert described["probe_index_refers_to"] == "official probe pool"
     assert described["dataset_info"]["files"] == ds.info["files"]
@@ -118,22 +144,22 @@ def test_class_counts_count_target_tokens_without_padding(stdlib):
         assert np.array_equal(counts[p], np.bincount(y[y >= 0].numpy(), minlength=VOCAB))
     # 1-D labels are unchanged
     labels = np.array([0, 2, 2, 1])
-    assert partitioners.class_counts(labels, [np.array([1, 2]), np.array([0, 3])], 3).tolist() \
-        == [[0, 0, 2], [1, 1, 0]]
+    assert partitioners.class_counts(labels, [np.array([1, 2]), np.array([0, 3])], 3).tolist() == [
+        [0, 0, 2],
+        [1, 1, 0],
+    ]
 
 
 def test_probe_cap_subsamples_and_training_cap_applies_to_training_windows(stdlib):
     full = prepare(text_config(stdlib), 3, 0)
-    capped = prepare(text_config(stdlib, max_probe_samples=5, max_samples=40,
-                                 max_test_samples=7), 3, 0)
+    capped = prepare(text_config(stdlib, max_probe_samples=5, max_samples=40, max_test_samples=7), 3, 0)
     assert len(capped.y_probe) == 5 and len(capped.y_train) == 40 and len(capped.y_test) == 7
     assert set(capped.split.probe.tolist()) <= set(full.split.probe.tolist())
-    again = prepare(text_config(stdlib, max_probe_samples=5, max_samples=40,
-                                max_test_samples=7), 3, 0)
+    again = prepare(text_config(stdlib, max_probe_samples=5, max_samples=40, max_test_samples=7), 3, 0)
     assert np.array_equal(again.split.probe, capped.split.probe)
     # an uncapped split of a classifier dataset is exactly what it was before the cap existed
     plain = prepare(DataConfig(alpha=0.5, min_shard_size=5), 4, 0)
-    same = prepare(DataConfig(alpha=0.5, min_shard_size=5, max_probe_samples=10 ** 6), 4, 0)
+    same = prepare(DataConfig(alpha=0.5, min_shard_size=5, max_probe_samples=10**6), 4, 0)
     assert np.array_equal(plain.split.probe, same.split.probe)
     assert all(np.array_equal(a, b) for a, b in zip(plain.shards, same.shards))
 
@@ -147,7 +173,7 @@ def test_glyphs_partition_by_face_and_by_dirichlet(glyph_cache):
     data = prepare(glyph_config(glyph_cache, partition="groups"), 4, 0)
     faces = load_dataset(glyph_config(glyph_cache)).groups
     held = [set(faces[torch.from_numpy(data.split.train[s])].tolist()) for s in data.shards]
-    assert all(a.isdisjoint(b) for i, a in enumerate(held) for b in held[i + 1:])
+    assert all(a.isdisjoint(b) for i, a in enumerate(held) for b in held[i + 1 :])
     data = prepare(glyph_config(glyph_cache), 4, 0)
     assert not data.sequence and data.class_counts.shape == (4, 12)
 
@@ -163,8 +189,8 @@ def test_partition_groups_without_groups_is_refused_by_flag():
 def _sequence_batch(gen, peers=2, batch=3, t=5, c=7):
     logits = torch.randn(peers, batch, t, c, generator=gen, requires_grad=True)
     labels = torch.randint(c, (peers, batch, t), generator=gen)
-    labels[0, 0, 2:] = -1     # padding
-    labels[1, :, :] = -1      # a peer without a single target
+    labels[0, 0, 2:] = -1  # padding
+    labels[1, :, :] = -1  # a peer without a single target
     labels[1, 2, 0] = 4
     return logits, labels
 
@@ -172,8 +198,9 @@ def _sequence_batch(gen, peers=2, batch=3, t=5, c=7):
 def test_hard_label_loss_is_each_peers_mean_over_real_targets():
     logits, labels = _sequence_batch(torch.Generator().manual_seed(0))
     loss = hard_label_loss(logits, labels)
-    expect = sum(F.cross_entropy(logits[p].flatten(0, 1), labels[p].flatten(), ignore_index=-1)
-                 for p in range(2))
+    expect = sum(
+        F.cross_entropy(logits[p].flatten(0, 1), labels[p].flatten(), ignore_index=-1) for p in range(2)
+    )
     assert torch.allclose(loss, expect)
     loss.backward()
     assert (logits.grad[labels < 0] == 0).all()  # padding never distills
@@ -216,8 +243,9 @@ def test_topk_label_loss_equals_kl_to_the_completed_target(c, k):
     weight[1, 2, 0] = 0  # padding
     targets = torch.cat([index.double(), value, weight], -1)
     loss = topk_label_loss(2.0, c)(logits, targets)
-    dense = _dense_completed(index, value, c) if c > k else value.new_zeros(
-        value.shape).scatter(-1, index, value)
+    dense = (
+        _dense_completed(index, value, c) if c > k else value.new_zeros(value.shape).scatter(-1, index, value)
+    )
     expect = 0.0
     for p in range(2):
         real = weight[p, ..., 0] > 0
@@ -248,13 +276,13 @@ def test_average_topk_is_the_top_k_of_the_mean_of_completed_distributions():
     assert torch.allclose(got_v.float(), want_v, rtol=1e-3)
     # the completion keeps every distribution summing to 1
     assert torch.allclose(dense.sum(-1), torch.ones(6, 2), atol=1e-3)
-    assert torch.allclose(complete(value, c) * (c - k) + value.sum(-1), torch.ones(3, 6, 2),
-                          atol=1e-3)
+    assert torch.allclose(complete(value, c) * (c - k) + value.sum(-1), torch.ones(3, 6, 2), atol=1e-3)
     # sharpened: the top k of softmax(mean / T)
     sharp_i, _ = average_topk(index, value, c, k, sharpen_temperature=0.1)
     assert torch.equal(sharp_i, torch.softmax(dense / 0.1, -1).topk(k, -1).indices)
     # chunked (a tiny chunk) gives the same answer
     from tallytrain.fl.methods import softlabel_topk
+
     old = softlabel_topk._AVERAGE_ENTRIES
     softlabel_topk._AVERAGE_ENTRIES = c  # one position per chunk
     try:
@@ -265,22 +293,24 @@ def test_average_topk_is_the_top_k_of_the_mean_of_completed_distributions():
 
 
 def test_softlabel_topk_sends_k_classes_per_probe_on_a_classifier():
-    cfg = RunConfig(method="softlabel-topk", peers=4, rounds=2,
-                    data=DataConfig(alpha=0.5, min_shard_size=5),
-                    model=ModelConfig(hidden=16),
-                    train=TrainConfig(local_steps=3, batch_size=16, distill_batch_size=16),
-                    protocol=ProtocolConfig(probes_per_round=40, softlabel_topk=3))
+    cfg = RunConfig(
+        method="softlabel-topk",
+        peers=4,
+        rounds=2,
+        data=DataConfig(alpha=0.5, min_shard_size=5),
+        model=ModelConfig(hidden=16),
+        train=TrainConfig(local_steps=3, batch_size=16, distill_batch_size=16),
+        protocol=ProtocolConfig(probes_per_round=40, softlabel_topk=3),
+    )
     fed = Federation(cfg, prepare(cfg.data, 4, 0))
     fed.run()
     up = [e for e in fed.ledger.entries if e.kind == "soft_topk" and e.receiver == "server"]
-    assert len(up) == 8 and {e.bytes for e in up} == {
-        wire.soft_topk_message_bytes((40,), 3, 10)}
+    assert len(up) == 8 and {e.bytes for e in up} == {wire.soft_topk_message_bytes((40,), 3, 10)}
     down = [e for e in fed.ledger.entries if e.kind == "soft_topk" and e.sender == "server"]
     assert len(down) == 4  # round 1 only: round 0's aggregate
     assert fed.metrics[-1]["memory_fraction"] > 0
     # k larger than C is C
-    cfg = dataclasses.replace(cfg, protocol=ProtocolConfig(probes_per_round=40,
-                                                           softlabel_topk=99))
+    cfg = dataclasses.replace(cfg, protocol=ProtocolConfig(probes_per_round=40, softlabel_topk=99))
     assert Federation(cfg, prepare(cfg.data, 4, 0)).method.k == 10
 
 
@@ -340,7 +370,7 @@ def test_tallytrain_votes_token_windows_and_padding_never_votes(text_data, stdli
 
 
 def test_support_filter_uses_token_counts(text_data, stdlib):
-    cfg = run_config("tallytrain", text_config(stdlib), rounds=1, support_min=10 ** 9)
+    cfg = run_config("tallytrain", text_config(stdlib), rounds=1, support_min=10**9)
     fed = Federation(cfg, text_data)
     supported = torch.stack([fed.method.support[p].class_ok for p in range(3)])
     assert supported.shape == (3, VOCAB) and not supported.any()
@@ -382,6 +412,7 @@ def test_evaluation_is_chunked_by_positions_and_matches_one_pass(text_data, stdl
         out = original(x, row)
         shapes.append(tuple(out.shape))
         return out
+
     monkeypatch.setattr(peer_mod, "_PREDICT_POSITIONS", 2 * CONTEXT)
     monkeypatch.setattr(group, "predict_one", recording)
     assert rows_per_chunk(CONTEXT) == 2
@@ -428,17 +459,59 @@ def test_sequence_tasks_need_the_lm_arch_and_the_lm_needs_them(text_data, stdlib
 def test_compare_every_method_on_pytext_from_the_command_line(stdlib, tmp_path, capsys):
     root, cache = stdlib
     out = str(tmp_path / "cmp")
-    rc = main(["compare", "--dataset", "pytext", "--data-dir", root, "--cache-dir", cache,
-               "--vocab-size", str(VOCAB), "--context", str(CONTEXT), "--archs", "lm",
-               "--partition", "groups", "--min-shard-size", "1", "--peers", "3", "--rounds",
-               "1", "--local-steps", "1", "--batch-size", "2", "--distill-batch-size", "2",
-               "--distill-batch-max", "2", "--hidden", "8", "--probes-per-round", "2",
-               "--max-probe-samples", "6", "--max-test-samples", "5",
-               "--server-distill-steps", "1", "--softlabel-topk", "4", "--out", out, "--quiet"])
+    rc = main(
+        [
+            "compare",
+            "--dataset",
+            "pytext",
+            "--data-dir",
+            root,
+            "--cache-dir",
+            cache,
+            "--vocab-size",
+            str(VOCAB),
+            "--context",
+            str(CONTEXT),
+            "--archs",
+            "lm",
+            "--partition",
+            "groups",
+            "--min-shard-size",
+            "1",
+            "--peers",
+            "3",
+            "--rounds",
+            "1",
+            "--local-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--distill-batch-size",
+            "2",
+            "--distill-batch-max",
+            "2",
+            "--hidden",
+            "8",
+            "--probes-per-round",
+            "2",
+            "--max-probe-samples",
+            "6",
+            "--max-test-samples",
+            "5",
+            "--server-distill-steps",
+            "1",
+            "--softlabel-topk",
+            "4",
+            "--out",
+            out,
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "perplexity (mean ± std)" in captured.out
     import json
+
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert list(summary["methods"]) == METHODS + ["softlabel-matched"]
     assert all(m["final_perplexity_mean"] > 1 for m in summary["methods"].values())
@@ -451,37 +524,76 @@ def test_compare_every_method_on_pytext_from_the_command_line(stdlib, tmp_path, 
     assert partition["dataset_info"]["vocab_size"] == VOCAB
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--vocab-size", "100"], "--vocab-size"),
-    (["--context", "0"], "--context"),
-    (["--archs", "mlp"], "--archs"),
-    (["--softlabel-topk", "0"], "--softlabel-topk"),
-    (["--max-probe-samples", "-1"], "--max-probe-samples"),
-])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--vocab-size", "100"], "--vocab-size"),
+        (["--context", "0"], "--context"),
+        (["--archs", "mlp"], "--archs"),
+        (["--softlabel-topk", "0"], "--softlabel-topk"),
+        (["--max-probe-samples", "-1"], "--max-probe-samples"),
+    ],
+)
 def test_bad_text_options_are_one_line_naming_the_flag(stdlib, tmp_path, capsys, args, flag):
     root, cache = stdlib
     out = str(tmp_path / "bad")
-    base = ["run", "--method", "tallytrain", "--dataset", "pytext", "--data-dir", root,
-            "--cache-dir", cache, "--vocab-size", str(VOCAB), "--archs", "lm", "--peers", "3",
-            "--partition", "groups", "--min-shard-size", "1", "--probes-per-round", "4",
-            "--out", out, "--quiet"]
+    base = [
+        "run",
+        "--method",
+        "tallytrain",
+        "--dataset",
+        "pytext",
+        "--data-dir",
+        root,
+        "--cache-dir",
+        cache,
+        "--vocab-size",
+        str(VOCAB),
+        "--archs",
+        "lm",
+        "--peers",
+        "3",
+        "--partition",
+        "groups",
+        "--min-shard-size",
+        "1",
+        "--probes-per-round",
+        "4",
+        "--out",
+        out,
+        "--quiet",
+    ]
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tallytrain: error:") and flag in err and "\n" not in err
     assert not os.path.exists(out)
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--num-classes", "5000"], "--num-classes"),
-    (["--fonts", "/no/such/font.ttf"], "--fonts"),
-    (["--renders-per-face", "0"], "--renders-per-face"),
-    (["--partition", "groups", "--dataset", "digits"], "--partition groups"),
-])
-def test_bad_glyph_options_are_one_line_naming_the_flag(glyph_cache, tmp_path, capsys, args,
-                                                       flag):
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--num-classes", "5000"], "--num-classes"),
+        (["--fonts", "/no/such/font.ttf"], "--fonts"),
+        (["--renders-per-face", "0"], "--renders-per-face"),
+        (["--partition", "groups", "--dataset", "digits"], "--partition groups"),
+    ],
+)
+def test_bad_glyph_options_are_one_line_naming_the_flag(glyph_cache, tmp_path, capsys, args, flag):
     out = str(tmp_path / "bad")
-    base = ["run", "--method", "local", "--dataset", "glyphs", "--cache-dir", str(glyph_cache),
-            "--peers", "4", "--out", out, "--quiet"]
+    base = [
+        "run",
+        "--method",
+        "local",
+        "--dataset",
+        "glyphs",
+        "--cache-dir",
+        str(glyph_cache),
+        "--peers",
+        "4",
+        "--out",
+        out,
+        "--quiet",
+    ]
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tallytrain: error:") and flag in err and "\n" not in err
@@ -493,6 +605,7 @@ def test_votes_of_a_window_batch_round_trip_through_the_wire_with_their_shape():
     mask = torch.ones(3, CONTEXT, dtype=torch.bool)
     mask[2, 10:] = False
     from tallytrain import vote
+
     votes = vote(logits, mask=mask)
     back = Votes.from_bytes(votes.to_bytes(round=0, sender=1))
     assert back == votes and back.shape == (3, CONTEXT)

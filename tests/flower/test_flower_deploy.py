@@ -14,6 +14,7 @@ Every process the deployment starts carries a marker in its environment, so
 the tests find them all -- including the ones Flower detaches into sessions
 of their own -- stop them afterwards, and check that none is left.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,10 +50,10 @@ BIN = Path(sys.executable).parent
 
 pytestmark = [
     pytest.mark.flower,
-    pytest.mark.skipif(not sys.platform.startswith("linux"),
-                       reason="finds the deployment's processes through /proc"),
-    pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
-                       reason=f"Flower's commands are not in {BIN}"),
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="finds the deployment's processes through /proc"
+    ),
+    pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=f"Flower's commands are not in {BIN}"),
 ]
 
 MARKER = "TALLYTRAIN_FLOWER_TEST"
@@ -60,9 +61,14 @@ NODES = 3
 # Small enough that a round takes seconds; every node is a fresh process per
 # message (torch import, data split), which dominates the time.
 ROUND_TIMEOUT = 60.0  # seconds, for the test that kills a node mid-round
-RUN_CONFIG = {"peers": NODES, "train.local-steps": 10, "train.distill-steps": 10,
-              "protocol.probes-per-round": 64, "protocol.abstain-below": 0.5,
-              "model.hidden": 16}
+RUN_CONFIG = {
+    "peers": NODES,
+    "train.local-steps": 10,
+    "train.distill-steps": 10,
+    "protocol.probes-per-round": 64,
+    "protocol.abstain-below": 0.5,
+    "model.hidden": 16,
+}
 
 
 def free_port() -> int:
@@ -103,27 +109,39 @@ class Deployment:
         home.mkdir()
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n', encoding="utf-8")
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
         # SuperExec polls for work every second by default; a tenth of that
         # takes seconds off every round.
         # Ray (the simulation engine) keeps its session files in a directory of
         # its own, short because it holds Unix sockets (at most 107 characters).
         self.ray_tmp = tempfile.mkdtemp(prefix="tt-ray-")
-        self.env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(home),
-                        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1", RAY_TMPDIR=self.ray_tmp,
-                        **{MARKER: self.tag})
+        self.env = dict(
+            os.environ,
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_HOME=str(home),
+            FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
+            RAY_TMPDIR=self.ray_tmp,
+            **{MARKER: self.tag},
+        )
         # Flower starts its helpers (flower-superexec, flwr-clientapp) by name;
         # the app imports tallytrain from this checkout.
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
         self.env["PYTHONPATH"] = os.pathsep.join(
-            [str(TALLYTRAIN_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            [str(TALLYTRAIN_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        )
 
     def _start(self, name: str, args: List[str], env: Dict[str, str]) -> None:
         log = open(self.root / f"{name}.log", "wb")
         with log:
-            self.procs[name] = subprocess.Popen([str(BIN / args[0])] + args[1:], env=env,
-                                                stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                [str(BIN / args[0])] + args[1:],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def write_data(self, run_config: dict) -> None:
         """The example's files for ``run_config``: node i's own file in a
@@ -147,19 +165,40 @@ class Deployment:
         (Flower's simulation engine; the nodes then find their files as
         <app.data-dir>/node<i>.pt)."""
         self.simulated_nodes = nodes if simulation else 0
-        self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
-                                  "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"]
-                    + (["--simulation"] if simulation else []), self.env)
+        self._start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ]
+            + (["--simulation"] if simulation else []),
+            self.env,
+        )
         for i in range(0 if simulation else nodes):
             home = self.root / f"home-node{i}"  # each node installs the app on its own
             home.mkdir()
-            self._start(f"node{i}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", f"partition-id={i} num-partitions={nodes} "
-                                 f"data-file=\"{self.root / f'machine{i}' / 'train.pt'}\""],
-                dict(self.env, FLWR_HOME=str(home)))
+            self._start(
+                f"node{i}",
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={nodes} "
+                    f'data-file="{self.root / f"machine{i}" / "train.pt"}"',
+                ],
+                dict(self.env, FLWR_HOME=str(home)),
+            )
         wait_for(self.superlink_listens, 60, "the SuperLink to listen", self)
 
     def superlink_listens(self) -> bool:
@@ -172,17 +211,29 @@ class Deployment:
 
     def submit(self, run_config: dict, report: Path) -> subprocess.Popen:
         """``flwr run`` of the example app; its output goes to flwr-run.log."""
-        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in
-                             {**run_config, "flower.report": str(report),
-                              "app.data-dir": str(self.data_dir)}.items())
+        overrides = " ".join(
+            f"{k}={json.dumps(v)}"
+            for k, v in {
+                **run_config,
+                "flower.report": str(report),
+                "app.data-dir": str(self.data_dir),
+            }.items()
+        )
         log = open(self.root / "flwr-run.log", "wb")
         with log:
-            federation = (["--federation-config", f"num-supernodes={self.simulated_nodes}"]
-                          if self.simulated_nodes else [])
-            proc = subprocess.Popen([str(BIN / "flwr"), "run", str(APP), "loopback",
-                                     "--run-config", overrides, "--stream"] + federation,
-                                    env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            federation = (
+                ["--federation-config", f"num-supernodes={self.simulated_nodes}"]
+                if self.simulated_nodes
+                else []
+            )
+            proc = subprocess.Popen(
+                [str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config", overrides, "--stream"]
+                + federation,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs["flwr-run"] = proc
         return proc
 
@@ -206,9 +257,10 @@ class Deployment:
         return marked_processes(self.tag)
 
     def explain(self) -> str:
-        return "\n".join(f"--- {name}.log (tail) ---\n{self.log(name)[-3000:]}"
-                         for name in ["flwr-run", "superlink"] + sorted(
-                             n for n in self.procs if n.startswith("node")))
+        return "\n".join(
+            f"--- {name}.log (tail) ---\n{self.log(name)[-3000:]}"
+            for name in ["flwr-run", "superlink"] + sorted(n for n in self.procs if n.startswith("node"))
+        )
 
 
 @pytest.fixture
@@ -235,8 +287,7 @@ def finish(dep: Deployment, proc: subprocess.Popen, report: Path, timeout: float
     except subprocess.TimeoutExpired:
         pytest.fail(f"flwr run did not finish within {timeout} s\n{dep.explain()}")
     if not report.exists():
-        pytest.fail(f"the ServerApp wrote no report (flwr run exit code {proc.returncode})\n"
-                    f"{dep.explain()}")
+        pytest.fail(f"the ServerApp wrote no report (flwr run exit code {proc.returncode})\n{dep.explain()}")
     return json.loads(report.read_text())
 
 
@@ -267,8 +318,7 @@ def test_two_rounds_on_three_supernodes_match_the_simulator(deployment, tmp_path
     for row in report["rounds"]:
         with torch_threads(1):  # as the ClientApps (flower.threads = 1)
             expected = sim.run_round(row["round"])
-        for key in ("bytes_up", "bytes_down", "bytes", "peer_acc_mean", "consensus_acc",
-                    "agreement"):
+        for key in ("bytes_up", "bytes_down", "bytes", "peer_acc_mean", "consensus_acc", "agreement"):
             assert row[key] == expected[key], key
     assert report["totals"] == sim.ledger.totals()
 
@@ -285,8 +335,12 @@ def test_a_supernode_killed_mid_round_is_reported_missing(deployment, tmp_path):
     report_path = tmp_path / "report.json"
     proc = deployment.submit(run_config, report_path)
     # Node 2 has received round 0's instruction and its ClientApp is working.
-    wait_for(lambda: "Receiving: train message" in deployment.log("node2"), 240,
-             "node 2 to receive round 0", deployment)
+    wait_for(
+        lambda: "Receiving: train message" in deployment.log("node2"),
+        240,
+        "node 2 to receive round 0",
+        deployment,
+    )
     deployment.kill_node(2)
     report = finish(deployment, proc, report_path, 240)
 
@@ -299,8 +353,7 @@ def test_a_supernode_killed_mid_round_is_reported_missing(deployment, tmp_path):
     why = row["failures"]["2"]
     # Or the SuperLink, missing the dead node's heartbeats, answered for it
     # before the round timeout ran out.
-    assert ("flower.round-timeout" in why or "Message Unavailable" in why
-            or "Node Unavailable" in why), why
+    assert "flower.round-timeout" in why or "Message Unavailable" in why or "Node Unavailable" in why, why
     if "flower.round-timeout" in why:
         assert row["round_seconds"] >= ROUND_TIMEOUT
     # The votes that arrived were tallied: two peers' votes, three control messages.

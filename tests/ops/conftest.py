@@ -6,6 +6,7 @@ tests/conftest.py.
 - ``across_threads``: runs a callable under several intra-op thread counts, so
   that a CPU kernel whose result depends on how work was split shows it.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -26,4 +27,5 @@ def across_threads() -> Callable:
             return results
         finally:
             torch.set_num_threads(saved)
+
     return run

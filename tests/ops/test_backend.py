@@ -8,6 +8,7 @@ fresh interpreters, some with the extension made unimportable (a meta path
 finder that refuses tallytrain._C, installed before tallytrain is imported),
 and check each mode's contract.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,9 +82,9 @@ USE_OPS = textwrap.dedent("""
 """)
 
 EXPECTED_RESULTS = [
-    [57],          # symbols 1, 2, 3 of 2 bits: 0b111001
+    [57],  # symbols 1, 2, 3 of 2 bits: 0b111001
     [1, 2, 3],
-    [1],           # argmax 1 then 0, 2 bits each: 0b0001
+    [1],  # argmax 1 then 0, 2 bits each: 0b0001
     [1, 0],
     [1, 2],
     [0.0, 1.0, 1.0],
@@ -95,7 +96,8 @@ def child_env(**variables):
     variables set (a value of None removes the variable)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        [PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     for name, value in variables.items():
         if value is None:
             env.pop(name, None)
@@ -111,18 +113,19 @@ def run_child(mode, failure="missing", cpu_level=None, prelude="", root=None):
     env = child_env(TALLYTRAIN_BACKEND=mode, TALLYTRAIN_CPU_LEVEL=cpu_level)
     if root is not None:
         env["PYTHONPATH"] = str(root)
-    program = (f"FAILURE = {failure!r}\n" + BLOCK_EXTENSION if failure
-               else "import sys\nattempts = []\n")
+    program = f"FAILURE = {failure!r}\n" + BLOCK_EXTENSION if failure else "import sys\nattempts = []\n"
     program += prelude + USE_OPS
     # (Run from `root`: the current folder comes first on the child's path.)
-    proc = subprocess.run([sys.executable, "-c", program], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", program], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-needs_extension = pytest.mark.skipif(ops.backend_info()["extension"] is None,
-                                     reason="needs the native extension")
+needs_extension = pytest.mark.skipif(
+    ops.backend_info()["extension"] is None, reason="needs the native extension"
+)
 
 
 def native_warnings(report):
@@ -147,9 +150,12 @@ def test_requested_backend_serves():
         assert "tallytrain._C" not in sys.modules
         assert info["extension"] is None and info["native_error"] is None
         assert info["cpu"] == "reference"
-        assert all(kinds["cpu"] == "reference" and kinds["cuda_kernel"] == "none"
-                   and kinds["cuda"] in ("reference", "unavailable")
-                   for kinds in info["ops"].values()), info["ops"]
+        assert all(
+            kinds["cpu"] == "reference"
+            and kinds["cuda_kernel"] == "none"
+            and kinds["cuda"] in ("reference", "unavailable")
+            for kinds in info["ops"].values()
+        ), info["ops"]
     else:  # auto: the extension loaded, or the reason it did not is on record
         assert (info["extension"] is not None) != (info["native_error"] is not None), info
 
@@ -169,14 +175,27 @@ def test_requested_cpu_level_serves():
 
 def test_backend_info_keys():
     info = ops.backend_info()
-    assert {"mode", "cpu", "cuda", "ops", "extension", "extension_built_with_cuda",
-            "extension_build", "extension_torch", "extension_torch_cuda", "native_error",
-            "torch", "torch_cuda", "cuda_device", "cpu_level", "cpu_levels",
-            "cpu_model"} <= set(info)
+    assert {
+        "mode",
+        "cpu",
+        "cuda",
+        "ops",
+        "extension",
+        "extension_built_with_cuda",
+        "extension_build",
+        "extension_torch",
+        "extension_torch_cuda",
+        "native_error",
+        "torch",
+        "torch_cuda",
+        "cuda_device",
+        "cpu_level",
+        "cpu_levels",
+        "cpu_model",
+    } <= set(info)
     assert info["mode"] in MODES
     assert info["cpu"] in ("native", "reference")
-    assert info["cuda"] in (("native", "reference") if torch.cuda.is_available()
-                            else ("unavailable",))
+    assert info["cuda"] in (("native", "reference") if torch.cuda.is_available() else ("unavailable",))
     assert set(info["ops"]) == set(SCHEMAS)
     for kinds in info["ops"].values():
         assert set(kinds) == {"cpu", "cuda", "cuda_kernel"}
@@ -184,8 +203,7 @@ def test_backend_info_keys():
         assert kinds["cuda_kernel"] in ("registered", "none")
         # Without a device a registered CUDA kernel serves nothing.
         if torch.cuda.is_available():
-            assert kinds["cuda"] == ("native" if kinds["cuda_kernel"] == "registered"
-                                     else "reference")
+            assert kinds["cuda"] == ("native" if kinds["cuda_kernel"] == "registered" else "reference")
         else:
             assert kinds["cuda"] == "unavailable"
     if info["extension"] is None:
@@ -211,9 +229,11 @@ def test_native_without_extension_raises_import_error(failure):
     assert "pip install" in message and "TALLYTRAIN_BACKEND=reference" in message  # the fix
 
 
-@pytest.mark.parametrize("mode,failure", [(None, "missing"), ("auto", "broken"),
-                                          (" Auto ", "missing")],
-                         ids=["unset-missing", "auto-broken", "spaced-missing"])
+@pytest.mark.parametrize(
+    "mode,failure",
+    [(None, "missing"), ("auto", "broken"), (" Auto ", "missing")],
+    ids=["unset-missing", "auto-broken", "spaced-missing"],
+)
 def test_auto_without_extension_warns_once_and_serves_reference(mode, failure):
     report = run_child(mode, failure)
     assert "error" not in report, report
@@ -255,9 +275,11 @@ def installed_copy(tmp_path, extension=True, record=None):
     """A copy of the package outside any checkout (as pip installs it), with
     or without the extension, and the given build record (None: none)."""
     target = tmp_path / "site" / "tallytrain"
-    shutil.copytree(Path(tallytrain.__file__).parent, target,
-                    ignore=shutil.ignore_patterns("__pycache__", "_C.build.json",
-                                                  *([] if extension else ["_C*.so"])))
+    shutil.copytree(
+        Path(tallytrain.__file__).parent,
+        target,
+        ignore=shutil.ignore_patterns("__pycache__", "_C.build.json", *([] if extension else ["_C*.so"])),
+    )
     if record is not None:
         (target / _backend.BUILD_RECORD).write_text(json.dumps(record))
     return target.parent
@@ -280,8 +302,7 @@ def test_extension_of_another_torch_never_loads(mode):
     versions and the reference serves, the extension not even imported;
     native raises."""
     report = run_child(mode, failure=None, prelude=CHANGE_TORCH)
-    both = [f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-            f"torch {OTHER_TORCH}"]
+    both = [f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})", f"torch {OTHER_TORCH}"]
     assert not report["extension_imported"]
     if mode == "native":
         kind, message = report["error"]
@@ -314,8 +335,9 @@ def test_pure_python_install_says_so_and_can_be_silenced(tmp_path):
     """An install made with TALLYTRAIN_BUILD_EXT=0 warns with advice for an
     installed package (not a checkout's), and TALLYTRAIN_BACKEND=reference
     silences it."""
-    root = installed_copy(tmp_path, extension=False,
-                          record={"extension": False, "why": "TALLYTRAIN_BUILD_EXT=0"})
+    root = installed_copy(
+        tmp_path, extension=False, record={"extension": False, "why": "TALLYTRAIN_BUILD_EXT=0"}
+    )
     report = run_child("auto", failure=None, root=root)
     warned = native_warnings(report)
     assert len(warned) == 1, report["warnings"]
@@ -331,8 +353,7 @@ def test_pure_python_install_says_so_and_can_be_silenced(tmp_path):
 def test_installed_copy_without_extension_advises_a_reinstall(tmp_path):
     # (The import is refused too: an editable install elsewhere on the path
     # could otherwise lend its own extension.)
-    report = run_child("auto", failure="missing",
-                       root=installed_copy(tmp_path, extension=False))
+    report = run_child("auto", failure="missing", root=installed_copy(tmp_path, extension=False))
     warned = native_warnings(report)
     assert len(warned) == 1 and "could not load" in warned[0], report["warnings"]
     assert "--force-reinstall" in warned[0] and "-e ." not in warned[0]
@@ -396,10 +417,14 @@ class _StandInExtension:
         self.chosen = level
 
 
-@pytest.mark.parametrize("built,runs,asked,cause", [
-    (["v4", "v3", "v2", "baseline"], ["v3", "v2", "baseline"], "v4", "lacks x86-64-v4"),
-    (["baseline"], ["baseline"], "v3", "has no copy of the kernels for it"),
-], ids=["cpu-lacks-v4", "portable-build"])
+@pytest.mark.parametrize(
+    "built,runs,asked,cause",
+    [
+        (["v4", "v3", "v2", "baseline"], ["v3", "v2", "baseline"], "v4", "lacks x86-64-v4"),
+        (["baseline"], ["baseline"], "v3", "has no copy of the kernels for it"),
+    ],
+    ids=["cpu-lacks-v4", "portable-build"],
+)
 def test_cpu_level_refusal_names_the_cause(built, runs, asked, cause, monkeypatch):
     stand_in = _StandInExtension(built, runs)
     monkeypatch.setitem(_backend._state, "module", stand_in)

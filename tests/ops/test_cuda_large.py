@@ -11,6 +11,7 @@ the full reference and a random subset gets a brute-force count.
 
 Every test is marked ``cuda`` and skipped without a CUDA device.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,7 @@ pytestmark = [
 
 CUDA = "cuda"
 assert_equal = functools.partial(torch.testing.assert_close, rtol=0, atol=0)
-assert_prob_close = functools.partial(torch.testing.assert_close, rtol=1e-4, atol=1e-6,
-                                      equal_nan=True)
+assert_prob_close = functools.partial(torch.testing.assert_close, rtol=1e-4, atol=1e-6, equal_nan=True)
 _ops = torch.ops.tallytrain
 
 
@@ -86,12 +86,32 @@ def test_pack_argmax_large_bf16():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,c", [
-    (0, 2), (1, 2), (7, 2), (8, 3), (9, 10), (31, 16), (32, 17), (1000, 100), (33, 255),
-    (257, 256),
-    (1000, 257), (4097, 1000), (300, 1023), (300, 1025), (2100, 2048), (2100, 2049),
-    (3, 50257), (1, 65536), (2, 65537), (5, 1 << 20), (600, 65537),
-])
+@pytest.mark.parametrize(
+    "n,c",
+    [
+        (0, 2),
+        (1, 2),
+        (7, 2),
+        (8, 3),
+        (9, 10),
+        (31, 16),
+        (32, 17),
+        (1000, 100),
+        (33, 255),
+        (257, 256),
+        (1000, 257),
+        (4097, 1000),
+        (300, 1023),
+        (300, 1025),
+        (2100, 2048),
+        (2100, 2049),
+        (3, 50257),
+        (1, 65536),
+        (2, 65537),
+        (5, 1 << 20),
+        (600, 65537),
+    ],
+)
 def test_pack_argmax_shapes(n, c, dtype):
     """Every regime: staged tiles (1, 2, 4 lanes a row), a warp a row, split rows."""
     g = gen(n * 100003 + c)
@@ -108,12 +128,12 @@ def test_pack_argmax_hostile_values(c, dtype):
     rows = torch.arange(n, device=CUDA)
     x[rows[::3], torch.randint(0, c, (len(rows[::3]),), device=CUDA, generator=g)] = float("nan")
     x[rows[1::3], -1] = float("inf")
-    x[2, :] = float("-inf")                      # all -inf: index 0, prob NaN
-    x[4, :] = float("nan")                       # all NaN: index 0
+    x[2, :] = float("-inf")  # all -inf: index 0, prob NaN
+    x[4, :] = float("nan")  # all NaN: index 0
     x[5, :] = -0.0
-    x[5, c // 2] = 0.0                           # -0 == +0: index 0
+    x[5, c // 2] = 0.0  # -0 == +0: index 0
     x[7, :] = float("-inf")
-    x[7, c - 1] = 3.0                            # maximum in the last column
+    x[7, c - 1] = 3.0  # maximum in the last column
     check_pack_argmax(x)
 
 
@@ -124,12 +144,12 @@ def test_pack_argmax_layouts(c):
     g = gen(c + 7)
     dense = torch.randn(n, c, device=CUDA, generator=g)
     expected = ref.pack_argmax(dense)[0]
-    transposed = dense.t().contiguous().t()                    # column-major
+    transposed = dense.t().contiguous().t()  # column-major
     strided = torch.randn(n, 2 * c, device=CUDA, generator=g)
     strided[:, ::2] = dense
     flat = torch.empty(n * c + 1, device=CUDA)
     flat[1:] = dense.reshape(-1)
-    misaligned = flat[1:].view(n, c)                           # 4-byte offset
+    misaligned = flat[1:].view(n, c)  # 4-byte offset
     for x in (transposed, strided[:, ::2], misaligned):
         assert_equal(_ops.pack_argmax(x, False, None)[0], expected)
 
@@ -149,8 +169,9 @@ def test_pack_argmax_abstain(c, dtype):
     # Every row abstains: small logits spread over many classes.
     flat = torch.randn(64, max(c, 100), device=CUDA, generator=g).to(dtype) * 0.01
     packed, _ = _ops.pack_argmax(flat, False, 0.9)
-    assert_equal(ops.unpack_labels(packed, 64, flat.shape[1] + 1),
-                 torch.full((64,), flat.shape[1], device=CUDA))
+    assert_equal(
+        ops.unpack_labels(packed, 64, flat.shape[1] + 1), torch.full((64,), flat.shape[1], device=CUDA)
+    )
 
 
 def test_pack_argmax_errors():
@@ -176,8 +197,9 @@ def test_pack_argmax_deterministic():
 # --------------------------------------------------------------------------- #
 # pack_labels / unpack_labels
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("num_symbols", [2, 3, 10, 255, 256, 257, 1000, 50257, 65536, 65537,
-                                         2**31 + 5, 2**32])
+@pytest.mark.parametrize(
+    "num_symbols", [2, 3, 10, 255, 256, 257, 1000, 50257, 65536, 65537, 2**31 + 5, 2**32]
+)
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 31, 32, 33, 1000, 3_000_001])
 def test_pack_unpack_labels(n, num_symbols):
     g = gen(n + num_symbols)
@@ -228,8 +250,11 @@ def make_votes(p, n, c, g, agree=0.6, abstain_rate=0.0):
         s = c + 1
         off = torch.rand(p, n, device=CUDA, generator=g) < abstain_rate
         labels = torch.where(off, torch.full_like(labels, c), labels)
-    votes = torch.stack([ops.pack_labels(labels[i], s) for i in range(p)]) if p else \
-        torch.zeros(0, ref.packed_size(n, s), dtype=torch.uint8, device=CUDA)
+    votes = (
+        torch.stack([ops.pack_labels(labels[i], s) for i in range(p)])
+        if p
+        else torch.zeros(0, ref.packed_size(n, s), dtype=torch.uint8, device=CUDA)
+    )
     return labels, votes
 
 
@@ -254,16 +279,14 @@ def brute_force(labels, weights, c, probes):
     return torch.tensor(out, dtype=torch.int64)
 
 
-def check_tally(labels, votes, n, c, weights=None, abstain=False, full_prefix=None, sample=500,
-                seed=0):
+def check_tally(labels, votes, n, c, weights=None, abstain=False, full_prefix=None, sample=500, seed=0):
     result = _ops.tally(votes, n, c, weights, abstain)
     prefix = n if full_prefix is None else min(n, full_prefix)
     b = ref.bits_for(c + 1 if abstain else c)
     head = votes[:, : (prefix * b + 7) // 8] if prefix % 8 == 0 or prefix == n else None
     if head is not None and votes.shape[0] > 0:
         expected = ref.tally(head, prefix, c, weights, abstain)
-        cpu = _ops.tally(head.cpu(), prefix, c, None if weights is None else weights.cpu(),
-                         abstain)
+        cpu = _ops.tally(head.cpu(), prefix, c, None if weights is None else weights.cpu(), abstain)
         for got, exp, on_cpu in zip(result, expected, cpu):
             assert_equal(got[:prefix], exp)
             assert_equal(got[:prefix].cpu(), on_cpu)
@@ -341,8 +364,7 @@ def test_tally_no_peers_and_layout():
     labels, votes = make_votes(50, 333, 10, g)
     wide = torch.zeros(50, votes.shape[1] + 3, dtype=torch.uint8, device=CUDA)
     wide[:, 1:-2] = votes
-    for a, b in zip(_ops.tally(wide[:, 1:-2], 333, 10, None, False),
-                    _ops.tally(votes, 333, 10, None, False)):
+    for a, b in zip(_ops.tally(wide[:, 1:-2], 333, 10, None, False), _ops.tally(votes, 333, 10, None, False)):
         assert_equal(a, b)
 
 
@@ -418,7 +440,7 @@ def test_topk_shapes(m, dtype):
 def test_topk_hostile(dtype):
     m = 400_000
     g = gen(71)
-    ties = torch.randint(-3, 4, (m,), device=CUDA, generator=g).to(dtype)   # massive ties
+    ties = torch.randint(-3, 4, (m,), device=CUDA, generator=g).to(dtype)  # massive ties
     ties[ties == 0] = -0.0
     for k in (1, 1000, 57_000, 200_000):
         check_topk(ties, k)
@@ -438,7 +460,7 @@ def test_topk_hostile(dtype):
     check_topk(base[::2], 999)
     check_topk(base[1:], 999)
     r = torch.randn(m + 1, device=CUDA, generator=g).to(dtype)
-    check_topk_ef(base[1:m + 1], r[1:], 777)
+    check_topk_ef(base[1 : m + 1], r[1:], 777)
 
 
 def test_topk_nan_and_errors():
@@ -495,11 +517,14 @@ def sparse_peers(size, ks, dtypes, g):
     return idx, val
 
 
-@pytest.mark.parametrize("dtypes", [
-    (torch.float32,) * 4,
-    (torch.float16, torch.bfloat16, torch.float32, torch.float16),
-    (torch.float32, torch.float64, torch.bfloat16, torch.float32),
-])
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float32,) * 4,
+        (torch.float16, torch.bfloat16, torch.float32, torch.float16),
+        (torch.float32, torch.float64, torch.bfloat16, torch.float32),
+    ],
+)
 @pytest.mark.parametrize("with_counts", [False, True])
 def test_sparse_merge(dtypes, with_counts):
     size = 3_000_000

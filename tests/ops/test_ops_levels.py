@@ -9,6 +9,7 @@ reference's, top-k values and residuals bit for bit, probabilities within
 the tolerance of a float64 oracle. Native pass only: the reference has no
 levels.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,9 @@ import torch
 import tallytrain.ops as ops
 from tallytrain.ops import _backend
 
-pytestmark = pytest.mark.skipif(ops.backend_info()["cpu"] != "native",
-                                reason="the CPU levels are the native kernels'")
+pytestmark = pytest.mark.skipif(
+    ops.backend_info()["cpu"] != "native", reason="the CPU levels are the native kernels'"
+)
 
 assert_equal = functools.partial(torch.testing.assert_close, rtol=0, atol=0)
 LEVELS = _backend.supported_cpu_levels()
@@ -73,8 +75,9 @@ def logits_with_features(n, c, dtype, gen):
     return torch.cat([x, torch.stack(specials)]).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"]
+)
 @pytest.mark.parametrize("c", [2, 10, 63, 64, 100, 127, 128, 1000, 4099])
 def test_pack_argmax(c, dtype, level, ref):
     gen = torch.Generator().manual_seed(c)
@@ -88,17 +91,28 @@ def test_pack_argmax(c, dtype, level, ref):
         assert_equal(voted, ops.pack_argmax(logits, return_prob=True, abstain_below=threshold)[0])
         far = ((prob.double() - threshold).abs() > 1e-3) | torch.isnan(prob)
         symbols = ops.unpack_labels(voted, logits.shape[0], c + 1)
-        ref_symbols = ops.unpack_labels(ref.pack_argmax(logits, False, threshold)[0],
-                                        logits.shape[0], c + 1)
+        ref_symbols = ops.unpack_labels(ref.pack_argmax(logits, False, threshold)[0], logits.shape[0], c + 1)
         assert_equal(symbols[far], ref_symbols[far])
 
 
-@pytest.mark.parametrize("c,peers,weighted,abstain", [
-    (2, 5, False, False), (3, 20, True, True), (10, 20, False, False), (10, 7, True, False),
-    (16, 9, False, True), (31, 33, False, True), (32, 4, True, True),
-    (100, 40, False, False), (1000, 100, False, True), (1000, 3, True, False),
-    (50257, 30, False, False), (65537, 5, True, True),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "c,peers,weighted,abstain",
+    [
+        (2, 5, False, False),
+        (3, 20, True, True),
+        (10, 20, False, False),
+        (10, 7, True, False),
+        (16, 9, False, True),
+        (31, 33, False, True),
+        (32, 4, True, True),
+        (100, 40, False, False),
+        (1000, 100, False, True),
+        (1000, 3, True, False),
+        (50257, 30, False, False),
+        (65537, 5, True, True),
+    ],
+    ids=lambda v: str(v),
+)
 def test_tally(c, peers, weighted, abstain, level, ref):
     # Every strategy (tiny, class-major, table, sort), 16- and 32-bit counts,
     # and every symbol width's unpack path (1-8 bits, more).
@@ -146,8 +160,11 @@ def test_tally_reports_the_first_bad_symbol(bits, level, ref):
         ops.tally(votes, 300, c)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
-                         ids=["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+    ids=["float32", "float64", "float16", "bfloat16"],
+)
 def test_topk_sparse(dtype, level, ref):
     gen = torch.Generator().manual_seed(7)
     m = 200_003

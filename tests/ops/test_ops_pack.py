@@ -6,6 +6,7 @@ torch.argmax, torch.softmax in float64 and the bit-by-bit packer of
 tests/conftest.py. Integer outputs must be identical; probabilities agree within
 rtol=1e-4, atol=1e-6 with NaN in the same places.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,14 +21,14 @@ import tallytrain.ops as ops
 
 RTOL, ATOL = 1e-4, 1e-6  # for probabilities (docs/ops.md, Tolerances)
 assert_equal = functools.partial(torch.testing.assert_close, rtol=0, atol=0)
-_prob_close = functools.partial(torch.testing.assert_close, rtol=RTOL, atol=ATOL,
-                                equal_nan=True)
+_prob_close = functools.partial(torch.testing.assert_close, rtol=RTOL, atol=ATOL, equal_nan=True)
 
 
 def assert_prob_close(actual, expected):
     """Probabilities (float32 from the ops) against each other or against a
     float64 oracle, compared in float64."""
     _prob_close(actual.double(), expected.double())
+
 
 CLASS_COUNTS = (2, 3, 10, 255, 256, 257, 1000, 50257, 65536, 65537)
 ROW_COUNTS = (0, 1, 7, 8, 9, 3001)
@@ -36,8 +37,7 @@ MAX_ELEMENTS = 4_000_000
 SHAPES = [(n, c) for c in CLASS_COUNTS for n in ROW_COUNTS if n * c <= MAX_ELEMENTS]
 SHAPE_IDS = [f"N{n}-C{c}" for n, c in SHAPES]
 # A subset for the costlier variants (layouts, abstention).
-FEW_SHAPES = [(1, 2), (9, 3), (3001, 10), (8, 256), (7, 257), (300, 1000), (9, 50257),
-              (2, 65537)]
+FEW_SHAPES = [(1, 2), (9, 3), (3001, 10), (8, 256), (7, 257), (300, 1000), (9, 50257), (2, 65537)]
 FEW_SHAPE_IDS = [f"N{n}-C{c}" for n, c in FEW_SHAPES]
 
 
@@ -65,8 +65,7 @@ def softmax_top1(logits):
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("kind", ["normal", "few_values"])
 @pytest.mark.parametrize("n,c", SHAPES, ids=SHAPE_IDS)
-def test_pack_argmax_matches_argmax_and_reference(n, c, kind, float_dtype, device, gen, ref,
-                                                   bitstream):
+def test_pack_argmax_matches_argmax_and_reference(n, c, kind, float_dtype, device, gen, ref, bitstream):
     logits = random_logits(n, c, float_dtype, gen, kind).to(device)
     packed = ops.pack_argmax(logits)
     assert packed.dtype == torch.uint8 and packed.device == logits.device
@@ -127,21 +126,21 @@ def hostile_rows(c, dtype, gen):
 
     # (background, value at i, value at j, winner) for positions i < j.
     pair_cases = [
-        (mixed, 10.0, 10.0, "i"),                 # tied maximum: the first wins
-        (mixed, nan, nan, "i"),                   # the first NaN wins
-        (mixed, inf, nan, "j"),                   # NaN beats +inf ...
+        (mixed, 10.0, 10.0, "i"),  # tied maximum: the first wins
+        (mixed, nan, nan, "i"),  # the first NaN wins
+        (mixed, inf, nan, "j"),  # NaN beats +inf ...
         (mixed, nan, inf, "i"),
-        (mixed, 10.0, nan, "j"),                  # ... and any finite maximum
-        (mixed, inf, inf, "i"),                   # tied +inf
-        (mixed, inf, 10.0, "i"),                  # a lone +inf (probability NaN)
-        (mixed, inf, payload_nan, "j"),           # a NaN with a payload is a NaN
-        (mixed, negative_nan, nan, "i"),          # so is a NaN with the sign bit set
-        (negative, -0.0, 0.0, "i"),               # -0.0 == +0.0: the first wins
+        (mixed, 10.0, nan, "j"),  # ... and any finite maximum
+        (mixed, inf, inf, "i"),  # tied +inf
+        (mixed, inf, 10.0, "i"),  # a lone +inf (probability NaN)
+        (mixed, inf, payload_nan, "j"),  # a NaN with a payload is a NaN
+        (mixed, negative_nan, nan, "i"),  # so is a NaN with the sign bit set
+        (negative, -0.0, 0.0, "i"),  # -0.0 == +0.0: the first wins
         (negative, 0.0, -0.0, "i"),
-        (negative, 0.0, sub, "j"),                # a subnormal is > 0 (no flush to zero)
+        (negative, 0.0, sub, "j"),  # a subnormal is > 0 (no flush to zero)
         (negative, -sub, -0.0, "j"),
         (mixed, finfo.max, finfo.max, "i"),
-        (neg_inf, -finfo.max, -inf, "i"),         # the only finite value
+        (neg_inf, -finfo.max, -inf, "i"),  # the only finite value
         (neg_inf, -inf, nan, "j"),
     ]
     rows, expected = [], []
@@ -184,14 +183,15 @@ def test_pack_argmax_hostile_rows(c, float_dtype, device, gen, ref, bitstream):
     # probability vote, so the stream is the argmax with NaN rows abstaining.
     voted = ops.pack_argmax(logits, abstain_below=0.0)
     abstaining = torch.isnan(softmax_top1(logits)).tolist()
-    assert_equal(voted.cpu(), bitstream.pack([c if a else e for a, e in zip(abstaining, expected)],
-                                             c + 1))
+    assert_equal(voted.cpu(), bitstream.pack([c if a else e for a, e in zip(abstaining, expected)], c + 1))
     assert_equal(voted, ref.pack_argmax(logits, False, 0.0)[0])
     # At a threshold that splits these rows, deciding from the gap to the
     # runner-up (ties, NaN, inf, signed zeros included) is the full decision.
     for threshold in (0.5, 0.99):
-        assert_equal(ops.pack_argmax(logits, abstain_below=threshold),
-                     ops.pack_argmax(logits, return_prob=True, abstain_below=threshold)[0])
+        assert_equal(
+            ops.pack_argmax(logits, abstain_below=threshold),
+            ops.pack_argmax(logits, return_prob=True, abstain_below=threshold)[0],
+        )
 
 
 def _layout(x, layout):
@@ -223,8 +223,7 @@ def _layout(x, layout):
     raise AssertionError(layout)
 
 
-LAYOUTS = ["transposed", "column_slice", "column_stride", "row_stride", "misaligned",
-           "broadcast_row"]
+LAYOUTS = ["transposed", "column_slice", "column_stride", "row_stride", "misaligned", "broadcast_row"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -257,9 +256,9 @@ def test_pack_argmax_very_long_rows(float_dtype, device, gen, ref, bitstream):
     # must still resolve to the first index.
     c = 1_000_003
     logits = random_logits(4, c, float_dtype, gen)
-    logits[0, [5, c - 1]] = 50.0          # tie between the first and the last part
+    logits[0, [5, c - 1]] = 50.0  # tie between the first and the last part
     logits[1, [c // 2, c - 2]] = float("nan")
-    logits[2, c - 1] = float("inf")       # the maximum in the very last element
+    logits[2, c - 1] = float("inf")  # the maximum in the very last element
     logits = logits.to(device)
     expected = [5, c // 2, c - 1, int(logits[3].float().argmax())]
     assert logits.argmax(-1).tolist() == expected
@@ -270,14 +269,18 @@ def test_pack_argmax_very_long_rows(float_dtype, device, gen, ref, bitstream):
 
 
 @settings(max_examples=80, deadline=None)
-@given(data=st.data(), n=st.integers(0, 9),
-       c=st.one_of(st.integers(2, 40), st.sampled_from([63, 64, 65, 129])),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+@given(
+    data=st.data(),
+    n=st.integers(0, 9),
+    c=st.one_of(st.integers(2, 40), st.sampled_from([63, 64, 65, 129])),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
 def test_pack_argmax_property(data, n, c, dtype, bitstream):
     # Any values, NaN, infinities, signed zeros and subnormals included, drawn
     # from a handful so that ties are frequent.
-    special = st.sampled_from([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"),
-                               float("nan"), 1e-40, -1e-40])
+    special = st.sampled_from(
+        [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40]
+    )
     value = special | st.floats(-1e4, 1e4, width=16)
     rows = data.draw(st.lists(st.lists(value, min_size=c, max_size=c), min_size=n, max_size=n))
     logits = torch.tensor(rows, dtype=torch.float32).reshape(n, c).to(dtype)
@@ -286,11 +289,14 @@ def test_pack_argmax_property(data, n, c, dtype, bitstream):
     assert_prob_close(prob, softmax_top1(logits))
 
 
-@pytest.mark.parametrize("n,c,dtype", [
-    pytest.param(100_003, 3, torch.bfloat16, id="N100003-C3-bfloat16"),
-    pytest.param(30_001, 100, torch.float16, id="N30001-C100-float16"),
-    pytest.param(301, 50257, torch.float32, id="N301-C50257-float32"),
-])
+@pytest.mark.parametrize(
+    "n,c,dtype",
+    [
+        pytest.param(100_003, 3, torch.bfloat16, id="N100003-C3-bfloat16"),
+        pytest.param(30_001, 100, torch.float16, id="N30001-C100-float16"),
+        pytest.param(301, 50257, torch.float32, id="N301-C50257-float32"),
+    ],
+)
 def test_pack_argmax_same_for_any_thread_count(n, c, dtype, gen, ref, across_threads):
     logits = random_logits(n, c, dtype, gen, "few_values")
     runs = across_threads(lambda: ops.pack_argmax(logits, return_prob=True, abstain_below=0.4))
@@ -352,8 +358,11 @@ def test_pack_argmax_abstain(n, c, threshold, float_dtype, device, gen, ref, bit
     assert_equal(ops.pack_argmax(logits, abstain_below=threshold), packed)
     ref_packed = ref.pack_argmax(logits, False, threshold)[0]
     ref_symbols = bitstream.unpack(ref_packed, rows, c + 1)
-    assert all(a == b for a, b, p in zip(symbols, ref_symbols, expected_prob.tolist())
-               if not abs(p - threshold) <= ATOL + RTOL * threshold)
+    assert all(
+        a == b
+        for a, b, p in zip(symbols, ref_symbols, expected_prob.tolist())
+        if not abs(p - threshold) <= ATOL + RTOL * threshold
+    )
 
 
 def gap_rows(c, threshold, dtype):
@@ -384,8 +393,7 @@ def gap_rows(c, threshold, dtype):
 
 @pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.95, 0.999])
 @pytest.mark.parametrize("c", [257, 1000, 50257])
-def test_pack_argmax_abstain_at_the_decision_bounds(c, threshold, float_dtype, device, ref,
-                                                    bitstream):
+def test_pack_argmax_abstain_at_the_decision_bounds(c, threshold, float_dtype, device, ref, bitstream):
     """Abstention without return_prob decides most rows from the gap between
     the two largest logits; at and around the bounds' edges it must make the
     decision of the full probability."""
@@ -400,8 +408,7 @@ def test_pack_argmax_abstain_at_the_decision_bounds(c, threshold, float_dtype, d
     symbols = bitstream.unpack(decided, rows, c + 1)
     labels = logits.argmax(-1).tolist()
     ref_symbols = bitstream.unpack(ref.pack_argmax(logits, False, threshold)[0], rows, c + 1)
-    for row, (symbol, label, ref_symbol, p) in enumerate(
-            zip(symbols, labels, ref_symbols, exact.tolist())):
+    for row, (symbol, label, ref_symbol, p) in enumerate(zip(symbols, labels, ref_symbols, exact.tolist())):
         assert symbol in (label, c), row
         if abs(p - threshold) > 1e-3 * threshold:  # beyond both computations' errors
             assert symbol == ref_symbol == (label if p >= threshold else c), (row, p)
@@ -473,8 +480,7 @@ def test_pack_argmax_no_rows(float_dtype, device):
 # --------------------------------------------------------------------------- #
 # pack_labels / unpack_labels
 # --------------------------------------------------------------------------- #
-SYMBOL_COUNTS = (2, 3, 4, 5, 10, 255, 256, 257, 1000, 50257, 65536, 65537, 2**31, 2**31 + 1,
-                 2**32)
+SYMBOL_COUNTS = (2, 3, 4, 5, 10, 255, 256, 257, 1000, 50257, 65536, 65537, 2**31, 2**31 + 1, 2**32)
 INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
 
 
@@ -522,14 +528,13 @@ def test_unpack_labels_ignores_padding_bits(num_symbols, device, gen, ref, bitst
     packed[-1] |= (0xFF << used) & 0xFF
     packed = packed.to(device)
     assert ops.unpack_labels(packed, n, num_symbols).tolist() == labels
-    assert_equal(ops.unpack_labels(packed, n, num_symbols),
-                 ref.unpack_labels(packed, n, num_symbols))
+    assert_equal(ops.unpack_labels(packed, n, num_symbols), ref.unpack_labels(packed, n, num_symbols))
 
 
 @pytest.mark.parametrize("num_symbols", [2, 10, 257, 65537, 2**32])
 def test_pack_labels_non_contiguous(num_symbols, device, gen, ref, bitstream):
     base = random_labels(3001 * 3, num_symbols, torch.int64, gen).to(device)
-    for labels in (base[::3], base[5:5 + 3001], base[:1].expand(3001)):
+    for labels in (base[::3], base[5 : 5 + 3001], base[:1].expand(3001)):
         packed = ops.pack_labels(labels, num_symbols)
         assert_equal(packed.cpu(), bitstream.pack(labels.tolist(), num_symbols))
         assert_equal(packed, ref.pack_labels(labels, num_symbols))
@@ -547,8 +552,7 @@ def test_unpack_labels_non_contiguous(num_symbols, device, gen, ref, bitstream):
     offset = torch.cat([torch.full((1,), 0xFF, dtype=torch.uint8), packed])
     for view in (big.to(device)[::2], offset.to(device)[1:]):
         assert ops.unpack_labels(view, n, num_symbols).tolist() == labels
-        assert_equal(ops.unpack_labels(view, n, num_symbols),
-                     ref.unpack_labels(view, n, num_symbols))
+        assert_equal(ops.unpack_labels(view, n, num_symbols), ref.unpack_labels(view, n, num_symbols))
 
 
 @pytest.mark.parametrize("n", [1, 8, 9, 100_003])
@@ -564,9 +568,11 @@ def test_unpack_labels_all_ones_symbols(n, device, bitstream):
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=st.data(),
-       num_symbols=st.one_of(st.integers(2, 300), st.sampled_from(SYMBOL_COUNTS)),
-       n=st.integers(0, 70))
+@given(
+    data=st.data(),
+    num_symbols=st.one_of(st.integers(2, 300), st.sampled_from(SYMBOL_COUNTS)),
+    n=st.integers(0, 70),
+)
 def test_pack_unpack_round_trip_property(data, num_symbols, n, ref, bitstream):
     labels = data.draw(st.lists(st.integers(0, num_symbols - 1), min_size=n, max_size=n))
     tensor = torch.tensor(labels, dtype=torch.int64)
@@ -576,9 +582,22 @@ def test_pack_unpack_round_trip_property(data, num_symbols, n, ref, bitstream):
     assert packed.numel() == ref.packed_size(n, num_symbols)
 
 
-@pytest.mark.parametrize("num_symbols,bits", [(2, 1), (3, 2), (4, 2), (5, 3), (10, 4), (100, 7),
-                                              (1000, 10), (50257, 16), (65536, 16),
-                                              (65537, 17), (2**32, 32)])
+@pytest.mark.parametrize(
+    "num_symbols,bits",
+    [
+        (2, 1),
+        (3, 2),
+        (4, 2),
+        (5, 3),
+        (10, 4),
+        (100, 7),
+        (1000, 10),
+        (50257, 16),
+        (65536, 16),
+        (65537, 17),
+        (2**32, 32),
+    ],
+)
 def test_bits_for_and_packed_size(num_symbols, bits):
     assert ops.bits_for(num_symbols) == bits
     assert ops.packed_size(0, num_symbols) == 0

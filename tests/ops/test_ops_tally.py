@@ -5,6 +5,7 @@ Votes are built as a [P, N] matrix of symbols and packed with the reference
 pack_labels called directly (its layout is checked bit by bit in
 test_ops_pack.py), so these tests exercise the tally alone.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,7 @@ PROBE_COUNTS = (0, 1, 7, 8, 9, 3001)
 PEER_COUNTS = (1, 4, 33)
 # Many probes only with few peers: the brute force and the reference are slow.
 MAX_VOTES = 13_000
-GRID = [(c, n, p) for c in CLASS_COUNTS for n in PROBE_COUNTS for p in PEER_COUNTS
-        if n * p <= MAX_VOTES]
+GRID = [(c, n, p) for c in CLASS_COUNTS for n in PROBE_COUNTS for p in PEER_COUNTS if n * p <= MAX_VOTES]
 GRID_IDS = [f"C{c}-N{n}-P{p}" for c, n, p in GRID]
 
 
@@ -59,17 +59,21 @@ def pack_votes(ref, symbols, n, num_symbols, device="cpu"):
     width = ref.packed_size(n, num_symbols)
     if not symbols:
         return torch.empty(0, width, dtype=torch.uint8, device=device)
-    rows = [ref.pack_labels(torch.tensor(row, dtype=torch.int64).reshape(n), num_symbols)
-            for row in symbols]
+    rows = [ref.pack_labels(torch.tensor(row, dtype=torch.int64).reshape(n), num_symbols) for row in symbols]
     return torch.stack(rows).to(device)
 
 
 def random_votes(peers, n, num_classes, abstain, gen):
     """Votes concentrated on a few classes (0, C-1 and two random ones), so
     that ties and runner-ups are common; with abstention ~20% abstain."""
-    pool = torch.tensor([0, num_classes - 1,
-                         int(torch.randint(num_classes, (1,), generator=gen)),
-                         int(torch.randint(num_classes, (1,), generator=gen))])
+    pool = torch.tensor(
+        [
+            0,
+            num_classes - 1,
+            int(torch.randint(num_classes, (1,), generator=gen)),
+            int(torch.randint(num_classes, (1,), generator=gen)),
+        ]
+    )
     symbols = pool[torch.randint(len(pool), (peers, n), generator=gen)]
     if abstain:
         symbols[torch.rand(peers, n, generator=gen) < 0.2] = num_classes
@@ -101,9 +105,12 @@ def test_tally_matches_brute_force(num_classes, n, peers, abstain, device, gen, 
     weight_list = torch.randint(0, 4, (peers,), generator=gen).tolist()
     for weights in (None, torch.tensor(weight_list, device=device)):
         result = ops.tally(votes, n, num_classes, weights=weights, abstain=abstain)
-        check_tally(result, brute_tally(symbols, n, num_classes,
-                                        None if weights is None else weight_list, abstain),
-                    n, device)
+        check_tally(
+            result,
+            brute_tally(symbols, n, num_classes, None if weights is None else weight_list, abstain),
+            n,
+            device,
+        )
         check_against_reference(result, ref.tally(votes, n, num_classes, weights, abstain))
 
 
@@ -112,10 +119,7 @@ def test_tally_matches_brute_force(num_classes, n, peers, abstain, device, gen, 
 # --------------------------------------------------------------------------- #
 def test_tally_even_peers_tie_goes_to_smallest_class(device, ref):
     c = 10
-    symbols = [[5, 9, 7, 0, 4],
-               [3, 0, 8, 0, 4],
-               [5, 0, 9, 9, 6],
-               [3, 9, 2, 9, 6]]
+    symbols = [[5, 9, 7, 0, 4], [3, 0, 8, 0, 4], [5, 0, 9, 9, 6], [3, 9, 2, 9, 6]]
     votes = pack_votes(ref, symbols, 5, c, device)
     result = ops.tally(votes, 5, c)
     check_tally(result, ([3, 0, 2, 0, 4], [2, 2, 1, 2, 2], [4] * 5, [2, 2, 1, 2, 2]), 5, device)
@@ -131,8 +135,7 @@ def test_tally_one_peer(abstain, device, ref):
     n = len(symbols[0])
     votes = pack_votes(ref, symbols, n, c + abstain, device)
     for w in (1, 5, 0):
-        result = ops.tally(votes, n, c, weights=torch.tensor([w], device=device),
-                           abstain=abstain)
+        result = ops.tally(votes, n, c, weights=torch.tensor([w], device=device), abstain=abstain)
         check_tally(result, brute_tally(symbols, n, c, [w], abstain), n, device)
 
 
@@ -140,8 +143,7 @@ def test_tally_one_peer(abstain, device, ref):
 @pytest.mark.parametrize("n", [0, 1, 9])
 def test_tally_no_peers(n, abstain, device):
     c = 10
-    votes = torch.empty(0, ops.packed_size(n, c + 1 if abstain else c), dtype=torch.uint8,
-                        device=device)
+    votes = torch.empty(0, ops.packed_size(n, c + 1 if abstain else c), dtype=torch.uint8, device=device)
     for weights in (None, torch.empty(0, dtype=torch.int64, device=device)):
         result = ops.tally(votes, n, c, weights=weights, abstain=abstain)
         check_tally(result, ([-1] * n, [0] * n, [0] * n, [0] * n), n, device)
@@ -158,9 +160,7 @@ def test_tally_all_abstain(num_classes, device, ref):
 
 def test_tally_zero_weights(device, ref):
     c = 10
-    symbols = [[1, 2, 3, c],
-               [4, 2, c, c],
-               [1, 5, 6, 7]]
+    symbols = [[1, 2, 3, c], [4, 2, c, c], [1, 5, 6, 7]]
     votes = pack_votes(ref, symbols, 4, c + 1, device)
     # Only the third peer counts.
     result = ops.tally(votes, 4, c, weights=torch.tensor([0, 0, 3], device=device), abstain=True)
@@ -177,11 +177,11 @@ def test_tally_abstain_fills_the_width(num_classes, device, gen, ref):
     # C = 2**k - 1: with abstention the stream holds 2**k symbols of exactly k
     # bits, and the abstain symbol C is all ones.
     width = ref.bits_for(num_classes + 1)
-    assert 2 ** width == num_classes + 1
+    assert 2**width == num_classes + 1
     n, peers = 301, 6
     symbols = random_votes(peers, n, num_classes, True, gen)
-    symbols[0] = [num_classes] * n           # a peer that always abstains
-    symbols[1] = [num_classes - 1] * n       # one that always votes the largest class
+    symbols[0] = [num_classes] * n  # a peer that always abstains
+    symbols[1] = [num_classes - 1] * n  # one that always votes the largest class
     votes = pack_votes(ref, symbols, n, num_classes + 1, device)
     assert votes.shape == (peers, (n * width + 7) // 8)
     result = ops.tally(votes, n, num_classes, abstain=True)
@@ -203,9 +203,11 @@ def test_tally_ignores_padding_bits(device, gen, ref):
 def test_tally_huge_class_counts(num_classes, device, ref):
     # Symbols up to 32 bits wide; the result must not depend on C-sized tables.
     n = 5
-    symbols = [[0, num_classes - 1, 12345, num_classes, num_classes - 1],
-               [7, num_classes - 1, 12345, num_classes, 2**23],
-               [7, 3, 54321, 1, 2**23]]
+    symbols = [
+        [0, num_classes - 1, 12345, num_classes, num_classes - 1],
+        [7, num_classes - 1, 12345, num_classes, 2**23],
+        [7, 3, 54321, 1, 2**23],
+    ]
     votes = pack_votes(ref, symbols, n, num_classes + 1, device)
     result = ops.tally(votes, n, num_classes, abstain=True)
     check_tally(result, brute_tally(symbols, n, num_classes, None, True), n, device)
@@ -222,17 +224,15 @@ def test_tally_counts_beyond_16_bits(device):
 
 
 def test_tally_weights_beyond_32_bits(device, ref):
-    big = 2 ** 40
+    big = 2**40
     symbols = [[0, 2], [0, 1], [1, 1]]
     votes = pack_votes(ref, symbols, 2, 3, device)
     weights = torch.tensor([big, big, big + 1], device=device)
     result = ops.tally(votes, 2, 3, weights=weights)
-    check_tally(result, ([0, 1], [2 * big, 2 * big + 1], [3 * big + 1] * 2, [big + 1, big]),
-                2, device)
+    check_tally(result, ([0, 1], [2 * big, 2 * big + 1], [3 * big + 1] * 2, [big + 1, big]), 2, device)
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64],
-                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64], ids=str)
 def test_tally_weight_dtypes(dtype, device, gen, ref):
     n, c, peers = 64, 10, 7
     symbols = random_votes(peers, n, c, True, gen)
@@ -301,20 +301,22 @@ def test_tally_same_for_any_thread_count(gen, ref, across_threads):
 # property: any votes, any weights
 # --------------------------------------------------------------------------- #
 @settings(max_examples=80, deadline=None)
-@given(data=st.data(),
-       num_classes=st.sampled_from([2, 3, 4, 5, 7, 8, 10, 255, 256, 257, 65535, 65537]),
-       peers=st.integers(1, 6), n=st.integers(0, 30), abstain=st.booleans(),
-       weighted=st.booleans())
+@given(
+    data=st.data(),
+    num_classes=st.sampled_from([2, 3, 4, 5, 7, 8, 10, 255, 256, 257, 65535, 65537]),
+    peers=st.integers(1, 6),
+    n=st.integers(0, 30),
+    abstain=st.booleans(),
+    weighted=st.booleans(),
+)
 def test_tally_property(data, num_classes, peers, n, abstain, weighted, ref):
     num_symbols = num_classes + 1 if abstain else num_classes
     # Draw from a few symbols (including C-1 and, with abstention, C) so that
     # ties and abstentions are frequent.
     choices = sorted({0, 1, num_classes - 1, num_symbols - 1})
     symbol = st.sampled_from(choices) | st.integers(0, num_symbols - 1)
-    symbols = data.draw(st.lists(st.lists(symbol, min_size=n, max_size=n),
-                                 min_size=peers, max_size=peers))
-    weight_list = (data.draw(st.lists(st.integers(0, 4), min_size=peers, max_size=peers))
-                   if weighted else None)
+    symbols = data.draw(st.lists(st.lists(symbol, min_size=n, max_size=n), min_size=peers, max_size=peers))
+    weight_list = data.draw(st.lists(st.integers(0, 4), min_size=peers, max_size=peers)) if weighted else None
     votes = pack_votes(ref, symbols, n, num_symbols)
     weights = None if weight_list is None else torch.tensor(weight_list, dtype=torch.int64)
     result = ops.tally(votes, n, num_classes, weights=weights, abstain=abstain)
@@ -332,10 +334,10 @@ STRATEGY_CASES = [(10, 5, 103), (257, 33, 67), (1000, 7, 103), (50257, 7, 103)]
 
 @pytest.mark.parametrize("abstain", [False, True], ids=["vote", "abstain"])
 @pytest.mark.parametrize("heavy", [False, True], ids=["small-weights", "large-weights"])
-@pytest.mark.parametrize("num_classes,peers,n", STRATEGY_CASES,
-                         ids=[f"C{c}-P{p}-N{n}" for c, p, n in STRATEGY_CASES])
-def test_tally_strategies_with_wide_counts(num_classes, peers, n, heavy, abstain, device, gen,
-                                           ref):
+@pytest.mark.parametrize(
+    "num_classes,peers,n", STRATEGY_CASES, ids=[f"C{c}-P{p}-N{n}" for c, p, n in STRATEGY_CASES]
+)
+def test_tally_strategies_with_wide_counts(num_classes, peers, n, heavy, abstain, device, gen, ref):
     """Weights summing past 2^12 and 2^15 switch the counts to wider lanes
     and keys; every strategy must still agree with the brute force."""
     symbols = random_votes(peers, n, num_classes, abstain, gen)
@@ -353,12 +355,14 @@ def test_tally_strategies_with_wide_counts(num_classes, peers, n, heavy, abstain
 # (weights summing past 2^31) with class-indexed and with hashed tables; a
 # block over 48 KiB of shared memory (C = 4096 tables beside the staged
 # streams); tables in global memory (over 2,048 peers and 4,096 classes).
-WARP_PLAN_CASES = [(1000, 40, 37, 2**40), (70_000, 40, 37, 2**40), (4096, 100, 150, 1),
-                   (5000, 2100, 19, 1)]
+WARP_PLAN_CASES = [(1000, 40, 37, 2**40), (70_000, 40, 37, 2**40), (4096, 100, 150, 1), (5000, 2100, 19, 1)]
 
 
-@pytest.mark.parametrize("num_classes,peers,n,weight", WARP_PLAN_CASES,
-                         ids=["wide-direct", "wide-hashed", "large-shared", "global-tables"])
+@pytest.mark.parametrize(
+    "num_classes,peers,n,weight",
+    WARP_PLAN_CASES,
+    ids=["wide-direct", "wide-hashed", "large-shared", "global-tables"],
+)
 def test_tally_warp_per_probe_plans(num_classes, peers, n, weight, device, gen, ref):
     # Half the votes on a few classes (ties, runner-ups), half spread over
     # all classes (many distinct keys in the hashed tables).
@@ -388,7 +392,9 @@ def test_tally_rejects_an_out_of_range_symbol_mid_stream(num_classes, peers, dev
     stream = [int(bit) for byte in votes[-1].tolist() for bit in format(byte, "08b")[::-1]]
     for j in range(b):
         stream[41 * b + j] = 1
-    votes[-1] = torch.tensor([sum(bit << k for k, bit in enumerate(stream[i:i + 8]))
-                              for i in range(0, len(stream), 8)], dtype=torch.uint8)
+    votes[-1] = torch.tensor(
+        [sum(bit << k for k, bit in enumerate(stream[i : i + 8])) for i in range(0, len(stream), 8)],
+        dtype=torch.uint8,
+    )
     with pytest.raises(ValueError, match="votes"):
         ops.tally(votes.to(device), n, num_classes)

@@ -6,6 +6,7 @@ Selected indices are exact. Values returned by top-k are copies of x (or of
 x + residual, rounded once to x's dtype), so they are compared bit for bit,
 sign of zero included. Merged sums agree within rtol=1e-4, atol=1e-6.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,10 @@ import tallytrain.ops as ops
 assert_equal = functools.partial(torch.testing.assert_close, rtol=0, atol=0)
 assert_sum_close = functools.partial(torch.testing.assert_close, rtol=1e-4, atol=1e-6)
 
-TOPK_DTYPE_PARAMS = [pytest.param(d, id=str(d).removeprefix("torch."))
-                     for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
+TOPK_DTYPE_PARAMS = [
+    pytest.param(d, id=str(d).removeprefix("torch."))
+    for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+]
 LENGTHS = (0, 1, 7, 8, 9, 1000, 100_003)
 
 
@@ -77,8 +80,11 @@ def test_topk_sparse_hostile_values(dtype, device, ref):
     finfo = torch.finfo(dtype)
     sub = finfo.tiny / 2  # subnormal
     inf = float("inf")
-    x = torch.tensor([1.0, -2.0, 2.0, -1.0, 0.0, -0.0, inf, -inf, sub, -sub, finfo.max,
-                      -finfo.max, -0.0, 0.0], dtype=dtype, device=device)
+    x = torch.tensor(
+        [1.0, -2.0, 2.0, -1.0, 0.0, -0.0, inf, -inf, sub, -sub, finfo.max, -finfo.max, -0.0, 0.0],
+        dtype=dtype,
+        device=device,
+    )
     # |x| order with ties to the lower index: inf(6), inf(7), max(10), max(11),
     # 2(1), 2(2), 1(0), 1(3), sub(8), sub(9), 0(4), 0(5), 0(12), 0(13).
     order = [6, 7, 10, 11, 1, 2, 0, 3, 8, 9, 4, 5, 12, 13]
@@ -121,11 +127,16 @@ def test_topk_sparse_non_contiguous(layout, device, gen, ref):
 
 
 @settings(max_examples=80, deadline=None)
-@given(values=st.lists(st.one_of(st.floats(allow_nan=False, width=16),
-                                 st.sampled_from([0.0, -0.0, 1.0, -1.0, float("inf")])),
-                       max_size=60),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
-       data=st.data())
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=False, width=16), st.sampled_from([0.0, -0.0, 1.0, -1.0, float("inf")])
+        ),
+        max_size=60,
+    ),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    data=st.data(),
+)
 def test_topk_sparse_property(values, dtype, data):
     k = data.draw(st.integers(0, len(values)))
     x = torch.tensor(values, dtype=torch.float32).to(dtype)
@@ -256,8 +267,11 @@ def check_merge(out, indices, values, size, counts, device, ref):
 
 
 MERGE_DTYPES = {
-    "float32": [torch.float32], "float16": [torch.float16], "bfloat16": [torch.bfloat16],
-    "float64": [torch.float64], "mixed16": [torch.float16, torch.bfloat16, torch.float32],
+    "float32": [torch.float32],
+    "float16": [torch.float16],
+    "bfloat16": [torch.bfloat16],
+    "float64": [torch.float64],
+    "mixed16": [torch.float16, torch.bfloat16, torch.float32],
     "mixed64": [torch.float16, torch.float64],
     "mixed64b": [torch.float32, torch.bfloat16, torch.float64],
 }
@@ -302,8 +316,11 @@ def test_sparse_merge_adds_in_peer_order(device, ref):
     assert_equal(out, ref.sparse_merge(indices, values, 5))
 
 
-@pytest.mark.parametrize("counts", [[2**62] * 3, [2**63 - 1, 1], [2**63 - 1] * 4 + [0]],
-                         ids=["three-2^62", "max-and-1", "four-max"])
+@pytest.mark.parametrize(
+    "counts",
+    [[2**62] * 3, [2**63 - 1, 1], [2**63 - 1] * 4 + [0]],
+    ids=["three-2^62", "max-and-1", "four-max"],
+)
 def test_sparse_merge_counts_summing_past_int64(counts, device, ref):
     # Each count fits in int64 but their sum does not: the reference sums
     # Python ints, so every backend must sum exactly too (a 64-bit sum wraps
@@ -328,12 +345,14 @@ def test_sparse_merge_empty_parts(device, ref):
     assert out.shape == (0,) and out.device.type == device
     idx = torch.tensor([0, 4], device=device)
     val = torch.tensor([1.5, -2.0], device=device)
-    out = ops.sparse_merge([empty_idx, idx, empty_idx], [empty_val, val, empty_val], 5,
-                           counts=[4, 1, 1])
+    out = ops.sparse_merge([empty_idx, idx, empty_idx], [empty_val, val, empty_val], 5, counts=[4, 1, 1])
     assert_sum_close(out.cpu(), torch.tensor([0.25, 0, 0, 0, -2 / 6]))
-    assert_sum_close(out, ref.sparse_merge([empty_idx, idx, empty_idx],
-                                           [empty_val, val, empty_val], 5,
-                                           torch.tensor([4, 1, 1])))
+    assert_sum_close(
+        out,
+        ref.sparse_merge(
+            [empty_idx, idx, empty_idx], [empty_val, val, empty_val], 5, torch.tensor([4, 1, 1])
+        ),
+    )
 
 
 def test_sparse_merge_input_forms(device, gen, ref):
@@ -349,20 +368,19 @@ def test_sparse_merge_input_forms(device, gen, ref):
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=st.data(), size=st.integers(0, 40), peers=st.integers(0, 4),
-       averaged=st.booleans())
+@given(data=st.data(), size=st.integers(0, 40), peers=st.integers(0, 4), averaged=st.booleans())
 def test_sparse_merge_property(data, size, peers, averaged, ref):
     indices, values = [], []
     for _ in range(peers):
         picked = data.draw(st.sets(st.integers(0, size - 1), max_size=size)) if size else set()
         indices.append(torch.tensor(sorted(picked), dtype=torch.int64))
         # Multiples of 1/8 in [-1, 1], as in random_peers.
-        eighths = data.draw(st.lists(st.integers(-8, 8), min_size=len(picked),
-                                     max_size=len(picked)))
+        eighths = data.draw(st.lists(st.integers(-8, 8), min_size=len(picked), max_size=len(picked)))
         values.append(torch.tensor(eighths, dtype=torch.float32) / 8)
     counts = None
     if averaged and peers:
-        counts = data.draw(st.lists(st.integers(0, 5), min_size=peers, max_size=peers)
-                           .filter(lambda c: sum(c) > 0))
+        counts = data.draw(
+            st.lists(st.integers(0, 5), min_size=peers, max_size=peers).filter(lambda c: sum(c) > 0)
+        )
     out = ops.sparse_merge(indices, values, size, counts=counts)
     check_merge(out, indices, values, size, counts, "cpu", ref)

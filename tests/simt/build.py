@@ -12,6 +12,7 @@ TALLYTRAIN_SIMT defined, which makes them serve CPU tensors under the
 The build goes through torch.utils.cpp_extension.load into build/simt/<name>/, so a
 second call with unchanged sources only loads the library.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,10 @@ INCLUDE = Path(__file__).resolve().parent / "include"
 CUDA_DIR = ROOT / "csrc" / "cuda"
 NAMESPACE = "tallytrain_simt"
 
-_LAUNCH = re.compile(
-    r"\b(?P<kernel>[A-Za-z_]\w*(?:\s*<[^<>;(){}]*>)?)\s*<<<(?P<config>.*?)>>>\s*\(", re.S)
+_LAUNCH = re.compile(r"\b(?P<kernel>[A-Za-z_]\w*(?:\s*<[^<>;(){}]*>)?)\s*<<<(?P<config>.*?)>>>\s*\(", re.S)
 _EXTERN_SHARED = re.compile(
-    r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[\w\s]+?)\s+(?P<name>\w+)\s*\[\s*\]\s*;")
+    r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[\w\s]+?)\s+(?P<name>\w+)\s*\[\s*\]\s*;"
+)
 _STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+(?P<decl>[^;]*?\b(?P<name>\w+)\s*(?:\[[^;]*\])?)\s*;")
 _LAUNCH_BOUNDS = re.compile(r"__global__\s+void\s+__launch_bounds__\((?P<bound>[^,()]+)[^()]*\)\s*\w+\s*\(")
 
@@ -52,22 +53,29 @@ def translate(source: str, path: Path) -> str:
     coverage counts name the .cu file's own lines."""
     launches = len(_LAUNCH.findall(source))
     if launches != source.count("<<<"):
-        raise RuntimeError(f"{path}: found {source.count('<<<')} '<<<' but could rewrite only "
-                           f"{launches} launches")
+        raise RuntimeError(
+            f"{path}: found {source.count('<<<')} '<<<' but could rewrite only {launches} launches"
+        )
     # Kernels with __launch_bounds__(N) check their block size on entry.
     for m in reversed(list(_LAUNCH_BOUNDS.finditer(source))):
         at = _body_start(source, m.end() - 1)
         source = f"{source[:at]} ::simt::launch_bounds({m['bound'].strip()});{source[at:]}"
     out = _LAUNCH.sub(
-        lambda m: (f"::simt::launch({m['kernel']}, ::simt::Config({m['config']}))("
-                   + "\n" * (m[0].count("\n") - m["kernel"].count("\n")
-                             - m["config"].count("\n"))), source)
+        lambda m: (
+            f"::simt::launch({m['kernel']}, ::simt::Config({m['config']}))("
+            + "\n" * (m[0].count("\n") - m["kernel"].count("\n") - m["config"].count("\n"))
+        ),
+        source,
+    )
     out = _EXTERN_SHARED.sub(
-        lambda m: (f"{m['type']}* const {m['name']} = "
-                   f"reinterpret_cast<{m['type']}*>(::simt::dynamic_shared());"), out)
+        lambda m: (
+            f"{m['type']}* const {m['name']} = reinterpret_cast<{m['type']}*>(::simt::dynamic_shared());"
+        ),
+        out,
+    )
     out = _STATIC_SHARED.sub(
-        lambda m: (f"__shared__ {m['decl']}; "
-                   f"::simt::fresh_shared(&{m['name']}, sizeof({m['name']}));"), out)
+        lambda m: f"__shared__ {m['decl']}; ::simt::fresh_shared(&{m['name']}, sizeof({m['name']}));", out
+    )
     # __CUDACC__: the shared headers (tallytrain/common.h) then offer their device helpers.
     return f'#include "simt.h"\n#define __CUDACC__ 1\n#line 1 "{path}"\n{out}'
 
@@ -105,8 +113,10 @@ INSTRUMENTS = {
 def instrument() -> str:
     mode = os.environ.get("TALLYTRAIN_SIMT_INSTRUMENT", "").strip().lower()
     if mode not in INSTRUMENTS:
-        raise ValueError(f"TALLYTRAIN_SIMT_INSTRUMENT must be one of "
-                         f"{', '.join(m for m in INSTRUMENTS if m)} or empty, got {mode!r}")
+        raise ValueError(
+            f"TALLYTRAIN_SIMT_INSTRUMENT must be one of "
+            f"{', '.join(m for m in INSTRUMENTS if m)} or empty, got {mode!r}"
+        )
     return mode
 
 
@@ -118,11 +128,14 @@ def asan_preload() -> str:
     compiler = os.environ.get("CXX", "c++")
     paths = []
     for lib in ("libasan.so", "libstdc++.so.6"):
-        path = subprocess.run([compiler, f"-print-file-name={lib}"], check=True,
-                              capture_output=True, text=True).stdout.strip()
+        path = subprocess.run(
+            [compiler, f"-print-file-name={lib}"], check=True, capture_output=True, text=True
+        ).stdout.strip()
         if not os.path.isabs(path) or not os.path.exists(path):
-            raise RuntimeError(f"{compiler} has no {lib}; install it (Debian/Ubuntu: the "
-                               f"libasan and libstdc++ development packages of your gcc)")
+            raise RuntimeError(
+                f"{compiler} has no {lib}; install it (Debian/Ubuntu: the "
+                f"libasan and libstdc++ development packages of your gcc)"
+            )
         paths.append(os.path.realpath(path))
     return " ".join(paths)
 
@@ -130,8 +143,15 @@ def asan_preload() -> str:
 def _build(name: str, cu_files, cpp_files, python_module: bool, verbose: bool):
     from torch.utils import cpp_extension
 
-    flags = ["-O1", "-DTALLYTRAIN_SIMT", "-ffp-contract=off", "-fno-strict-aliasing",
-             "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable"]
+    flags = [
+        "-O1",
+        "-DTALLYTRAIN_SIMT",
+        "-ffp-contract=off",
+        "-fno-strict-aliasing",
+        "-Wno-unknown-pragmas",
+        "-Wno-unused-function",
+        "-Wno-unused-variable",
+    ]
     extra_flags, ldflags, suffix = INSTRUMENTS[instrument()]
     flags += extra_flags  # a later -O wins
     name += suffix
@@ -160,8 +180,13 @@ def load(verbose: bool = False):
     """Builds (when needed) and loads the emulated kernels; returns
     ``torch.ops.tallytrain_simt``."""
     _define_schemas()
-    _build("tallytrain_simt_kernels", sorted(CUDA_DIR.glob("*.cu")),
-           sorted(CUDA_DIR.glob("*_binding.cpp")), False, verbose)
+    _build(
+        "tallytrain_simt_kernels",
+        sorted(CUDA_DIR.glob("*.cu")),
+        sorted(CUDA_DIR.glob("*_binding.cpp")),
+        False,
+        verbose,
+    )
     return getattr(torch.ops, NAMESPACE)
 
 
@@ -169,8 +194,9 @@ def load_selftest(verbose: bool = False):
     """The Python module of selftest.cu: kernels that show what the execution
     model does, including the errors it reports."""
     here = Path(__file__).resolve().parent
-    return _build("tallytrain_simt_selftest", [here / "selftest.cu"],
-                  [here / "selftest_binding.cpp"], True, verbose)
+    return _build(
+        "tallytrain_simt_selftest", [here / "selftest.cu"], [here / "selftest_binding.cpp"], True, verbose
+    )
 
 
 def coverage_report() -> int:
@@ -181,12 +207,19 @@ def coverage_report() -> int:
     build_dir = ROOT / "build" / "simt" / ("tallytrain_simt_kernels" + INSTRUMENTS["coverage"][2])
     counters = sorted(build_dir.glob("*_cu.gcda"))
     if not counters:
-        raise RuntimeError(f"no coverage counters in {build_dir}: run the simt tests with "
-                           f"TALLYTRAIN_SIMT_INSTRUMENT=coverage first")
+        raise RuntimeError(
+            f"no coverage counters in {build_dir}: run the simt tests with "
+            f"TALLYTRAIN_SIMT_INSTRUMENT=coverage first"
+        )
     never_run = 0
     for gcda in counters:
-        out = subprocess.run(["gcov", "--json-format", "--stdout", "-o", str(build_dir), str(gcda)],
-                             check=True, capture_output=True, text=True, cwd=build_dir).stdout
+        out = subprocess.run(
+            ["gcov", "--json-format", "--stdout", "-o", str(build_dir), str(gcda)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=build_dir,
+        ).stdout
         for report in map(json.loads, filter(None, out.splitlines())):
             for source in report["files"]:
                 if not source["file"].endswith(".cu"):

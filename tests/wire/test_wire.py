@@ -3,6 +3,7 @@ rejection of every kind of corrupt input (targeted cases plus hypothesis fuzzing
 
 Run with TALLYTRAIN_BACKEND=reference; nothing here needs the extension.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,11 +21,11 @@ from tallytrain.wire import Flag, MessageKind, WireFormatError
 
 U32 = 2**32 - 1
 HEADER = struct.Struct("<2sBBHBBIIIII")
-FIELDS = ("magic", "version", "kind", "flags", "bits", "dtype", "round", "sender", "n",
-          "aux", "payload_len")
+FIELDS = ("magic", "version", "kind", "flags", "bits", "dtype", "round", "sender", "n", "aux", "payload_len")
 CLASS_COUNTS = [2, 3, 4, 5, 8, 9, 16, 17, 255, 256, 257, 1000]
-FUZZ = settings(max_examples=120, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 # --------------------------------------------------------------------------- #
@@ -38,7 +39,7 @@ def reframe(data: bytes, payload: bytes = None, **fields) -> bytes:
     """Rebuild a message with some header fields and/or the payload replaced,
     and a correct CRC, so that the decoder's deeper checks are what fires."""
     h = header_of(data)
-    old = data[wire.HEADER_BYTES:wire.HEADER_BYTES + h["payload_len"]]
+    old = data[wire.HEADER_BYTES : wire.HEADER_BYTES + h["payload_len"]]
     payload = old if payload is None else payload
     h["payload_len"] = len(payload)
     h.update(fields)
@@ -74,38 +75,52 @@ def random_indices(rng, size, k):
 
 
 def sparse_msg(indices, size, force_bitmap=None, **kw):
-    data = wire.encode_sparse(torch.tensor(indices, dtype=torch.int64),
-                              torch.arange(len(indices), dtype=torch.float32), size,
-                              round=0, sender=0, **kw)
+    data = wire.encode_sparse(
+        torch.tensor(indices, dtype=torch.int64),
+        torch.arange(len(indices), dtype=torch.float32),
+        size,
+        round=0,
+        sender=0,
+        **kw,
+    )
     if force_bitmap is not None:
         assert bool(header_of(data)["flags"] & Flag.BITMAP) == force_bitmap
     return data
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and (a.numel() == 0 or torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and (
+            a.numel() == 0
+            or torch.equal(
+                a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+            )
+        )
+    )
 
 
 def reencode(m: wire.Message) -> bytes:
     """Encode a decoded message again (for the canonical kinds)."""
     common = dict(round=m.round, sender=m.sender)
     if m.kind == MessageKind.VOTES:
-        return wire.encode_votes(m.packed, m.n, m.num_classes, abstain=m.abstain,
-                                 shape=m.shape, **common)
+        return wire.encode_votes(m.packed, m.n, m.num_classes, abstain=m.abstain, shape=m.shape, **common)
     if m.kind == MessageKind.CONSENSUS:
         return wire.encode_consensus(m.labels, m.num_classes, keep=m.keep, **common)
     if m.kind == MessageKind.SOFT_LABELS:
         return wire.encode_soft_labels(m.probs, dtype=m.probs.dtype, **common)
     if m.kind == MessageKind.SOFT_TOPK:
-        return wire.encode_soft_topk(m.indices, m.values, m.num_classes, dtype=m.values.dtype,
-                                     **common)
+        return wire.encode_soft_topk(m.indices, m.values, m.num_classes, dtype=m.values.dtype, **common)
     if m.kind == MessageKind.DENSE_PARAMS:
         return wire.encode_dense(m.vector, dtype=m.vector.dtype, **common)
     if m.kind == MessageKind.CONTROL:
-        return wire.encode_control(probe_seed=m.probe_seed, num_probes=m.num_probes,
-                                   consensus=None if m.consensus is None else reencode(m.consensus),
-                                   **common)
+        return wire.encode_control(
+            probe_seed=m.probe_seed,
+            num_probes=m.num_probes,
+            consensus=None if m.consensus is None else reencode(m.consensus),
+            **common,
+        )
     raise AssertionError(m.kind)
 
 
@@ -121,34 +136,64 @@ def test_constants():
 
 def test_golden_bytes():
     """The byte layout of docs/wire.md, written out by hand."""
+
     def framed(body: bytes) -> bytes:
         return body + struct.pack("<I", zlib.crc32(body))
+
     # votes 2, 0, 1 with C = 3 (2 bits each): 0b01_00_10
-    votes = framed(b"TT" + bytes([1, 1]) + struct.pack("<H", 0) + bytes([2, 3])
-                   + struct.pack("<IIIII", 1, 2, 3, 3, 1) + bytes([0b01_00_10]))
+    votes = framed(
+        b"TT"
+        + bytes([1, 1])
+        + struct.pack("<H", 0)
+        + bytes([2, 3])
+        + struct.pack("<IIIII", 1, 2, 3, 3, 1)
+        + bytes([0b01_00_10])
+    )
     packed = ops.pack_labels(torch.tensor([2, 0, 1]), 3)
     assert wire.encode_votes(packed, 3, 3, round=1, sender=2) == votes
     # consensus -1, 1 with C = 2 (3 symbols in 2 bits, -1 sent as 2), keep 0, 1
-    consensus = framed(b"TT" + bytes([1, 2]) + struct.pack("<H", 2) + bytes([2, 3])
-                       + struct.pack("<IIIII", 4, 0xFFFFFFFF, 2, 2, 2)
-                       + bytes([0b01_10, 0b10]))
-    assert wire.encode_consensus(torch.tensor([-1, 1]), 2, keep=torch.tensor([False, True]),
-                                 round=4) == consensus
-    control = framed(b"TT" + bytes([1, 6]) + struct.pack("<H", 8) + bytes([0, 0])
-                     + struct.pack("<IIIII", 5, 0xFFFFFFFF, 0, 0, 12 + len(consensus))
-                     + struct.pack("<QI", 2**64 - 2, 7) + consensus)
-    assert wire.encode_control(round=5, probe_seed=2**64 - 2, num_probes=7,
-                               consensus=consensus) == control
-    dense = framed(b"TT" + bytes([1, 4]) + struct.pack("<H", 0) + bytes([0, 1])
-                   + struct.pack("<IIIII", 0, 9, 2, 0, 4) + struct.pack("<ee", 1.5, -2.0))
-    assert wire.encode_dense(torch.tensor([1.5, -2.0]), dtype=torch.float16,
-                             round=0, sender=9) == dense
+    consensus = framed(
+        b"TT"
+        + bytes([1, 2])
+        + struct.pack("<H", 2)
+        + bytes([2, 3])
+        + struct.pack("<IIIII", 4, 0xFFFFFFFF, 2, 2, 2)
+        + bytes([0b01_10, 0b10])
+    )
+    assert (
+        wire.encode_consensus(torch.tensor([-1, 1]), 2, keep=torch.tensor([False, True]), round=4)
+        == consensus
+    )
+    control = framed(
+        b"TT"
+        + bytes([1, 6])
+        + struct.pack("<H", 8)
+        + bytes([0, 0])
+        + struct.pack("<IIIII", 5, 0xFFFFFFFF, 0, 0, 12 + len(consensus))
+        + struct.pack("<QI", 2**64 - 2, 7)
+        + consensus
+    )
+    assert wire.encode_control(round=5, probe_seed=2**64 - 2, num_probes=7, consensus=consensus) == control
+    dense = framed(
+        b"TT"
+        + bytes([1, 4])
+        + struct.pack("<H", 0)
+        + bytes([0, 1])
+        + struct.pack("<IIIII", 0, 9, 2, 0, 4)
+        + struct.pack("<ee", 1.5, -2.0)
+    )
+    assert wire.encode_dense(torch.tensor([1.5, -2.0]), dtype=torch.float16, round=0, sender=9) == dense
     # bitmap of size 10 with indices 0, 9 (a tie with Rice r = 0, so the bitmap)
-    sparse = framed(b"TT" + bytes([1, 5]) + struct.pack("<H", 4) + bytes([0, 2])
-                    + struct.pack("<IIIII", 0, 1, 2, 10, 10)
-                    + bytes([0x01, 0x02]) + struct.pack("<ff", 3.0, 4.0))
-    assert wire.encode_sparse(torch.tensor([0, 9]), torch.tensor([3.0, 4.0]), 10,
-                              round=0, sender=1) == sparse
+    sparse = framed(
+        b"TT"
+        + bytes([1, 5])
+        + struct.pack("<H", 4)
+        + bytes([0, 2])
+        + struct.pack("<IIIII", 0, 1, 2, 10, 10)
+        + bytes([0x01, 0x02])
+        + struct.pack("<ff", 3.0, 4.0)
+    )
+    assert wire.encode_sparse(torch.tensor([0, 9]), torch.tensor([3.0, 4.0]), 10, round=0, sender=1) == sparse
 
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)
@@ -163,7 +208,13 @@ def test_votes_round_trip(num_classes, n, abstain):
     assert len(data) == wire.OVERHEAD + math.ceil(n * ops.bits_for(symbols) / 8)
     h = header_of(data)
     assert (h["magic"], h["version"], h["kind"], h["bits"], h["n"], h["aux"]) == (
-        b"TT", 1, 1, ops.bits_for(symbols), n, num_classes)
+        b"TT",
+        1,
+        1,
+        ops.bits_for(symbols),
+        n,
+        num_classes,
+    )
     m = wire.decode(data, expect_kind=MessageKind.VOTES)
     assert (m.kind, m.version, m.round, m.sender) == (MessageKind.VOTES, 1, 5, 3)
     assert (m.n, m.num_classes, m.abstain) == (n, num_classes, abstain)
@@ -176,8 +227,7 @@ def test_votes_from_pack_argmax_with_abstention():
     logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
     packed = ops.pack_argmax(logits, abstain_below=0.3)
     m = wire.decode(wire.encode_votes(packed, 50, 10, abstain=True, round=0, sender=0))
-    assert torch.equal(ops.unpack_labels(m.packed, 50, 11),
-                       ops.unpack_labels(packed, 50, 11))
+    assert torch.equal(ops.unpack_labels(m.packed, 50, 11), ops.unpack_labels(packed, 50, 11))
 
 
 @pytest.mark.parametrize("shape", [(2, 3), (3, 1, 2), (6, 1), (1, 6), (2, 0, 4), (0, 0), ()])
@@ -190,7 +240,7 @@ def test_votes_shape_round_trip(shape, abstain):
     data = wire.encode_votes(packed, n, 5, abstain=abstain, shape=shape, round=4, sender=9)
     # one u8 dimension count, then one little-endian u32 per dimension, then the stream
     section = bytes([len(shape)]) + b"".join(struct.pack("<I", d) for d in shape)
-    assert data[wire.HEADER_BYTES:-4] == section + packed.numpy().tobytes()
+    assert data[wire.HEADER_BYTES : -4] == section + packed.numpy().tobytes()
     assert len(data) == wire.votes_message_bytes(n, 5, abstain, shape=shape)
     assert header_of(data)["flags"] == Flag.SHAPE | (Flag.ABSTAIN if abstain else Flag(0))
     m = wire.decode(data)
@@ -231,7 +281,7 @@ def test_votes_shape_decode_errors():
         return bytes([ndim]) + b"".join(struct.pack("<I", d) for d in dims)
 
     rejects(reframe(data, payload=b""), "no room for the shape")
-    rejects(reframe(data, payload=shaped(2, 3)), "payload size mismatch")          # no stream
+    rejects(reframe(data, payload=shaped(2, 3)), "payload size mismatch")  # no stream
     rejects(reframe(data, payload=shaped(2, 3) + stream + b"\0"), "payload size mismatch")
     rejects(reframe(data, payload=shaped(2, 3, ndim=3) + stream), "payload size mismatch")
     rejects(reframe(data, payload=shaped(2, 3, ndim=1) + stream), "payload size mismatch")
@@ -262,7 +312,7 @@ def test_consensus_shape_round_trip(shape, with_keep):
     labels = (torch.arange(n) % 6 - 1).reshape(shape)
     keep = (labels % 2 == 0) if with_keep else None
     data = wire.encode_consensus(labels, 5, keep=keep, round=3)
-    assert data[wire.HEADER_BYTES:wire.HEADER_BYTES + 1 + 4 * len(shape)] == shape_section(*shape)
+    assert data[wire.HEADER_BYTES : wire.HEADER_BYTES + 1 + 4 * len(shape)] == shape_section(*shape)
     assert len(data) == wire.consensus_message_bytes(n, 5, with_keep, shape=shape)
     assert header_of(data)["flags"] == Flag.SHAPE | (Flag.KEEP_MASK if with_keep else Flag(0))
     m = wire.decode(data)
@@ -278,9 +328,8 @@ def test_consensus_one_dimensional_is_the_plain_format_and_shape_errors():
     labels = torch.tensor([2, -1, 0, 1, 1, 0])
     plain = wire.encode_consensus(labels, 3, round=0)
     assert header_of(plain)["flags"] == 0 and wire.decode(plain).shape == (6,)
-    assert len(plain) == wire.consensus_message_bytes(6, 3) == wire.consensus_message_bytes(
-        6, 3, shape=(6,))
-    stream = plain[wire.HEADER_BYTES:-4]
+    assert len(plain) == wire.consensus_message_bytes(6, 3) == wire.consensus_message_bytes(6, 3, shape=(6,))
+    stream = plain[wire.HEADER_BYTES : -4]
     shaped = wire.encode_consensus(labels.reshape(2, 3), 3, round=0)
     rejects(reframe(shaped, payload=shape_section(6) + stream), "1-D shape .*non-canonical")
     rejects(reframe(shaped, payload=shape_section(3, 3) + stream), r"holds 9 labels, but n = 6")
@@ -289,8 +338,7 @@ def test_consensus_one_dimensional_is_the_plain_format_and_shape_errors():
     with pytest.raises(ValueError, match=r"labels\[1, 0\] = 3 is outside -1\.\.2"):
         wire.encode_consensus(torch.tensor([[0, 1], [3, 0]]), 3, round=0)
     with pytest.raises(ValueError, match="keep must have the labels' shape"):
-        wire.encode_consensus(labels.reshape(2, 3), 3, keep=torch.ones(6, dtype=torch.bool),
-                              round=0)
+        wire.encode_consensus(labels.reshape(2, 3), 3, keep=torch.ones(6, dtype=torch.bool), round=0)
 
 
 @pytest.mark.parametrize("lead", [(2, 3), (1, 4), ()])
@@ -305,7 +353,7 @@ def test_soft_labels_shape_round_trip(lead, dtype):
     assert m.shape == lead and bitwise_equal(m.probs, probs) and reencode(m) == data
     flat = wire.encode_soft_labels(probs.reshape(n, 5), dtype=dtype, round=1, sender=2)
     assert header_of(flat)["flags"] == 0 and len(flat) == len(data) - 1 - 4 * len(lead)
-    body = flat[wire.HEADER_BYTES:-4]
+    body = flat[wire.HEADER_BYTES : -4]
     rejects(reframe(data, payload=shape_section(n) + body), "non-canonical")
     rejects(reframe(data, payload=shape_section(n + 1, 1) + body), "holds")
 
@@ -330,7 +378,7 @@ def test_soft_topk_round_trip(num_classes, positions, dtype):
     section = shape_section(*positions, k)
     packed = ops.pack_labels(indices.reshape(-1), num_classes).numpy().tobytes()
     raw = values.contiguous().numpy().tobytes()
-    assert data[wire.HEADER_BYTES:-4] == section + packed + raw
+    assert data[wire.HEADER_BYTES : -4] == section + packed + raw
     m = wire.decode(data)
     assert m.shape == (*positions, k) and m.num_classes == num_classes and m.n == n
     assert torch.equal(m.indices, indices) and bitwise_equal(m.values, values)
@@ -379,17 +427,17 @@ def test_soft_topk_decode_errors():
     raw = val.numpy().tobytes()
 
     def with_indices(flat):
-        return shape_section(3, 2) + ops.pack_labels(torch.tensor(flat), 8).numpy().tobytes() \
-            + raw
+        return shape_section(3, 2) + ops.pack_labels(torch.tensor(flat), 8).numpy().tobytes() + raw
 
     rejects(reframe(data, payload=with_indices([0, 2, 1, 1, 4, 0])), "position 1 repeat a class")
     rejects(reframe(data, payload=with_indices([0, 2, 1, 3, 4, 5])), "symbol out of range")
-    rejects(reframe(data, payload=shape_section(3, 2) + packed[:-1] + b"\xff" + raw),
-            "padding|symbol out of range")
+    rejects(
+        reframe(data, payload=shape_section(3, 2) + packed[:-1] + b"\xff" + raw),
+        "padding|symbol out of range",
+    )
     rejects(reframe(data, payload=shape_section(3, 3) + packed + raw), "holds 9 entries")
     rejects(reframe(data, payload=shape_section(6, 0) + packed + raw), "holds 0 entries")
-    rejects(reframe(data, payload=shape_section(3, 2) + packed + raw[:-2]),
-            "payload size mismatch")
+    rejects(reframe(data, payload=shape_section(3, 2) + packed + raw[:-2]), "payload size mismatch")
     rejects(reframe(data, payload=b""), "no room for the shape")
     rejects(reframe(data, bits=2), "bits")
     rejects(reframe(data, aux=1), "num_classes")
@@ -398,10 +446,11 @@ def test_soft_topk_decode_errors():
     rejects(reframe(data, flags=Flag.SHAPE), "unknown flags")
     rejects(reframe(data, n=U32), "payload size mismatch")
     # k > C: the 6 entries read as one position of k = 6 classes, with C = 5
-    rejects(reframe(data, payload=shape_section(6) + packed + raw),
-            r"k = 6 .* must be in 1\.\.num_classes = 5")
+    rejects(
+        reframe(data, payload=shape_section(6) + packed + raw), r"k = 6 .* must be in 1\.\.num_classes = 5"
+    )
     one = wire.encode_soft_topk(torch.tensor([3]), torch.tensor([0.9]), 5, round=0, sender=0)
-    body = one[wire.HEADER_BYTES + 5:-4]  # after the 1-D shape section (5 bytes)
+    body = one[wire.HEADER_BYTES + 5 : -4]  # after the 1-D shape section (5 bytes)
     rejects(reframe(one, payload=shape_section(ndim=0) + body), "0-D shape")
 
 
@@ -457,9 +506,24 @@ def test_dense_round_trip(dtype, size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("size,k", [(0, 0), (1, 0), (1, 1), (9, 9), (100, 0), (100, 1),
-                                    (100, 50), (100, 99), (100, 100), (4096, 3),
-                                    (10_000, 10), (10_000, 700), (10_000, 5000)])
+@pytest.mark.parametrize(
+    "size,k",
+    [
+        (0, 0),
+        (1, 0),
+        (1, 1),
+        (9, 9),
+        (100, 0),
+        (100, 1),
+        (100, 50),
+        (100, 99),
+        (100, 100),
+        (4096, 3),
+        (10_000, 10),
+        (10_000, 700),
+        (10_000, 5000),
+    ],
+)
 def test_sparse_round_trip(dtype, size, k):
     rng = np.random.default_rng(size + k)
     indices = random_indices(rng, size, k)
@@ -477,14 +541,15 @@ def test_sparse_round_trip(dtype, size, k):
 def test_sparse_bitmap_versus_rice_choice():
     rng = np.random.default_rng(3)
     size = 8000
+
     def coding(k):
-        data = wire.encode_sparse(random_indices(rng, size, k), torch.zeros(k), size,
-                                  round=0, sender=0)
+        data = wire.encode_sparse(random_indices(rng, size, k), torch.zeros(k), size, round=0, sender=0)
         return "bitmap" if header_of(data)["flags"] & Flag.BITMAP else "rice"
-    assert coding(size) == "bitmap"       # every index: 1 bit each
+
+    assert coding(size) == "bitmap"  # every index: 1 bit each
     assert coding(size // 2) == "bitmap"  # Rice needs ~2.3 bits per index here
     assert coding(size // 100) == "rice"
-    assert coding(0) == "rice"            # nothing at all beats ceil(M/8) bytes
+    assert coding(0) == "rice"  # nothing at all beats ceil(M/8) bytes
 
 
 def test_sparse_accepts_huge_size_without_dense_work():
@@ -502,8 +567,14 @@ def test_sparse_index_bits_within_bound(ratio):
     rng = np.random.default_rng(ratio)
     k = 2000
     size = k * ratio
-    data = wire.encode_sparse(random_indices(rng, size, k), torch.zeros(k, dtype=torch.float16),
-                              size, dtype=torch.float16, round=0, sender=0)
+    data = wire.encode_sparse(
+        random_indices(rng, size, k),
+        torch.zeros(k, dtype=torch.float16),
+        size,
+        dtype=torch.float16,
+        round=0,
+        sender=0,
+    )
     index_bits = 8 * (len(data) - wire.OVERHEAD - 2 * k)
     assert index_bits <= k * (math.log2(ratio) + 2), index_bits / k
 
@@ -524,8 +595,9 @@ def test_rice_remainders_use_the_packed_stream_layout(r):
 def test_control_round_trip(with_consensus):
     consensus = None
     if with_consensus:
-        consensus = wire.encode_consensus(torch.tensor([0, -1, 2]), 3,
-                                          keep=torch.tensor([True, False, True]), round=6)
+        consensus = wire.encode_consensus(
+            torch.tensor([0, -1, 2]), 3, keep=torch.tensor([True, False, True]), round=6
+        )
     for seed in (0, 2**64 - 1):
         data = wire.encode_control(round=7, probe_seed=seed, num_probes=U32, consensus=consensus)
         assert len(data) == wire.control_message_bytes(len(consensus) if consensus else 0)
@@ -628,13 +700,12 @@ def test_encode_rejects_bad_arguments():
 @pytest.fixture
 def votes_msg():
     # 3 votes of C = 3 (2 bits each): 6 bits used, 2 padding bits.
-    return wire.encode_votes(ops.pack_labels(torch.tensor([2, 0, 1]), 3), 3, 3,
-                             round=1, sender=2)
+    return wire.encode_votes(ops.pack_labels(torch.tensor([2, 0, 1]), 3), 3, 3, round=1, sender=2)
 
 
 def test_framing_corruptions(votes_msg):
     rejects(b"", "truncated")
-    rejects(votes_msg[:wire.OVERHEAD - 1], "truncated")
+    rejects(votes_msg[: wire.OVERHEAD - 1], "truncated")
     rejects(votes_msg[:-1], "truncated")
     rejects(votes_msg + b"\x00", "trailing")
     rejects(reframe(votes_msg, magic=b"TX"), "magic")
@@ -642,8 +713,7 @@ def test_framing_corruptions(votes_msg):
     rejects(reframe(votes_msg, version=0), "version")
     for kind in (0, 8, 255):
         rejects(reframe(votes_msg, kind=kind), "unknown kind")
-    rejects(votes_msg, "unexpected kind VOTES, expected CONSENSUS",
-            expect_kind=MessageKind.CONSENSUS)
+    rejects(votes_msg, "unexpected kind VOTES, expected CONSENSUS", expect_kind=MessageKind.CONSENSUS)
     flipped = bytearray(votes_msg)
     flipped[wire.HEADER_BYTES] ^= 0x01
     rejects(bytes(flipped), "checksum")
@@ -683,27 +753,24 @@ def test_header_field_corruptions(votes_msg):
 
 
 def test_packed_stream_corruptions(votes_msg):
-    payload = votes_msg[wire.HEADER_BYTES:-4]
+    payload = votes_msg[wire.HEADER_BYTES : -4]
     rejects(reframe(votes_msg, payload=bytes([payload[0] | 0x40])), "padding")
     rejects(reframe(votes_msg, payload=bytes([payload[0] | 0x03])), "symbol out of range")
-    consensus = wire.encode_consensus(torch.tensor([0, -1, 1]), 2,
-                                      keep=torch.ones(3, dtype=torch.bool),
-                                      round=0)
+    consensus = wire.encode_consensus(
+        torch.tensor([0, -1, 1]), 2, keep=torch.ones(3, dtype=torch.bool), round=0
+    )
     # C = 2 -> 3 symbols in 2 bits: symbol 3 is out of range
-    labels_byte, keep_byte = consensus[wire.HEADER_BYTES:-4]
-    rejects(reframe(consensus, payload=bytes([labels_byte | 0x03, keep_byte])),
-            "labels: symbol out of range")
-    rejects(reframe(consensus, payload=bytes([labels_byte | 0x80, keep_byte])),
-            "labels: nonzero padding")
-    rejects(reframe(consensus, payload=bytes([labels_byte, keep_byte | 0x08])),
-            "keep mask: nonzero padding")
+    labels_byte, keep_byte = consensus[wire.HEADER_BYTES : -4]
+    rejects(reframe(consensus, payload=bytes([labels_byte | 0x03, keep_byte])), "labels: symbol out of range")
+    rejects(reframe(consensus, payload=bytes([labels_byte | 0x80, keep_byte])), "labels: nonzero padding")
+    rejects(reframe(consensus, payload=bytes([labels_byte, keep_byte | 0x08])), "keep mask: nonzero padding")
     rejects(reframe(consensus, bits=3), "bits")
     rejects(reframe(consensus, flags=0), "payload size mismatch")
 
 
 def test_sparse_bitmap_corruptions():
     data = sparse_msg([0, 2, 5, 9], 10, force_bitmap=True)  # 2 bitmap bytes
-    payload = bytearray(data[wire.HEADER_BYTES:-4])
+    payload = bytearray(data[wire.HEADER_BYTES : -4])
     rejects(reframe(data, n=3), "payload size mismatch")
     rejects(reframe(data, n=11), "exceed size")
     bad = bytearray(payload)
@@ -722,15 +789,17 @@ def test_sparse_rice_corruptions():
     # 6 bits (1 byte), then three float32 values.
     data = sparse_msg([1, 20, 33], 1000, force_bitmap=False)
     assert header_of(data)["bits"] == 2
-    payload = data[wire.HEADER_BYTES:-4]
+    payload = data[wire.HEADER_BYTES : -4]
     unary, rem, values = payload[:2], payload[2:3], payload[3:]
     assert (unary, rem) == (bytes([0x21, 0x02]), bytes([0x09]))
+
     def with_payload(u, r=rem, **fields):
         return reframe(data, payload=bytes(u) + bytes(r) + values, **fields)
+
     assert wire.decode(with_payload(unary)) == wire.decode(data)
-    rejects(with_payload([0x21, 0x00]), "run off the end")     # last terminator lost
+    rejects(with_payload([0x21, 0x00]), "run off the end")  # last terminator lost
     rejects(with_payload([0x00, 0x00]), "run off the end")
-    rejects(with_payload([0x21, 0x82]), "terminating bits")    # nonzero unary padding
+    rejects(with_payload([0x21, 0x82]), "terminating bits")  # nonzero unary padding
     rejects(with_payload([0x21, 0x02, 0x00]), "payload size mismatch")  # trailing byte
     rejects(with_payload([0x21]), "run off the end")
     rejects(with_payload(unary, [0x49]), "Rice remainders: nonzero padding")
@@ -760,13 +829,12 @@ def test_control_corruptions():
     plain = wire.encode_control(round=1, probe_seed=5, num_probes=2)
     rejects(reframe(plain, flags=Flag.HAS_CONSENSUS), "HAS_CONSENSUS is set")
     rejects(reframe(data, flags=0), "HAS_CONSENSUS is clear")
-    rejects(reframe(plain, payload=plain[wire.HEADER_BYTES:-5]), "control fields")
+    rejects(reframe(plain, payload=plain[wire.HEADER_BYTES : -5]), "control fields")
     rejects(reframe(plain, n=1), "must be 0")
     rejects(reframe(plain, aux=1), "must be 0")
     rejects(reframe(plain, dtype=1), "dtype")
-    fields = plain[wire.HEADER_BYTES:-4]
-    rejects(reframe(data, payload=fields + consensus[:-1] + b"\x00"),
-            "embedded consensus: checksum")
+    fields = plain[wire.HEADER_BYTES : -4]
+    rejects(reframe(data, payload=fields + consensus[:-1] + b"\x00"), "embedded consensus: checksum")
     rejects(reframe(data, payload=fields + consensus + b"\x00"), "embedded consensus: .*trailing")
     votes = wire.encode_votes(torch.tensor([1], dtype=torch.uint8), 1, 2, round=0, sender=0)
     rejects(reframe(data, payload=fields + votes), "embedded consensus: unexpected kind")
@@ -782,8 +850,7 @@ def valid_messages(draw):
     """(bytes, check) for a random valid message; check(decoded) asserts it."""
     kind = draw(st.sampled_from(list(MessageKind)))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    common = dict(round=draw(st.sampled_from([0, 1, U32])),
-                  sender=draw(st.sampled_from([0, 7, wire.SERVER])))
+    common = dict(round=draw(st.sampled_from([0, 1, U32])), sender=draw(st.sampled_from([0, 7, wire.SERVER])))
     n = draw(st.sampled_from([0, 1, 5, 8, 9, 33]))
     num_classes = draw(st.sampled_from(CLASS_COUNTS))
     dtype = draw(st.sampled_from([torch.float32, torch.float16]))
@@ -793,14 +860,15 @@ def valid_messages(draw):
 
     def consensus():
         labels = (random_symbols(rng, n, num_classes + 1) - 1).reshape(lead)
-        keep = torch.from_numpy(np.asarray(rng.random(lead) < 0.5)) if draw(st.booleans()) \
-            else None
+        keep = torch.from_numpy(np.asarray(rng.random(lead) < 0.5)) if draw(st.booleans()) else None
         data = wire.encode_consensus(labels, num_classes, keep=keep, **common)
+
         def check(m):
             assert torch.equal(m.labels, labels) and m.num_classes == num_classes
             assert m.shape == lead
             assert (m.keep is None) == (keep is None)
             assert keep is None or torch.equal(m.keep, keep)
+
         return data, check
 
     if kind == MessageKind.VOTES:
@@ -809,27 +877,34 @@ def valid_messages(draw):
         packed = ops.pack_labels(random_symbols(rng, n, symbols), symbols)
         shape = draw(st.sampled_from([None, (n,), (1, n), (n, 1, 1)] + ([()] if n == 1 else [])))
         data = wire.encode_votes(packed, n, num_classes, abstain=abstain, shape=shape, **common)
+
         def check(m):
             assert torch.equal(m.packed, packed) and (m.n, m.num_classes, m.abstain) == (
-                n, num_classes, abstain)
+                n,
+                num_classes,
+                abstain,
+            )
             assert m.shape == ((n,) if shape is None else shape)
     elif kind == MessageKind.CONSENSUS:
         data, check = consensus()
     elif kind == MessageKind.SOFT_LABELS:
         probs = torch.from_numpy(rng.random((*lead, num_classes % 7 + 2))).to(dtype)
         data = wire.encode_soft_labels(probs, dtype=dtype, **common)
+
         def check(m):
             assert bitwise_equal(m.probs, probs) and m.shape == lead
     elif kind == MessageKind.SOFT_TOPK:
         k = draw(st.integers(1, min(num_classes, 5)))
         indices, values = random_topk(rng, lead, k, num_classes, dtype)
         data = wire.encode_soft_topk(indices, values, num_classes, dtype=dtype, **common)
+
         def check(m):
             assert torch.equal(m.indices, indices) and bitwise_equal(m.values, values)
             assert m.shape == (*lead, k) and m.num_classes == num_classes
     elif kind == MessageKind.DENSE_PARAMS:
         vector = torch.from_numpy(rng.standard_normal(n)).to(dtype)
         data = wire.encode_dense(vector, dtype=dtype, **common)
+
         def check(m):
             assert bitwise_equal(m.vector, vector)
     elif kind == MessageKind.SPARSE_PARAMS:
@@ -838,6 +913,7 @@ def valid_messages(draw):
         indices = random_indices(rng, size, k)
         values = torch.from_numpy(rng.standard_normal(k)).to(dtype)
         data = wire.encode_sparse(indices, values, size, dtype=dtype, **common)
+
         def check(m):
             assert torch.equal(m.indices, indices) and bitwise_equal(m.values, values)
             assert m.size == size
@@ -845,6 +921,7 @@ def valid_messages(draw):
         embedded, check_embedded = consensus() if draw(st.booleans()) else (None, None)
         seed = draw(st.integers(0, 2**64 - 1))
         data = wire.encode_control(probe_seed=seed, num_probes=n, consensus=embedded, **common)
+
         def check(m):
             assert (m.probe_seed, m.num_probes) == (seed, n)
             assert (m.consensus is None) == (embedded is None)
@@ -855,6 +932,7 @@ def valid_messages(draw):
         assert (m.kind, m.version) == (kind, 1)
         assert (m.round, m.sender) == (common["round"], common["sender"])
         check(m)
+
     return data, full_check
 
 
@@ -871,8 +949,9 @@ def decode_or_reject(data: bytes) -> None:
         idx = m.indices
         assert idx.numel() == 0 or (int(idx[0]) >= 0 and int(idx[-1]) < m.size)
         assert bool((idx[1:] > idx[:-1]).all())
-        again = wire.decode(wire.encode_sparse(idx, m.values, m.size, dtype=m.values.dtype,
-                                               round=m.round, sender=m.sender))
+        again = wire.decode(
+            wire.encode_sparse(idx, m.values, m.size, dtype=m.values.dtype, round=m.round, sender=m.sender)
+        )
         assert torch.equal(again.indices, idx) and bitwise_equal(again.values, m.values)
     else:
         assert reencode(m) == bytes(data)
@@ -906,7 +985,7 @@ def test_fuzz_mutated_messages(msg, draw):
             pos = draw.draw(st.integers(0, len(data) - 1))
             data[pos] = draw.draw(st.integers(0, 255))
     elif how == "truncate":
-        data = data[:draw.draw(st.integers(0, len(data) - 1))]
+        data = data[: draw.draw(st.integers(0, len(data) - 1))]
     elif how == "extend":
         data += draw.draw(st.binary(min_size=1, max_size=16))
     else:
@@ -917,9 +996,8 @@ def test_fuzz_mutated_messages(msg, draw):
             value = min(value, len(data))
         payload = None
         if draw.draw(st.booleans()):  # also resize the payload to match
-            old = data[wire.HEADER_BYTES:-4]
-            payload = bytes(old[:draw.draw(st.integers(0, len(old)))]) + \
-                draw.draw(st.binary(max_size=8))
+            old = data[wire.HEADER_BYTES : -4]
+            payload = bytes(old[: draw.draw(st.integers(0, len(old)))]) + draw.draw(st.binary(max_size=8))
         data = bytearray(reframe(bytes(data), payload=payload, **{field: value}))
     decode_or_reject(bytes(data))
     if len(data) >= wire.OVERHEAD:

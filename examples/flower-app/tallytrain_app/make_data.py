@@ -5,6 +5,7 @@
 ``DIR/shared.pt`` the probe pool and test set (every machine). The split is
 the one ``tallytrain run`` makes for the same dataset, partition and seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,14 @@ def write_files(out_dir: str, cfg: RunConfig) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for i, shard in enumerate(data.shards):
         index = torch.from_numpy(shard).long()
-        torch.save({"x": data.x_train[index].clone(), "y": data.y_train[index].clone()},
-                   os.path.join(out_dir, f"node{i}.pt"))
-    torch.save({"x_probe": data.x_probe, "y_probe": data.y_probe, "x_test": data.x_test,
-                "y_test": data.y_test}, os.path.join(out_dir, "shared.pt"))
+        torch.save(
+            {"x": data.x_train[index].clone(), "y": data.y_train[index].clone()},
+            os.path.join(out_dir, f"node{i}.pt"),
+        )
+    torch.save(
+        {"x_probe": data.x_probe, "y_probe": data.y_probe, "x_test": data.x_test, "y_test": data.y_test},
+        os.path.join(out_dir, "shared.pt"),
+    )
 
 
 def main(argv=None) -> None:
@@ -38,8 +43,7 @@ def main(argv=None) -> None:
     parser.add_argument("--alpha", type=float, default=0.1)
     args = parser.parse_args(argv)
     cfg = RunConfig(peers=args.peers, seed=args.seed)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=args.dataset,
-                                                            alpha=args.alpha))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=args.dataset, alpha=args.alpha))
     write_files(args.out_dir, cfg)
     print(f"wrote {args.peers} node files and shared.pt to {args.out_dir}")
 

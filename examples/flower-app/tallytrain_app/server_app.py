@@ -2,6 +2,7 @@
 with the shared probe pool. ``model`` lets the parameter-averaging methods
 (bridge, fedavg, ...) check and average the nodes' model; the hard-label
 methods never need it."""
+
 from tallytrain.flower import server_app
 
 from .task import make_model, shared

@@ -15,6 +15,7 @@ File formats (``torch.save`` of a dict of tensors):
   hidden labels that only score the consensus on the server), ``x_test``,
   ``y_test`` (the test set every peer is measured on).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,14 @@ HIDDEN = 64
 
 def make_model(num_classes: int) -> nn.Module:
     """Every peer's model (a factory, as for tallytrain.simulate)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(),
-                         nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, num_classes))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(IN_FEATURES, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, num_classes),
+    )
 
 
 def _read(path: str, keys, what: str) -> dict:
@@ -48,16 +55,19 @@ def _read(path: str, keys, what: str) -> dict:
 def _data_dir(run_config: Mapping[str, Any]) -> str:
     path = str(run_config.get("app.data-dir", ""))
     if not path:
-        raise ValueError("run config app.data-dir is empty: write the files with "
-                         "`python -m tallytrain_app.make_data DIR` and pass "
-                         "--run-config 'app.data-dir=\"DIR\"'")
+        raise ValueError(
+            "run config app.data-dir is empty: write the files with "
+            "`python -m tallytrain_app.make_data DIR` and pass "
+            "--run-config 'app.data-dir=\"DIR\"'"
+        )
     return path
 
 
 def load_node(node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
     """On a SuperNode: (model, this node's own training data)."""
     path = node_config.get("data-file") or os.path.join(
-        _data_dir(run_config), f"node{node_config['partition-id']}.pt")
+        _data_dir(run_config), f"node{node_config['partition-id']}.pt"
+    )
     data = _read(str(path), ("x", "y"), "the node's data file")
     return make_model, (data["x"], data["y"])
 

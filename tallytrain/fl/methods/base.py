@@ -11,6 +11,7 @@ this order every round, for the peers selected that round:
 
 The defaults describe a peer that only trains on its own shard.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,13 +27,13 @@ from ...comm import Envelope
 class RoundStats:
     """What the aggregation step measured (None where it does not apply)."""
 
-    consensus_acc: Optional[float] = None   # consensus labels vs hidden probe labels
-    agreement: Optional[float] = None       # mean share of peers backing the consensus
-    kept_fraction: Optional[float] = None   # share of probes kept for distillation
+    consensus_acc: Optional[float] = None  # consensus labels vs hidden probe labels
+    agreement: Optional[float] = None  # mean share of peers backing the consensus
+    kept_fraction: Optional[float] = None  # share of probes kept for distillation
     classes_covered: Optional[float] = None  # share of classes among the kept labels
     memory_fraction: Optional[float] = None  # share of the pool peers hold a target for
-    memory_acc: Optional[float] = None      # held targets vs hidden probe labels
-    abstained: Optional[float] = None       # share of votes that abstained
+    memory_acc: Optional[float] = None  # held targets vs hidden probe labels
+    abstained: Optional[float] = None  # share of votes that abstained
 
 
 class Method:
@@ -66,8 +67,9 @@ class Method:
     def uplink(self, r: int, selected: Sequence[int]) -> List[Envelope]:
         return []
 
-    def aggregate(self, r: int, selected: Sequence[int],
-                  received: List[Tuple[Envelope, wire.Message]]) -> RoundStats:
+    def aggregate(
+        self, r: int, selected: Sequence[int], received: List[Tuple[Envelope, wire.Message]]
+    ) -> RoundStats:
         return RoundStats()
 
     def reply(self, r: int, selected: Sequence[int]) -> List[Envelope]:

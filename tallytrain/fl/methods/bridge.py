@@ -29,6 +29,7 @@ Peers start from one common model, initialised from a seed agreed at setup
 meaningful between models that share an origin. With merges off they keep
 TallyTrain's independent initialisations.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,10 @@ class Bridge(TallyTrain):
     @classmethod
     def check(cls, cfg) -> None:
         if cfg.protocol.decentralized and cfg.protocol.merge_period > 0:
-            raise ValueError("bridge merges parameters through the server; decentralized mode "
-                             "works only with merge_period = 0 (no merges)")
+            raise ValueError(
+                "bridge merges parameters through the server; decentralized mode "
+                "works only with merge_period = 0 (no merges)"
+            )
 
     def __init__(self, fed):
         super().__init__(fed)
@@ -70,11 +73,15 @@ class Bridge(TallyTrain):
         # a Flower node, none on the Flower server): row ``slot[p]`` of the
         # stacks below is peer p's.
         self.slot = {p: i for i, p in enumerate(fed.peers)}
-        self.rows = torch.tensor([fed.population.where[p][1] for p in fed.peers],
-                                 dtype=torch.int64)
+        self.rows = torch.tensor([fed.population.where[p][1] for p in fed.peers], dtype=torch.int64)
         if self.period > 0 and fed.peers:
-            start = ServerModel(self.group, fed.data.input_shape, fed.num_classes,
-                                fed.cfg.model.hidden, fed.generator(SERVER_STREAM)).vector
+            start = ServerModel(
+                self.group,
+                fed.data.input_shape,
+                fed.num_classes,
+                fed.cfg.model.hidden,
+                fed.generator(SERVER_STREAM),
+            ).vector
             self.group.load_flat(self.rows, start.expand(len(self.rows), -1))
         # Each peer's parameters when it last sent (or last applied a merge),
         # its error-feedback residual, and what it sent this merge.
@@ -89,8 +96,7 @@ class Bridge(TallyTrain):
     # ---- peers: TallyTrain's votes, plus the sparse change in a merge round ------
     def _apply_merge(self, p: int, msg: wire.Message) -> None:
         if msg.size != self.size:
-            raise wire.WireFormatError(
-                f"merged update has {msg.size} entries, the model {self.size}")
+            raise wire.WireFormatError(f"merged update has {msg.size} entries, the model {self.size}")
         if msg.indices is None or msg.values is None:
             raise wire.WireFormatError(f"a {msg.kind.name} message carries no sparse update")
         change = torch.zeros(self.size)
@@ -99,7 +105,7 @@ class Bridge(TallyTrain):
             idx, values = self.sent.pop(p)
             change.index_add_(0, idx, -values)
         i = self.slot[p]
-        row = self.rows[i:i + 1]
+        row = self.rows[i : i + 1]
         self.group.load_flat(row, self.group.flatten(row) + change)
         self.anchor[i] += change
 
@@ -114,8 +120,7 @@ class Bridge(TallyTrain):
         for i, p in enumerate(selected):
             s = slots[i]
             with fed.timer("ops"):
-                idx, values = ops.topk_sparse_ef(flat[i] - self.anchor[s], self.residual[s],
-                                                 self.k)
+                idx, values = ops.topk_sparse_ef(flat[i] - self.anchor[s], self.residual[s], self.k)
                 sent = values.to(self.dtype)
                 # The payload's rounding is not lost either: it waits in the residual.
                 self.residual[s].index_add_(0, idx, values - sent.float())
@@ -125,9 +130,12 @@ class Bridge(TallyTrain):
                 # An adversary keeps honest books and an honest model (as in
                 # tallytrain) but sends corrupted values at the same indices:
                 # the change reversed (flip) or noise of its mean and spread.
-                sent = corrupt_params(sent.float(), torch.zeros_like(values),
-                                      fed.cfg.protocol.adversarial_mode,
-                                      fed.generator(ADVERSARY_STREAM, r, p, SPARSE)).to(self.dtype)
+                sent = corrupt_params(
+                    sent.float(),
+                    torch.zeros_like(values),
+                    fed.cfg.protocol.adversarial_mode,
+                    fed.generator(ADVERSARY_STREAM, r, p, SPARSE),
+                ).to(self.dtype)
             with fed.timer("messaging"):
                 msg = wire.encode_sparse(idx, sent, self.size, dtype=self.dtype, round=r, sender=p)
             out += [votes[i], Envelope(p, SERVER, msg, SPARSE)]  # each peer's messages together
@@ -136,20 +144,25 @@ class Bridge(TallyTrain):
     # ---- 3. server: tally, merge the sparse changes, reply ------------------------
     def aggregate(self, r, selected, received):
         votes = [(env, msg) for env, msg in received if msg.kind != SPARSE]
-        changes = sorted(((env.sender, msg) for env, msg in received if msg.kind == SPARSE),
-                         key=lambda item: item[0])
+        changes = sorted(
+            ((env.sender, msg) for env, msg in received if msg.kind == SPARSE), key=lambda item: item[0]
+        )
         stats = super().aggregate(r, selected, votes)
         self._reply = None
         if changes:
             fed = self.fed
             with fed.timer("ops"):
                 merged = ops.sparse_merge(
-                    [msg.indices for _, msg in changes], [msg.values.float() for _, msg in changes],
-                    self.size, counts=torch.tensor([fed.shard_sizes[p] for p, _ in changes]))
+                    [msg.indices for _, msg in changes],
+                    [msg.values.float() for _, msg in changes],
+                    self.size,
+                    counts=torch.tensor([fed.shard_sizes[p] for p, _ in changes]),
+                )
                 idx = torch.nonzero(merged).flatten()
             with fed.timer("messaging"):
-                self._reply = wire.encode_sparse(idx, merged[idx].to(self.dtype), self.size,
-                                                 dtype=self.dtype, round=r, sender=wire.SERVER)
+                self._reply = wire.encode_sparse(
+                    idx, merged[idx].to(self.dtype), self.size, dtype=self.dtype, round=r, sender=wire.SERVER
+                )
         return stats
 
     def reply(self, r, selected):
@@ -168,8 +181,11 @@ class Bridge(TallyTrain):
         # In the simulator ``sent`` is settled by the same round's reply, so it
         # is empty at checkpoints; a deployed peer (tallytrain.flower) saves
         # its state between its uplink and the reply, where it is not.
-        state.update(anchor=self.anchor.clone(), residual=self.residual.clone(),
-                     sent={int(p): [i.clone(), v.clone()] for p, (i, v) in self.sent.items()})
+        state.update(
+            anchor=self.anchor.clone(),
+            residual=self.residual.clone(),
+            sent={int(p): [i.clone(), v.clone()] for p, (i, v) in self.sent.items()},
+        )
         return state
 
     def peer_state(self, peer):
@@ -178,8 +194,11 @@ class Bridge(TallyTrain):
         sent = self.sent.get(peer)
         # A deployed peer saves between its uplink and the round's reply, when
         # what it sent is still pending.
-        state.update(anchor=self.anchor[s].clone(), residual=self.residual[s].clone(),
-                     sent=None if sent is None else [sent[0].clone(), sent[1].clone()])
+        state.update(
+            anchor=self.anchor[s].clone(),
+            residual=self.residual[s].clone(),
+            sent=None if sent is None else [sent[0].clone(), sent[1].clone()],
+        )
         return state
 
     def load_peer_state(self, peer, state):
@@ -187,8 +206,10 @@ class Bridge(TallyTrain):
         s = self.slot[peer]
         for name in ("anchor", "residual"):
             if tuple(state[name].shape) != tuple(self.anchor[s].shape):
-                raise ValueError(f"peer {peer}'s saved {name} has shape "
-                                 f"{tuple(state[name].shape)}, its model {self.size} entries")
+                raise ValueError(
+                    f"peer {peer}'s saved {name} has shape "
+                    f"{tuple(state[name].shape)}, its model {self.size} entries"
+                )
         self.anchor[s] = state["anchor"]
         self.residual[s] = state["residual"]
         self.sent.pop(peer, None)

@@ -6,6 +6,7 @@ starts with the global model going down to its peers (the same peers all
 period), each of its rounds is one round of local work, and its last round
 sends the parameters up and averages them. The run's last round always
 averages, so that every run ends with a global model."""
+
 from __future__ import annotations
 
 import torch
@@ -27,15 +28,19 @@ class FedAvg(Method):
     @classmethod
     def check(cls, cfg) -> None:
         if cfg.protocol.merge_period < 1:
-            raise ValueError(f"method {cls.name!r} needs merge_period >= 1, got "
-                             f"{cfg.protocol.merge_period}")
+            raise ValueError(f"method {cls.name!r} needs merge_period >= 1, got {cfg.protocol.merge_period}")
 
     def __init__(self, fed):
         super().__init__(fed)
         self.period = fed.cfg.protocol.merge_period
         self.group = fed.population.single_group
-        self.server = ServerModel(self.group, fed.data.input_shape, fed.num_classes,
-                                  fed.cfg.model.hidden, fed.generator(SERVER_STREAM))
+        self.server = ServerModel(
+            self.group,
+            fed.data.input_shape,
+            fed.num_classes,
+            fed.cfg.model.hidden,
+            fed.generator(SERVER_STREAM),
+        )
         self.dtype = getattr(torch, fed.cfg.protocol.param_dtype)
         # Peer side: the global model of this period as the peers received it
         # (None until one arrives here; see anchor()).
@@ -54,8 +59,7 @@ class FedAvg(Method):
         if r % self.period:
             return []  # mid-period: peers keep training what they received
         with self.fed.timer("messaging"):
-            msg = wire.encode_dense(self.server.vector, dtype=self.dtype, round=r,
-                                    sender=wire.SERVER)
+            msg = wire.encode_dense(self.server.vector, dtype=self.dtype, round=r, sender=wire.SERVER)
         return [Envelope(SERVER, p, msg, wire.MessageKind.DENSE_PARAMS) for p in selected]
 
     def peer_update(self, r, selected, inbox):
@@ -94,8 +98,9 @@ class FedAvg(Method):
         for i, p in enumerate(selected):
             vec = flat[i]
             if fed.adversarial[p]:
-                vec = corrupt_params(vec, self.anchor(), fed.cfg.protocol.adversarial_mode,
-                                     fed.adversary_generator(r, p))
+                vec = corrupt_params(
+                    vec, self.anchor(), fed.cfg.protocol.adversarial_mode, fed.adversary_generator(r, p)
+                )
             with fed.timer("messaging"):
                 msg = wire.encode_dense(vec, dtype=self.dtype, round=r, sender=p)
             out.append(Envelope(p, SERVER, msg, wire.MessageKind.DENSE_PARAMS))

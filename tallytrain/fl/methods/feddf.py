@@ -2,6 +2,7 @@
 round's probes towards softmax(mean of the peers' logits / T), as in FedDF
 (the server runs each received model on the probes itself; peers send only
 parameters)."""
+
 from __future__ import annotations
 
 import torch
@@ -29,12 +30,19 @@ class FedDF(FedAvg):
             if mask is not None:  # an all-zero target: padding is never distilled on
                 targets = targets * mask.unsqueeze(-1)
             steps = fed.cfg.protocol.server_distill_steps
-            self.server.distill(x, targets, steps, fed.distill_batch(len(x), steps),
-                                soft_label_loss(t.temperature),
-                                fed.cfg.protocol.server_lr,
-                                fed.generator(SERVER_STREAM, r))
+            self.server.distill(
+                x,
+                targets,
+                steps,
+                fed.distill_batch(len(x), steps),
+                soft_label_loss(t.temperature),
+                fed.cfg.protocol.server_lr,
+                fed.generator(SERVER_STREAM, r),
+            )
         consensus = targets.argmax(-1)
         truth = fed.data.y_probe[idx]
         real = truth >= 0  # sequence tasks: padding is no position
-        return RoundStats(consensus_acc=labels_accuracy(consensus, truth, real),
-                          agreement=share_agreeing(logits.argmax(-1), consensus, real))
+        return RoundStats(
+            consensus_acc=labels_accuracy(consensus, truth, real),
+            agreement=share_agreeing(logits.argmax(-1), consensus, real),
+        )

@@ -1,4 +1,5 @@
 """``fedprox``: FedAvg whose local objective adds mu/2 * ||w - w_global||^2."""
+
 from .fedavg import FedAvg
 from .base import register
 

@@ -13,6 +13,7 @@ latest soft label it received for every probe of the pool (expiring after
 ``memory_max_age`` rounds) and distills on all of them; off by default,
 because it measured slower: soft labels made by earlier, weaker models are
 flatter and keep pulling peers back (docs/results.md)."""
+
 from __future__ import annotations
 
 from typing import Dict
@@ -41,13 +42,15 @@ class SoftLabel(Method):
 
     def downlink(self, r, selected):
         with self.fed.timer("messaging"):
-            ctrl = wire.encode_control(round=r, probe_seed=self.fed.probe_seed,
-                                       num_probes=self.fed.cfg.protocol.probes_per_round,
-                                       sender=wire.SERVER)
+            ctrl = wire.encode_control(
+                round=r,
+                probe_seed=self.fed.probe_seed,
+                num_probes=self.fed.cfg.protocol.probes_per_round,
+                sender=wire.SERVER,
+            )
             soft = None
             if self.previous is not None:
-                soft = wire.encode_soft_labels(self.previous, dtype=self.dtype, round=r,
-                                               sender=wire.SERVER)
+                soft = wire.encode_soft_labels(self.previous, dtype=self.dtype, round=r, sender=wire.SERVER)
         out = []
         for p in selected:
             out.append(Envelope(SERVER, p, ctrl, wire.MessageKind.CONTROL))
@@ -64,8 +67,11 @@ class SoftLabel(Method):
             if p not in self.memory:
                 proto = fed.cfg.protocol
                 self.memory[p] = SoftLabelMemory(
-                    pool_size, fed.num_classes, proto.memory_max_age if proto.softlabel_memory
-                    else 1, fed.data.position_shape)
+                    pool_size,
+                    fed.num_classes,
+                    proto.memory_max_age if proto.softlabel_memory else 1,
+                    fed.data.position_shape,
+                )
             memory = self.memory[p]
             if len(inbox[p]) == 2:  # from round 1 on: control + soft labels
                 ctrl, soft = inbox[p]
@@ -85,20 +91,21 @@ class SoftLabel(Method):
         positions = int((fed.data.y_probe >= 0).sum())  # the pool's real positions
         self._peer_stats = {
             "memory_fraction": held / (len(selected) * positions) if selected else None,
-            "memory_acc": correct / held if held else None}
+            "memory_acc": correct / held if held else None,
+        }
         fed.learn(r, selected, targets, soft_label_loss(fed.cfg.train.temperature))
 
     def uplink(self, r, selected):
         fed = self.fed
         t = fed.cfg.train.temperature
-        probs = fed.consume_probe_logits(r, selected,
-                                         lambda p, logits: torch.softmax(logits / t, dim=-1))
+        probs = fed.consume_probe_logits(r, selected, lambda p, logits: torch.softmax(logits / t, dim=-1))
         out = []
         for i, p in enumerate(selected):
             payload = probs[i]
             if fed.adversarial[p]:
-                payload = corrupt_probs(payload, fed.cfg.protocol.adversarial_mode,
-                                        fed.adversary_generator(r, p))
+                payload = corrupt_probs(
+                    payload, fed.cfg.protocol.adversarial_mode, fed.adversary_generator(r, p)
+                )
             with fed.timer("messaging"):
                 msg = wire.encode_soft_labels(payload, dtype=self.dtype, round=r, sender=p)
             out.append(Envelope(p, SERVER, msg, wire.MessageKind.SOFT_LABELS))
@@ -114,13 +121,14 @@ class SoftLabel(Method):
         consensus = avg.argmax(-1)
         truth = fed.data.y_probe[fed.probe_indices(r)]
         real = truth >= 0  # sequence tasks: padding is no position
-        return RoundStats(consensus_acc=labels_accuracy(consensus, truth, real),
-                          agreement=share_agreeing(probs.argmax(-1), consensus, real),
-                          **self._peer_stats)
+        return RoundStats(
+            consensus_acc=labels_accuracy(consensus, truth, real),
+            agreement=share_agreeing(probs.argmax(-1), consensus, real),
+            **self._peer_stats,
+        )
 
     def state_dict(self):
-        return {"previous": self.previous,
-                "memory": {int(p): m.state_dict() for p, m in self.memory.items()}}
+        return {"previous": self.previous, "memory": {int(p): m.state_dict() for p, m in self.memory.items()}}
 
     def peer_state(self, peer):
         memory = self.memory.get(peer)
@@ -143,8 +151,7 @@ class SoftLabelMemory:
     replaced when a newer one arrives, expired ``max_age`` rounds after it
     arrived (0 = never)."""
 
-    def __init__(self, pool_size: int, num_classes: int, max_age: int = 0,
-                 position_shape: tuple = ()):
+    def __init__(self, pool_size: int, num_classes: int, max_age: int = 0, position_shape: tuple = ()):
         self.probs = torch.zeros(pool_size, *position_shape, num_classes)
         self.stamp = torch.full((pool_size,), -1, dtype=torch.int64)
         self.max_age = int(max_age)
@@ -160,12 +167,10 @@ class SoftLabelMemory:
         return torch.nonzero(self.stamp >= 0).flatten()
 
     def state_dict(self) -> dict:
-        return {"probs": self.probs.clone(), "stamp": self.stamp.clone(),
-                "max_age": self.max_age}
+        return {"probs": self.probs.clone(), "stamp": self.stamp.clone(), "max_age": self.max_age}
 
     @classmethod
     def from_state(cls, state: dict) -> "SoftLabelMemory":
         m = cls(0, 0, int(state["max_age"]))
         m.probs, m.stamp = state["probs"].clone(), state["stamp"].clone()
         return m
-

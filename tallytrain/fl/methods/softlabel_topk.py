@@ -33,6 +33,7 @@ Round r (server mode, as softlabel):
 Padding of token windows is public: peers weigh it 0 in their targets, so it
 is never distilled on, and it is left out of every statistic.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
@@ -68,13 +69,17 @@ class SoftLabelTopK(Method):
     def downlink(self, r, selected):
         fed = self.fed
         with fed.timer("messaging"):
-            ctrl = wire.encode_control(round=r, probe_seed=fed.probe_seed,
-                                       num_probes=fed.cfg.protocol.probes_per_round,
-                                       sender=wire.SERVER)
+            ctrl = wire.encode_control(
+                round=r,
+                probe_seed=fed.probe_seed,
+                num_probes=fed.cfg.protocol.probes_per_round,
+                sender=wire.SERVER,
+            )
             top = None
             if self.previous is not None:
-                top = wire.encode_soft_topk(*self.previous, fed.num_classes, dtype=VALUE_DTYPE,
-                                            round=r, sender=wire.SERVER)
+                top = wire.encode_soft_topk(
+                    *self.previous, fed.num_classes, dtype=VALUE_DTYPE, round=r, sender=wire.SERVER
+                )
         out = []
         for p in selected:
             out.append(Envelope(SERVER, p, ctrl, wire.MessageKind.CONTROL))
@@ -91,9 +96,13 @@ class SoftLabelTopK(Method):
         for p in selected:
             if p not in self.memory:
                 proto = fed.cfg.protocol  # softlabel's memory rule (--softlabel-memory)
-                self.memory[p] = TopKMemory(pool_size, fed.data.position_shape, self.k,
-                                            fed.num_classes, proto.memory_max_age
-                                            if proto.softlabel_memory else 1)
+                self.memory[p] = TopKMemory(
+                    pool_size,
+                    fed.data.position_shape,
+                    self.k,
+                    fed.num_classes,
+                    proto.memory_max_age if proto.softlabel_memory else 1,
+                )
             memory = self.memory[p]
             if len(inbox[p]) == 2:  # from round 1 on: control + top-k soft labels
                 ctrl, top = inbox[p]
@@ -109,9 +118,9 @@ class SoftLabelTopK(Method):
         positions = int((fed.data.y_probe >= 0).sum())  # the pool's real positions
         self._peer_stats = {
             "memory_fraction": held / (len(selected) * positions) if selected else None,
-            "memory_acc": correct / held if held else None}
-        fed.learn(r, selected, targets,
-                  topk_label_loss(fed.cfg.train.temperature, fed.num_classes))
+            "memory_acc": correct / held if held else None,
+        }
+        fed.learn(r, selected, targets, topk_label_loss(fed.cfg.train.temperature, fed.num_classes))
 
     def uplink(self, r, selected):
         fed = self.fed
@@ -120,16 +129,16 @@ class SoftLabelTopK(Method):
         def top_k(p, logits):  # reduced while the logits are still in cache
             probs = torch.softmax(logits.float() / t, dim=-1)
             if fed.adversarial[p]:
-                probs = corrupt_probs(probs, fed.cfg.protocol.adversarial_mode,
-                                      fed.adversary_generator(r, p))
+                probs = corrupt_probs(probs, fed.cfg.protocol.adversarial_mode, fed.adversary_generator(r, p))
             values, indices = probs.topk(self.k, dim=-1)
             return indices, values
 
         out = []
         for p, (indices, values) in zip(selected, fed.consume_probe_logits(r, selected, top_k)):
             with fed.timer("messaging"):
-                msg = wire.encode_soft_topk(indices, values, fed.num_classes, dtype=VALUE_DTYPE,
-                                            round=r, sender=p)
+                msg = wire.encode_soft_topk(
+                    indices, values, fed.num_classes, dtype=VALUE_DTYPE, round=r, sender=p
+                )
             out.append(Envelope(p, SERVER, msg, TOPK))
         return out
 
@@ -138,21 +147,23 @@ class SoftLabelTopK(Method):
         fed = self.fed
         indices = torch.stack([msg.indices for _, msg in received])
         values = torch.stack([msg.values.float() for _, msg in received])
-        self.previous = average_topk(indices, values, fed.num_classes, self.k,
-                                     fed.cfg.protocol.sharpen_temperature)
+        self.previous = average_topk(
+            indices, values, fed.num_classes, self.k, fed.cfg.protocol.sharpen_temperature
+        )
         consensus = self.previous[0][..., 0]  # topk is sorted: the first is the largest
         truth = fed.data.y_probe[fed.probe_indices(r)]
         real = truth >= 0  # sequence tasks: padding is no position
         peer_top1 = indices.gather(-1, values.argmax(-1, keepdim=True)).squeeze(-1)
-        return RoundStats(consensus_acc=labels_accuracy(consensus, truth, real),
-                          agreement=share_agreeing(peer_top1, consensus, real),
-                          **self._peer_stats)
+        return RoundStats(
+            consensus_acc=labels_accuracy(consensus, truth, real),
+            agreement=share_agreeing(peer_top1, consensus, real),
+            **self._peer_stats,
+        )
 
     # ---- checkpoints ------------------------------------------------------------------
     def state_dict(self):
         previous = None if self.previous is None else [t.clone() for t in self.previous]
-        return {"previous": previous,
-                "memory": {int(p): m.state_dict() for p, m in self.memory.items()}}
+        return {"previous": previous, "memory": {int(p): m.state_dict() for p, m in self.memory.items()}}
 
     def peer_state(self, peer):
         memory = self.memory.get(peer)
@@ -164,8 +175,7 @@ class SoftLabelTopK(Method):
             self.memory[peer] = TopKMemory.from_state(state["memory"])
 
     def load_state_dict(self, state):
-        self.previous = None if state["previous"] is None else tuple(
-            t.clone() for t in state["previous"])
+        self.previous = None if state["previous"] is None else tuple(t.clone() for t in state["previous"])
         self.memory = {int(p): TopKMemory.from_state(m) for p, m in state["memory"].items()}
 
 
@@ -179,9 +189,13 @@ def complete(values: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (1.0 - values.sum(-1)).clamp(min=0.0) / (num_classes - k)
 
 
-def average_topk(indices: torch.Tensor, values: torch.Tensor, num_classes: int, k: int,
-                 sharpen_temperature: Optional[float] = None
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+def average_topk(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    num_classes: int,
+    k: int,
+    sharpen_temperature: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The top k of the mean over peers of their completed distributions.
 
     indices [P, *positions, k'] (int64), values [P, *positions, k'] (float):
@@ -223,24 +237,37 @@ class TopKMemory:
     after it arrived (0 = never). Class indices are exact in float32 up to
     2**24 classes, float64 beyond."""
 
-    def __init__(self, pool_size: int, position_shape: Sequence[int], k: int,
-                 num_classes: int, max_age: int = 0):
+    def __init__(
+        self, pool_size: int, position_shape: Sequence[int], k: int, num_classes: int, max_age: int = 0
+    ):
         dtype = torch.float32 if num_classes <= 1 << 24 else torch.float64
         self.targets = torch.zeros(pool_size, *position_shape, 2 * k + 1, dtype=dtype)
         self.stamp = torch.full((pool_size,), -1, dtype=torch.int64)
         self.k = k
         self.max_age = int(max_age)
 
-    def update(self, probe_indices: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-               real: Optional[torch.Tensor], round: int) -> None:
+    def update(
+        self,
+        probe_indices: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        real: Optional[torch.Tensor],
+        round: int,
+    ) -> None:
         """Store the targets of ``probe_indices``; ``real`` (bool of the probes'
         positions, or None) marks the positions that are not padding."""
         k = self.k
         if indices.shape[-1] != k:
             raise wire.WireFormatError(f"top-k message has k = {indices.shape[-1]}, expected {k}")
         weight = torch.ones(indices.shape[:-1]) if real is None else real.float()
-        rows = torch.cat([indices.to(self.targets.dtype), values.to(self.targets.dtype),
-                          weight.unsqueeze(-1).to(self.targets.dtype)], dim=-1)
+        rows = torch.cat(
+            [
+                indices.to(self.targets.dtype),
+                values.to(self.targets.dtype),
+                weight.unsqueeze(-1).to(self.targets.dtype),
+            ],
+            dim=-1,
+        )
         self.targets[probe_indices] = rows
         self.stamp[probe_indices] = round
         if self.max_age:
@@ -254,13 +281,17 @@ class TopKMemory:
         """The most probable class of every position of these probes (-1 at padding)."""
         rows = self.targets[probe_indices]
         k = self.k
-        best = rows[..., k:2 * k].argmax(-1, keepdim=True)
+        best = rows[..., k : 2 * k].argmax(-1, keepdim=True)
         label = rows[..., :k].gather(-1, best).squeeze(-1).long()
         return label.masked_fill(rows[..., 2 * k] == 0, -1)
 
     def state_dict(self) -> dict:
-        return {"targets": self.targets.clone(), "stamp": self.stamp.clone(), "k": self.k,
-                "max_age": self.max_age}
+        return {
+            "targets": self.targets.clone(),
+            "stamp": self.stamp.clone(),
+            "k": self.k,
+            "max_age": self.max_age,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> "TopKMemory":

@@ -24,6 +24,7 @@ Decentralized mode: no server and no control messages (the probe seed is
 agreed at setup); every peer sends its VOTES to every other peer, and each
 peer tallies its own copy of all votes.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -65,9 +66,13 @@ class TallyTrain(Method):
             data = fed.data
             for p in fed.peers:  # held peers: only their own shards are here
                 idx = fed.shard_pools[p]
-                self.support[p] = LocalSupport(data.x_train[idx], data.y_train[idx],
-                                               fed.num_classes, proto.support_min,
-                                               proto.support_radius)
+                self.support[p] = LocalSupport(
+                    data.x_train[idx],
+                    data.y_train[idx],
+                    fed.num_classes,
+                    proto.support_min,
+                    proto.support_radius,
+                )
         self.pool_size = len(fed.data.y_probe)
         # Votes from models trained on their own shard only are independent
         # evidence; votes from models distilled on the consensus repeat it.
@@ -76,7 +81,7 @@ class TallyTrain(Method):
         # Server side: each peer's kept-consensus votes and how many agreed.
         self.votes_judged = torch.zeros(fed.cfg.peers, dtype=torch.float64)
         self.votes_agreed = torch.zeros(fed.cfg.peers, dtype=torch.float64)
-        self.previous = None        # server mode: round r-1's encoded CONSENSUS
+        self.previous = None  # server mode: round r-1's encoded CONSENSUS
         self.own: Dict[int, Consensus] = {}  # decentralized: each peer's own tally
         self._votes: Dict[int, Votes] = {}  # this round's votes per peer
         self._peer_stats: Dict[str, Optional[float]] = {}
@@ -84,8 +89,9 @@ class TallyTrain(Method):
     def memory_of(self, peer: int) -> ConsensusMemory:
         if peer not in self.memory:
             max_age = self.fed.cfg.protocol.memory_max_age or None
-            self.memory[peer] = ConsensusMemory(self.pool_size, max_age=max_age,
-                                                position_shape=self.fed.data.position_shape)
+            self.memory[peer] = ConsensusMemory(
+                self.pool_size, max_age=max_age, position_shape=self.fed.data.position_shape
+            )
         return self.memory[peer]
 
     # ---- 1. downlink --------------------------------------------------------
@@ -93,9 +99,13 @@ class TallyTrain(Method):
         if self.fed.cfg.protocol.decentralized:
             return []
         with self.fed.timer("messaging"):
-            ctrl = wire.encode_control(round=r, probe_seed=self.fed.probe_seed,
-                                       num_probes=self.fed.cfg.protocol.probes_per_round,
-                                       consensus=self.previous, sender=wire.SERVER)
+            ctrl = wire.encode_control(
+                round=r,
+                probe_seed=self.fed.probe_seed,
+                num_probes=self.fed.cfg.protocol.probes_per_round,
+                consensus=self.previous,
+                sender=wire.SERVER,
+            )
         return [Envelope(SERVER, p, ctrl, wire.MessageKind.CONTROL) for p in selected]
 
     # ---- 2. peers -------------------------------------------------------------
@@ -109,8 +119,7 @@ class TallyTrain(Method):
         if cons is None:
             return None
         if cons.round != r - 1:
-            raise wire.WireFormatError(
-                f"embedded consensus is for round {cons.round}, expected {r - 1}")
+            raise wire.WireFormatError(f"embedded consensus is for round {cons.round}, expected {r - 1}")
         keep = cons.keep if cons.keep is not None else cons.labels >= 0
         return SimpleNamespace(labels=cons.labels, keep=keep), ctrl.probe_seed
 
@@ -134,7 +143,8 @@ class TallyTrain(Method):
         positions = int((fed.data.y_probe >= 0).sum())  # the pool's real positions
         self._peer_stats = {
             "memory_fraction": held / (len(selected) * positions) if selected else None,
-            "memory_acc": correct / held if held else None}
+            "memory_acc": correct / held if held else None,
+        }
         fed.learn(r, selected, targets, hard_label_loss)
         if self.voters is not None:
             fed.train_local(r, selected, population=self.voters)
@@ -151,8 +161,9 @@ class TallyTrain(Method):
         def peer_vote(p, logits) -> Votes:  # packed while the logits are still in cache
             with fed.timer("ops"):
                 if fed.adversarial[p]:
-                    bad = corrupt_labels(logits.argmax(-1), c, proto.adversarial_mode,
-                                         fed.adversary_generator(r, p))
+                    bad = corrupt_labels(
+                        logits.argmax(-1), c, proto.adversarial_mode, fed.adversary_generator(r, p)
+                    )
                     if mask is not None:
                         bad = bad.masked_fill(~mask, -1)
                     return Votes.from_labels(bad, c, abstain=self.abstain)
@@ -169,9 +180,12 @@ class TallyTrain(Method):
             # Where its local-only model abstains, a peer votes with its
             # distilled model (still only where its shard backs the vote).
             fallback = fed.consume_probe_logits(r, selected, peer_vote)
-            cast = [v if fed.adversarial[p] else Votes.from_labels(
-                torch.where(v.labels() >= 0, v.labels(), f.labels()), c, abstain=True)
-                for p, v, f in zip(selected, cast, fallback)]
+            cast = [
+                v
+                if fed.adversarial[p]
+                else Votes.from_labels(torch.where(v.labels() >= 0, v.labels(), f.labels()), c, abstain=True)
+                for p, v, f in zip(selected, cast, fallback)
+            ]
         for p, votes in zip(selected, cast):
             self._votes[p] = votes
             with fed.timer("messaging"):
@@ -201,8 +215,12 @@ class TallyTrain(Method):
         peers = sorted(votes)
         proto = self.fed.cfg.protocol
         with self.fed.timer("ops"):
-            return tally([votes[p] for p in peers], weights=self.reputation_weights(peers),
-                         agreement=proto.agreement_threshold, min_votes=proto.min_votes)
+            return tally(
+                [votes[p] for p in peers],
+                weights=self.reputation_weights(peers),
+                agreement=proto.agreement_threshold,
+                min_votes=proto.min_votes,
+            )
 
     def _judge(self, votes: Dict[int, Votes], real: torch.Tensor) -> float:
         """Add to each peer's record how its votes agreed with the kept
@@ -246,31 +264,39 @@ class TallyTrain(Method):
             filtering = fed.cfg.protocol.agreement_threshold > 0 or fed.cfg.protocol.min_votes > 1
             keep = c.keep if filtering else None
             with fed.timer("messaging"):
-                self.previous = wire.encode_consensus(c.labels, self.num_classes, keep=keep,
-                                                      round=r, sender=wire.SERVER)
+                self.previous = wire.encode_consensus(
+                    c.labels, self.num_classes, keep=keep, round=r, sender=wire.SERVER
+                )
         real = truth >= 0  # sequence tasks: padding is no position
         with fed.timer("aggregation"):
             abstained = self._judge(votes, real)
         kept = c.labels[c.keep]
-        return RoundStats(consensus_acc=labels_accuracy(c.labels, truth, c.keep),
-                          agreement=mean_agreement(c),
-                          kept_fraction=float(c.keep[real].float().mean()),
-                          classes_covered=len(torch.unique(kept)) / self.num_classes,
-                          abstained=abstained, **self._peer_stats)
+        return RoundStats(
+            consensus_acc=labels_accuracy(c.labels, truth, c.keep),
+            agreement=mean_agreement(c),
+            kept_fraction=float(c.keep[real].float().mean()),
+            classes_covered=len(torch.unique(kept)) / self.num_classes,
+            abstained=abstained,
+            **self._peer_stats,
+        )
 
     # ---- checkpoints ----------------------------------------------------------
     def state_dict(self):
-        return {"previous": bytes_to_tensor(self.previous),
-                "own": {int(p): [c.labels.clone(), c.keep.clone()] for p, c in self.own.items()},
-                "memory": {int(p): m.state_dict() for p, m in self.memory.items()},
-                "voters": self.voters.state_dict() if self.voters is not None else [],
-                "votes_judged": self.votes_judged.clone(),
-                "votes_agreed": self.votes_agreed.clone()}
+        return {
+            "previous": bytes_to_tensor(self.previous),
+            "own": {int(p): [c.labels.clone(), c.keep.clone()] for p, c in self.own.items()},
+            "memory": {int(p): m.state_dict() for p, m in self.memory.items()},
+            "voters": self.voters.state_dict() if self.voters is not None else [],
+            "votes_judged": self.votes_judged.clone(),
+            "votes_agreed": self.votes_agreed.clone(),
+        }
 
     def peer_state(self, peer):
         memory = self.memory.get(peer)
-        return {"memory": None if memory is None else memory.state_dict(),
-                "voters": None if self.voters is None else self.voters.peer_params(peer)}
+        return {
+            "memory": None if memory is None else memory.state_dict(),
+            "voters": None if self.voters is None else self.voters.peer_params(peer),
+        }
 
     def load_peer_state(self, peer, state):
         self.memory.pop(peer, None)
@@ -281,8 +307,7 @@ class TallyTrain(Method):
 
     def load_state_dict(self, state):
         self.previous = tensor_to_bytes(state["previous"])
-        self.own = {int(p): SimpleNamespace(labels=lab, keep=keep)
-                    for p, (lab, keep) in state["own"].items()}
+        self.own = {int(p): SimpleNamespace(labels=lab, keep=keep) for p, (lab, keep) in state["own"].items()}
         self.memory = {}
         for p, m in state["memory"].items():
             self.memory_of(int(p)).load_state_dict(m)
