@@ -81,7 +81,8 @@ def _torch_cxx_standard(ce):
 # tallytrain/ops/_backend.py before it loads the extension).
 BUILD_RECORD = "_C.build.json"
 NO_EXTENSION = (
-    "set TALLYTRAIN_BUILD_EXT=0 to install without it (the pure-PyTorch reference then serves every op)"
+    "set TALLYTRAIN_BUILD_EXT=0 to install without it "
+    "(the pure-PyTorch reference then serves every op)"
 )
 
 
@@ -89,7 +90,8 @@ def _fail(cause, cuda=False):
     """Ends the build with one line: the cause and the way out."""
     cpu_only = "; FORCE_CUDA=0 builds the CPU kernels only" if cuda else ""
     raise SystemExit(
-        f"tallytrain: cannot build the native extension: {cause}. Fix that, or {NO_EXTENSION}{cpu_only}."
+        f"tallytrain: cannot build the native extension: {cause}. Fix that, or "
+        f"{NO_EXTENSION}{cpu_only}."
     )
 
 

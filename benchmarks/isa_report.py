@@ -66,7 +66,10 @@ def report(path: str) -> List[Tuple[str, str, Counter]]:
     if objdump is None:
         raise SystemExit("objdump (binutils) is needed")
     text = subprocess.run(
-        [objdump, "-d", "-C", "--no-show-raw-insn", path], check=True, capture_output=True, text=True
+        [objdump, "-d", "-C", "--no-show-raw-insn", path],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     counts: Dict[Tuple[str, str], Counter] = {}
     current: Optional[Counter] = None
@@ -113,7 +116,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "paths", nargs="*", help="shared objects or object files (default: the loaded tallytrain._C)"
+        "paths",
+        nargs="*",
+        help="shared objects or object files (default: the loaded tallytrain._C)",
     )
     args = parser.parse_args(argv)
     paths = args.paths or [default_extension()]

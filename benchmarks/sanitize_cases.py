@@ -104,11 +104,15 @@ def topk_cases(g):
         for m in (1, 1000, 50_000) + ((300_001,) if dtype == torch.float32 else ()):
             x = torch.randn(m, device=DEV, generator=g).to(dtype)
             for k in sorted({0, 1, m // 100, m // 2, m}):
-                expect_equal(f"topk m={m} k={k} {dtype}", _ops.topk_sparse(x, k), ref.topk_sparse(x, k))
+                expect_equal(
+                    f"topk m={m} k={k} {dtype}", _ops.topk_sparse(x, k), ref.topk_sparse(x, k)
+                )
                 r = torch.randn(m, device=DEV, generator=g).to(dtype)
                 r2 = r.clone()
                 expect_equal(
-                    f"topk_ef m={m} k={k} {dtype}", _ops.topk_sparse_ef(x, r, k), ref.topk_sparse_ef(x, r2, k)
+                    f"topk_ef m={m} k={k} {dtype}",
+                    _ops.topk_sparse_ef(x, r, k),
+                    ref.topk_sparse_ef(x, r2, k),
                 )
                 expect_equal(f"topk_ef residual m={m} k={k} {dtype}", r, r2)
         ties = torch.randint(-2, 3, (50_001,), device=DEV, generator=g).to(dtype)[1:]
@@ -120,7 +124,9 @@ def topk_cases(g):
 
 def merge_cases(g):
     size = 10_000
-    idx = [torch.sort(torch.randperm(size, device=DEV, generator=g)[:k]).values for k in (100, 0, 5000)]
+    idx = [
+        torch.sort(torch.randperm(size, device=DEV, generator=g)[:k]).values for k in (100, 0, 5000)
+    ]
     val = [
         torch.randn(i.numel(), device=DEV, generator=g).to(dt)
         for i, dt in zip(idx, (torch.float16, torch.float32, torch.float64))

@@ -74,7 +74,11 @@ def next_token_accuracy(model: nn.Module, batch) -> float:
 
 
 def run(
-    rounds: int = 2, seed: int = 0, local_steps: int = 20, distill_steps: int = 10, verbose: bool = True
+    rounds: int = 2,
+    seed: int = 0,
+    local_steps: int = 20,
+    distill_steps: int = 10,
+    verbose: bool = True,
 ) -> Dict[str, List[float]]:
     """Train the peers; return per-round mean probe accuracy, consensus accuracy
     and kept fraction of the real (unpadded) positions."""
@@ -92,7 +96,9 @@ def run(
         for p, (model, optim) in enumerate(zip(models, optims)):
             for _ in range(local_steps):  # next-token cross-entropy on private walks
                 batch = make_batch(
-                    cycle, peer_starts(p, BATCH, g), torch.randint(4, MAX_LEN + 2, (BATCH,), generator=g)
+                    cycle,
+                    peer_starts(p, BATCH, g),
+                    torch.randint(4, MAX_LEN + 2, (BATCH,), generator=g),
                 )
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     logits = model(batch[0])

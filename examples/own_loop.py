@@ -54,7 +54,9 @@ def run(
     """Train the five peers; return their mean test accuracy after each round."""
     x, y, test, pool, shards = make_data(seed)
     torch.manual_seed(seed)
-    models = [nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, CLASSES)) for _ in range(PEERS)]
+    models = [
+        nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, CLASSES)) for _ in range(PEERS)
+    ]
     optims = [torch.optim.Adam(m.parameters(), lr=3e-3) for m in models]
     memory = tallytrain.ConsensusMemory(len(pool))  # tallytrain
     history = []

@@ -54,7 +54,8 @@ HELP: Dict[str, str] = {
     "num_classes": "classes of --dataset synthetic (and glyphs); other datasets have their own",
     "synthetic_dim": "--dataset synthetic: input dimensions",
     "samples_per_class": "--dataset synthetic: samples of each class",
-    "synthetic_noise": "--dataset synthetic: standard deviation of the noise around each class prototype",
+    "synthetic_noise": "--dataset synthetic: standard deviation of the noise around each class "
+    "prototype",
     "synthetic_seed": "--dataset synthetic: seed of the task itself (prototypes and noise; the "
     "same for every run seed)",
     "max_probe_samples": "keep at most this many samples of the public probe pool, drawn at "
@@ -67,8 +68,10 @@ HELP: Dict[str, str] = {
     "cache_dir": "folder for derived data (tokenizers, token ids, glyph renders); default "
     "$TALLYTRAIN_CACHE_DIR, else ~/.cache/tallytrain",
     # model
-    "archs": "comma-separated architectures dealt to peers round-robin: {archs} (a --plugin adds more)",
-    "hidden": "width of the bundled architectures (hidden units; the CNN's channels derive from it)",
+    "archs": "comma-separated architectures dealt to peers round-robin: {archs} (a --plugin adds "
+    "more)",
+    "hidden": "width of the bundled architectures (hidden units; the CNN's channels derive from "
+    "it)",
     # train
     "local_steps": "Adam steps per round on the peer's own shard",
     "batch_size": "minibatch size of local training",
@@ -83,14 +86,17 @@ HELP: Dict[str, str] = {
     "undertrained_steps": "local steps per round of the under-trained peers",
     "peer_batch": "peers per vectorised training call (0 = every peer of an architecture at "
     "once; lower it to bound memory)",
-    "order": "distillation methods: {orders} (joint: every step sums the shard loss and the consensus loss)",
+    "order": "distillation methods: {orders} (joint: every step sums the shard loss and the "
+    "consensus loss)",
     "distill_weight": "--order joint: weight of the consensus loss",
     # protocol
     "probes_per_round": "probes drawn from the public pool each round",
     "participation": "share of peers selected each round (1 = all)",
-    "agreement_threshold": "tallytrain: keep probes whose winner's share count/total is at least this",
+    "agreement_threshold": "tallytrain: keep probes whose winner's share count/total is at least "
+    "this",
     "min_votes": "tallytrain: keep probes whose winner has at least this many votes",
-    "abstain_below": "tallytrain: a peer abstains where its top-1 probability is below this ('none' = never)",
+    "abstain_below": "tallytrain: a peer abstains where its top-1 probability is below this "
+    "('none' = never)",
     "support_min": "tallytrain: a peer also abstains on classes its shard holds fewer samples "
     "of than this (0 = off)",
     "memory_max_age": "tallytrain: peers keep consensus labels this many rounds (0 = until "
@@ -223,7 +229,9 @@ def _add_field(group, f: dataclasses.Field, values: Dict[str, str]) -> None:
     parsers: Dict[str, Callable[[str], Any]] = {"int": _integer, "float": _finite, "str": str}
     cast = parsers[t.replace("Optional[", "").rstrip("]")]
     if t.startswith("Optional"):
-        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_optional(cast), help=help_text)
+        group.add_argument(
+            flag, dest=f.name, default=argparse.SUPPRESS, type=_optional(cast), help=help_text
+        )
     else:
         group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=cast, help=help_text)
 
@@ -233,10 +241,14 @@ def _common(p: argparse.ArgumentParser, values: Dict[str, str]) -> None:
 
     p.add_argument("--out", required=True, help="run directory to create (or resume)")
     p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run directory (same options required)"
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run directory (same options required)",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing run directory (only a run directory)"
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run directory (only a run directory)",
     )
     p.add_argument(
         "--seed",
@@ -245,7 +257,10 @@ def _common(p: argparse.ArgumentParser, values: Dict[str, str]) -> None:
         help="seed of the first run; --seeds counts up from it (default: 0)",
     )
     p.add_argument(
-        "--seeds", type=_integer, default=1, help="number of seeds: --seed, --seed + 1, ... (default: 1)"
+        "--seeds",
+        type=_integer,
+        default=1,
+        help="number of seeds: --seed, --seed + 1, ... (default: 1)",
     )
     p.add_argument(
         "--threads",
@@ -281,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     values = _help_values()
     methods = ", ".join(method_names())
-    parser = _Parser(prog="tallytrain", description="Hard-label federated distillation with packed votes.")
+    parser = _Parser(
+        prog="tallytrain", description="Hard-label federated distillation with packed votes."
+    )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     info = sub.add_parser("info", help="which op backend serves each device, and versions")
@@ -342,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="every op against the plain-PyTorch way, as ratios and fractions of the memory bandwidth",
+        help="every op against the plain-PyTorch way, as ratios and fractions of the memory "
+        "bandwidth",
         description=bench_ops.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -479,7 +497,8 @@ def _stopped(args: argparse.Namespace, cfg, argv: Sequence[str]) -> int:
         )
     else:
         print(
-            f"tallytrain: stopped before the run started; nothing was written to {args.out}", file=sys.stderr
+            f"tallytrain: stopped before the run started; nothing was written to {args.out}",
+            file=sys.stderr,
         )
     return 130
 

@@ -123,13 +123,18 @@ def _weights(weights, peers: int, device: torch.device) -> Optional[torch.Tensor
     if weights is None:
         return None
     if isinstance(weights, torch.Tensor):
-        if weights.dtype.is_floating_point or weights.dtype.is_complex or weights.dtype == torch.bool:
+        if (
+            weights.dtype.is_floating_point
+            or weights.dtype.is_complex
+            or weights.dtype == torch.bool
+        ):
             raise TypeError(f"weights must be integers, got a {weights.dtype} tensor")
         w = weights.to(device=device, dtype=torch.int64)
     else:
         if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
             raise TypeError(
-                f"weights must be a sequence of ints or an integer tensor, got {type(weights).__name__}"
+                "weights must be a sequence of ints or an integer tensor, got "
+                f"{type(weights).__name__}"
             )
         values = []
         for i, x in enumerate(weights):
@@ -137,14 +142,18 @@ def _weights(weights, peers: int, device: torch.device) -> Optional[torch.Tensor
                 try:
                     x = operator.index(x)
                 except TypeError:
-                    raise TypeError(f"weights[{i}] must be an int, got {type(x).__name__}") from None
+                    raise TypeError(
+                        f"weights[{i}] must be an int, got {type(x).__name__}"
+                    ) from None
             values.append(x)
         try:
             w = torch.tensor(values, dtype=torch.int64, device=device)
         except RuntimeError:  # beyond int64
             raise ValueError("weights must fit int64") from None
     if w.shape != (peers,):
-        raise ValueError(f"weights must have one entry per Votes ({peers}), got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"weights must have one entry per Votes ({peers}), got shape {tuple(w.shape)}"
+        )
     if peers and bool((w < 0).any()):
         i = int(torch.nonzero(w < 0)[0])
         raise ValueError(f"weights must be >= 0, got weights[{i}] = {int(w[i])}")
@@ -185,7 +194,9 @@ def tally(
             of range.
     """
     if isinstance(votes, Votes) or not isinstance(votes, Sequence):
-        raise TypeError(f"votes must be a sequence of Votes (one per peer), got {type(votes).__name__}")
+        raise TypeError(
+            f"votes must be a sequence of Votes (one per peer), got {type(votes).__name__}"
+        )
     if len(votes) == 0:
         raise ValueError("votes must hold at least one Votes")
     for i, v in enumerate(votes):
@@ -252,7 +263,9 @@ def consensus_loss(
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 2:
-        raise ValueError(f"logits must be [..., C] with C >= 2 classes, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be [..., C] with C >= 2 classes, got shape {tuple(logits.shape)}"
+        )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
     labels: Optional[torch.Tensor]
@@ -277,7 +290,8 @@ def consensus_loss(
     for name, t in (("labels", labels), ("keep", keep)):
         if t.shape != leading:
             raise ValueError(
-                f"consensus.{name} must have the logits' leading shape {tuple(leading)}, got {tuple(t.shape)}"
+                f"consensus.{name} must have the logits' leading shape {tuple(leading)}, got "
+                f"{tuple(t.shape)}"
             )
     flat_labels = labels.reshape(-1).to(device=logits.device, dtype=torch.int64)
     counted = keep.reshape(-1).to(logits.device) & (flat_labels >= 0)

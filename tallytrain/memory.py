@@ -75,7 +75,9 @@ class ConsensusMemory:
         self._pool_size = _int(pool_size, "pool_size", 0)
         self._max_age = None if max_age is None else _int(max_age, "max_age", 1)
         if isinstance(position_shape, (str, bytes)) or not isinstance(position_shape, Sequence):
-            raise TypeError(f"position_shape must be a sequence of ints, got {type(position_shape).__name__}")
+            raise TypeError(
+                f"position_shape must be a sequence of ints, got {type(position_shape).__name__}"
+            )
         self._position_shape = torch.Size(
             [_int(d, f"position_shape[{i}]", 0) for i, d in enumerate(position_shape)]
         )
@@ -143,7 +145,9 @@ class ConsensusMemory:
         """
         r = _int(round, "round", 0)
         if r < self._round:
-            raise ValueError(f"round must not go backwards: got {r} after an update of round {self._round}")
+            raise ValueError(
+                f"round must not go backwards: got {r} after an update of round {self._round}"
+            )
         idx = self._probe_indices(probe_indices, distinct=True)
         n = idx.numel()
         labels = getattr(consensus, "labels", None)
@@ -168,7 +172,8 @@ class ConsensusMemory:
         if labels.numel() and int(labels.min()) < -1:
             i = int(torch.nonzero(labels.reshape(-1) < -1)[0])
             raise ValueError(
-                f"consensus.labels{_position(i, expected)} = {int(labels.reshape(-1)[i])} is below -1"
+                f"consensus.labels{_position(i, expected)} = {int(labels.reshape(-1)[i])} is "
+                "below -1"
             )
         # Each step is one pass over the n rows (a full pool of 10^5 x 64 takes
         # tens of milliseconds; a round's subset a few).
@@ -206,7 +211,9 @@ class ConsensusMemory:
         outside = (idx < 0) | (idx >= self._pool_size)
         if bool(outside.any()):
             i = int(torch.nonzero(outside)[0])
-            raise ValueError(f"{name}[{i}] = {int(idx[i])} is outside the pool 0..{self._pool_size - 1}")
+            raise ValueError(
+                f"{name}[{i}] = {int(idx[i])} is outside the pool 0..{self._pool_size - 1}"
+            )
         if distinct:
             ordered = torch.sort(idx).values
             repeated = ordered[1:] == ordered[:-1]
@@ -247,7 +254,9 @@ class ConsensusMemory:
                 self._labels[mask] = -1
                 per_probe = mask.reshape(self._pool_size, self._positions)
                 rows = torch.nonzero(per_probe.any(1)).flatten()
-                self._held[rows] = (self._labels[rows] >= 0).reshape(rows.numel(), self._positions).sum(1)
+                self._held[rows] = (
+                    (self._labels[rows] >= 0).reshape(rows.numel(), self._positions).sum(1)
+                )
                 return before - len(self)
             if mask.shape != (self._pool_size,):
                 raise ValueError(
@@ -300,10 +309,16 @@ class ConsensusMemory:
         if missing or unknown:
             raise ValueError(f"state: missing keys {missing}, unknown keys {unknown}")
         if state["version"] != _STATE_VERSION:
-            raise ValueError(f"state['version'] is {state['version']!r}; this code reads {_STATE_VERSION}")
+            raise ValueError(
+                f"state['version'] is {state['version']!r}; this code reads {_STATE_VERSION}"
+            )
         pool = _int(state["pool_size"], "state['pool_size']", 0)
         shape_t = state["position_shape"]
-        if not isinstance(shape_t, torch.Tensor) or shape_t.dtype != torch.int64 or shape_t.dim() != 1:
+        if (
+            not isinstance(shape_t, torch.Tensor)
+            or shape_t.dtype != torch.int64
+            or shape_t.dim() != 1
+        ):
             raise TypeError("state['position_shape'] must be a 1-D int64 tensor")
         max_age = _int(state["max_age"], "state['max_age']", 0)
         r = _int(state["round"], "state['round']", -1)
@@ -320,7 +335,9 @@ class ConsensusMemory:
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
                 raise TypeError(f"state['{name}'] must be an int64 tensor")
             if t.shape != shape:
-                raise ValueError(f"state['{name}'] must have shape {tuple(shape)}, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"state['{name}'] must have shape {tuple(shape)}, got {tuple(t.shape)}"
+                )
         labels = labels.to(self._device).clone()
         stamps = stamps.to(self._device).clone()
         if labels.numel() and int(labels.min()) < -1:

@@ -183,10 +183,14 @@ class TransformerLM(nn.Module):
     token embedding (it halves the parameters at V = 4,096 and width 128, and
     every parameter is shipped by the parameter-averaging baselines)."""
 
-    def __init__(self, vocab_size: int, context: int, width: int = 128, layers: int = 2, heads: int = 4):
+    def __init__(
+        self, vocab_size: int, context: int, width: int = 128, layers: int = 2, heads: int = 4
+    ):
         super().__init__()
         if width % heads:
-            raise ValueError(f"arch 'lm': hidden ({width}) must be a multiple of its {heads} attention heads")
+            raise ValueError(
+                f"arch 'lm': hidden ({width}) must be a multiple of its {heads} attention heads"
+            )
         self.layers = layers
         self.positions_per_sample = context  # one next-token prediction per input token
         self.token = nn.Embedding(vocab_size, width)

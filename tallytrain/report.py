@@ -78,7 +78,9 @@ def summarize(results: Mapping[str, Sequence[Mapping]]) -> dict:
         if all(p is not None for p in ppl):  # sequence tasks
             ppl_a = np.array(ppl, dtype=np.float64)
             methods[name]["final_perplexity_mean"] = float(ppl_a.mean())
-            methods[name]["final_perplexity_std"] = float(ppl_a.std(ddof=1)) if len(ppl_a) > 1 else None
+            methods[name]["final_perplexity_std"] = (
+                float(ppl_a.std(ddof=1)) if len(ppl_a) > 1 else None
+            )
     return {"methods": methods}
 
 
@@ -106,7 +108,8 @@ def summary_table(summary: Mapping, reference: str = "softlabel") -> str:
         if ppl:
             spread = m["final_perplexity_std"]
             cells.append(
-                f"{m['final_perplexity_mean']:.1f} ± " + ("–" if spread is None else f"{spread:.1f}")
+                f"{m['final_perplexity_mean']:.1f} ± "
+                + ("–" if spread is None else f"{spread:.1f}")
             )
         cells += [f"{m['uplink_bytes']:,}", f"{m['total_bytes']:,}"]
         if ref:
@@ -134,7 +137,9 @@ def phase_table(summary: Mapping) -> str:
         lines.append(
             "| "
             + " | ".join(
-                [name] + [f"{ps.get(k, 0.0):.2f}" for k in phases] + [f"{total:.2f}", f"{100 * share:.2f}%"]
+                [name]
+                + [f"{ps.get(k, 0.0):.2f}" for k in phases]
+                + [f"{total:.2f}", f"{100 * share:.2f}%"]
             )
             + " |"
         )
@@ -171,7 +176,9 @@ def _curves(rows: Sequence[Mapping], key: str):
     for method, seeds in by.items():
         rounds = sorted(set.intersection(*(set(s) for s in seeds.values())))
         vals = np.array([[seeds[s][t][key] for t in rounds] for s in seeds], dtype=np.float64)
-        cum = np.array([[seeds[s][t]["cum_bytes"] for t in rounds] for s in seeds], dtype=np.float64)
+        cum = np.array(
+            [[seeds[s][t]["cum_bytes"] for t in rounds] for s in seeds], dtype=np.float64
+        )
         out[method] = (np.array(rounds) + 1, vals.mean(0), vals.std(0), cum.mean(0))
     return out
 
@@ -342,7 +349,9 @@ def plot_pareto(points: Sequence[Mapping], path: str, title: str = "") -> None:
         ax.errorbar(
             [p["total_bytes"] for p in mine],
             [p["final_accuracy_mean"] for p in mine],
-            yerr=None if all(s is None for s in spread) else [0.0 if s is None else s for s in spread],
+            yerr=None
+            if all(s is None for s in spread)
+            else [0.0 if s is None else s for s in spread],
             fmt=_MARKERS[i % len(_MARKERS)],
             color=colors[method],
             label=method,
@@ -360,7 +369,8 @@ def plot_pareto(points: Sequence[Mapping], path: str, title: str = "") -> None:
             for p in mine
         ]
     front = sorted(
-        (p for p in points if p.get("on_frontier") and p["total_bytes"] > 0), key=lambda p: p["total_bytes"]
+        (p for p in points if p.get("on_frontier") and p["total_bytes"] > 0),
+        key=lambda p: p["total_bytes"],
     )
     if front:
         ax.step(

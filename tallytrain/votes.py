@@ -120,7 +120,9 @@ class Votes:
 
     # ---- labels -----------------------------------------------------------------
     @classmethod
-    def from_labels(cls, labels: torch.Tensor, num_classes: int, *, abstain: bool = False) -> "Votes":
+    def from_labels(
+        cls, labels: torch.Tensor, num_classes: int, *, abstain: bool = False
+    ) -> "Votes":
         """Votes from class indices rather than logits.
 
         Args:
@@ -151,7 +153,8 @@ class Votes:
                 i = int(torch.nonzero(bad)[0])
                 hint = "" if abstain or int(flat[i]) != -1 else " (-1 needs abstain=True)"
                 raise ValueError(
-                    f"labels{_position(i, labels.shape)} = {int(flat[i])} is outside {low}..{c - 1}{hint}"
+                    f"labels{_position(i, labels.shape)} = {int(flat[i])} is outside "
+                    f"{low}..{c - 1}{hint}"
                 )
         if abstain:
             flat = torch.where(flat < 0, c, flat)
@@ -220,7 +223,10 @@ class Votes:
 
 
 def vote(
-    logits: torch.Tensor, *, abstain_below: Optional[float] = None, mask: Optional[torch.Tensor] = None
+    logits: torch.Tensor,
+    *,
+    abstain_below: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None,
 ) -> Votes:
     """Each position's argmax class, packed: one peer's votes.
 
@@ -259,7 +265,9 @@ def vote(
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 2:
-        raise ValueError(f"logits must be [..., C] with C >= 2 classes, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be [..., C] with C >= 2 classes, got shape {tuple(logits.shape)}"
+        )
     c = logits.shape[-1]
     leading = logits.shape[:-1]
     if mask is not None:
@@ -269,7 +277,8 @@ def vote(
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
         if mask.shape != leading:
             raise ValueError(
-                f"mask must have the logits' leading shape {tuple(leading)}, got {tuple(mask.shape)}"
+                f"mask must have the logits' leading shape {tuple(leading)}, got "
+                f"{tuple(mask.shape)}"
             )
     if abstain_below is not None:
         if isinstance(abstain_below, bool) or not isinstance(abstain_below, numbers.Real):

@@ -123,7 +123,9 @@ def test_the_package_import_graph_has_no_cycle():
     assert cycles(import_graph()) == []
 
 
-@pytest.mark.parametrize("engine", ["tallytrain.fl", "tallytrain.data", "tallytrain.ops", "tallytrain.comm"])
+@pytest.mark.parametrize(
+    "engine", ["tallytrain.fl", "tallytrain.data", "tallytrain.ops", "tallytrain.comm"]
+)
 def test_the_engine_does_not_import_the_application(engine):
     graph = import_graph()
     app = {m for m in graph if m.startswith(("tallytrain.app", "tallytrain.cli"))}

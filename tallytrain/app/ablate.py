@@ -27,7 +27,10 @@ REFERENCE = "softlabel"
 
 #: label -> (what is off, the overrides that turn it off)
 ABLATIONS: Dict[str, tuple] = {
-    "no-memory": ("consensus memory: only the latest round's consensus", {"protocol": {"memory_max_age": 1}}),
+    "no-memory": (
+        "consensus memory: only the latest round's consensus",
+        {"protocol": {"memory_max_age": 1}},
+    ),
     "no-support": (
         "support-aware abstention (by label and by input)",
         {"protocol": {"support_min": 0, "support_radius": None}},
@@ -40,21 +43,35 @@ ABLATIONS: Dict[str, tuple] = {
         "votes from local-only models: votes from the distilled models",
         {"protocol": {"votes_from": "distilled"}},
     ),
-    "no-threshold": ("the probability threshold of abstention", {"protocol": {"abstain_below": None}}),
-    "no-reputation": ("reputation weights: every peer weighs 1", {"protocol": {"reputation": False}}),
+    "no-threshold": (
+        "the probability threshold of abstention",
+        {"protocol": {"abstain_below": None}},
+    ),
+    "no-reputation": (
+        "reputation weights: every peer weighs 1",
+        {"protocol": {"reputation": False}},
+    ),
     "no-schedule": (
         "the distillation schedule: a fixed distillation batch",
         {"train": {"distill_epochs": 0.0}},
     ),
 }
-COLUMNS = ("consensus_acc", "kept_fraction", "memory_fraction", "memory_acc", "abstained", "classes_covered")
+COLUMNS = (
+    "consensus_acc",
+    "kept_fraction",
+    "memory_fraction",
+    "memory_acc",
+    "abstained",
+    "classes_covered",
+)
 ABLATION_TABLE, ABLATION_JSON, ABLATION_PLOT = "ablation.md", "ablation.json", "ablation.png"
 
 
 def ablate_config(base: RunConfig, seeds: Sequence[int]) -> CompareConfig:
     labels = [RECIPE] + [f"{RECIPE}-{name}" for name in ABLATIONS] + [REFERENCE]
     settings = {
-        f"{RECIPE}-{name}": {"method": RECIPE, **overrides} for name, (_, overrides) in ABLATIONS.items()
+        f"{RECIPE}-{name}": {"method": RECIPE, **overrides}
+        for name, (_, overrides) in ABLATIONS.items()
     }
     return CompareConfig(methods=tuple(labels), seeds=tuple(seeds), base=base, settings=settings)
 

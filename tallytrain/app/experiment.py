@@ -57,7 +57,9 @@ def option_fields() -> Dict[str, Tuple[Optional[str], dataclasses.Field]]:
     for top in dataclasses.fields(RunConfig):
         if top.name in ("method", "seed"):
             continue
-        default = top.default_factory() if top.default_factory is not dataclasses.MISSING else top.default
+        default = (
+            top.default_factory() if top.default_factory is not dataclasses.MISSING else top.default
+        )
         for section, f in (
             [(top.name, f) for f in dataclasses.fields(default)]
             if dataclasses.is_dataclass(default)
@@ -96,7 +98,9 @@ def compare_config(methods: Sequence[str], seeds: Sequence[int], **options: Any)
     methods, seeds = tuple(methods), tuple(seeds)
     if not methods:
         raise ValueError("methods must name at least one method")
-    base = dataclasses.replace(defaults, method=methods[0], seed=seeds[0] if seeds else 0, **top, **built)
+    base = dataclasses.replace(
+        defaults, method=methods[0], seed=seeds[0] if seeds else 0, **top, **built
+    )
     settings = {}
     if BYTE_MATCHED in methods:
         settings[BYTE_MATCHED] = byte_matched_softlabel(base)
@@ -118,7 +122,10 @@ def byte_matched_softlabel(base: RunConfig) -> Dict[str, Any]:
     votes = wire.votes_message_bytes(base.protocol.probes_per_round, num_classes, abstain=True)
     per_probe = wire.soft_labels_message_bytes(1, num_classes, torch.float16) - wire.OVERHEAD
     probes = max(1, round((votes - wire.OVERHEAD) / per_probe))
-    return {"method": "softlabel", "protocol": {"softlabel_dtype": "float16", "probes_per_round": probes}}
+    return {
+        "method": "softlabel",
+        "protocol": {"softlabel_dtype": "float16", "probes_per_round": probes},
+    }
 
 
 class RunDirError(ValueError):
@@ -149,7 +156,8 @@ def _check_dir(cfg: CompareConfig, out: str, resume: bool, overwrite: bool) -> N
     if resume:
         if not os.path.isfile(cfg_path):
             raise RunDirError(
-                f"cannot resume: run directory {out} holds no {CONFIG_FILE} (is it a run directory?)"
+                f"cannot resume: run directory {out} holds no {CONFIG_FILE} (is it a run "
+                "directory?)"
             )
         stored = _read_json(cfg_path, "run config")
         try:
@@ -220,8 +228,12 @@ def _run_one(
     def on_round(f: Federation) -> None:
         save_checkpoint(f, ckpt)
         with f.timer("checkpoint"):
-            report.write_text_atomic(os.path.join(run_dir, METRICS_FILE), report.metrics_jsonl(f.metrics))
-        progress.advance(f"{label} round {f.round}/{cfg.rounds}", run_finished=f.round == cfg.rounds)
+            report.write_text_atomic(
+                os.path.join(run_dir, METRICS_FILE), report.metrics_jsonl(f.metrics)
+            )
+        progress.advance(
+            f"{label} round {f.round}/{cfg.rounds}", run_finished=f.round == cfg.rounds
+        )
 
     fed.run(on_round)
     report.write_text_atomic(
@@ -293,7 +305,13 @@ def run_dir_of(out: str, label: str, seed: int) -> str:
 
 
 def _run_compare(
-    cfg: CompareConfig, out: str, resume: bool, overwrite: bool, show_progress: bool, threads: int, jobs: int
+    cfg: CompareConfig,
+    out: str,
+    resume: bool,
+    overwrite: bool,
+    show_progress: bool,
+    threads: int,
+    jobs: int,
 ) -> dict:
     for label in cfg.methods:
         get_method(cfg.method_of(label))  # unknown names fail before anything is read
@@ -343,7 +361,12 @@ def _run_compare(
                 data = splits.pop(seed)
                 for label in cfg.methods:
                     _run_one(
-                        cfg.run(label, seed), data, run_dir_of(out, label, seed), resume, progress, label
+                        cfg.run(label, seed),
+                        data,
+                        run_dir_of(out, label, seed),
+                        resume,
+                        progress,
+                        label,
                     )
                 del data
         else:
@@ -360,7 +383,9 @@ class _QueueProgress:
     def __init__(self, queue):
         self.queue = queue
 
-    def advance(self, label: str, n: int = 1, run_finished: bool = False, skipped: bool = False) -> None:
+    def advance(
+        self, label: str, n: int = 1, run_finished: bool = False, skipped: bool = False
+    ) -> None:
         self.queue.put(("progress", (label, n, run_finished, skipped)))
 
 
@@ -471,7 +496,10 @@ def finish(cfg: CompareConfig, out: str, class_counts: np.ndarray) -> dict:
     for label in cfg.methods:
         for seed in cfg.seeds:
             run_dir = run_dir_of(out, label, seed)
-            rows += [dict(row, label=label) for row in report.read_jsonl(os.path.join(run_dir, METRICS_FILE))]
+            rows += [
+                dict(row, label=label)
+                for row in report.read_jsonl(os.path.join(run_dir, METRICS_FILE))
+            ]
             with open(os.path.join(run_dir, COMM_FILE), encoding="utf-8") as f:
                 text = f.read()
             comm.append(text if not comm else text.split("\n", 1)[1])
@@ -500,6 +528,8 @@ def finish(cfg: CompareConfig, out: str, class_counts: np.ndarray) -> dict:
             ylabel="test perplexity (mean over seeds; lower is better)",
         )
     report.plot_partition(
-        class_counts, os.path.join(out, PLOTS[2]), f"samples per peer and class (seed {cfg.seeds[0]})"
+        class_counts,
+        os.path.join(out, PLOTS[2]),
+        f"samples per peer and class (seed {cfg.seeds[0]})",
     )
     return summary

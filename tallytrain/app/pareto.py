@@ -60,7 +60,9 @@ def pareto_config(
                 f"point as a period of {base.rounds}; lower them or run more rounds"
             )
     if not bridge_fractions or any(not 0 < f <= 1 for f in bridge_fractions):
-        raise ValueError(f"bridge_fractions must list fractions in (0, 1], got {list(bridge_fractions)}")
+        raise ValueError(
+            f"bridge_fractions must list fractions in (0, 1], got {list(bridge_fractions)}"
+        )
     for name, listed in (
         ("periods", periods),
         ("bridge_periods", bridge_periods),
@@ -72,12 +74,16 @@ def pareto_config(
     unknown = set(baselines) - set(PARAMETER_BASELINES)
     if unknown:
         raise ValueError(
-            f"baselines may only name {', '.join(PARAMETER_BASELINES)}; got {', '.join(sorted(unknown))}"
+            f"baselines may only name {', '.join(PARAMETER_BASELINES)}; got "
+            f"{', '.join(sorted(unknown))}"
         )
     settings: Dict[str, dict] = {}
     for method in baselines:
         for r in periods:
-            settings[f"{method}-R{int(r)}"] = {"method": method, "protocol": {"merge_period": int(r)}}
+            settings[f"{method}-R{int(r)}"] = {
+                "method": method,
+                "protocol": {"merge_period": int(r)},
+            }
     labels = list(settings) + ["softlabel", "tallytrain"]
     for f in bridge_fractions:
         for r in bridge_periods:
@@ -108,7 +114,9 @@ def dominates(a: Mapping, b: Mapping) -> bool:
     return acc_a >= acc_b and bytes_a <= bytes_b and (acc_a > acc_b or bytes_a < bytes_b)
 
 
-def analyze(cfg: CompareConfig, summary: Mapping, seed_accuracy: Mapping[str, Sequence[float]]) -> dict:
+def analyze(
+    cfg: CompareConfig, summary: Mapping, seed_accuracy: Mapping[str, Sequence[float]]
+) -> dict:
     """pareto.json: every point, the frontier, and for each baseline point the
     bridge points that dominate it. ``seed_accuracy[label]`` lists the final
     accuracy of each seed, in ``cfg.seeds`` order."""
@@ -136,7 +144,11 @@ def analyze(cfg: CompareConfig, summary: Mapping, seed_accuracy: Mapping[str, Se
         by = [q for q in bridge if dominates(q, p)]
         p["dominated_by_bridge"] = [q["label"] for q in by]
         p["dominated_on_every_seed_by"] = (
-            [q["label"] for q in by if all(a >= b for a, b in zip(q["seed_accuracy"], p["seed_accuracy"]))]
+            [
+                q["label"]
+                for q in by
+                if all(a >= b for a, b in zip(q["seed_accuracy"], p["seed_accuracy"]))
+            ]
             if paired
             else None
         )
@@ -145,7 +157,9 @@ def analyze(cfg: CompareConfig, summary: Mapping, seed_accuracy: Mapping[str, Se
         "points": points,
         "baselines": len(baselines),
         "baselines_dominated": sum(bool(p["dominated_by_bridge"]) for p in baselines),
-        "baselines_dominated_on_every_seed": sum(bool(p["dominated_on_every_seed_by"]) for p in baselines)
+        "baselines_dominated_on_every_seed": sum(
+            bool(p["dominated_on_every_seed_by"]) for p in baselines
+        )
         if paired
         else None,
         "seeds": list(cfg.seeds),
@@ -215,7 +229,9 @@ def run_pareto(cfg: CompareConfig, out: str, **run_options) -> dict:
     for label in cfg.methods:
         seed_accuracy[label] = []
         for seed in cfg.seeds:
-            with open(os.path.join(run_dir_of(out, label, seed), "result.json"), encoding="utf-8") as f:
+            with open(
+                os.path.join(run_dir_of(out, label, seed), "result.json"), encoding="utf-8"
+            ) as f:
                 seed_accuracy[label].append(json.load(f)["final_accuracy"])
     result = analyze(cfg, summary, seed_accuracy)
     report.write_json_atomic(os.path.join(out, PARETO_FILE), result)

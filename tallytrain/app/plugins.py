@@ -73,7 +73,9 @@ def _as_tensors(source: Any, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
         for i in range(len(source)):
             item = source[i]
             if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ValueError(f"{what}: item {i} must be an (x, y) pair, got {type(item).__name__}")
+                raise ValueError(
+                    f"{what}: item {i} must be an (x, y) pair, got {type(item).__name__}"
+                )
             xs.append(torch.as_tensor(item[0]))
             ys.append(torch.as_tensor(item[1]))
         if not xs:
@@ -90,12 +92,15 @@ def _as_tensors(source: Any, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _inputs_and_labels(x: torch.Tensor, y: torch.Tensor, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _inputs_and_labels(
+    x: torch.Tensor, y: torch.Tensor, what: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.dim() < 2 or len(x) == 0:
         raise ValueError(f"{what}: inputs must be [N, ...] with N >= 1, got shape {tuple(x.shape)}")
     if y.dim() != 1 or len(y) != len(x):
         raise ValueError(
-            f"{what}: labels must be [N] with one label per input ({len(x)}), got shape {tuple(y.shape)}"
+            f"{what}: labels must be [N] with one label per input ({len(x)}), got shape "
+            f"{tuple(y.shape)}"
         )
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"{what}: labels must be integers (class ids), got {y.dtype}")
@@ -134,7 +139,8 @@ class _OwnDataset:
             )
             if x_test.shape[1:] != x.shape[1:]:
                 raise ValueError(
-                    f"{what}: test inputs are {tuple(x_test.shape[1:])}, training inputs {tuple(x.shape[1:])}"
+                    f"{what}: test inputs are {tuple(x_test.shape[1:])}, training inputs "
+                    f"{tuple(x.shape[1:])}"
                 )
         labels = y if y_test is None else torch.cat([y, y_test])
         low, high = int(labels.min()), int(labels.max())
@@ -159,7 +165,12 @@ class _OwnDataset:
 
 
 def register_dataset(
-    name: str, data: Any, *, test: Any = None, num_classes: Optional[int] = None, replace: bool = False
+    name: str,
+    data: Any,
+    *,
+    test: Any = None,
+    num_classes: Optional[int] = None,
+    replace: bool = False,
 ) -> None:
     """Make ``name`` a dataset the engine can run (``--dataset name``).
 
@@ -170,7 +181,9 @@ def register_dataset(
     (without it, registering a name twice is an error)."""
     _check_name("dataset", name, _BUILTIN_DATASETS)
     if name in DATASETS and not replace:
-        raise ValueError(f"dataset {name!r} is registered already (pass replace=True to replace it)")
+        raise ValueError(
+            f"dataset {name!r} is registered already (pass replace=True to replace it)"
+        )
     if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     DATASETS[name] = _OwnDataset(name, data, test, num_classes)
@@ -303,7 +316,9 @@ def load_plugin(spec: str) -> None:
             and os.path.abspath(f.filename) != os.path.abspath(__file__)
         ]  # not ours
         at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-        raise ValueError(f"plugin {spec!r}: cannot import it ({type(exc).__name__}: {exc}{at})") from exc
+        raise ValueError(
+            f"plugin {spec!r}: cannot import it ({type(exc).__name__}: {exc}{at})"
+        ) from exc
     finally:
         _loading.pop()
     _plugins.append(spec)

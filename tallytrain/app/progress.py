@@ -24,7 +24,9 @@ class Progress:
         self.since_line = 0  # rounds advanced since the last plain line
         self.start = time.perf_counter()
 
-    def advance(self, label: str, n: int = 1, run_finished: bool = False, skipped: bool = False) -> None:
+    def advance(
+        self, label: str, n: int = 1, run_finished: bool = False, skipped: bool = False
+    ) -> None:
         self.done += n
         self.since_line += n
         if skipped:

@@ -62,5 +62,11 @@ def simulate(
     )
     cfg = compare_config(names, seeds, dataset=dataset_name, **options)
     return run_compare(
-        cfg, out, resume=resume, overwrite=overwrite, show_progress=progress, threads=threads, jobs=jobs
+        cfg,
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        show_progress=progress,
+        threads=threads,
+        jobs=jobs,
     )

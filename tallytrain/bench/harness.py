@@ -220,7 +220,9 @@ def run_case(
     # Each further level gets inputs of its own (case.make() again, the same
     # seeded data): an op that updates its input in place (topk_sparse_ef's
     # residual) must meet every level in the state the plain way met it.
-    natives = [at_level(level, native if i == 0 else case.make()[0]) for i, level in enumerate(levels)]
+    natives = [
+        at_level(level, native if i == 0 else case.make()[0]) for i, level in enumerate(levels)
+    ]
     # The first calls warm up, and their outputs are compared.
     warm, agrees = [], []
     plain_out, warm_plain = timed_call(plain, device)
@@ -230,7 +232,9 @@ def run_case(
         agrees.append(case.check(native_out, plain_out) if case.check is not None else None)
         del native_out
     del plain_out
-    timings = measure_interleaved(natives + [plain], device, budget_s=budget_s, warm_s=warm + [warm_plain])
+    timings = measure_interleaved(
+        natives + [plain], device, budget_s=budget_s, warm_s=warm + [warm_plain]
+    )
     t_plain = timings[-1]
     rows = []
     for level, t_native, agree in zip(levels, timings, agrees):

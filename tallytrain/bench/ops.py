@@ -118,12 +118,17 @@ def _generator(device: str, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def pack_argmax_case(device: str, n: int, c: int, dtype: str, target: Optional[Target] = None) -> Case:
+def pack_argmax_case(
+    device: str, n: int, c: int, dtype: str, target: Optional[Target] = None
+) -> Case:
     dt = _DTYPES[dtype]
 
     def make():
         logits = torch.randn(n, c, dtype=dt, device=device, generator=_generator(device, 0))
-        return (lambda: _native.pack_argmax(logits, False, None)[0], lambda: plain_pack_argmax(logits))
+        return (
+            lambda: _native.pack_argmax(logits, False, None)[0],
+            lambda: plain_pack_argmax(logits),
+        )
 
     nbytes = n * c * dt.itemsize + packed_size(n, c)
     return Case("pack_argmax", f"N={n} C={c} {dtype}", make, nbytes, target, check=torch.equal)
@@ -147,7 +152,12 @@ def pack_argmax_abstain_case(device: str, n: int, c: int, dtype: str) -> Case:
 
     nbytes = n * c * dt.itemsize + packed_size(n, c + 1)
     return Case(
-        "pack_argmax", f"N={n} C={c} {dtype} abstain<{ABSTAIN_BELOW}", make, nbytes, None, check=torch.equal
+        "pack_argmax",
+        f"N={n} C={c} {dtype} abstain<{ABSTAIN_BELOW}",
+        make,
+        nbytes,
+        None,
+        check=torch.equal,
     )
 
 
@@ -155,12 +165,17 @@ def unpack_labels_case(device: str, n: int, c: int) -> Case:
     def make():
         labels = torch.randint(0, c, (n,), device=device, generator=_generator(device, 1))
         packed = tt.pack_labels(labels, c)
-        return (lambda: _native.unpack_labels(packed, n, c), lambda: plain_unpack(packed, n, bits_for(c)))
+        return (
+            lambda: _native.unpack_labels(packed, n, c),
+            lambda: plain_unpack(packed, n, bits_for(c)),
+        )
 
     return Case("unpack_labels", f"N={n} C={c}", make, packed_size(n, c) + 8 * n, check=torch.equal)
 
 
-def random_votes(device: str, peers: int, n: int, c: int, agree: float = 0.7, seed: int = 2) -> torch.Tensor:
+def random_votes(
+    device: str, peers: int, n: int, c: int, agree: float = 0.7, seed: int = 2
+) -> torch.Tensor:
     """[P, bytes] packed votes: each peer votes the probe's true class with
     probability `agree`, else a uniformly random class (the usual regime)."""
     g = _generator(device, seed)
@@ -207,7 +222,12 @@ def topk_case(device: str, m: int, k: int, target: Optional[Target] = None) -> C
         return (lambda: _native.topk_sparse(x, k), lambda: plain_topk(x, k))
 
     return Case(
-        "topk_sparse", f"M={m:.0e} k={k:.0e} fp32", make, 4 * m + 12 * k, target, check=_same_selection
+        "topk_sparse",
+        f"M={m:.0e} k={k:.0e} fp32",
+        make,
+        4 * m + 12 * k,
+        target,
+        check=_same_selection,
     )
 
 
@@ -225,14 +245,21 @@ def topk_ef_case(device: str, m: int, k: int, target: Optional[Target] = None) -
 
     # Reads x and the residual, writes the residual back.
     return Case(
-        "topk_sparse_ef", f"M={m:.0e} k={k:.0e} fp32", make, 12 * m + 12 * k, target, check=_same_selection
+        "topk_sparse_ef",
+        f"M={m:.0e} k={k:.0e} fp32",
+        make,
+        12 * m + 12 * k,
+        target,
+        check=_same_selection,
     )
 
 
 def sparse_merge_case(device: str, peers: int, k: int, size: int) -> Case:
     def make():
         g = _generator(device, 5)
-        indices = [torch.randperm(size, device=device, generator=g)[:k].sort().values for _ in range(peers)]
+        indices = [
+            torch.randperm(size, device=device, generator=g)[:k].sort().values for _ in range(peers)
+        ]
         values = [torch.randn(k, device=device, generator=g) for _ in range(peers)]
         return (
             lambda: _native.sparse_merge(indices, values, size, None),
@@ -360,7 +387,9 @@ def build_cases(device: str, scale: str = "full") -> List[Case]:
         pack_argmax_case(device, n, c, dt, t)
         for (n, c, dt), t in zip(sizes["pack_argmax"], targets["pack_argmax"])
     ]
-    cases += [pack_argmax_abstain_case(device, n, c, dt) for n, c, dt in sizes["pack_argmax_abstain"]]
+    cases += [
+        pack_argmax_abstain_case(device, n, c, dt) for n, c, dt in sizes["pack_argmax_abstain"]
+    ]
     cases += [tally_case(device, p, n, c, hist, targets["tally"]) for p, n, c in sizes["tally"]]
     cases += [topk_case(device, m, k, targets["topk_sparse"]) for m, k in sizes["topk"]]
     cases += [topk_ef_case(device, m, k, targets["topk_sparse_ef"]) for m, k in sizes["topk"]]
@@ -478,7 +507,8 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str]) -> List[Row]:
     budget = 0.2 if args.quick else 1.0
     header = describe_machine(device) + [
         "served: " + ", ".join(f"{op}={served[op]}" for op in chosen),
-        "copy ceiling (read + write) measured right before each case; 'of copy' is against that figure",
+        "copy ceiling (read + write) measured right before each case; 'of copy' is against that "
+        "figure",
     ]
     if args.quick:
         header.append(

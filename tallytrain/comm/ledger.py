@@ -47,11 +47,18 @@ class Ledger:
     def __init__(self, entries: Iterable[Entry] = ()):
         self.entries: List[Entry] = list(entries)
 
-    def record(self, round_index: int, sender: Party, receiver: Party, kind: str, nbytes: int) -> Entry:
+    def record(
+        self, round_index: int, sender: Party, receiver: Party, kind: str, nbytes: int
+    ) -> Entry:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         entry = Entry(
-            int(round_index), sender, receiver, direction_of(sender, receiver), str(kind), int(nbytes)
+            int(round_index),
+            sender,
+            receiver,
+            direction_of(sender, receiver),
+            str(kind),
+            int(nbytes),
         )
         self.entries.append(entry)
         return entry

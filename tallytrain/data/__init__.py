@@ -87,9 +87,13 @@ class FederatedData:
             "test_size": len(self.y_test),
             "num_classes": self.num_classes,
             "probe_index": self.split.probe.tolist(),
-            "probe_index_refers_to": "official probe pool" if self.split.official_probe else "dataset",
+            "probe_index_refers_to": "official probe pool"
+            if self.split.official_probe
+            else "dataset",
             "test_index": self.split.test.tolist(),
-            "test_index_refers_to": "official test split" if self.split.official_test else "dataset",
+            "test_index_refers_to": "official test split"
+            if self.split.official_test
+            else "dataset",
             "shards": [self.split.train[s].tolist() for s in self.shards],
             "shard_sizes": self.shard_sizes,
             "class_counts": self.class_counts.tolist(),
@@ -180,7 +184,11 @@ def _at_most(index: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarra
 
 
 def _split_with_probe_pool(
-    ds: Dataset, rng: np.random.Generator, max_samples: int, max_test_samples: int, max_probe_samples: int
+    ds: Dataset,
+    rng: np.random.Generator,
+    max_samples: int,
+    max_test_samples: int,
+    max_probe_samples: int,
 ) -> Split:
     if ds.x_test is None or ds.y_test is None:
         raise ValueError(f"dataset {ds.name!r} has a probe pool but no test split")
@@ -235,7 +243,8 @@ def prepare(cfg, num_peers: int, seed: int, dataset: Optional[Dataset] = None) -
         )
     else:
         raise ValueError(
-            f"unknown partition {cfg.partition!r}; known partitions: {', '.join(partitioners.PARTITIONS)}"
+            f"unknown partition {cfg.partition!r}; known partitions: "
+            f"{', '.join(partitioners.PARTITIONS)}"
         )
     return FederatedData(
         ds.x[tr],

@@ -69,7 +69,11 @@ def load_digits() -> Dataset:
 
 
 def make_synthetic(
-    num_classes: int = 100, dim: int = 32, samples_per_class: int = 30, noise: float = 0.6, seed: int = 0
+    num_classes: int = 100,
+    dim: int = 32,
+    samples_per_class: int = 30,
+    noise: float = 0.6,
+    seed: int = 0,
 ) -> Dataset:
     """A many-class task a small MLP can learn: each class is a Gaussian blob
     around a random prototype in ``dim`` dimensions.
@@ -129,7 +133,9 @@ def read_idx(path: str) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     need = int(np.prod(dims)) * dtype.itemsize
     if len(data) - head != need:
-        raise ValueError(f"{path}: idx payload is {len(data) - head} bytes, header {dims} needs {need}")
+        raise ValueError(
+            f"{path}: idx payload is {len(data) - head} bytes, header {dims} needs {need}"
+        )
     return np.frombuffer(data, dtype=dtype, offset=head).reshape(dims)
 
 
@@ -159,7 +165,9 @@ def _load_idx_dataset(name: str, data_dir: Optional[str], subdirs: Sequence[str]
     for split in ("train", "test"):
         images, labels = arrays[split, "images"], arrays[split, "labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{name} {split}: images {images.shape} and labels {labels.shape} do not match")
+            raise ValueError(
+                f"{name} {split}: images {images.shape} and labels {labels.shape} do not match"
+            )
         out.append(torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1))
         out.append(torch.from_numpy(labels.astype(np.int64)))
     _check_labels(name, out[1], 10)
@@ -213,7 +221,12 @@ def _read_cifar_batch(path: str, label_key: bytes) -> Tuple[np.ndarray, np.ndarr
         raise ValueError(f"{path}: a CIFAR batch must be a dict with b'data' and {label_key!r}")
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[label_key], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+    if (
+        data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+        or len(data) != len(labels)
+    ):
         raise ValueError(
             f"{path}: data must be uint8 [N, 3072] with one label each, got "
             f"{data.dtype} {data.shape} and {labels.shape[0]} labels"
@@ -259,7 +272,9 @@ def load_cifar10(data_dir: Optional[str]) -> Dataset:
 
 
 def load_cifar100(data_dir: Optional[str]) -> Dataset:
-    return _cifar("cifar100", data_dir, "cifar-100-python", ["train"], ["test"], b"fine_labels", 100)
+    return _cifar(
+        "cifar100", data_dir, "cifar-100-python", ["train"], ["test"], b"fine_labels", 100
+    )
 
 
 def _check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
@@ -275,7 +290,11 @@ def _check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
 DATASETS: Dict[str, Callable[..., Dataset]] = {
     "digits": lambda cfg: load_digits(),
     "synthetic": lambda cfg: make_synthetic(
-        cfg.num_classes, cfg.synthetic_dim, cfg.samples_per_class, cfg.synthetic_noise, cfg.synthetic_seed
+        cfg.num_classes,
+        cfg.synthetic_dim,
+        cfg.samples_per_class,
+        cfg.synthetic_noise,
+        cfg.synthetic_seed,
     ),
     "mnist": lambda cfg: load_mnist(cfg.data_dir),
     "fashion-mnist": lambda cfg: load_fashion_mnist(cfg.data_dir),
@@ -291,5 +310,7 @@ def load_dataset(cfg) -> Dataset:
     try:
         loader = DATASETS[cfg.dataset]
     except KeyError:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; known datasets: {', '.join(DATASETS)}") from None
+        raise ValueError(
+            f"unknown dataset {cfg.dataset!r}; known datasets: {', '.join(DATASETS)}"
+        ) from None
     return loader(cfg)

@@ -181,7 +181,8 @@ def _place(font, char: str):
     shrink = min(1.0, room / ink.width, room / ink.height)
     if shrink < 1.0:
         ink = ink.resize(
-            (max(1, round(ink.width * shrink)), max(1, round(ink.height * shrink))), Image.Resampling.LANCZOS
+            (max(1, round(ink.width * shrink)), max(1, round(ink.height * shrink))),
+            Image.Resampling.LANCZOS,
         )
         top *= shrink
     left = (side - ink.width) // 2
@@ -251,7 +252,9 @@ def select_classes(fonts: Sequence[str], num_classes: Optional[int]) -> List[int
     return kept
 
 
-def render(fonts: Sequence[str], code_points: Sequence[int], renders_per_face: int, seed: int) -> np.ndarray:
+def render(
+    fonts: Sequence[str], code_points: Sequence[int], renders_per_face: int, seed: int
+) -> np.ndarray:
     """uint8 [C * faces * renders, 20, 20]: ordered by class, face, render."""
     loaded = _load_fonts(fonts)
     out = np.empty(

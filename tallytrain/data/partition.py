@@ -20,14 +20,19 @@ def _check_common(labels: np.ndarray, num_peers: int, min_size: int) -> None:
         raise ValueError(f"min_shard_size must be >= 0, got {min_size}")
     n = len(labels)
     if num_peers > n:
-        raise ValueError(f"peers ({num_peers}) exceeds the {n} training samples: every peer needs data")
+        raise ValueError(
+            f"peers ({num_peers}) exceeds the {n} training samples: every peer needs data"
+        )
     if num_peers * max(min_size, 1) > n:
         raise ValueError(
-            f"peers ({num_peers}) x min_shard_size ({max(min_size, 1)}) exceeds the {n} training samples"
+            f"peers ({num_peers}) x min_shard_size ({max(min_size, 1)}) exceeds the {n} training "
+            "samples"
         )
 
 
-def iid(labels: np.ndarray, num_peers: int, rng: np.random.Generator, min_size: int = 1) -> List[np.ndarray]:
+def iid(
+    labels: np.ndarray, num_peers: int, rng: np.random.Generator, min_size: int = 1
+) -> List[np.ndarray]:
     """A uniformly random split into shards whose sizes differ by at most one."""
     _check_common(labels, num_peers, min_size)
     perm = rng.permutation(len(labels))

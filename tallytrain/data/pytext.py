@@ -169,7 +169,11 @@ def _walk_py_files(root: str) -> List[str]:
         dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS)
         rel = os.path.relpath(folder, root)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        found += [prefix + n for n in names if n.endswith(".py") and os.path.isfile(os.path.join(folder, n))]
+        found += [
+            prefix + n
+            for n in names
+            if n.endswith(".py") and os.path.isfile(os.path.join(folder, n))
+        ]
     return sorted(found)
 
 
@@ -183,7 +187,9 @@ def _groups_of(paths: Sequence[str], sizes: Sequence[int], max_share: float) -> 
     depth = [1] * len(paths)
     total = max(sum(sizes), 1)
     while True:
-        names = [".".join(_module_name(p) for p in path.split("/")[:d]) for path, d in zip(paths, depth)]
+        names = [
+            ".".join(_module_name(p) for p in path.split("/")[:d]) for path, d in zip(paths, depth)
+        ]
         share: Dict[str, int] = {}
         for name, size in zip(names, sizes):
             share[name] = share.get(name, 0) + size
@@ -200,7 +206,9 @@ def _groups_of(paths: Sequence[str], sizes: Sequence[int], max_share: float) -> 
             depth[i] += 1
 
 
-def list_sources(root: Optional[str] = None, max_group_share: float = MAX_GROUP_SHARE) -> List[SourceFile]:
+def list_sources(
+    root: Optional[str] = None, max_group_share: float = MAX_GROUP_SHARE
+) -> List[SourceFile]:
     """The corpus: every ``*.py`` file under ``root`` (default the standard
     library) outside site-packages / dist-packages, without the empty or
     whitespace-only ones (nothing to predict), sorted by path."""
@@ -367,7 +375,11 @@ def train_tokenizer(
 # 4. tokens and windows
 # --------------------------------------------------------------------------- #
 def tokenize_sources(
-    root: str, files: Sequence[SourceFile], tokenizer, tokenizer_path: str, cache_dir: Optional[str] = None
+    root: str,
+    files: Sequence[SourceFile],
+    tokenizer,
+    tokenizer_path: str,
+    cache_dir: Optional[str] = None,
 ) -> List[np.ndarray]:
     """The token ids of every file (int32), cached: encoding the standard
     library takes 7-40 s on 2 cores (idle to loaded), about twice its BPE

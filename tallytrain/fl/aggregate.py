@@ -49,7 +49,11 @@ def sharpen(avg: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def consensus(
-    label: torch.Tensor, count: torch.Tensor, total: torch.Tensor, threshold: float = 0.0, min_votes: int = 1
+    label: torch.Tensor,
+    count: torch.Tensor,
+    total: torch.Tensor,
+    threshold: float = 0.0,
+    min_votes: int = 1,
 ) -> Consensus:
     """From a tally to a consensus: a probe is kept when its winner has at
     least ``min_votes`` votes and a share count/total of at least
@@ -61,7 +65,11 @@ def consensus(
     This is ``tallytrain.Consensus.from_counts`` (the rule ``tallytrain.tally``
     applies) under the engine's argument names; it returns the public
     ``tallytrain.Consensus``."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0.0 <= threshold <= 1.0
+    ):
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     return Consensus.from_counts(label, count, total, agreement=threshold, min_votes=min_votes)
 

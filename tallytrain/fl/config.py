@@ -49,23 +49,38 @@ class DataConfig:
             f"unknown partition {self.partition!r}; known partitions: {', '.join(PARTITIONS)}",
         )
         _require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
-        _require(self.classes_per_peer >= 1, f"classes_per_peer must be >= 1, got {self.classes_per_peer}")
-        _require(self.min_shard_size >= 1, f"min_shard_size must be >= 1, got {self.min_shard_size}")
+        _require(
+            self.classes_per_peer >= 1,
+            f"classes_per_peer must be >= 1, got {self.classes_per_peer}",
+        )
+        _require(
+            self.min_shard_size >= 1, f"min_shard_size must be >= 1, got {self.min_shard_size}"
+        )
         _require(self.max_retries >= 1, f"max_retries must be >= 1, got {self.max_retries}")
-        _require(0 < self.probe_fraction < 1, f"probe_fraction must be in (0, 1), got {self.probe_fraction}")
+        _require(
+            0 < self.probe_fraction < 1,
+            f"probe_fraction must be in (0, 1), got {self.probe_fraction}",
+        )
         _require(
             0 < self.test_fraction < 1 and self.test_fraction + self.probe_fraction < 1,
             f"test_fraction must be in (0, 1) with test_fraction + probe_fraction < 1, got "
             f"{self.test_fraction} + {self.probe_fraction}",
         )
         _require(self.max_samples >= 0, f"max_samples must be >= 0, got {self.max_samples}")
-        _require(self.max_test_samples >= 0, f"max_test_samples must be >= 0, got {self.max_test_samples}")
         _require(
-            self.max_probe_samples >= 0, f"--max-probe-samples must be >= 0, got {self.max_probe_samples}"
+            self.max_test_samples >= 0,
+            f"max_test_samples must be >= 0, got {self.max_test_samples}",
+        )
+        _require(
+            self.max_probe_samples >= 0,
+            f"--max-probe-samples must be >= 0, got {self.max_probe_samples}",
         )
         _require(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
         _require(self.context >= 1, f"--context must be >= 1, got {self.context}")
-        _require(self.renders_per_face >= 1, f"--renders-per-face must be >= 1, got {self.renders_per_face}")
+        _require(
+            self.renders_per_face >= 1,
+            f"--renders-per-face must be >= 1, got {self.renders_per_face}",
+        )
 
 
 @dataclass(frozen=True)
@@ -105,20 +120,25 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(
-            self.order in PEER_ORDERS, f"order must be one of {', '.join(PEER_ORDERS)}, got {self.order!r}"
+            self.order in PEER_ORDERS,
+            f"order must be one of {', '.join(PEER_ORDERS)}, got {self.order!r}",
         )
         for name in ("local_steps", "distill_steps", "undertrained_steps", "peer_batch"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "distill_batch_size", "distill_batch_max"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _require(self.distill_epochs >= 0, f"distill_epochs must be >= 0, got {self.distill_epochs}")
+        _require(
+            self.distill_epochs >= 0, f"distill_epochs must be >= 0, got {self.distill_epochs}"
+        )
         _require(
             self.distill_batch_max >= self.distill_batch_size,
             f"distill_batch_max ({self.distill_batch_max}) must be >= distill_batch_size "
             f"({self.distill_batch_size})",
         )
-        _require(self.distill_weight >= 0, f"distill_weight must be >= 0, got {self.distill_weight}")
+        _require(
+            self.distill_weight >= 0, f"distill_weight must be >= 0, got {self.distill_weight}"
+        )
         _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _require(
             0 <= self.undertrained_fraction <= 1,
@@ -167,8 +187,14 @@ class ProtocolConfig:
     adversarial_mode: str = "random"  # random | flip
 
     def __post_init__(self):
-        _require(self.probes_per_round >= 1, f"probes_per_round must be >= 1, got {self.probes_per_round}")
-        _require(0 < self.participation <= 1, f"participation must be in (0, 1], got {self.participation}")
+        _require(
+            self.probes_per_round >= 1,
+            f"probes_per_round must be >= 1, got {self.probes_per_round}",
+        )
+        _require(
+            0 < self.participation <= 1,
+            f"participation must be in (0, 1], got {self.participation}",
+        )
         _require(self.min_votes >= 1, f"min_votes must be >= 1, got {self.min_votes}")
         _require(self.support_min >= 0, f"support_min must be >= 0, got {self.support_min}")
         _require(
@@ -179,7 +205,9 @@ class ProtocolConfig:
             self.votes_from in VOTERS,
             f"votes_from must be one of {', '.join(VOTERS)}, got {self.votes_from!r}",
         )
-        _require(self.memory_max_age >= 0, f"memory_max_age must be >= 0, got {self.memory_max_age}")
+        _require(
+            self.memory_max_age >= 0, f"memory_max_age must be >= 0, got {self.memory_max_age}"
+        )
         _require(
             0 <= self.agreement_threshold <= 1,
             f"agreement_threshold must be in [0, 1], got {self.agreement_threshold}",
@@ -193,7 +221,9 @@ class ProtocolConfig:
             "decentralized mode needs participation = 1 (every peer hears every peer)",
         )
         _require(self.prox_mu >= 0, f"prox_mu must be >= 0, got {self.prox_mu}")
-        _require(self.softlabel_topk >= 1, f"--softlabel-topk must be >= 1, got {self.softlabel_topk}")
+        _require(
+            self.softlabel_topk >= 1, f"--softlabel-topk must be >= 1, got {self.softlabel_topk}"
+        )
         for name in ("softlabel_dtype", "param_dtype"):
             _require(
                 getattr(self, name) in PAYLOAD_DTYPES,
@@ -214,14 +244,18 @@ class ProtocolConfig:
             and self.merge_period >= 0,
             f"merge_period must be an integer >= 0, got {self.merge_period!r}",
         )
-        _require(0 < self.topk_fraction <= 1, f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        _require(
+            0 < self.topk_fraction <= 1,
+            f"topk_fraction must be in (0, 1], got {self.topk_fraction}",
+        )
         _require(
             0 <= self.adversarial_fraction <= 1,
             f"adversarial_fraction must be in [0, 1], got {self.adversarial_fraction}",
         )
         _require(
             self.adversarial_mode in ADVERSARIAL_MODES,
-            f"adversarial_mode must be one of {', '.join(ADVERSARIAL_MODES)}, got {self.adversarial_mode!r}",
+            f"adversarial_mode must be one of {', '.join(ADVERSARIAL_MODES)}, got "
+            f"{self.adversarial_mode!r}",
         )
 
 
@@ -301,7 +335,8 @@ class CompareConfig:
                 unknown = set(setting.get(section, {})) - {f.name for f in fields(cls)}
                 _require(
                     not unknown,
-                    f"settings[{label!r}] overrides unknown {section} fields: {', '.join(sorted(unknown))}",
+                    f"settings[{label!r}] overrides unknown {section} fields: "
+                    f"{', '.join(sorted(unknown))}",
                 )
             self.run(label, self.seeds[0])  # validates the overridden values
 

@@ -163,7 +163,9 @@ class Federation:
         ]
         # Only held peers' shards are used; the sizes of all are known to the
         # server (a Flower server learns them from the nodes when they connect).
-        self.shard_pools = {q: torch.from_numpy(data.shards[q].astype(np.int64)) for q in self.peers}
+        self.shard_pools = {
+            q: torch.from_numpy(data.shards[q].astype(np.int64)) for q in self.peers
+        }
         self.shard_sizes = [len(s) for s in data.shards]
         self.round = 0
         self.metrics: List[dict] = []
@@ -237,7 +239,9 @@ class Federation:
         want = math.ceil(t.distill_epochs * pool_size / steps)
         return min(max(want, t.distill_batch_size), t.distill_batch_max)
 
-    def learn(self, r: int, peers: Sequence[int], targets: Dict[int, tuple], loss_fn: LossFn) -> None:
+    def learn(
+        self, r: int, peers: Sequence[int], targets: Dict[int, tuple], loss_fn: LossFn
+    ) -> None:
         """A distillation method's peer step. ``targets[peer] = (x, y, pool)``:
         the peer's distillation targets ``y`` for the inputs ``x``, ``pool``
         the usable rows; an optional fourth item is a key that is equal
@@ -269,7 +273,10 @@ class Federation:
                     self.population.fit(
                         members,
                         [self.local_steps[p] for p in members],
-                        [self._local_objective(members), objective(members, t.distill_weight, t.local_steps)],
+                        [
+                            self._local_objective(members),
+                            objective(members, t.distill_weight, t.local_steps),
+                        ],
                         t.lr,
                         [self.generator(TRAIN_STREAM, r, p) for p in members],
                         peer_batch=t.peer_batch,
@@ -426,7 +433,10 @@ class Federation:
                 correct = int(((logits.argmax(-1) == target) & real).sum())
                 nll = float(
                     F.cross_entropy(
-                        logits.flatten(0, -2).float(), target.flatten(), ignore_index=-1, reduction="sum"
+                        logits.flatten(0, -2).float(),
+                        target.flatten(),
+                        ignore_index=-1,
+                        reduction="sum",
                     )
                 )
                 return correct, nll
@@ -454,7 +464,9 @@ class Federation:
             group = self.population.single_group
             params = group.unflatten(g[None])
             if self.data.sequence:
-                acc, ppl = self.sequence_scores(lambda x, score: [score(group.predict(x, params=params)[0])])
+                acc, ppl = self.sequence_scores(
+                    lambda x, score: [score(group.predict(x, params=params)[0])]
+                )
                 global_acc, global_ppl = float(acc[0]), float(ppl[0])
             else:
                 glog = group.predict(self.data.x_test, params=params)
@@ -519,7 +531,9 @@ class Federation:
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint is not a version-{CHECKPOINT_VERSION} tallytrain checkpoint")
+            raise ValueError(
+                f"checkpoint is not a version-{CHECKPOINT_VERSION} tallytrain checkpoint"
+            )
         diff = config_diff(state["config"], self.cfg.to_dict())
         if diff:
             raise ValueError("checkpoint was written for another configuration: " + "; ".join(diff))
@@ -621,7 +635,9 @@ def load_checkpoint(fed: Federation, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, not a torch archive, ...
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc})"
+        ) from exc
     try:
         fed.load_state_dict(state)
     except (KeyError, TypeError) as exc:

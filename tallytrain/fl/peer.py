@@ -65,11 +65,16 @@ def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     target (padding, or a position without a consensus label); each peer's
     loss is its mean over its real targets (0 when it has none)."""
     if labels.dim() == 2:
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / logits.shape[1]
+        return (
+            F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+            / logits.shape[1]
+        )
     per_position = F.cross_entropy(
         logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-1, reduction="none"
     )
-    return per_peer_mean(per_position.view(labels.shape[0], -1), (labels >= 0).view(labels.shape[0], -1))
+    return per_peer_mean(
+        per_position.view(labels.shape[0], -1), (labels >= 0).view(labels.shape[0], -1)
+    )
 
 
 def per_peer_mean(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -168,7 +173,10 @@ class StackedAdam:
 
 
 def draw_batches(
-    pools: Sequence[torch.Tensor], steps: Sequence[int], batch: int, generators: Sequence[torch.Generator]
+    pools: Sequence[torch.Tensor],
+    steps: Sequence[int],
+    batch: int,
+    generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
     """[R, max(steps), batch] indices into a source tensor: row r draws its
     minibatches uniformly with replacement from ``pools[r]`` with its own
@@ -294,7 +302,9 @@ class PeerGroup:
         measured bit-identical to the vmapped call's for the bundled
         architectures at one and two threads, so results did not change."""
         params = {k: v[row] for k, v in self.params.items()}
-        return in_row_chunks(lambda xs: functional_call(self.template, params, (xs,)), x, 0, self.positions)
+        return in_row_chunks(
+            lambda xs: functional_call(self.template, params, (xs,)), x, 0, self.positions
+        )
 
     # ---- training -----------------------------------------------------------
     def fit(
@@ -318,7 +328,8 @@ class PeerGroup:
             return
         full = len(rows) == len(self) and bool((rows == torch.arange(len(self))).all())
         sub = {
-            k: (v if full else v[rows]).detach().clone().requires_grad_(True) for k, v in self.params.items()
+            k: (v if full else v[rows]).detach().clone().requires_grad_(True)
+            for k, v in self.params.items()
         }
         opt = StackedAdam(sub, lr)
         r_count = len(rows)
@@ -373,7 +384,12 @@ class PeerGroup:
 
 
 def make_group(
-    arch: str, ids: List, input_shape, num_classes: int, hidden: int, generators: Sequence[torch.Generator]
+    arch: str,
+    ids: List,
+    input_shape,
+    num_classes: int,
+    hidden: int,
+    generators: Sequence[torch.Generator],
 ) -> PeerGroup:
     """A group whose member i is initialised from ``generators[i]``. With no
     generators the group has no members, only the architecture: a process
@@ -421,14 +437,18 @@ class Population:
             for row, i in enumerate(ids):
                 self.where[i] = (len(self.groups), row)
             self.groups.append(
-                make_group(arch, ids, input_shape, num_classes, hidden, [init_generators[i] for i in ids])
+                make_group(
+                    arch, ids, input_shape, num_classes, hidden, [init_generators[i] for i in ids]
+                )
             )
 
     def locate(self, peer: int) -> tuple:
         """(group index, row) of a peer held here."""
         where = self.where[peer] if 0 <= peer < self.num_peers else None
         if where is None:
-            raise ValueError(f"peer {peer} is not held in this process (it holds peers {self.members})")
+            raise ValueError(
+                f"peer {peer} is not held in this process (it holds peers {self.members})"
+            )
         return where
 
     def peer_params(self, peer: int) -> Params:
@@ -451,7 +471,9 @@ class Population:
     @property
     def single_group(self) -> PeerGroup:
         if len(self.groups) != 1:
-            raise ValueError(f"this needs every peer on one architecture, got {', '.join(self.archs)}")
+            raise ValueError(
+                f"this needs every peer on one architecture, got {', '.join(self.archs)}"
+            )
         return self.groups[0]
 
     def _split(self, peers: Sequence[int]):
@@ -515,7 +537,11 @@ class Population:
             gens = [generators[j] for j in pos]
             drawn = [
                 Batches(
-                    draw_batches([o.pools[j] for j in pos], st, o.batch, gens), o.x, o.y, o.loss_fn, o.weight
+                    draw_batches([o.pools[j] for j in pos], st, o.batch, gens),
+                    o.x,
+                    o.y,
+                    o.loss_fn,
+                    o.weight,
                 )
                 for o in objectives
             ]
@@ -537,5 +563,7 @@ class Population:
             if set(params) != set(group.params) or any(
                 params[k].shape != group.params[k].shape for k in params
             ):
-                raise ValueError(f"checkpoint parameters do not match the configured {group.arch!r} models")
+                raise ValueError(
+                    f"checkpoint parameters do not match the configured {group.arch!r} models"
+                )
             group.params = {k: params[k].clone() for k in group.params}

@@ -11,7 +11,9 @@ import torch
 from .peer import Batches, LossFn, PeerGroup, draw_batches, make_group
 
 
-def select_peers(num_peers: int, participation: float, seed: int, stream: int, round_index: int) -> List[int]:
+def select_peers(
+    num_peers: int, participation: float, seed: int, stream: int, round_index: int
+) -> List[int]:
     """The sorted peers taking part in a round: everyone at participation 1,
     else max(1, round(participation * P)) drawn from (seed, round) alone, so
     the choice needs no saved state."""
@@ -26,9 +28,16 @@ class ServerModel:
     """One model of the peers' architecture held by the server, as a flat vector."""
 
     def __init__(
-        self, like: PeerGroup, input_shape, num_classes: int, hidden: int, init_generator: torch.Generator
+        self,
+        like: PeerGroup,
+        input_shape,
+        num_classes: int,
+        hidden: int,
+        init_generator: torch.Generator,
     ):
-        self.group = make_group(like.arch, ["server"], input_shape, num_classes, hidden, [init_generator])
+        self.group = make_group(
+            like.arch, ["server"], input_shape, num_classes, hidden, [init_generator]
+        )
         self._row = torch.tensor([0])
 
     @property

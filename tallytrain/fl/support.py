@@ -83,7 +83,10 @@ class LocalSupport:
                 ok[rows] = False
                 continue
             near = torch.cat(
-                [torch.cdist(xp[rows[i : i + _ROWS]], mine).min(1).values for i in range(0, len(rows), _ROWS)]
+                [
+                    torch.cdist(xp[rows[i : i + _ROWS]], mine).min(1).values
+                    for i in range(0, len(rows), _ROWS)
+                ]
             )
             ok[rows] = near <= self.radius
         return ok

@@ -81,7 +81,11 @@ class NodeSource:
         self.load, self.probes = load, probes
 
     def federation(
-        self, cfg: RunConfig, peer: int, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+        self,
+        cfg: RunConfig,
+        peer: int,
+        node_config: Mapping[str, Any],
+        run_config: Mapping[str, Any],
     ) -> Federation:
         if self.load is None:
             return Federation(cfg, bundled_node(cfg, peer), peers=[peer])
@@ -95,7 +99,11 @@ class NodeSource:
 
 @functools.lru_cache(maxsize=1)
 def _federation(
-    source: NodeSource, cfg_json: str, peer: int, node_items: Tuple[tuple, ...], run_items: Tuple[tuple, ...]
+    source: NodeSource,
+    cfg_json: str,
+    peer: int,
+    node_items: Tuple[tuple, ...],
+    run_items: Tuple[tuple, ...],
 ) -> Tuple[Federation, dict, dict]:
     """This node's Federation (its peer alone), with the peer's initial
     parameters and method state, restored for its first round (the process
@@ -109,7 +117,9 @@ def _node_federation(source: NodeSource, cfg_json: str, context: Context) -> Tup
     peer, num_partitions = partition_of(context)
     peers = int(json.loads(cfg_json)["peers"])
     if num_partitions != peers:
-        raise ValueError(f"node config num-partitions={num_partitions} but the run has {peers} peers")
+        raise ValueError(
+            f"node config num-partitions={num_partitions} but the run has {peers} peers"
+        )
     if not 0 <= peer < peers:
         raise ValueError(f"node config partition-id={peer} is outside 0..{peers - 1}")
     fed, initial_params, initial_state = _federation(
@@ -128,7 +138,9 @@ def _node_federation(source: NodeSource, cfg_json: str, context: Context) -> Tup
 
 def _items(config: Mapping[str, Any]) -> Tuple[tuple, ...]:
     """A config as a cache key (values are scalars, or lists of them)."""
-    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in (config or {}).items()))
+    return tuple(
+        sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in (config or {}).items())
+    )
 
 
 def _receive(source: NodeSource, content: RecordDict, context: Context):
@@ -138,7 +150,9 @@ def _receive(source: NodeSource, content: RecordDict, context: Context):
     peer, _ = partition_of(context)
     addressed = records.integer(record, "peer")
     if addressed != peer:
-        raise ValueError(f"the server addressed peer {addressed} but this node serves partition-id {peer}")
+        raise ValueError(
+            f"the server addressed peer {addressed} but this node serves partition-id {peer}"
+        )
     fed, peer = _node_federation(source, str(record["config"]), context)
     r = records.integer(record, "round")
     # The peer's copy of the channel: it decodes and checks what arrives; the
@@ -153,10 +167,14 @@ def _scores(fed: Federation, peer: int) -> tuple:
 
 
 def _save(fed: Federation, peer: int, context: Context) -> None:
-    records.save_peer_state(context.state, fed.population.peer_params(peer), fed.method.peer_state(peer))
+    records.save_peer_state(
+        context.state, fed.population.peer_params(peer), fed.method.peer_state(peer)
+    )
 
 
-def run_peer_round(content: RecordDict, context: Context, source: Optional[NodeSource] = None) -> RecordDict:
+def run_peer_round(
+    content: RecordDict, context: Context, source: Optional[NodeSource] = None
+) -> RecordDict:
     """One round of this node's peer: the server's instruction in, the reply out."""
     fed, peer, r, delivered = _receive(source or BUNDLED, content, context)
     out = peer_round(fed, r, [peer], delivered)
@@ -175,7 +193,9 @@ def apply_round_reply(
     return records.reply(peer, [], *_scores(fed, peer))
 
 
-def introduce(content: RecordDict, context: Context, source: Optional[NodeSource] = None) -> RecordDict:
+def introduce(
+    content: RecordDict, context: Context, source: Optional[NodeSource] = None
+) -> RecordDict:
     """The answer to the server's hello: which peer this node serves, its
     shard size and model size, and its initial accuracy; or, when the node
     cannot build its peer (a missing data file, a bad node config), ``error``:
@@ -191,7 +211,9 @@ def introduce(content: RecordDict, context: Context, source: Optional[NodeSource
     accuracy, perplexity = _scores(fed, peer)
     answer["num-examples"] = fed.shard_sizes[peer]
     answer["num-params"] = sum(v.numel() for v in fed.population.peer_params(peer).values())
-    return RecordDict({records.RECORD: answer, records.METRICS: records.scores_record(accuracy, perplexity)})
+    return RecordDict(
+        {records.RECORD: answer, records.METRICS: records.scores_record(accuracy, perplexity)}
+    )
 
 
 def client_app(load: Optional[NodeLoader] = None, probes: Any = None) -> ClientApp:

@@ -44,7 +44,8 @@ class FlowerOptions:
         for name in ("round_timeout", "node_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(
-                    f"flower.{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}"
+                    f"flower.{name.replace('_', '-')} must be > 0 seconds, got "
+                    f"{getattr(self, name)}"
                 )
         if self.threads < 1:
             raise ValueError(f"flower.threads must be >= 1, got {self.threads}")
@@ -65,7 +66,9 @@ def _convert(value: Any, annotation: str, key: str) -> Any:
         return None
     if annotation.startswith("Tuple"):
         if not isinstance(value, str):
-            raise ValueError(f"run config key {key!r} takes a comma-separated string, got {value!r}")
+            raise ValueError(
+                f"run config key {key!r} takes a comma-separated string, got {value!r}"
+            )
         return tuple(part.strip() for part in value.split(",") if part.strip())
     base = annotation.replace("Optional[", "").rstrip("]")
     if base == "float" and isinstance(value, int) and not isinstance(value, bool):

@@ -60,7 +60,9 @@ def resolve_shared(probes: Any, run_config: Mapping[str, Any], what: str) -> "Sh
         try:
             shared = probes(dict(run_config))
         except Exception as exc:  # noqa: BLE001 - foreign code: report it in one line
-            raise ValueError(f"{what}: probes(run_config) failed: {type(exc).__name__}: {exc}") from exc
+            raise ValueError(
+                f"{what}: probes(run_config) failed: {type(exc).__name__}: {exc}"
+            ) from exc
         if isinstance(shared, SharedData):
             return shared
         raise ValueError(
@@ -132,7 +134,9 @@ class SharedData:
             x_probe, y_probe = _inputs_and_labels(
                 *_as_tensors(source, "SharedData probes"), "SharedData probes"
             )
-        x_test, y_test = _inputs_and_labels(*_as_tensors(self.test, "SharedData test"), "SharedData test")
+        x_test, y_test = _inputs_and_labels(
+            *_as_tensors(self.test, "SharedData test"), "SharedData test"
+        )
         if x_test.shape[1:] != x_probe.shape[1:]:
             raise ValueError(
                 f"SharedData: test inputs are {tuple(x_test.shape[1:])}, probe "
@@ -167,9 +171,14 @@ def federated_data(
         y_train = torch.empty(0, dtype=torch.int64)
     else:
         x_train, y_train = train
-    shards = [np.arange(len(y_train)) if q == peer else np.empty(0, dtype=np.int64) for q in range(cfg.peers)]
+    shards = [
+        np.arange(len(y_train)) if q == peer else np.empty(0, dtype=np.int64)
+        for q in range(cfg.peers)
+    ]
     y_probe = (
-        shared.y_probe if shared.y_probe is not None else torch.zeros(len(shared.x_probe), dtype=torch.int64)
+        shared.y_probe
+        if shared.y_probe is not None
+        else torch.zeros(len(shared.x_probe), dtype=torch.int64)
     )
     split = Split(
         np.arange(len(y_train)),
@@ -238,7 +247,9 @@ def load_node(
             f"load(node_config) failed on the node of peer {peer}: {type(exc).__name__}: {exc}"
         ) from exc
     if not isinstance(loaded, (tuple, list)) or len(loaded) != 2:
-        raise ValueError(f"load(node_config) must return (model, train_data), got {type(loaded).__name__}")
+        raise ValueError(
+            f"load(node_config) must return (model, train_data), got {type(loaded).__name__}"
+        )
     model, train = loaded
     what = f"load(node_config) of peer {peer}"
     x, y = _inputs_and_labels(*_as_tensors(train, what + " train_data"), what + " train_data")
@@ -275,4 +286,6 @@ def bundled_node(cfg: RunConfig, peer: int) -> FederatedData:
 def server_view(cfg: RunConfig, data: FederatedData) -> FederatedData:
     """``data`` without its training split: the server holds the shared part
     only, and learns the shard sizes from the nodes."""
-    return dataclasses.replace(federated_data(cfg, bundled_shared(data)), input_shape=data.input_shape)
+    return dataclasses.replace(
+        federated_data(cfg, bundled_shared(data)), input_shape=data.input_shape
+    )

@@ -72,7 +72,9 @@ def unpack_envelopes(record: ConfigRecord, sender, receiver) -> List[Envelope]:
     datas = [m for m in messages if isinstance(m, bytes)]
     codes = [k for k in kinds if isinstance(k, int)]
     if len(datas) != len(messages) or len(codes) != len(kinds):
-        raise wire.WireFormatError(f"Flower record {RECORD!r}: messages must be bytes and kinds integers")
+        raise wire.WireFormatError(
+            f"Flower record {RECORD!r}: messages must be bytes and kinds integers"
+        )
     try:
         expected = [wire.MessageKind(k) for k in codes]
     except ValueError as exc:
@@ -98,7 +100,9 @@ def _number(metrics: MetricRecord, key: str) -> float:
 def instruction(
     cfg_json: str, threads: int, round_index: int, peer: int, envelopes: Sequence[Envelope]
 ) -> RecordDict:
-    record = ConfigRecord({"round": round_index, "peer": peer, "config": cfg_json, "threads": threads})
+    record = ConfigRecord(
+        {"round": round_index, "peer": peer, "config": cfg_json, "threads": threads}
+    )
     return RecordDict({RECORD: pack_envelopes(record, envelopes)})
 
 
@@ -112,7 +116,9 @@ def scores_record(accuracy: float, perplexity: Optional[float] = None) -> Metric
 def read_scores(content: RecordDict) -> tuple:
     """(accuracy, perplexity or None) from a node's reply."""
     metrics = content.metric_records[METRICS]
-    return _number(metrics, "accuracy"), (_number(metrics, "perplexity") if "perplexity" in metrics else None)
+    return _number(metrics, "accuracy"), (
+        _number(metrics, "perplexity") if "perplexity" in metrics else None
+    )
 
 
 def reply(

@@ -116,14 +116,18 @@ class TallyTrainStrategy(Strategy, Transport):
         server_cfg = cfg
         if model is not None:
             arch = as_arch(model, SERVER_ARCH, "TallyTrainStrategy model=")
-            server_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, archs=(arch,)))
+            server_cfg = dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, archs=(arch,))
+            )
         if probes is not None:
             shared = probes.build()
             self.probe_labels = shared.y_probe is not None
             server_data = federated_data(server_cfg, shared)
         else:
             self.probe_labels = True
-            server_data = server_view(cfg, prepare(cfg.data, cfg.peers, cfg.seed) if data is None else data)
+            server_data = server_view(
+                cfg, prepare(cfg.data, cfg.peers, cfg.seed) if data is None else data
+            )
         # No peers here: the nodes hold them. Shard sizes come from the nodes.
         self.fed = Federation(server_cfg, server_data, peers=[])
         self._cfg_json = records.config_json(cfg)
@@ -154,7 +158,8 @@ class TallyTrainStrategy(Strategy, Transport):
             nodes = sorted(grid.get_node_ids())
         if not nodes:
             raise RuntimeError(
-                f"no Flower node connected within flower.node-timeout = {self.options.node_timeout} s"
+                "no Flower node connected within flower.node-timeout = "
+                f"{self.options.node_timeout} s"
             )
         hello = [
             Message(
@@ -171,7 +176,12 @@ class TallyTrainStrategy(Strategy, Transport):
         for i, reply in sorted(replies.items()):
             node = nodes[i]
             if reply.has_error():
-                log(WARNING, "node %s did not say which peer it serves: %s", node, reply.error.reason)
+                log(
+                    WARNING,
+                    "node %s did not say which peer it serves: %s",
+                    node,
+                    reply.error.reason,
+                )
                 continue
             record = reply.content.config_records[records.RECORD]
             peer = records.integer(record, "partition-id")
@@ -183,7 +193,8 @@ class TallyTrainStrategy(Strategy, Transport):
                 )
             if peer in self.peer_nodes or peer in self.unserved:
                 raise ValueError(
-                    f"nodes {self.peer_nodes.get(peer, '')} and {node} both serve partition-id={peer}"
+                    f"nodes {self.peer_nodes.get(peer, '')} and {node} both serve "
+                    f"partition-id={peer}"
                 )
             if "error" in record:
                 self.unserved[peer] = f"its node {node} cannot serve it: {str(record['error'])}"
@@ -294,7 +305,9 @@ class TallyTrainStrategy(Strategy, Transport):
             )
         r, _, by_peer = self._exchange
         if server_round != r + 1:
-            raise ValueError(f"server_round {server_round} requested but the loop is at round {r + 1}")
+            raise ValueError(
+                f"server_round {server_round} requested but the loop is at round {r + 1}"
+            )
         # The TTL bounds the message's life to the round: a node that comes
         # back later must not train on a round the server has closed.
         group = str(r) if kind == records.ROUND else f"{r}-reply"
@@ -320,13 +333,17 @@ class TallyTrainStrategy(Strategy, Transport):
         mean accuracy of the peers that answered."""
         return None, self._aggregate(server_round, replies, records.ROUND)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> Optional[MetricRecord]:
         """The peers' accuracy after applying the round's reply."""
         if self._exchange is None or self._exchange[1] != records.REPLY:
             return None
         return self._aggregate(server_round, replies, records.REPLY)
 
-    def _aggregate(self, server_round: int, replies: Iterable[Message], kind: str) -> Optional[MetricRecord]:
+    def _aggregate(
+        self, server_round: int, replies: Iterable[Message], kind: str
+    ) -> Optional[MetricRecord]:
         r = server_round - 1
         peer_of = {msg.metadata.message_id: p for p, msg in self._out}
         answers, failures = {}, {}
@@ -342,7 +359,8 @@ class TallyTrainStrategy(Strategy, Transport):
                 failures[p] = (
                     f"error reply (code {reply.error.code}): {reply.error.reason}"
                     if kind == records.ROUND
-                    else f"error applying the round's reply (code {reply.error.code}): {reply.error.reason}"
+                    else f"error applying the round's reply (code {reply.error.code}): "
+                    f"{reply.error.reason}"
                 )
                 continue
             try:
@@ -367,7 +385,10 @@ class TallyTrainStrategy(Strategy, Transport):
         if not answered:
             return None
         return MetricRecord(
-            {"accuracy": sum(answers[p][1][0] for p in answered) / len(answered), "answered": len(answered)}
+            {
+                "accuracy": sum(answers[p][1][0] for p in answered) / len(answered),
+                "answered": len(answered),
+            }
         )
 
     def _read_reply(self, r: int, peer: int, reply: Message) -> tuple:
@@ -496,7 +517,9 @@ def server_app(probes: Any = None, model: Any = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg, options = parse_run_config(context.run_config)
-        shared = None if probes is None else resolve_shared(probes, context.run_config, "the ServerApp")
+        shared = (
+            None if probes is None else resolve_shared(probes, context.run_config, "the ServerApp")
+        )
         with torch_threads(options.threads):
             strategy = TallyTrainStrategy(cfg, options, probes=shared, model=model)
             strategy.start(grid)

@@ -51,7 +51,10 @@ class Tally(NamedTuple):
 
 @overload
 def pack_argmax(
-    logits: torch.Tensor, *, return_prob: Literal[False] = False, abstain_below: Optional[float] = None
+    logits: torch.Tensor,
+    *,
+    return_prob: Literal[False] = False,
+    abstain_below: Optional[float] = None,
 ) -> torch.Tensor: ...
 
 
@@ -187,7 +190,9 @@ def topk_sparse(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return _ops.topk_sparse(x, int(k))
 
 
-def topk_sparse_ef(x: torch.Tensor, residual: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_sparse_ef(
+    x: torch.Tensor, residual: torch.Tensor, k: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k with error feedback: :func:`topk_sparse` of ``acc = x + residual``.
 
     ``residual`` (same shape, dtype and device as ``x``) is updated in place

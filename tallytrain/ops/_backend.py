@@ -46,7 +46,9 @@ LEVEL_NEEDS = {
 # The file setup.py writes next to the extension: how it was built (the torch
 # and CUDA versions), or that the install has no extension on purpose.
 BUILD_RECORD = "_C.build.json"
-SILENCE = "set TALLYTRAIN_BACKEND=reference to use the pure-PyTorch reference on purpose (no warning)"
+SILENCE = (
+    "set TALLYTRAIN_BACKEND=reference to use the pure-PyTorch reference on purpose (no warning)"
+)
 
 
 def _package_dir() -> Path:
@@ -123,7 +125,9 @@ def requested_mode() -> str:
 def requested_cpu_level() -> str:
     level = os.environ.get("TALLYTRAIN_CPU_LEVEL", "auto").strip().lower() or "auto"
     if level not in CPU_LEVELS:
-        raise ValueError(f"TALLYTRAIN_CPU_LEVEL must be one of {', '.join(CPU_LEVELS)}, got {level!r}")
+        raise ValueError(
+            f"TALLYTRAIN_CPU_LEVEL must be one of {', '.join(CPU_LEVELS)}, got {level!r}"
+        )
     return level
 
 

@@ -82,7 +82,8 @@ def pack_labels(labels: torch.Tensor, num_symbols: int) -> torch.Tensor:
     if n and (int(lab.min()) < 0 or int(lab.max()) >= num_symbols):
         bad = int(torch.nonzero((lab < 0) | (lab >= num_symbols))[0])
         raise ValueError(
-            f"labels[{bad}] = {int(lab[bad])} is outside 0..{num_symbols - 1} (num_symbols={num_symbols})"
+            f"labels[{bad}] = {int(lab[bad])} is outside 0..{num_symbols - 1} "
+            f"(num_symbols={num_symbols})"
         )
     shifts = torch.arange(b, device=labels.device, dtype=torch.int64)
     bits = ((lab[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
@@ -187,7 +188,8 @@ def check_weights(weights: Optional[torch.Tensor], peers: int, device) -> torch.
         raise TypeError(f"weights must be an integer tensor, got {weights.dtype}")
     if weights.dim() != 1 or weights.shape[0] != peers:
         raise ValueError(
-            f"weights must be 1-D with one entry per peer ({peers}), got shape {tuple(weights.shape)}"
+            f"weights must be 1-D with one entry per peer ({peers}), got shape "
+            f"{tuple(weights.shape)}"
         )
     w = weights.to(device=device, dtype=torch.int64)
     if peers and int(w.min()) < 0:
@@ -286,7 +288,9 @@ def topk_sparse(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return idx, x[idx]
 
 
-def topk_sparse_ef(x: torch.Tensor, residual: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_sparse_ef(
+    x: torch.Tensor, residual: torch.Tensor, k: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k with error feedback: select on acc = x + residual, send acc at the
     selected indices and leave the rest in ``residual`` (updated in place)."""
     check_topk_input(x, k)
@@ -341,14 +345,18 @@ def check_sparse_peer(idx: torch.Tensor, val: torch.Tensor, size: int, p: int) -
     if idx.numel():
         if int(idx[0]) < 0 or int(idx[-1]) >= size:
             raise ValueError(
-                f"indices[{p}] must lie in 0..size-1 = {size - 1}, got {int(idx.min())}..{int(idx.max())}"
+                f"indices[{p}] must lie in 0..size-1 = {size - 1}, got "
+                f"{int(idx.min())}..{int(idx.max())}"
             )
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise ValueError(f"indices[{p}] must be strictly increasing")
 
 
 def sparse_merge(
-    indices: List[torch.Tensor], values: List[torch.Tensor], size: int, counts: Optional[torch.Tensor] = None
+    indices: List[torch.Tensor],
+    values: List[torch.Tensor],
+    size: int,
+    counts: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sum (or counts-weighted average) of sparse vectors, peer 0 first.
 
@@ -356,7 +364,8 @@ def sparse_merge(
     dtype and added in peer order, so every backend gets the same floats."""
     if len(indices) != len(values):
         raise ValueError(
-            f"indices and values must list the same number of peers, got {len(indices)} and {len(values)}"
+            f"indices and values must list the same number of peers, got {len(indices)} and "
+            f"{len(values)}"
         )
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}")

@@ -32,7 +32,13 @@ from .frame import (
     _payload_size,
     _uint,
 )
-from .shape import _decode_shape, _leading_shape, _optional_shape_bytes, _shape_section, _shape_section_bytes
+from .shape import (
+    _decode_shape,
+    _leading_shape,
+    _optional_shape_bytes,
+    _shape_section,
+    _shape_section_bytes,
+)
 
 
 def consensus_message_bytes(
@@ -69,7 +75,9 @@ def encode_consensus(
     lab = labels.reshape(-1).to(torch.int64)
     if n and (int(lab.min()) < -1 or int(lab.max()) >= c):
         bad = int(torch.nonzero((lab < -1) | (lab >= c))[0])
-        raise ValueError(f"labels{_index_text(bad, labels.shape)} = {int(lab[bad])} is outside -1..{c - 1}")
+        raise ValueError(
+            f"labels{_index_text(bad, labels.shape)} = {int(lab[bad])} is outside -1..{c - 1}"
+        )
     parts = [ops.pack_labels(torch.where(lab < 0, c, lab), c + 1).numpy()]
     flags = Flag(0)
     if keep is not None:
@@ -85,7 +93,9 @@ def encode_consensus(
     if dims is not None:
         flags |= Flag.SHAPE
         parts.insert(0, _shape_section(dims))
-    return _frame(MessageKind.CONSENSUS, flags, bits_for(c + 1), WireDtype.UINT8, round, sender, n, c, parts)
+    return _frame(
+        MessageKind.CONSENSUS, flags, bits_for(c + 1), WireDtype.UINT8, round, sender, n, c, parts
+    )
 
 
 @_decoder(MessageKind.CONSENSUS)

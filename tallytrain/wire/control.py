@@ -47,13 +47,16 @@ def encode_control(
 ) -> bytes:
     """The server's round opener: probe-subset seed and count, optionally the
     previous round's consensus message (embedded whole, validated here)."""
-    fields = _CONTROL.pack(_uint(probe_seed, "probe_seed", U64_MAX), _uint(num_probes, "num_probes"))
+    fields = _CONTROL.pack(
+        _uint(probe_seed, "probe_seed", U64_MAX), _uint(num_probes, "num_probes")
+    )
     parts: list = [fields]
     flags = Flag(0)
     if consensus is not None:
         if not isinstance(consensus, (bytes, bytearray, memoryview)):
             raise TypeError(
-                f"consensus must be bytes (an encoded CONSENSUS message), got {type(consensus).__name__}"
+                "consensus must be bytes (an encoded CONSENSUS message), got "
+                f"{type(consensus).__name__}"
             )
         try:
             decode(consensus, expect_kind=MessageKind.CONSENSUS)

@@ -38,7 +38,9 @@ def encode_dense(
     vector = _tensor(vector, "vector", 1)
     m = _uint(vector.numel(), "len(vector)")
     data = _floats(vector, "vector", dtype)
-    return _frame(MessageKind.DENSE_PARAMS, Flag(0), 0, _float_code(dtype)[0], round, sender, m, 0, [data])
+    return _frame(
+        MessageKind.DENSE_PARAMS, Flag(0), 0, _float_code(dtype)[0], round, sender, m, 0, [data]
+    )
 
 
 @_decoder(MessageKind.DENSE_PARAMS)
@@ -48,5 +50,11 @@ def _decode_dense(h: _Header, payload: memoryview) -> Message:
     itemsize = _FLOAT_BY_CODE[code][1].itemsize
     _payload_size(h, h.n * itemsize, f"{h.n} {code.name.lower()} values")
     return Message(
-        h.kind, VERSION, h.round, h.sender, h.flags, n=h.n, vector=_floats_from(payload, 0, h.n, code)
+        h.kind,
+        VERSION,
+        h.round,
+        h.sender,
+        h.flags,
+        n=h.n,
+        vector=_floats_from(payload, 0, h.n, code),
     )

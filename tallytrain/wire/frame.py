@@ -144,7 +144,9 @@ class Message:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented
-        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+        return all(
+            _same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+        )
 
     __hash__ = None  # type: ignore[assignment]  # tensors are mutable
 
@@ -222,12 +224,15 @@ def decode(
         )
     if total > end + TRAILER_BYTES:
         raise WireFormatError(
-            f"{total - end - TRAILER_BYTES} trailing bytes after the {end + TRAILER_BYTES}-byte message"
+            f"{total - end - TRAILER_BYTES} trailing bytes after the {end + TRAILER_BYTES}-byte "
+            "message"
         )
     (sent_crc,) = _TRAILER.unpack_from(view, end)
     crc = zlib.crc32(view[:end])
     if crc != sent_crc:
-        raise WireFormatError(f"checksum mismatch: CRC32 is {crc:#010x}, trailer says {sent_crc:#010x}")
+        raise WireFormatError(
+            f"checksum mismatch: CRC32 is {crc:#010x}, trailer says {sent_crc:#010x}"
+        )
     try:
         kind = MessageKind(kind_code)
     except ValueError:
@@ -267,13 +272,19 @@ def _frame(
 ) -> bytes:
     round = _uint(round, "round")
     sender = _uint(sender, "sender")
-    views = [p.reshape(-1).view(np.uint8).data if isinstance(p, np.ndarray) else _byte_view(p) for p in parts]
+    views = [
+        p.reshape(-1).view(np.uint8).data if isinstance(p, np.ndarray) else _byte_view(p)
+        for p in parts
+    ]
     payload_len = sum(v.nbytes for v in views)
     if payload_len > U32_MAX:
         raise ValueError(
-            f"message too large: a payload of {payload_len} bytes does not fit the u32 payload_len field"
+            f"message too large: a payload of {payload_len} bytes does not fit the u32 "
+            "payload_len field"
         )
-    header = _HEADER.pack(MAGIC, VERSION, kind, flags, bits, dtype, round, sender, n, aux, payload_len)
+    header = _HEADER.pack(
+        MAGIC, VERSION, kind, flags, bits, dtype, round, sender, n, aux, payload_len
+    )
     crc = zlib.crc32(header)
     for v in views:
         crc = zlib.crc32(v, crc)

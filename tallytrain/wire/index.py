@@ -48,7 +48,9 @@ def _rice_encode(gaps: np.ndarray, r: int) -> tuple:
     return unary, rem
 
 
-def _rice_decode(h: _Header, payload: memoryview, k: int, size: int, values_bytes: int) -> np.ndarray:
+def _rice_decode(
+    h: _Header, payload: memoryview, k: int, size: int, values_bytes: int
+) -> np.ndarray:
     r = h.bits
     if r > RICE_MAX_PARAM:
         raise _fail(h, f"bits = {r} is not a valid Rice parameter (0..{RICE_MAX_PARAM})")
@@ -73,7 +75,9 @@ def _rice_decode(h: _Header, payload: memoryview, k: int, size: int, values_byte
         )
     if ones > k:
         raise _fail(
-            h, f"Rice unary section holds {ones} terminating bits for k = {k} indices (nonzero padding)"
+            h,
+            f"Rice unary section holds {ones} terminating bits for k = {k} indices (nonzero "
+            "padding)",
         )
     ends = np.flatnonzero(np.unpackbits(unary, bitorder="little")).astype(np.int64)
     used = int(ends[-1]) + 1 if k else 0
@@ -133,7 +137,9 @@ def _unpack_fields(stream: np.ndarray, k: int, r: int) -> np.ndarray:
     shift = offset & np.uint64(63)
     low = words[word] >> shift
     # A shift by 64 is undefined, so the s == 0 case masks the high part off.
-    high = np.where(shift > 0, words[word + 1] << ((np.uint64(64) - shift) & np.uint64(63)), np.uint64(0))
+    high = np.where(
+        shift > 0, words[word + 1] << ((np.uint64(64) - shift) & np.uint64(63)), np.uint64(0)
+    )
     return ((low | high) & np.uint64((1 << r) - 1)).astype(np.int64)
 
 

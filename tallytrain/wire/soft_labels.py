@@ -32,11 +32,20 @@ from .frame import (
     _uint,
     _zero,
 )
-from .shape import _decode_shape, _leading_shape, _optional_shape_bytes, _shape_section, _shape_section_bytes
+from .shape import (
+    _decode_shape,
+    _leading_shape,
+    _optional_shape_bytes,
+    _shape_section,
+    _shape_section_bytes,
+)
 
 
 def soft_labels_message_bytes(
-    n: int, num_classes: int, dtype: torch.dtype = torch.float32, shape: Optional[Sequence[int]] = None
+    n: int,
+    num_classes: int,
+    dtype: torch.dtype = torch.float32,
+    shape: Optional[Sequence[int]] = None,
 ) -> int:
     """len(encode_soft_labels(...)) for n positions of leading ``shape``."""
     return OVERHEAD + _optional_shape_bytes(n, shape) + n * num_classes * _itemsize(dtype)

@@ -88,14 +88,24 @@ def encode_soft_topk(
     idx = indices.reshape(-1).to(torch.int64)
     if n and (int(idx.min()) < 0 or int(idx.max()) >= c):
         bad = int(torch.nonzero((idx < 0) | (idx >= c))[0])
-        raise ValueError(f"indices{_index_text(bad, indices.shape)} = {int(idx[bad])} is outside 0..{c - 1}")
+        raise ValueError(
+            f"indices{_index_text(bad, indices.shape)} = {int(idx[bad])} is outside 0..{c - 1}"
+        )
     repeated = _first_repeat(idx.view(-1, k))
     if repeated is not None:
         raise ValueError(f"indices of position {repeated} repeat a class (a top-k set is distinct)")
     data = _floats(values, "values", dtype)
     parts = [_shape_section(dims), ops.pack_labels(idx, c).numpy(), data]
     return _frame(
-        MessageKind.SOFT_TOPK, Flag(0), bits_for(c), _float_code(dtype)[0], round, sender, n, c, parts
+        MessageKind.SOFT_TOPK,
+        Flag(0),
+        bits_for(c),
+        _float_code(dtype)[0],
+        round,
+        sender,
+        n,
+        c,
+        parts,
     )
 
 

@@ -78,10 +78,26 @@ def encode_sparse(
     bitmap_bytes = (m + 7) // 8
     if bitmap_bytes <= rice_bytes:
         return _frame(
-            MessageKind.SPARSE_PARAMS, Flag.BITMAP, 0, code, round, sender, k, m, [_bitmap(idx, m), data]
+            MessageKind.SPARSE_PARAMS,
+            Flag.BITMAP,
+            0,
+            code,
+            round,
+            sender,
+            k,
+            m,
+            [_bitmap(idx, m), data],
         )
     return _frame(
-        MessageKind.SPARSE_PARAMS, Flag(0), r, code, round, sender, k, m, [*_rice_encode(gaps, r), data]
+        MessageKind.SPARSE_PARAMS,
+        Flag(0),
+        r,
+        code,
+        round,
+        sender,
+        k,
+        m,
+        [*_rice_encode(gaps, r), data],
     )
 
 
@@ -96,7 +112,9 @@ def _decode_sparse(h: _Header, payload: memoryview) -> Message:
         _zero(h, bits=h.bits)
         index_bytes = (size + 7) // 8
         _payload_size(
-            h, index_bytes + values_bytes, f"a bitmap of {size} bits and {k} {code.name.lower()} values"
+            h,
+            index_bytes + values_bytes,
+            f"a bitmap of {size} bits and {k} {code.name.lower()} values",
         )
         indices = _bitmap_decode(h, _bytes(payload, 0, index_bytes), k, size)
     else:

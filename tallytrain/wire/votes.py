@@ -82,7 +82,9 @@ def encode_votes(
     if dims is not None:
         flags |= Flag.SHAPE
         parts.insert(0, _shape_section(dims))
-    return _frame(MessageKind.VOTES, flags, bits_for(symbols), WireDtype.UINT8, round, sender, n, c, parts)
+    return _frame(
+        MessageKind.VOTES, flags, bits_for(symbols), WireDtype.UINT8, round, sender, n, c, parts
+    )
 
 
 @_decoder(MessageKind.VOTES)

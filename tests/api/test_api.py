@@ -134,7 +134,9 @@ def test_vote_abstain_below_with_mask(c, gen, device):
     # the same as pack_argmax's abstention with the masked rows set to C
     plain = ops.unpack_labels(ops.pack_argmax(logits, abstain_below=0.6), n, c + 1)
     assert torch.equal(v.packed, ops.pack_labels(torch.where(mask, plain, c), c + 1))
-    assert torch.equal(vote(logits, abstain_below=0.6).packed, ops.pack_argmax(logits, abstain_below=0.6))
+    assert torch.equal(
+        vote(logits, abstain_below=0.6).packed, ops.pack_argmax(logits, abstain_below=0.6)
+    )
 
 
 def test_vote_bfloat16_under_autocast(gen):
@@ -300,7 +302,9 @@ def test_tally_against_one_hot_counts(c, shape, abstain, weighted, gen, device):
         t > 0 and k >= min_votes and k >= agreement * t  # Python floats are float64
         for k, t in zip(count.reshape(-1).tolist(), total.reshape(-1).tolist())
     ]
-    share = [k / t if t else 0.0 for k, t in zip(count.reshape(-1).tolist(), total.reshape(-1).tolist())]
+    share = [
+        k / t if t else 0.0 for k, t in zip(count.reshape(-1).tolist(), total.reshape(-1).tolist())
+    ]
     assert isinstance(got, Consensus)
     for field in got:
         assert field.shape == torch.Size(shape) and field.device == votes[0].device
@@ -310,7 +314,9 @@ def test_tally_against_one_hot_counts(c, shape, abstain, weighted, gen, device):
     assert torch.equal(got.count.cpu(), torch.where(total > 0, count, 0))
     assert torch.equal(got.total.cpu(), total)
     assert got.keep.cpu().reshape(-1).tolist() == keep
-    assert torch.equal(got.agreement.cpu().reshape(-1), torch.tensor(share, dtype=torch.float64).float())
+    assert torch.equal(
+        got.agreement.cpu().reshape(-1), torch.tensor(share, dtype=torch.float64).float()
+    )
 
 
 def test_tally_ties_halves_and_nobody():
@@ -551,7 +557,9 @@ class DictMemory:
                 else:
                     self.held.pop((probe, pos), None)
         if self.max_age is not None:
-            self.held = {key: (lab, s) for key, (lab, s) in self.held.items() if round - s < self.max_age}
+            self.held = {
+                key: (lab, s) for key, (lab, s) in self.held.items() if round - s < self.max_age
+            }
 
     def dense(self, pool):
         out = [[-1] * self.positions for _ in range(pool)]
@@ -575,7 +583,10 @@ def test_memory_against_a_dictionary(position_shape, max_age, gen, device):
         keep = torch.rand(n, *position_shape, generator=gen) < 0.7
         memory.update(probes.to(device), SimpleNamespace(labels=labels, keep=keep), round)
         oracle.update(
-            probes.tolist(), labels.reshape(n, positions).tolist(), keep.reshape(n, positions).tolist(), round
+            probes.tolist(),
+            labels.reshape(n, positions).tolist(),
+            keep.reshape(n, positions).tolist(),
+            round,
         )
         dense = oracle.dense(pool)
         held = [i for i in range(pool) if any(x >= 0 for x in dense[i])]
@@ -591,12 +602,16 @@ def test_memory_rules_by_hand():
     c = SimpleNamespace
     assert memory.round is None and len(memory) == 0
     memory.update(
-        torch.tensor([0, 1, 2]), c(labels=torch.tensor([4, 5, 6]), keep=torch.tensor([True, True, False])), 0
+        torch.tensor([0, 1, 2]),
+        c(labels=torch.tensor([4, 5, 6]), keep=torch.tensor([True, True, False])),
+        0,
     )
     assert [t.tolist() for t in memory.labels()] == [[0, 1], [4, 5]]
     # a later consensus replaces (agreeing or not) or drops; others are unchanged
     memory.update(
-        torch.tensor([1, 0, 3]), c(labels=torch.tensor([7, -1, 8]), keep=torch.ones(3, dtype=torch.bool)), 1
+        torch.tensor([1, 0, 3]),
+        c(labels=torch.tensor([7, -1, 8]), keep=torch.ones(3, dtype=torch.bool)),
+        1,
     )
     assert [t.tolist() for t in memory.labels()] == [[1, 3], [7, 8]]
     memory.update(torch.tensor([4]), c(labels=torch.tensor([9]), keep=torch.tensor([True])), 2)
@@ -628,7 +643,9 @@ def test_memory_forget():
     memory = ConsensusMemory(4, position_shape=(2,))
     memory.update(
         torch.arange(4),
-        SimpleNamespace(labels=torch.arange(8).reshape(4, 2), keep=torch.ones(4, 2, dtype=torch.bool)),
+        SimpleNamespace(
+            labels=torch.arange(8).reshape(4, 2), keep=torch.ones(4, 2, dtype=torch.bool)
+        ),
         0,
     )
     assert memory.forget(torch.tensor([1, 1])) == 2 and len(memory) == 6
@@ -672,7 +689,9 @@ def test_memory_errors_name_the_argument():
         memory.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), 0)
     assert len(memory) == 0 and memory.round is None  # nothing was changed by the failures
     memory.update(torch.tensor([0, 1, 2]), cons, 5)
-    with pytest.raises(ValueError, match="round must not go backwards: got 4 after an update of round 5"):
+    with pytest.raises(
+        ValueError, match="round must not go backwards: got 4 after an update of round 5"
+    ):
         memory.update(torch.tensor([0, 1, 2]), cons, 4)
     with pytest.raises(ValueError, match="round must be >= 0"):
         ConsensusMemory(3).update(torch.tensor([0, 1, 2]), cons, -1)
@@ -721,7 +740,9 @@ def test_memory_load_state_dict_validates():
     memory = ConsensusMemory(6, max_age=2, position_shape=(2,))
     memory.update(
         torch.tensor([1, 4]),
-        SimpleNamespace(labels=torch.tensor([[3, 1], [0, -1]]), keep=torch.ones(2, 2, dtype=torch.bool)),
+        SimpleNamespace(
+            labels=torch.tensor([[3, 1], [0, -1]]), keep=torch.ones(2, 2, dtype=torch.bool)
+        ),
         3,
     )
     good = memory.state_dict()
@@ -769,7 +790,8 @@ def test_memory_updates_a_large_pool():
         indices, labels = memory.labels()
         assert set(probes[held.any(1)].tolist()) <= set(indices.tolist())
     everything = SimpleNamespace(
-        labels=torch.zeros(pool, window, dtype=torch.int64), keep=torch.ones(pool, window, dtype=torch.bool)
+        labels=torch.zeros(pool, window, dtype=torch.int64),
+        keep=torch.ones(pool, window, dtype=torch.bool),
     )
     memory.update(torch.randperm(pool, generator=g), everything, 4)
     assert len(memory) == pool * window
@@ -875,7 +897,10 @@ def code_blocks(path):
 def test_api_docs_examples_hold():
     """docs/api.md's sessions give the output shown, and its other snippets run."""
     blocks = code_blocks(ROOT / "docs" / "api.md")
-    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    parser, runner = (
+        doctest.DocTestParser(),
+        doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE),
+    )
     globs = {}
     for i, block in enumerate(blocks):
         if ">>>" in block:

@@ -82,7 +82,8 @@ def test_info_text_and_json(capsys):
 def test_compare_writes_a_complete_run_directory(tmp_path, capsys):
     out = str(tmp_path / "cmp")
     rc = main(
-        ["compare", "--methods", "local,fedavg,softlabel,tallytrain", "--seeds", "2", "--out", out] + TINY
+        ["compare", "--methods", "local,fedavg,softlabel,tallytrain", "--seeds", "2", "--out", out]
+        + TINY
     )
     assert rc == 0
     printed = capsys.readouterr().out
@@ -178,7 +179,13 @@ def test_pareto_writes_points_frontier_and_dominance(tmp_path, capsys):
     ]
     summary = json.load(open(out / "summary.json"))["methods"]
     for p in result["points"]:
-        assert {"method", "setting", "final_accuracy_mean", "final_accuracy_std", "total_bytes"} <= set(p)
+        assert {
+            "method",
+            "setting",
+            "final_accuracy_mean",
+            "final_accuracy_std",
+            "total_bytes",
+        } <= set(p)
         assert p["total_bytes"] == summary[p["label"]]["total_bytes"]
         assert p["final_accuracy_mean"] == summary[p["label"]]["final_accuracy_mean"]
         assert ("dominated_by_bridge" in p) == (p["method"] != "bridge")
@@ -197,9 +204,20 @@ def test_pareto_analysis_by_hand():
     from tallytrain.app.pareto import analyze, pareto_config
 
     cfg = pareto_config(
-        RunConfig(), [0, 1], periods=[1], baselines=["fedavg"], bridge_fractions=[0.01], bridge_periods=[1, 5]
+        RunConfig(),
+        [0, 1],
+        periods=[1],
+        baselines=["fedavg"],
+        bridge_fractions=[0.01],
+        bridge_periods=[1, 5],
     )
-    assert cfg.methods == ("fedavg-R1", "softlabel", "tallytrain", "bridge-k1pct-R1", "bridge-k1pct-R5")
+    assert cfg.methods == (
+        "fedavg-R1",
+        "softlabel",
+        "tallytrain",
+        "bridge-k1pct-R1",
+        "bridge-k1pct-R5",
+    )
     seeds = {
         "fedavg-R1": [0.80, 0.90],
         "softlabel": [0.95, 0.95],
@@ -306,7 +324,10 @@ def test_dominance_by_hand():
             ["--methods", "tallytrain,fedsgd"],
             "unknown method 'fedsgd'; known methods: " + ", ".join(method_names()),
         ),
-        (["--dataset", "imagenet"], "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist"),
+        (
+            ["--dataset", "imagenet"],
+            "unknown dataset 'imagenet'; known datasets: digits, synthetic, mnist",
+        ),
         (["--alpha", "0"], "--alpha must be > 0"),
         (["--alpha", "-1"], "--alpha must be > 0"),
         (["--peers", "2000"], "--peers (2000) exceeds the 1079 training samples"),
@@ -351,7 +372,10 @@ def test_unreadable_dataset_files_are_one_line(tmp_path, capsys, content):
         (data / f"{name}.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\0"))
     before = snapshot(data)
     out = tmp_path / "run"
-    assert main(["compare", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out)] + TINY) == 2
+    assert (
+        main(["compare", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out)] + TINY)
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("tallytrain: error: ") and err.count("\n") == 1
     assert "train-images-idx3-ubyte.gz: cannot read it (" in err
@@ -364,7 +388,8 @@ def test_out_below_a_file_is_one_line(tmp_path, capsys):
     assert main(["run", "--method", "local", "--out", str(tmp_path / "a" / "b")] + TINY) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"tallytrain: error: cannot create --out {tmp_path / 'a' / 'b'}: {tmp_path / 'a'} is a file\n"
+        f"tallytrain: error: cannot create --out {tmp_path / 'a' / 'b'}: {tmp_path / 'a'} is a "
+        "file\n"
     )
     assert (tmp_path / "a").read_text() == "my notes"
 
@@ -378,7 +403,9 @@ def test_existing_directories_are_never_clobbered(tmp_path, capsys):
     # resume with other options: refused, naming the difference
     assert (
         main(
-            ["run", "--method", "local", "--out", out, "--resume"] + TINY[:-1] + ["--quiet", "--alpha", "0.7"]
+            ["run", "--method", "local", "--out", out, "--resume"]
+            + TINY[:-1]
+            + ["--quiet", "--alpha", "0.7"]
         )
         == 2
     )
@@ -411,7 +438,10 @@ def test_resume_refuses_corrupt_files(tmp_path, capsys):
     (out / "config.json").write_text("{ truncated")
     assert main(["run", "--method", "tallytrain", "--out", str(out), "--resume"] + TINY) == 2
     assert "config.json is corrupt" in capsys.readouterr().err
-    assert main(["run", "--method", "tallytrain", "--out", str(tmp_path / "none"), "--resume"] + TINY) == 2
+    assert (
+        main(["run", "--method", "tallytrain", "--out", str(tmp_path / "none"), "--resume"] + TINY)
+        == 2
+    )
     assert "holds no config.json" in capsys.readouterr().err
 
 
@@ -438,7 +468,11 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     killed = str(tmp_path / "killed")
     metrics = os.path.join(killed, "runs", "tallytrain", "seed0", "metrics.jsonl")
     proc = subprocess.Popen(
-        cmd + ["--out", killed], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd + ["--out", killed],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.time() + 120
     try:
@@ -456,7 +490,12 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     assert 3 <= done_rounds < 30, "the run must have been killed mid-way"
     assert not os.path.exists(os.path.join(killed, "summary.json"))
     resumed = subprocess.run(
-        cmd + ["--out", killed, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+        cmd + ["--out", killed, "--resume"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
     whole = str(tmp_path / "whole")
@@ -538,7 +577,9 @@ def test_ctrl_c_stops_in_one_line_keeps_the_checkpoint_and_resumes(tmp_path):
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
-            if (run_dir / "metrics.jsonl").exists() and len(read_jsonl(str(run_dir / "metrics.jsonl"))) >= 3:
+            if (run_dir / "metrics.jsonl").exists() and len(
+                read_jsonl(str(run_dir / "metrics.jsonl"))
+            ) >= 3:
                 proc.send_signal(signal.SIGINT)
                 break
             time.sleep(0.005)
@@ -586,7 +627,9 @@ def test_every_option_has_help_beyond_its_default():
     # argparse may wrap a line after the hyphen of a name (softlabel-topk)
     flat = re.sub(r"-\s+", "-", " ".join(compare_help.split()))
     assert "(default: all = " + ", ".join(method_names()) + ", softlabel-matched)" in flat
-    assert "(default: 1)" in " ".join(commands["compare"]._option_string_actions["--seeds"].help.split())
+    assert "(default: 1)" in " ".join(
+        commands["compare"]._option_string_actions["--seeds"].help.split()
+    )
 
 
 def test_version(capsys):
@@ -645,7 +688,11 @@ def test_info_says_whether_cuda_kernels_are_usable_or_only_registered(monkeypatc
                 "cuda": "native" if usable else cuda,
                 "cuda_kernel": "registered",
             },
-            "tally": {"cpu": "native", "cuda": "reference" if usable else cuda, "cuda_kernel": "none"},
+            "tally": {
+                "cpu": "native",
+                "cuda": "reference" if usable else cuda,
+                "cuda_kernel": "none",
+            },
         },
         "extension": "/x/_C.so",
         "extension_built_with_cuda": True,
@@ -664,7 +711,10 @@ def test_info_says_whether_cuda_kernels_are_usable_or_only_registered(monkeypatc
     }
     if cuda == "unavailable":
         assert "CUDA ops served by: none (no usable CUDA device)" in text
-        assert rows == {"pack_argmax": ["native", "registered"], "tally": ["native", "none", "(reference)"]}
+        assert rows == {
+            "pack_argmax": ["native", "registered"],
+            "tally": ["native", "none", "(reference)"],
+        }
     else:
         assert "CUDA ops served by: native" in text
         assert rows == {"pack_argmax": ["native", "native"], "tally": ["native", "reference"]}
@@ -677,7 +727,9 @@ def test_pareto_refuses_merge_periods_longer_than_the_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("tallytrain: error: --periods 5 exceed the 2 rounds")
     assert main(["pareto", "--out", str(out), "--bridge-periods", "3"] + TINY) == 2
-    assert capsys.readouterr().err.startswith("tallytrain: error: --bridge-periods 3 exceed the 2 rounds")
+    assert capsys.readouterr().err.startswith(
+        "tallytrain: error: --bridge-periods 3 exceed the 2 rounds"
+    )
     assert not out.exists()
 
 

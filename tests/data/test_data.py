@@ -23,7 +23,13 @@ from tallytrain.data import (
     read_idx,
     split_dataset,
 )
-from tallytrain.data.datasets import load_cifar10, load_cifar100, load_digits, load_mnist, load_fashion_mnist
+from tallytrain.data.datasets import (
+    load_cifar10,
+    load_cifar100,
+    load_digits,
+    load_mnist,
+    load_fashion_mnist,
+)
 from tallytrain.fl.config import DataConfig
 
 
@@ -172,7 +178,9 @@ def test_cifar10_reads_python_batches(tmp_path):
     assert ds.y.tolist() == sum((b[b"labels"] for b in batches), [])
     # channel-major rows: the first 1024 bytes are the red plane
     first = batches[0][b"data"][0]
-    assert torch.allclose(ds.x[0, 0].flatten() * 255, torch.from_numpy(first[:1024].astype(np.float32)))
+    assert torch.allclose(
+        ds.x[0, 0].flatten() * 255, torch.from_numpy(first[:1024].astype(np.float32))
+    )
     assert ds.y_test.tolist() == test[b"labels"]
 
 
@@ -244,19 +252,36 @@ def test_dirichlet_alpha_controls_skew():
 def test_dirichlet_gives_up_with_a_clear_error_instead_of_hanging():
     start = time.perf_counter()
     with pytest.raises(ValueError, match="in 3 tries.*raise alpha"):
-        partitioners.dirichlet(LABELS, 40, 0.01, np.random.default_rng(0), min_size=12, max_retries=3)
+        partitioners.dirichlet(
+            LABELS, 40, 0.01, np.random.default_rng(0), min_size=12, max_retries=3
+        )
     assert time.perf_counter() - start < 5
 
 
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: partitioners.dirichlet(LABELS, 10, 0.0, np.random.default_rng(0)), "alpha must be > 0"),
-        (lambda: partitioners.dirichlet(LABELS, 10, -1, np.random.default_rng(0)), "alpha must be > 0"),
-        (lambda: partitioners.iid(LABELS, 501, np.random.default_rng(0)), "exceeds the 500 training samples"),
+        (
+            lambda: partitioners.dirichlet(LABELS, 10, 0.0, np.random.default_rng(0)),
+            "alpha must be > 0",
+        ),
+        (
+            lambda: partitioners.dirichlet(LABELS, 10, -1, np.random.default_rng(0)),
+            "alpha must be > 0",
+        ),
+        (
+            lambda: partitioners.iid(LABELS, 501, np.random.default_rng(0)),
+            "exceeds the 500 training samples",
+        ),
         (lambda: partitioners.iid(LABELS, 0, np.random.default_rng(0)), "peers must be >= 1"),
-        (lambda: partitioners.iid(LABELS, 10, np.random.default_rng(0), min_size=60), "min_shard_size"),
-        (lambda: partitioners.classes_per_peer(LABELS, 5, 11, np.random.default_rng(0)), "classes_per_peer"),
+        (
+            lambda: partitioners.iid(LABELS, 10, np.random.default_rng(0), min_size=60),
+            "min_shard_size",
+        ),
+        (
+            lambda: partitioners.classes_per_peer(LABELS, 5, 11, np.random.default_rng(0)),
+            "classes_per_peer",
+        ),
     ],
 )
 def test_partitioners_reject_bad_input(call, match):

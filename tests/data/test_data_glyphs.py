@@ -53,7 +53,9 @@ def test_rendering_is_deterministic_and_every_class_is_present(tmp_path, two_fac
     # the jitter differs between renders of one class in one face
     assert not torch.equal(a.x[0], a.x[1])
     assert a.face_names == ("DejaVuSans", "DejaVuSerif-BoldItalic")
-    other = load_glyphs(6, renders_per_face=2, seed=1, fonts=two_faces, cache_dir=str(tmp_path / "a"))
+    other = load_glyphs(
+        6, renders_per_face=2, seed=1, fonts=two_faces, cache_dir=str(tmp_path / "a")
+    )
     assert not torch.equal(other.x, a.x) and torch.equal(other.y, a.y)
 
 

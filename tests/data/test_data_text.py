@@ -204,7 +204,10 @@ def test_a_vocabulary_too_small_is_refused_naming_the_flag(tmp_path, vocab):
 def test_bad_context_and_group_share_are_refused(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_pytext(
-            vocab_size=SMALL_VOCAB, root=_fake_stdlib(tmp_path), cache_dir=str(tmp_path / "c"), **kwargs
+            vocab_size=SMALL_VOCAB,
+            root=_fake_stdlib(tmp_path),
+            cache_dir=str(tmp_path / "c"),
+            **kwargs,
         )
 
 
@@ -224,9 +227,14 @@ def test_windows_shift_targets_and_pad_the_tail():
 
 def test_load_pytext_gives_disjoint_windowed_splits(tmp_path):
     root = _fake_stdlib(tmp_path / "lib")
-    data = load_pytext(vocab_size=SMALL_VOCAB, context=16, root=root, cache_dir=str(tmp_path / "cache"))
+    data = load_pytext(
+        vocab_size=SMALL_VOCAB, context=16, root=root, cache_dir=str(tmp_path / "cache")
+    )
     tok, _ = train_tokenizer(
-        root, [data.files[i] for i in data.file_split["train"]], SMALL_VOCAB, str(tmp_path / "cache")
+        root,
+        [data.files[i] for i in data.file_split["train"]],
+        SMALL_VOCAB,
+        str(tmp_path / "cache"),
     )
     for name in ("train", "probe", "test"):
         part = getattr(data, name)
@@ -251,11 +259,13 @@ def test_load_pytext_gives_disjoint_windowed_splits(tmp_path):
     assert ds.num_classes == SMALL_VOCAB and ds.input_shape == (16,)
     assert ds.x is data.train.x and ds.x_probe is data.probe.x and ds.y_test is data.test.y
     assert ds.groups is data.train.groups and len(ds.group_names) == len(set(ds.group_names))
-    assert sorted(ds.info["files"]["train"] + ds.info["files"]["probe"] + ds.info["files"]["test"]) == [
-        f.path for f in data.files
-    ]
+    assert sorted(
+        ds.info["files"]["train"] + ds.info["files"]["probe"] + ds.info["files"]["test"]
+    ) == [f.path for f in data.files]
 
-    again = load_pytext(vocab_size=SMALL_VOCAB, context=16, root=root, cache_dir=str(tmp_path / "cache2"))
+    again = load_pytext(
+        vocab_size=SMALL_VOCAB, context=16, root=root, cache_dir=str(tmp_path / "cache2")
+    )
     assert torch.equal(again.train.x, data.train.x) and torch.equal(again.test.y, data.test.y)
 
 
@@ -278,7 +288,8 @@ def test_partition_by_group_keeps_groups_whole_and_balances(tmp_path):
     again = partitioners.by_group(groups, 3, np.random.default_rng(0))
     assert all(np.array_equal(a, b) for a, b in zip(shards, again))
     owners = {
-        tuple(len(s) for s in partitioners.by_group(groups, 3, np.random.default_rng(k))) for k in range(10)
+        tuple(len(s) for s in partitioners.by_group(groups, 3, np.random.default_rng(k)))
+        for k in range(10)
     }
     assert len(owners) > 1  # the seed decides which peer holds what
     with pytest.raises(ValueError, match=r"peers \(7\) exceeds the 6 groups"):

@@ -70,7 +70,9 @@ def test_vmap_over_peers_equals_separate_calls_and_gradients_flow(shared_input):
         else torch.randint(V, (3, 4, T), generator=gen)
     )
     y = torch.randint(-1, V, (3, 4, T), generator=gen)  # -1: padding, ignored
-    call = vmap(lambda p, xs: functional_call(model, p, (xs,)), in_dims=(0, None if shared_input else 0))
+    call = vmap(
+        lambda p, xs: functional_call(model, p, (xs,)), in_dims=(0, None if shared_input else 0)
+    )
     leaves = {k: v.clone().requires_grad_(True) for k, v in stacked.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no slow per-peer fallback
@@ -78,7 +80,9 @@ def test_vmap_over_peers_equals_separate_calls_and_gradients_flow(shared_input):
     separate = [functional_call(model, inits[i], (x if shared_input else x[i],)) for i in range(3)]
     assert torch.allclose(logits, torch.stack(separate), atol=1e-5)
     # the sum of per-peer losses gives each peer its own gradient
-    losses = [F.cross_entropy(logits[i].flatten(0, 1), y[i].flatten(), ignore_index=-1) for i in range(3)]
+    losses = [
+        F.cross_entropy(logits[i].flatten(0, 1), y[i].flatten(), ignore_index=-1) for i in range(3)
+    ]
     sum(losses).backward()
     for i in range(3):
         own = {k: v.clone().requires_grad_(True) for k, v in inits[i].items()}

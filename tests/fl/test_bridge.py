@@ -80,7 +80,9 @@ def test_error_feedback_conserves_the_accumulated_change():
         dict(merge_period=1, topk_fraction=0.02),
         dict(merge_period=2, topk_fraction=0.1, param_dtype="float16"),
         dict(merge_period=1, topk_fraction=0.05, participation=0.5),
-        dict(merge_period=1, topk_fraction=0.05, adversarial_fraction=0.25, adversarial_mode="flip"),
+        dict(
+            merge_period=1, topk_fraction=0.05, adversarial_fraction=0.25, adversarial_mode="flip"
+        ),
         dict(
             merge_period=1,
             topk_fraction=0.05,
@@ -138,7 +140,9 @@ def test_bridge_without_merges_is_tallytrain_round_for_round():
     assert a.ledger.entries == b.ledger.entries
     assert all(
         torch.equal(x, y)
-        for x, y in zip(a.population.single_group.params.values(), b.population.single_group.params.values())
+        for x, y in zip(
+            a.population.single_group.params.values(), b.population.single_group.params.values()
+        )
     )
 
 
@@ -228,7 +232,10 @@ def test_periodic_selection_keeps_the_same_peers_for_a_period():
     "protocol, match",
     [
         (dict(method="fedavg", merge_period=0), "needs merge_period >= 1"),
-        (dict(method="bridge", merge_period=2, decentralized=True), "decentralized mode works only"),
+        (
+            dict(method="bridge", merge_period=2, decentralized=True),
+            "decentralized mode works only",
+        ),
     ],
 )
 def test_bad_merge_settings_are_refused(protocol, match):
@@ -258,7 +265,10 @@ def test_adversaries_corrupt_what_they_send_but_keep_honest_books(monkeypatch):
 
     monkeypatch.setattr(wire, "encode_sparse", spy)
     feds = {}
-    for tag, protocol in (("honest", {}), ("flip", dict(adversarial_fraction=0.25, adversarial_mode="flip"))):
+    for tag, protocol in (
+        ("honest", {}),
+        ("flip", dict(adversarial_fraction=0.25, adversarial_mode="flip")),
+    ):
         feds[tag] = Federation(
             tiny("bridge", rounds=2, merge_period=1, topk_fraction=0.05, **protocol), digits4()
         )

@@ -148,7 +148,11 @@ def test_phases_cover_the_round_time():
         dataclasses.replace(
             tiny("tallytrain"),
             train=TrainConfig(
-                order="distill-train", local_steps=2, distill_steps=2, batch_size=16, distill_batch_size=16
+                order="distill-train",
+                local_steps=2,
+                distill_steps=2,
+                batch_size=16,
+                distill_batch_size=16,
             ),
         ),
         data(),
@@ -194,7 +198,9 @@ def test_probe_set_too_large_is_refused():
 
 
 def test_many_class_synthetic_runs():
-    d = DataConfig(dataset="synthetic", num_classes=2000, samples_per_class=3, alpha=1.0, min_shard_size=2)
+    d = DataConfig(
+        dataset="synthetic", num_classes=2000, samples_per_class=3, alpha=1.0, min_shard_size=2
+    )
     cfg = dataclasses.replace(
         tiny("tallytrain", rounds=1), data=d, protocol=ProtocolConfig(probes_per_round=300)
     )
@@ -208,7 +214,9 @@ def test_predict_each_hands_every_peer_its_own_logits_in_order():
     """Votes and evaluation take each peer's logits one peer at a time
     (Population.predict_each); they must be the logits of predict, for each
     peer in the order asked, across architectures."""
-    cfg = dataclasses.replace(tiny("tallytrain"), model=ModelConfig(hidden=16, archs=("mlp", "mlp1", "cnn")))
+    cfg = dataclasses.replace(
+        tiny("tallytrain"), model=ModelConfig(hidden=16, archs=("mlp", "mlp1", "cnn"))
+    )
     fed = Federation(cfg, data(0))
     x = fed.data.x_test[:50]
     order = [3, 0, 2, 1]

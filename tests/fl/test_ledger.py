@@ -44,7 +44,14 @@ def test_directions_and_totals():
     led.record(0, SERVER, 1, "control", 7)
     led.record(1, 0, 2, "votes", 5)
     assert [e.direction for e in led.entries] == ["up", "down", "p2p"]
-    assert led.totals(0) == {"up": 10, "down": 7, "p2p": 0, "uplink": 10, "downlink": 7, "total": 17}
+    assert led.totals(0) == {
+        "up": 10,
+        "down": 7,
+        "p2p": 0,
+        "uplink": 10,
+        "downlink": 7,
+        "total": 17,
+    }
     assert led.totals() == {"up": 10, "down": 7, "p2p": 5, "uplink": 15, "downlink": 7, "total": 22}
     assert led.by("round") == {(0,): 17, (1,): 5}
     led.truncate(1)
@@ -93,7 +100,10 @@ def test_channel_counts_len_of_the_real_message():
 @pytest.mark.parametrize(
     "env, match",
     [
-        (Envelope(1, SERVER, _votes(round_=1), wire.MessageKind.VOTES), "round 1, expected round 0"),
+        (
+            Envelope(1, SERVER, _votes(round_=1), wire.MessageKind.VOTES),
+            "round 1, expected round 0",
+        ),
         (Envelope(2, SERVER, _votes(sender=1), wire.MessageKind.VOTES), "sender id 1"),
         (Envelope(1, SERVER, _votes(), wire.MessageKind.CONTROL), "unexpected kind"),
         (Envelope(1, SERVER, _votes()[:-1], wire.MessageKind.VOTES), "truncated"),
@@ -157,7 +167,9 @@ def test_softlabel_bytes_match_closed_forms(dtype, itemsize):
     down = _per(fed.ledger, "soft_labels", "down")
     assert {e.bytes for e in up} == {wire.OVERHEAD + 37 * 10 * itemsize}
     assert len(up) == cfg.peers * cfg.rounds and len(down) == cfg.peers * (cfg.rounds - 1)
-    assert {e.bytes for e in down} == {wire.soft_labels_message_bytes(37, 10, getattr(torch, dtype))}
+    assert {e.bytes for e in down} == {
+        wire.soft_labels_message_bytes(37, 10, getattr(torch, dtype))
+    }
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedprox", "feddf"])

@@ -46,7 +46,8 @@ def test_weighted_average_by_hand():
 
 
 @pytest.mark.parametrize(
-    "weights, match", [([1, 2], "one entry per row"), ([0, 0, 0], "positive sum"), ([1, -1, 1], ">= 0")]
+    "weights, match",
+    [([1, 2], "one entry per row"), ([0, 0, 0], "positive sum"), ([1, -1, 1], ">= 0")],
 )
 def test_weighted_average_rejects_bad_weights(weights, match):
     with pytest.raises(ValueError, match=match):
@@ -111,7 +112,8 @@ def test_adversaries():
     assert torch.equal(adversary.corrupt_params(v, ref, "flip", g), torch.tensor([0.0, -1.0]))
     honest = 3.0 + 2.0 * torch.randn(1000, generator=g)
     a, b, c = (
-        adversary.corrupt_params(honest, ref, "random", torch.Generator().manual_seed(s)) for s in (1, 1, 2)
+        adversary.corrupt_params(honest, ref, "random", torch.Generator().manual_seed(s))
+        for s in (1, 1, 2)
     )
     assert torch.equal(a, b) and not torch.equal(a, c)
     # noise with the honest vector's mean and spread, unrelated to its values
@@ -168,7 +170,12 @@ def test_batched_peers_train_exactly_like_separate_peers():
     pools = [torch.from_numpy(s) for s in data.shards[:3]]
     steps = [4, 2, 3]
     idx = draw_batches(pools, steps, 8, [torch.Generator().manual_seed(9 + i) for i in range(3)])
-    group.fit(torch.arange(3), steps, [Batches(idx, data.x_train, data.y_train, hard_label_loss, 1.0)], 0.01)
+    group.fit(
+        torch.arange(3),
+        steps,
+        [Batches(idx, data.x_train, data.y_train, hard_label_loss, 1.0)],
+        0.01,
+    )
     for i in range(3):
         alone = make_group("mlp", [i], (1, 8, 8), 10, 16, [gens()[i]])
         alone.fit(
@@ -250,7 +257,11 @@ def test_feddf_distillation_changes_the_averaged_model():
 
 def test_roles_undertrained_and_adversarial_are_disjoint_and_counted():
     train = TrainConfig(
-        local_steps=5, undertrained_fraction=0.5, undertrained_steps=1, batch_size=16, distill_batch_size=16
+        local_steps=5,
+        undertrained_fraction=0.5,
+        undertrained_steps=1,
+        batch_size=16,
+        distill_batch_size=16,
     )
     fed = Federation(tiny("tallytrain", train=train, adversarial_fraction=0.25), digits4())
     assert fed.adversarial.sum() == 1 and fed.undertrained.sum() == 2
@@ -260,7 +271,11 @@ def test_roles_undertrained_and_adversarial_are_disjoint_and_counted():
 
 def test_undertrained_peers_move_less():
     train = TrainConfig(
-        local_steps=8, undertrained_fraction=0.5, undertrained_steps=1, batch_size=16, distill_batch_size=16
+        local_steps=8,
+        undertrained_fraction=0.5,
+        undertrained_steps=1,
+        batch_size=16,
+        distill_batch_size=16,
     )
     fed = Federation(tiny("local", rounds=1, train=train), digits4())
     before = fed.population.single_group.flatten().clone()
@@ -293,7 +308,13 @@ def test_flipping_adversaries_hurt_the_consensus(method):
 
 def test_abstention_and_threshold_shrink_what_peers_distill_on():
     loose = Federation(
-        tiny("tallytrain", abstain_below=None, agreement_threshold=0.0, support_min=0, support_radius=None),
+        tiny(
+            "tallytrain",
+            abstain_below=None,
+            agreement_threshold=0.0,
+            support_min=0,
+            support_radius=None,
+        ),
         digits4(),
     )
     strict = Federation(tiny("tallytrain", abstain_below=0.999, agreement_threshold=0.9), digits4())
@@ -316,7 +337,11 @@ def test_decentralized_peers_reach_the_server_consensus():
 @pytest.mark.parametrize("order", ["distill-train", "train-distill"])
 @pytest.mark.parametrize("method", ["tallytrain", "softlabel"])
 def test_sequential_orders_distill_on_the_consensus(method, order):
-    train = TrainConfig(order=order, local_steps=2, distill_steps=3, batch_size=16, distill_batch_size=16)
-    fed = Federation(tiny(method, train=train, abstain_below=None, agreement_threshold=0.0), digits4())
+    train = TrainConfig(
+        order=order, local_steps=2, distill_steps=3, batch_size=16, distill_batch_size=16
+    )
+    fed = Federation(
+        tiny(method, train=train, abstain_below=None, agreement_threshold=0.0), digits4()
+    )
     fed.run()
     assert fed.timer.seconds["distillation"] > 0 and fed.timer.seconds["joint_training"] == 0

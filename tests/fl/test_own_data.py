@@ -95,7 +95,13 @@ def test_simulate_runs_every_method_on_own_tensors_and_model(tmp_path):
     config = json.load(open(out / "config.json"))
     assert config["base"]["data"]["dataset"] == "own"
     assert config["base"]["model"]["archs"] == ["own"]
-    for name in ("partition.json", "metrics.jsonl", "comm.csv", "summary.json", "accuracy_vs_round.png"):
+    for name in (
+        "partition.json",
+        "metrics.jsonl",
+        "comm.csv",
+        "summary.json",
+        "accuracy_vs_round.png",
+    ):
         assert os.path.getsize(out / name) > 0
     # the ledger counted real messages of the methods that send some
     assert summary["methods"]["tallytrain"]["total_bytes"] > 0
@@ -107,8 +113,12 @@ def test_a_model_vmap_cannot_batch_runs_one_peer_per_call_with_the_same_results(
     simulate(blobs(), Plain, str(tmp_path / "plain"), methods=methods, progress=False, **TINY)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        simulate(blobs(), Branchy, str(tmp_path / "branchy"), methods=methods, progress=False, **TINY)
-    messages = {str(w.message) for w in caught if "cannot run under torch.func.vmap" in str(w.message)}
+        simulate(
+            blobs(), Branchy, str(tmp_path / "branchy"), methods=methods, progress=False, **TINY
+        )
+    messages = {
+        str(w.message) for w in caught if "cannot run under torch.func.vmap" in str(w.message)
+    }
     assert len(messages) == 1 and "arch 'own'" in messages.pop()
     plain = read_jsonl(str(tmp_path / "plain" / "metrics.jsonl"))
     branchy = read_jsonl(str(tmp_path / "branchy" / "metrics.jsonl"))
@@ -145,7 +155,9 @@ def test_resume_continues_and_refuses_changed_data(tmp_path):
     again = simulate(blobs(), mlp, out, methods=["tallytrain"], progress=False, resume=True, **TINY)
     assert again == first
     with pytest.raises(ValueError, match="its data changed since the run began"):
-        simulate(blobs(seed=3), mlp, out, methods=["tallytrain"], progress=False, resume=True, **TINY)
+        simulate(
+            blobs(seed=3), mlp, out, methods=["tallytrain"], progress=False, resume=True, **TINY
+        )
 
 
 def plugin_file(tmp_path) -> str:
@@ -245,7 +257,9 @@ class WithRunningStats(nn.Module):
             "labels must be integers",
         ),
         (
-            lambda out: simulate((torch.randn(50, 6), torch.zeros(40, dtype=torch.long)), mlp, out, **TINY),
+            lambda out: simulate(
+                (torch.randn(50, 6), torch.zeros(40, dtype=torch.long)), mlp, out, **TINY
+            ),
             "labels must be [N] with one label per input (50)",
         ),
         (
@@ -256,7 +270,10 @@ class WithRunningStats(nn.Module):
             lambda out: simulate(blobs(), WithRunningStats, out, **TINY),
             "has persistent buffers (bn.running_mean, bn.running_var, bn.num_batches_tracked)",
         ),
-        (lambda out: simulate(blobs(), mlp, out, model_name="mlp", **TINY), "model 'mlp' is built in"),
+        (
+            lambda out: simulate(blobs(), mlp, out, model_name="mlp", **TINY),
+            "model 'mlp' is built in",
+        ),
         (
             lambda out: simulate(blobs(), lambda c: mlp(c), out, jobs=2, methods=["local"], **TINY),
             "model 'own' cannot be sent to worker processes (jobs > 1)",
@@ -266,7 +283,10 @@ class WithRunningStats(nn.Module):
             lambda out: simulate(blobs(), mlp, out, learning_rate=0.1, **TINY),
             "unknown option(s) learning_rate",
         ),
-        (lambda out: simulate(blobs(), mlp, out, num_classes=2, **TINY), "labels must lie in 0..1, got 0..2"),
+        (
+            lambda out: simulate(blobs(), mlp, out, num_classes=2, **TINY),
+            "labels must lie in 0..1, got 0..2",
+        ),
     ],
 )
 def test_bad_own_data_or_model_is_a_clear_error_and_writes_nothing(tmp_path, call, message):
@@ -293,6 +313,8 @@ def test_plugins_restore_in_a_worker_what_the_parent_registered(tmp_path):
         " sorted(set(ARCHS) & {'mine', 'tiny'}))"
     )
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "-c", code], input=blob, env=env, capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input=blob, env=env, capture_output=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().split() == ["['blobs',", "'mine']", "['mine',", "'tiny']"]

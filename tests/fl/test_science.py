@@ -94,7 +94,11 @@ def brute_force_backed(x_shard, y_shard, x_probe, labels, min_count, quantile):
     xp = x_probe.reshape(len(x_probe), -1).double()
     nn = []
     for i in range(len(xs)):
-        same = [float((xs[i] - xs[j]).norm()) for j in range(len(xs)) if j != i and y_shard[j] == y_shard[i]]
+        same = [
+            float((xs[i] - xs[j]).norm())
+            for j in range(len(xs))
+            if j != i and y_shard[j] == y_shard[i]
+        ]
         if same:
             nn.append(min(same))
     radius = float(torch.quantile(torch.tensor(nn), quantile))
@@ -117,7 +121,9 @@ def test_support_test_matches_brute_force(min_count, quantile):
     xp = torch.randn(80, 2, 3, generator=g) * 1.5
     labels = torch.randint(-1, 9, (80,), generator=g)
     s = LocalSupport(x, y, 9, min_count, quantile)
-    assert torch.equal(s.backed(xp, labels), brute_force_backed(x, y, xp, labels, min_count, quantile))
+    assert torch.equal(
+        s.backed(xp, labels), brute_force_backed(x, y, xp, labels, min_count, quantile)
+    )
 
 
 def test_support_far_probe_is_not_backed_and_integer_inputs_use_labels_only():
@@ -128,7 +134,9 @@ def test_support_far_probe_is_not_backed_and_integer_inputs_use_labels_only():
     assert s.backed(probes, torch.tensor([0, 1, 2])).tolist() == [True, False, False]
     tokens = LocalSupport(torch.zeros(4, 2, dtype=torch.int64), y, 3, 1, 1.0)
     assert tokens.radius is None
-    assert tokens.backed(torch.zeros(3, 2, dtype=torch.int64), torch.tensor([0, 1, 2])).tolist() == [
+    assert tokens.backed(
+        torch.zeros(3, 2, dtype=torch.int64), torch.tensor([0, 1, 2])
+    ).tolist() == [
         True,
         True,
         False,
@@ -184,7 +192,11 @@ def test_reputation_weighs_a_peer_that_always_disagrees_to_zero():
     bad = int(torch.nonzero(torch.as_tensor(fed.adversarial)).flatten()[0])
     assert int(weights[bad]) == 0
     assert all(int(w) > 0 for p, w in enumerate(weights) if p != bad)
-    off = run(config(rounds=4, peers=5, adversarial_fraction=0.2, adversarial_mode="flip", reputation=False))
+    off = run(
+        config(
+            rounds=4, peers=5, adversarial_fraction=0.2, adversarial_mode="flip", reputation=False
+        )
+    )
     assert off.method.reputation_weights(range(5)) is None
 
 
@@ -192,7 +204,9 @@ def test_reputation_weighs_a_peer_that_always_disagrees_to_zero():
 def test_distillation_batch_grows_with_the_pool_within_bounds():
     fed = Federation(
         config(
-            train=TrainConfig(local_steps=10, distill_batch_size=16, distill_epochs=5, distill_batch_max=200)
+            train=TrainConfig(
+                local_steps=10, distill_batch_size=16, distill_epochs=5, distill_batch_max=200
+            )
         ),
         data(),
     )

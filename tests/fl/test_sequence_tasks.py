@@ -99,7 +99,11 @@ def run_config(
     method: str, data: DataConfig, peers: int = 3, rounds: int = 2, arch: str = "lm", **protocol
 ) -> RunConfig:
     proto = dict(
-        probes_per_round=4, server_distill_steps=2, abstain_below=None, agreement_threshold=0.0, support_min=0
+        probes_per_round=4,
+        server_distill_steps=2,
+        abstain_below=None,
+        agreement_threshold=0.0,
+        support_min=0,
     )
     return RunConfig(
         method=method,
@@ -152,10 +156,14 @@ def test_class_counts_count_target_tokens_without_padding(stdlib):
 
 def test_probe_cap_subsamples_and_training_cap_applies_to_training_windows(stdlib):
     full = prepare(text_config(stdlib), 3, 0)
-    capped = prepare(text_config(stdlib, max_probe_samples=5, max_samples=40, max_test_samples=7), 3, 0)
+    capped = prepare(
+        text_config(stdlib, max_probe_samples=5, max_samples=40, max_test_samples=7), 3, 0
+    )
     assert len(capped.y_probe) == 5 and len(capped.y_train) == 40 and len(capped.y_test) == 7
     assert set(capped.split.probe.tolist()) <= set(full.split.probe.tolist())
-    again = prepare(text_config(stdlib, max_probe_samples=5, max_samples=40, max_test_samples=7), 3, 0)
+    again = prepare(
+        text_config(stdlib, max_probe_samples=5, max_samples=40, max_test_samples=7), 3, 0
+    )
     assert np.array_equal(again.split.probe, capped.split.probe)
     # an uncapped split of a classifier dataset is exactly what it was before the cap existed
     plain = prepare(DataConfig(alpha=0.5, min_shard_size=5), 4, 0)
@@ -199,7 +207,8 @@ def test_hard_label_loss_is_each_peers_mean_over_real_targets():
     logits, labels = _sequence_batch(torch.Generator().manual_seed(0))
     loss = hard_label_loss(logits, labels)
     expect = sum(
-        F.cross_entropy(logits[p].flatten(0, 1), labels[p].flatten(), ignore_index=-1) for p in range(2)
+        F.cross_entropy(logits[p].flatten(0, 1), labels[p].flatten(), ignore_index=-1)
+        for p in range(2)
     )
     assert torch.allclose(loss, expect)
     loss.backward()
@@ -244,7 +253,9 @@ def test_topk_label_loss_equals_kl_to_the_completed_target(c, k):
     targets = torch.cat([index.double(), value, weight], -1)
     loss = topk_label_loss(2.0, c)(logits, targets)
     dense = (
-        _dense_completed(index, value, c) if c > k else value.new_zeros(value.shape).scatter(-1, index, value)
+        _dense_completed(index, value, c)
+        if c > k
+        else value.new_zeros(value.shape).scatter(-1, index, value)
     )
     expect = 0.0
     for p in range(2):
@@ -276,7 +287,9 @@ def test_average_topk_is_the_top_k_of_the_mean_of_completed_distributions():
     assert torch.allclose(got_v.float(), want_v, rtol=1e-3)
     # the completion keeps every distribution summing to 1
     assert torch.allclose(dense.sum(-1), torch.ones(6, 2), atol=1e-3)
-    assert torch.allclose(complete(value, c) * (c - k) + value.sum(-1), torch.ones(3, 6, 2), atol=1e-3)
+    assert torch.allclose(
+        complete(value, c) * (c - k) + value.sum(-1), torch.ones(3, 6, 2), atol=1e-3
+    )
     # sharpened: the top k of softmax(mean / T)
     sharp_i, _ = average_topk(index, value, c, k, sharpen_temperature=0.1)
     assert torch.equal(sharp_i, torch.softmax(dense / 0.1, -1).topk(k, -1).indices)

@@ -49,7 +49,9 @@ def server_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = saved
 
 
-def small_config(method: str = "tallytrain", archs=("mlp",), peer_batch: int = 0, **protocol) -> RunConfig:
+def small_config(
+    method: str = "tallytrain", archs=("mlp",), peer_batch: int = 0, **protocol
+) -> RunConfig:
     return RunConfig(
         method=method,
         peers=3,
@@ -179,8 +181,12 @@ def test_torch_threads_restores_the_count():
 # ---- records ---------------------------------------------------------------------------
 def test_envelopes_round_trip_through_a_record():
     msg = wire.encode_consensus(torch.tensor([1, 0, 2]), 3, round=4, sender=wire.SERVER)
-    ctrl = wire.encode_control(round=5, probe_seed=9, num_probes=3, consensus=msg, sender=wire.SERVER)
-    content = records.instruction("{}", 1, 5, 2, [Envelope(SERVER, 2, ctrl, wire.MessageKind.CONTROL)])
+    ctrl = wire.encode_control(
+        round=5, probe_seed=9, num_probes=3, consensus=msg, sender=wire.SERVER
+    )
+    content = records.instruction(
+        "{}", 1, 5, 2, [Envelope(SERVER, 2, ctrl, wire.MessageKind.CONTROL)]
+    )
     record = content.config_records[records.RECORD]
     (env,) = records.unpack_envelopes(record, SERVER, 2)
     assert env == Envelope(SERVER, 2, ctrl, wire.MessageKind.CONTROL)
@@ -269,7 +275,12 @@ def test_connect_maps_nodes_to_peers_and_checks_partitions():
             "bridge",
             ("mlp",),
             0,
-            {"merge_period": 1, "topk_fraction": 0.05, "participation": 0.67, "param_dtype": "float16"},
+            {
+                "merge_period": 1,
+                "topk_fraction": 0.05,
+                "participation": 0.67,
+                "param_dtype": "float16",
+            },
         ),
     ],
 )
@@ -392,7 +403,11 @@ def test_start_runs_every_round_and_reports():
     # Flower's Result: the rows' numbers per round, numbered from 1 as Flower does.
     assert sorted(result.train_metrics_clientapp) == [1, 2]
     assert result.train_metrics_clientapp[2]["accuracy"] == report["final_accuracy"]
-    assert report["missing_peers"] == [] and report["peer_nodes"] == {"0": 1000, "1": 1001, "2": 1002}
+    assert report["missing_peers"] == [] and report["peer_nodes"] == {
+        "0": 1000,
+        "1": 1001,
+        "2": 1002,
+    }
     assert report["totals"]["total"] == report["rounds"][-1]["cum_bytes"]
     assert report["final_accuracy"] > report["initial_accuracy"]
 
@@ -439,7 +454,9 @@ def test_nodes_reading_their_own_files_match_the_simulator(example, tmp_path, me
     cfg = small_config(method, **protocol)
     grid = own_data_grid(example, cfg, tmp_path)
     shared = example.task.shared({"app.data-dir": str(tmp_path)})
-    strategy = TallyTrainStrategy(cfg, FlowerOptions(), probes=shared, model=example.task.make_model)
+    strategy = TallyTrainStrategy(
+        cfg, FlowerOptions(), probes=shared, model=example.task.make_model
+    )
     register_model("example-mlp", example.task.make_model, replace=True)
     sim_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, archs=("example-mlp",)))
     sim = Federation(sim_cfg, prepare(cfg.data, cfg.peers, cfg.seed))
@@ -488,7 +505,9 @@ def test_a_node_saves_only_its_own_peer(example, tmp_path):
         assert size == strategy.fed.population.single_group.num_params
         assert state["anchor"].shape == (size,) and state["residual"].shape == (size,)
         assert state["sent"] is None
-        assert {k: v.shape for k, v in state["voters"].items()} == {k: v.shape for k, v in params.items()}
+        assert {k: v.shape for k, v in state["voters"].items()} == {
+            k: v.shape for k, v in params.items()
+        }
         assert state["memory"] is not None
         assert set(state) == {"anchor", "residual", "sent", "voters", "memory"}
     fed, _, _ = client._federation.__wrapped__(
@@ -511,7 +530,9 @@ def test_a_missing_data_file_is_one_clear_line(example, tmp_path):
     grid.contexts[1000].node_config.pop("data-file")  # falls back to <app.data-dir>/node0.pt
     (tmp_path / "machine0" / "train.pt").rename(tmp_path / "node0.pt")
     strategy = TallyTrainStrategy(
-        cfg, FlowerOptions(round_timeout=0.5), probes=example.task.shared({"app.data-dir": str(tmp_path)})
+        cfg,
+        FlowerOptions(round_timeout=0.5),
+        probes=example.task.shared({"app.data-dir": str(tmp_path)}),
     )
     strategy.connect(grid)
     assert sorted(strategy.peer_nodes) == [0, 1]
@@ -537,7 +558,10 @@ def test_a_missing_data_file_is_one_clear_line(example, tmp_path):
             lambda cfg: ("mlp", (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))),
             r"training inputs are \(3,\), the shared probes \(64,\)",
         ),
-        (lambda cfg: ("mlp", (torch.zeros(4, 64), torch.full((4,), 10))), r"labels must lie in 0..9"),
+        (
+            lambda cfg: ("mlp", (torch.zeros(4, 64), torch.full((4,), 10))),
+            r"labels must lie in 0..9",
+        ),
         (lambda cfg: ("mlp", (torch.zeros(4, 64), torch.zeros(4))), "labels must be integers"),
     ],
 )
@@ -570,7 +594,9 @@ def test_a_bad_load_result_names_what_is_wrong(tmp_path, loaded, match):
         (lambda: SharedData(None, (torch.zeros(2, 3), torch.zeros(2))), "needs both probes="),
         (lambda: SharedData(torch.zeros(2, 3), None, num_classes=1), "needs both probes="),
         (
-            lambda: SharedData(torch.zeros(5), (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))).build(),
+            lambda: SharedData(
+                torch.zeros(5), (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+            ).build(),
             r"probes: inputs must be \[N, ...\]",
         ),
         (

@@ -51,9 +51,12 @@ BIN = Path(sys.executable).parent
 pytestmark = [
     pytest.mark.flower,
     pytest.mark.skipif(
-        not sys.platform.startswith("linux"), reason="finds the deployment's processes through /proc"
+        not sys.platform.startswith("linux"),
+        reason="finds the deployment's processes through /proc",
     ),
-    pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=f"Flower's commands are not in {BIN}"),
+    pytest.mark.skipif(
+        not (BIN / "flower-superlink").exists(), reason=f"Flower's commands are not in {BIN}"
+    ),
 ]
 
 MARKER = "TALLYTRAIN_FLOWER_TEST"
@@ -227,7 +230,15 @@ class Deployment:
                 else []
             )
             proc = subprocess.Popen(
-                [str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config", overrides, "--stream"]
+                [
+                    str(BIN / "flwr"),
+                    "run",
+                    str(APP),
+                    "loopback",
+                    "--run-config",
+                    overrides,
+                    "--stream",
+                ]
                 + federation,
                 env=self.env,
                 stdout=log,
@@ -259,7 +270,8 @@ class Deployment:
     def explain(self) -> str:
         return "\n".join(
             f"--- {name}.log (tail) ---\n{self.log(name)[-3000:]}"
-            for name in ["flwr-run", "superlink"] + sorted(n for n in self.procs if n.startswith("node"))
+            for name in ["flwr-run", "superlink"]
+            + sorted(n for n in self.procs if n.startswith("node"))
         )
 
 
@@ -287,7 +299,9 @@ def finish(dep: Deployment, proc: subprocess.Popen, report: Path, timeout: float
     except subprocess.TimeoutExpired:
         pytest.fail(f"flwr run did not finish within {timeout} s\n{dep.explain()}")
     if not report.exists():
-        pytest.fail(f"the ServerApp wrote no report (flwr run exit code {proc.returncode})\n{dep.explain()}")
+        pytest.fail(
+            f"the ServerApp wrote no report (flwr run exit code {proc.returncode})\n{dep.explain()}"
+        )
     return json.loads(report.read_text())
 
 
@@ -318,7 +332,14 @@ def test_two_rounds_on_three_supernodes_match_the_simulator(deployment, tmp_path
     for row in report["rounds"]:
         with torch_threads(1):  # as the ClientApps (flower.threads = 1)
             expected = sim.run_round(row["round"])
-        for key in ("bytes_up", "bytes_down", "bytes", "peer_acc_mean", "consensus_acc", "agreement"):
+        for key in (
+            "bytes_up",
+            "bytes_down",
+            "bytes",
+            "peer_acc_mean",
+            "consensus_acc",
+            "agreement",
+        ):
             assert row[key] == expected[key], key
     assert report["totals"] == sim.ledger.totals()
 
@@ -353,7 +374,9 @@ def test_a_supernode_killed_mid_round_is_reported_missing(deployment, tmp_path):
     why = row["failures"]["2"]
     # Or the SuperLink, missing the dead node's heartbeats, answered for it
     # before the round timeout ran out.
-    assert "flower.round-timeout" in why or "Message Unavailable" in why or "Node Unavailable" in why, why
+    assert (
+        "flower.round-timeout" in why or "Message Unavailable" in why or "Node Unavailable" in why
+    ), why
     if "flower.round-timeout" in why:
         assert row["round_seconds"] >= ROUND_TIMEOUT
     # The votes that arrived were tallied: two peers' votes, three control messages.

@@ -113,11 +113,18 @@ def run_child(mode, failure="missing", cpu_level=None, prelude="", root=None):
     env = child_env(TALLYTRAIN_BACKEND=mode, TALLYTRAIN_CPU_LEVEL=cpu_level)
     if root is not None:
         env["PYTHONPATH"] = str(root)
-    program = f"FAILURE = {failure!r}\n" + BLOCK_EXTENSION if failure else "import sys\nattempts = []\n"
+    program = (
+        f"FAILURE = {failure!r}\n" + BLOCK_EXTENSION if failure else "import sys\nattempts = []\n"
+    )
     program += prelude + USE_OPS
     # (Run from `root`: the current folder comes first on the child's path.)
     proc = subprocess.run(
-        [sys.executable, "-c", program], env=env, cwd=root, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", program],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -195,7 +202,9 @@ def test_backend_info_keys():
     } <= set(info)
     assert info["mode"] in MODES
     assert info["cpu"] in ("native", "reference")
-    assert info["cuda"] in (("native", "reference") if torch.cuda.is_available() else ("unavailable",))
+    assert info["cuda"] in (
+        ("native", "reference") if torch.cuda.is_available() else ("unavailable",)
+    )
     assert set(info["ops"]) == set(SCHEMAS)
     for kinds in info["ops"].values():
         assert set(kinds) == {"cpu", "cuda", "cuda_kernel"}
@@ -203,7 +212,9 @@ def test_backend_info_keys():
         assert kinds["cuda_kernel"] in ("registered", "none")
         # Without a device a registered CUDA kernel serves nothing.
         if torch.cuda.is_available():
-            assert kinds["cuda"] == ("native" if kinds["cuda_kernel"] == "registered" else "reference")
+            assert kinds["cuda"] == (
+                "native" if kinds["cuda_kernel"] == "registered" else "reference"
+            )
         else:
             assert kinds["cuda"] == "unavailable"
     if info["extension"] is None:
@@ -278,7 +289,9 @@ def installed_copy(tmp_path, extension=True, record=None):
     shutil.copytree(
         Path(tallytrain.__file__).parent,
         target,
-        ignore=shutil.ignore_patterns("__pycache__", "_C.build.json", *([] if extension else ["_C*.so"])),
+        ignore=shutil.ignore_patterns(
+            "__pycache__", "_C.build.json", *([] if extension else ["_C*.so"])
+        ),
     )
     if record is not None:
         (target / _backend.BUILD_RECORD).write_text(json.dumps(record))
@@ -302,7 +315,10 @@ def test_extension_of_another_torch_never_loads(mode):
     versions and the reference serves, the extension not even imported;
     native raises."""
     report = run_child(mode, failure=None, prelude=CHANGE_TORCH)
-    both = [f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})", f"torch {OTHER_TORCH}"]
+    both = [
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"torch {OTHER_TORCH}",
+    ]
     assert not report["extension_imported"]
     if mode == "native":
         kind, message = report["error"]

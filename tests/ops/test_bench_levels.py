@@ -10,7 +10,9 @@ import tallytrain.ops as ops
 from tallytrain.bench import ops as bench_ops
 
 LEVELS = ops.backend_info()["cpu_levels"]
-needs_two_levels = pytest.mark.skipif(len(LEVELS) < 2, reason="needs the native kernels at two CPU levels")
+needs_two_levels = pytest.mark.skipif(
+    len(LEVELS) < 2, reason="needs the native kernels at two CPU levels"
+)
 
 
 def test_the_header_names_the_cpu_model_and_level():
@@ -20,14 +22,18 @@ def test_the_header_names_the_cpu_model_and_level():
     if level is None:
         assert not any("CPU level" in line for line in lines)
     else:
-        assert any(line.startswith(f"CPU level of the native kernels: {level} ") for line in lines), lines
+        assert any(
+            line.startswith(f"CPU level of the native kernels: {level} ") for line in lines
+        ), lines
 
 
 @needs_two_levels
 def test_levels_side_by_side(capsys):
     chosen = [LEVELS[-1], LEVELS[0]]  # the lowest first: the table's order is the option's
     before = ops.backend_info()["cpu_level"]
-    rows = bench_ops.main(["--quick", "--ops", "unpack_labels", "--levels", ",".join(chosen)], prog="test")
+    rows = bench_ops.main(
+        ["--quick", "--ops", "unpack_labels", "--levels", ",".join(chosen)], prog="test"
+    )
     out = capsys.readouterr().out
     assert [row.level for row in rows] == chosen
     assert all(row.served == "native" for row in rows)
@@ -49,7 +55,9 @@ def test_an_op_that_updates_its_input_agrees_at_every_level(capsys):
     # topk_sparse_ef updates its residual in place: each level must start
     # from the state the plain way started from, or later levels "disagree".
     chosen = [LEVELS[0], LEVELS[-1]]
-    rows = bench_ops.main(["--quick", "--ops", "topk_sparse_ef", "--levels", ",".join(chosen)], prog="test")
+    rows = bench_ops.main(
+        ["--quick", "--ops", "topk_sparse_ef", "--levels", ",".join(chosen)], prog="test"
+    )
     capsys.readouterr()
     assert [row.level for row in rows] == chosen
     assert all(row.agrees is True for row in rows), [(r.level, r.agrees) for r in rows]

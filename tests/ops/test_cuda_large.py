@@ -29,7 +29,9 @@ pytestmark = [
 
 CUDA = "cuda"
 assert_equal = functools.partial(torch.testing.assert_close, rtol=0, atol=0)
-assert_prob_close = functools.partial(torch.testing.assert_close, rtol=1e-4, atol=1e-6, equal_nan=True)
+assert_prob_close = functools.partial(
+    torch.testing.assert_close, rtol=1e-4, atol=1e-6, equal_nan=True
+)
 _ops = torch.ops.tallytrain
 
 
@@ -170,7 +172,8 @@ def test_pack_argmax_abstain(c, dtype):
     flat = torch.randn(64, max(c, 100), device=CUDA, generator=g).to(dtype) * 0.01
     packed, _ = _ops.pack_argmax(flat, False, 0.9)
     assert_equal(
-        ops.unpack_labels(packed, 64, flat.shape[1] + 1), torch.full((64,), flat.shape[1], device=CUDA)
+        ops.unpack_labels(packed, 64, flat.shape[1] + 1),
+        torch.full((64,), flat.shape[1], device=CUDA),
     )
 
 
@@ -279,7 +282,9 @@ def brute_force(labels, weights, c, probes):
     return torch.tensor(out, dtype=torch.int64)
 
 
-def check_tally(labels, votes, n, c, weights=None, abstain=False, full_prefix=None, sample=500, seed=0):
+def check_tally(
+    labels, votes, n, c, weights=None, abstain=False, full_prefix=None, sample=500, seed=0
+):
     result = _ops.tally(votes, n, c, weights, abstain)
     prefix = n if full_prefix is None else min(n, full_prefix)
     b = ref.bits_for(c + 1 if abstain else c)
@@ -364,7 +369,9 @@ def test_tally_no_peers_and_layout():
     labels, votes = make_votes(50, 333, 10, g)
     wide = torch.zeros(50, votes.shape[1] + 3, dtype=torch.uint8, device=CUDA)
     wide[:, 1:-2] = votes
-    for a, b in zip(_ops.tally(wide[:, 1:-2], 333, 10, None, False), _ops.tally(votes, 333, 10, None, False)):
+    for a, b in zip(
+        _ops.tally(wide[:, 1:-2], 333, 10, None, False), _ops.tally(votes, 333, 10, None, False)
+    ):
         assert_equal(a, b)
 
 
@@ -572,7 +579,10 @@ def _opcheck_cases():
         (_ops.pack_argmax.default, (logits.bfloat16(), False, None)),
         (_ops.pack_labels.default, (labels, 1000)),
         (_ops.unpack_labels.default, (packed, 37, 1000)),
-        (_ops.tally.default, (votes, 50, 10, torch.ones(40, dtype=torch.int64, device=CUDA), False)),
+        (
+            _ops.tally.default,
+            (votes, 50, 10, torch.ones(40, dtype=torch.int64, device=CUDA), False),
+        ),
         (_ops.topk_sparse.default, (x, 50)),
         (_ops.topk_sparse_ef.default, (x, torch.randn(5000, device=CUDA, generator=g), 50)),
         (_ops.sparse_merge.default, (idx, val, 100, torch.tensor([1, 2]))),

@@ -54,10 +54,27 @@ PACK_ARGMAX = [
         "logits",
         "pack_argmax-float64-logits",
     ),
-    case(lambda d: ops.pack_argmax(torch.zeros(4, device=d)), ValueError, "logits", "pack_argmax-1d"),
-    case(lambda d: ops.pack_argmax(torch.zeros(2, 3, 4, device=d)), ValueError, "logits", "pack_argmax-3d"),
-    case(lambda d: ops.pack_argmax(torch.zeros(3, 1, device=d)), ValueError, "logits", "pack_argmax-C1"),
-    case(lambda d: ops.pack_argmax(torch.zeros(3, 0, device=d)), ValueError, "logits", "pack_argmax-C0"),
+    case(
+        lambda d: ops.pack_argmax(torch.zeros(4, device=d)), ValueError, "logits", "pack_argmax-1d"
+    ),
+    case(
+        lambda d: ops.pack_argmax(torch.zeros(2, 3, 4, device=d)),
+        ValueError,
+        "logits",
+        "pack_argmax-3d",
+    ),
+    case(
+        lambda d: ops.pack_argmax(torch.zeros(3, 1, device=d)),
+        ValueError,
+        "logits",
+        "pack_argmax-C1",
+    ),
+    case(
+        lambda d: ops.pack_argmax(torch.zeros(3, 0, device=d)),
+        ValueError,
+        "logits",
+        "pack_argmax-C0",
+    ),
     case(
         lambda d: ops.pack_argmax(torch.zeros(3, 4, device=d), abstain_below=-0.5),
         ValueError,
@@ -79,7 +96,12 @@ PACK_ARGMAX = [
 ]
 
 PACK_LABELS = [
-    case(lambda d: ops.pack_labels(torch.zeros(3, device=d), 4), TypeError, "labels", "pack_labels-float"),
+    case(
+        lambda d: ops.pack_labels(torch.zeros(3, device=d), 4),
+        TypeError,
+        "labels",
+        "pack_labels-float",
+    ),
     case(
         lambda d: ops.pack_labels(torch.zeros(3, dtype=torch.bool, device=d), 4),
         TypeError,
@@ -92,8 +114,18 @@ PACK_LABELS = [
         "labels",
         "pack_labels-2d",
     ),
-    case(lambda d: ops.pack_labels(_i64([0, 1], d), 1), ValueError, "num_symbols", "pack_labels-one-symbol"),
-    case(lambda d: ops.pack_labels(_i64([0, 1], d), 0), ValueError, "num_symbols", "pack_labels-no-symbols"),
+    case(
+        lambda d: ops.pack_labels(_i64([0, 1], d), 1),
+        ValueError,
+        "num_symbols",
+        "pack_labels-one-symbol",
+    ),
+    case(
+        lambda d: ops.pack_labels(_i64([0, 1], d), 0),
+        ValueError,
+        "num_symbols",
+        "pack_labels-no-symbols",
+    ),
     case(
         lambda d: ops.pack_labels(_i64([0, 1], d), 2**32 + 1),
         ValueError,
@@ -107,7 +139,10 @@ PACK_LABELS = [
         "pack_labels-label-equal-num-symbols",
     ),
     case(
-        lambda d: ops.pack_labels(_i64([0, -1, 2], d), 10), ValueError, "labels", "pack_labels-negative-label"
+        lambda d: ops.pack_labels(_i64([0, -1, 2], d), 10),
+        ValueError,
+        "labels",
+        "pack_labels-negative-label",
     ),
     case(
         lambda d: ops.pack_labels(torch.tensor([3, -128], dtype=torch.int8, device=d), 4),
@@ -131,19 +166,40 @@ UNPACK_LABELS = [
         "unpack-2d-buffer",
     ),
     # 5 symbols of 4 bits need exactly 3 bytes.
-    case(lambda d: ops.unpack_labels(_u8([0, 0], d), 5, 10), ValueError, "packed", "unpack-short-buffer"),
     case(
-        lambda d: ops.unpack_labels(_u8([0, 0, 0, 0], d), 5, 10), ValueError, "packed", "unpack-long-buffer"
+        lambda d: ops.unpack_labels(_u8([0, 0], d), 5, 10),
+        ValueError,
+        "packed",
+        "unpack-short-buffer",
     ),
     case(
-        lambda d: ops.unpack_labels(_u8([0], d), 0, 10), ValueError, "packed", "unpack-bytes-for-no-symbols"
+        lambda d: ops.unpack_labels(_u8([0, 0, 0, 0], d), 5, 10),
+        ValueError,
+        "packed",
+        "unpack-long-buffer",
     ),
     case(
-        lambda d: ops.unpack_labels(_u8([0, 0, 0], d), 5, 1), ValueError, "num_symbols", "unpack-one-symbol"
+        lambda d: ops.unpack_labels(_u8([0], d), 0, 10),
+        ValueError,
+        "packed",
+        "unpack-bytes-for-no-symbols",
     ),
-    case(lambda d: ops.unpack_labels(_u8([0, 0, 0], d), -1, 10), ValueError, "n", "unpack-negative-n"),
+    case(
+        lambda d: ops.unpack_labels(_u8([0, 0, 0], d), 5, 1),
+        ValueError,
+        "num_symbols",
+        "unpack-one-symbol",
+    ),
+    case(
+        lambda d: ops.unpack_labels(_u8([0, 0, 0], d), -1, 10), ValueError, "n", "unpack-negative-n"
+    ),
     # C=10 uses 4-bit symbols; 0xC3 holds symbol 3 then symbol 12.
-    case(lambda d: ops.unpack_labels(_u8([0xC3], d), 2, 10), ValueError, "packed", "unpack-symbol-12-of-10"),
+    case(
+        lambda d: ops.unpack_labels(_u8([0xC3], d), 2, 10),
+        ValueError,
+        "packed",
+        "unpack-symbol-12-of-10",
+    ),
     # 9-bit symbols (257 classes): symbol 0, then 0x1FF = 511.
     case(
         lambda d: ops.unpack_labels(_u8([0x00, 0xFE, 0x03], d), 2, 257),
@@ -154,7 +210,12 @@ UNPACK_LABELS = [
 ]
 
 TALLY = [
-    case(lambda d: ops.tally(torch.zeros(2, 3, device=d), 5, 10), TypeError, "votes", "tally-float-votes"),
+    case(
+        lambda d: ops.tally(torch.zeros(2, 3, device=d), 5, 10),
+        TypeError,
+        "votes",
+        "tally-float-votes",
+    ),
     case(lambda d: ops.tally(_u8([0, 0, 0], d), 5, 10), ValueError, "votes", "tally-1d-votes"),
     case(
         lambda d: ops.tally(torch.zeros(2, 1, 3, dtype=torch.uint8, device=d), 5, 10),
@@ -193,7 +254,12 @@ TALLY = [
         "n",
         "tally-negative-n",
     ),
-    case(lambda d: ops.tally(_u8([[0x11], [0xC3]], d), 2, 10), ValueError, "votes", "tally-symbol-12-of-10"),
+    case(
+        lambda d: ops.tally(_u8([[0x11], [0xC3]], d), 2, 10),
+        ValueError,
+        "votes",
+        "tally-symbol-12-of-10",
+    ),
     # Symbol 10 is "abstain" only with abstain=True; symbol 11 never is.
     case(
         lambda d: ops.tally(_u8([[0x11], [0xA1]], d), 2, 10),
@@ -216,7 +282,9 @@ TALLY = [
         "tally-negative-weight",
     ),
     case(
-        lambda d: ops.tally(torch.zeros(3, 1, dtype=torch.uint8, device=d), 2, 10, weights=_i64([1, 1], d)),
+        lambda d: ops.tally(
+            torch.zeros(3, 1, dtype=torch.uint8, device=d), 2, 10, weights=_i64([1, 1], d)
+        ),
         ValueError,
         "weights",
         "tally-short-weights",
@@ -254,10 +322,19 @@ TOPK = [
     case(lambda d: ops.topk_sparse(torch.arange(5, device=d), 2), TypeError, "x", "topk-int-x"),
     case(lambda d: ops.topk_sparse(torch.zeros(2, 3, device=d), 2), ValueError, "x", "topk-2d-x"),
     case(lambda d: ops.topk_sparse(torch.zeros(5, device=d), 6), ValueError, "k", "topk-k-above-M"),
-    case(lambda d: ops.topk_sparse(torch.zeros(5, device=d), -1), ValueError, "k", "topk-negative-k"),
-    case(lambda d: ops.topk_sparse(torch.zeros(0, device=d), 1), ValueError, "k", "topk-k-of-empty"),
+    case(
+        lambda d: ops.topk_sparse(torch.zeros(5, device=d), -1), ValueError, "k", "topk-negative-k"
+    ),
+    case(
+        lambda d: ops.topk_sparse(torch.zeros(0, device=d), 1), ValueError, "k", "topk-k-of-empty"
+    ),
     case(lambda d: ops.topk_sparse(_f32([1, NAN, 3, 4], d), 2), ValueError, "x", "topk-nan"),
-    case(lambda d: ops.topk_sparse(_f32([1, 2, 3, NAN], d).half(), 1), ValueError, "x", "topk-nan-float16"),
+    case(
+        lambda d: ops.topk_sparse(_f32([1, 2, 3, NAN], d).half(), 1),
+        ValueError,
+        "x",
+        "topk-nan-float16",
+    ),
     case(
         lambda d: ops.topk_sparse(torch.tensor([NAN] + [1.0] * 3000, device=d), 3001),
         ValueError,
@@ -265,7 +342,12 @@ TOPK = [
         "topk-nan-k-equals-M",
     ),
     # Large M and small k: the CUDA kernel's sampled path meets the NaN.
-    case(lambda d: ops.topk_sparse(_nan_at(50_000, 31_337, d), 10), ValueError, "x", "topk-nan-sampled"),
+    case(
+        lambda d: ops.topk_sparse(_nan_at(50_000, 31_337, d), 10),
+        ValueError,
+        "x",
+        "topk-nan-sampled",
+    ),
 ]
 
 TOPK_EF = [
@@ -335,7 +417,9 @@ SPARSE_MERGE = [
         "merge-not-increasing",
     ),
     case(
-        lambda d: ops.sparse_merge([_i64([0, 1], d), _i64([1, 1], d)], [_f32([1, 1], d), _f32([1, 1], d)], 5),
+        lambda d: ops.sparse_merge(
+            [_i64([0, 1], d), _i64([1, 1], d)], [_f32([1, 1], d), _f32([1, 1], d)], 5
+        ),
         ValueError,
         "indices",
         "merge-duplicate-index",
@@ -353,7 +437,10 @@ SPARSE_MERGE = [
         "merge-negative-index",
     ),
     case(
-        lambda d: ops.sparse_merge([_i64([1], d)], [], 5), ValueError, "indices", "merge-peer-count-mismatch"
+        lambda d: ops.sparse_merge([_i64([1], d)], [], 5),
+        ValueError,
+        "indices",
+        "merge-peer-count-mismatch",
     ),
     case(
         lambda d: ops.sparse_merge([_i64([1, 2], d)], [_f32([1], d)], 5),
@@ -362,7 +449,9 @@ SPARSE_MERGE = [
         "merge-length-mismatch",
     ),
     case(
-        lambda d: ops.sparse_merge([torch.tensor([1, 2], dtype=torch.int32, device=d)], [_f32([1, 1], d)], 5),
+        lambda d: ops.sparse_merge(
+            [torch.tensor([1, 2], dtype=torch.int32, device=d)], [_f32([1, 1], d)], 5
+        ),
         TypeError,
         "indices",
         "merge-int32-indices",
@@ -392,7 +481,9 @@ SPARSE_MERGE = [
         "merge-zero-count-sum",
     ),
     case(
-        lambda d: ops.sparse_merge([_i64([1, 2], d)] * 2, [_f32([1, 1], d)] * 2, 5, counts=[1, 2, 3]),
+        lambda d: ops.sparse_merge(
+            [_i64([1, 2], d)] * 2, [_f32([1, 1], d)] * 2, 5, counts=[1, 2, 3]
+        ),
         ValueError,
         "counts",
         "merge-counts-length",
@@ -409,7 +500,8 @@ SPARSE_MERGE = [
 
 
 @pytest.mark.parametrize(
-    "call,error,name", PACK_ARGMAX + PACK_LABELS + UNPACK_LABELS + TALLY + TOPK + TOPK_EF + SPARSE_MERGE
+    "call,error,name",
+    PACK_ARGMAX + PACK_LABELS + UNPACK_LABELS + TALLY + TOPK + TOPK_EF + SPARSE_MERGE,
 )
 def test_bad_input_raises_naming_the_argument(call, error, name, device):
     with pytest.raises(error) as info:

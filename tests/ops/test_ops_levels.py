@@ -91,7 +91,9 @@ def test_pack_argmax(c, dtype, level, ref):
         assert_equal(voted, ops.pack_argmax(logits, return_prob=True, abstain_below=threshold)[0])
         far = ((prob.double() - threshold).abs() > 1e-3) | torch.isnan(prob)
         symbols = ops.unpack_labels(voted, logits.shape[0], c + 1)
-        ref_symbols = ops.unpack_labels(ref.pack_argmax(logits, False, threshold)[0], logits.shape[0], c + 1)
+        ref_symbols = ops.unpack_labels(
+            ref.pack_argmax(logits, False, threshold)[0], logits.shape[0], c + 1
+        )
         assert_equal(symbols[far], ref_symbols[far])
 
 

@@ -30,7 +30,12 @@ def samples(device):
         return torch.randperm(size, generator=gen)[:k].sort().values.to(device), randn(k)
 
     yield "pack_argmax-fp32", OPS.pack_argmax.default, (randn(9, 10),), {}
-    yield "pack_argmax-fp16-prob", OPS.pack_argmax.default, (randn(33, 257, dtype=torch.float16), True), {}
+    yield (
+        "pack_argmax-fp16-prob",
+        OPS.pack_argmax.default,
+        (randn(33, 257, dtype=torch.float16), True),
+        {},
+    )
     yield (
         "pack_argmax-bf16-abstain",
         OPS.pack_argmax.default,
@@ -45,8 +50,15 @@ def samples(device):
     yield "pack_labels-empty", OPS.pack_labels.default, (labels[:0], 65537), {}
 
     for num_symbols, n in ((10, 77), (2, 9), (65537, 3), (257, 0)):
-        packed = ref.pack_labels(torch.randint(num_symbols, (n,), generator=gen), num_symbols).to(device)
-        yield (f"unpack_labels-S{num_symbols}-N{n}", OPS.unpack_labels.default, (packed, n, num_symbols), {})
+        packed = ref.pack_labels(torch.randint(num_symbols, (n,), generator=gen), num_symbols).to(
+            device
+        )
+        yield (
+            f"unpack_labels-S{num_symbols}-N{n}",
+            OPS.unpack_labels.default,
+            (packed, n, num_symbols),
+            {},
+        )
 
     yield "tally", OPS.tally.default, (_votes(5, 40, 10, gen, device), 40, 10), {}
     yield (

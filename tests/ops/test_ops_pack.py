@@ -65,7 +65,9 @@ def softmax_top1(logits):
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("kind", ["normal", "few_values"])
 @pytest.mark.parametrize("n,c", SHAPES, ids=SHAPE_IDS)
-def test_pack_argmax_matches_argmax_and_reference(n, c, kind, float_dtype, device, gen, ref, bitstream):
+def test_pack_argmax_matches_argmax_and_reference(
+    n, c, kind, float_dtype, device, gen, ref, bitstream
+):
     logits = random_logits(n, c, float_dtype, gen, kind).to(device)
     packed = ops.pack_argmax(logits)
     assert packed.dtype == torch.uint8 and packed.device == logits.device
@@ -183,7 +185,9 @@ def test_pack_argmax_hostile_rows(c, float_dtype, device, gen, ref, bitstream):
     # probability vote, so the stream is the argmax with NaN rows abstaining.
     voted = ops.pack_argmax(logits, abstain_below=0.0)
     abstaining = torch.isnan(softmax_top1(logits)).tolist()
-    assert_equal(voted.cpu(), bitstream.pack([c if a else e for a, e in zip(abstaining, expected)], c + 1))
+    assert_equal(
+        voted.cpu(), bitstream.pack([c if a else e for a, e in zip(abstaining, expected)], c + 1)
+    )
     assert_equal(voted, ref.pack_argmax(logits, False, 0.0)[0])
     # At a threshold that splits these rows, deciding from the gap to the
     # runner-up (ties, NaN, inf, signed zeros included) is the full decision.
@@ -223,7 +227,14 @@ def _layout(x, layout):
     raise AssertionError(layout)
 
 
-LAYOUTS = ["transposed", "column_slice", "column_stride", "row_stride", "misaligned", "broadcast_row"]
+LAYOUTS = [
+    "transposed",
+    "column_slice",
+    "column_stride",
+    "row_stride",
+    "misaligned",
+    "broadcast_row",
+]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -393,7 +404,9 @@ def gap_rows(c, threshold, dtype):
 
 @pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.95, 0.999])
 @pytest.mark.parametrize("c", [257, 1000, 50257])
-def test_pack_argmax_abstain_at_the_decision_bounds(c, threshold, float_dtype, device, ref, bitstream):
+def test_pack_argmax_abstain_at_the_decision_bounds(
+    c, threshold, float_dtype, device, ref, bitstream
+):
     """Abstention without return_prob decides most rows from the gap between
     the two largest logits; at and around the bounds' edges it must make the
     decision of the full probability."""
@@ -408,7 +421,9 @@ def test_pack_argmax_abstain_at_the_decision_bounds(c, threshold, float_dtype, d
     symbols = bitstream.unpack(decided, rows, c + 1)
     labels = logits.argmax(-1).tolist()
     ref_symbols = bitstream.unpack(ref.pack_argmax(logits, False, threshold)[0], rows, c + 1)
-    for row, (symbol, label, ref_symbol, p) in enumerate(zip(symbols, labels, ref_symbols, exact.tolist())):
+    for row, (symbol, label, ref_symbol, p) in enumerate(
+        zip(symbols, labels, ref_symbols, exact.tolist())
+    ):
         assert symbol in (label, c), row
         if abs(p - threshold) > 1e-3 * threshold:  # beyond both computations' errors
             assert symbol == ref_symbol == (label if p >= threshold else c), (row, p)
@@ -528,7 +543,9 @@ def test_unpack_labels_ignores_padding_bits(num_symbols, device, gen, ref, bitst
     packed[-1] |= (0xFF << used) & 0xFF
     packed = packed.to(device)
     assert ops.unpack_labels(packed, n, num_symbols).tolist() == labels
-    assert_equal(ops.unpack_labels(packed, n, num_symbols), ref.unpack_labels(packed, n, num_symbols))
+    assert_equal(
+        ops.unpack_labels(packed, n, num_symbols), ref.unpack_labels(packed, n, num_symbols)
+    )
 
 
 @pytest.mark.parametrize("num_symbols", [2, 10, 257, 65537, 2**32])
@@ -552,7 +569,9 @@ def test_unpack_labels_non_contiguous(num_symbols, device, gen, ref, bitstream):
     offset = torch.cat([torch.full((1,), 0xFF, dtype=torch.uint8), packed])
     for view in (big.to(device)[::2], offset.to(device)[1:]):
         assert ops.unpack_labels(view, n, num_symbols).tolist() == labels
-        assert_equal(ops.unpack_labels(view, n, num_symbols), ref.unpack_labels(view, n, num_symbols))
+        assert_equal(
+            ops.unpack_labels(view, n, num_symbols), ref.unpack_labels(view, n, num_symbols)
+        )
 
 
 @pytest.mark.parametrize("n", [1, 8, 9, 100_003])

@@ -25,7 +25,9 @@ PROBE_COUNTS = (0, 1, 7, 8, 9, 3001)
 PEER_COUNTS = (1, 4, 33)
 # Many probes only with few peers: the brute force and the reference are slow.
 MAX_VOTES = 13_000
-GRID = [(c, n, p) for c in CLASS_COUNTS for n in PROBE_COUNTS for p in PEER_COUNTS if n * p <= MAX_VOTES]
+GRID = [
+    (c, n, p) for c in CLASS_COUNTS for n in PROBE_COUNTS for p in PEER_COUNTS if n * p <= MAX_VOTES
+]
 GRID_IDS = [f"C{c}-N{n}-P{p}" for c, n, p in GRID]
 
 
@@ -59,7 +61,10 @@ def pack_votes(ref, symbols, n, num_symbols, device="cpu"):
     width = ref.packed_size(n, num_symbols)
     if not symbols:
         return torch.empty(0, width, dtype=torch.uint8, device=device)
-    rows = [ref.pack_labels(torch.tensor(row, dtype=torch.int64).reshape(n), num_symbols) for row in symbols]
+    rows = [
+        ref.pack_labels(torch.tensor(row, dtype=torch.int64).reshape(n), num_symbols)
+        for row in symbols
+    ]
     return torch.stack(rows).to(device)
 
 
@@ -143,7 +148,9 @@ def test_tally_one_peer(abstain, device, ref):
 @pytest.mark.parametrize("n", [0, 1, 9])
 def test_tally_no_peers(n, abstain, device):
     c = 10
-    votes = torch.empty(0, ops.packed_size(n, c + 1 if abstain else c), dtype=torch.uint8, device=device)
+    votes = torch.empty(
+        0, ops.packed_size(n, c + 1 if abstain else c), dtype=torch.uint8, device=device
+    )
     for weights in (None, torch.empty(0, dtype=torch.int64, device=device)):
         result = ops.tally(votes, n, c, weights=weights, abstain=abstain)
         check_tally(result, ([-1] * n, [0] * n, [0] * n, [0] * n), n, device)
@@ -229,10 +236,14 @@ def test_tally_weights_beyond_32_bits(device, ref):
     votes = pack_votes(ref, symbols, 2, 3, device)
     weights = torch.tensor([big, big, big + 1], device=device)
     result = ops.tally(votes, 2, 3, weights=weights)
-    check_tally(result, ([0, 1], [2 * big, 2 * big + 1], [3 * big + 1] * 2, [big + 1, big]), 2, device)
+    check_tally(
+        result, ([0, 1], [2 * big, 2 * big + 1], [3 * big + 1] * 2, [big + 1, big]), 2, device
+    )
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64], ids=str
+)
 def test_tally_weight_dtypes(dtype, device, gen, ref):
     n, c, peers = 64, 10, 7
     symbols = random_votes(peers, n, c, True, gen)
@@ -315,8 +326,12 @@ def test_tally_property(data, num_classes, peers, n, abstain, weighted, ref):
     # ties and abstentions are frequent.
     choices = sorted({0, 1, num_classes - 1, num_symbols - 1})
     symbol = st.sampled_from(choices) | st.integers(0, num_symbols - 1)
-    symbols = data.draw(st.lists(st.lists(symbol, min_size=n, max_size=n), min_size=peers, max_size=peers))
-    weight_list = data.draw(st.lists(st.integers(0, 4), min_size=peers, max_size=peers)) if weighted else None
+    symbols = data.draw(
+        st.lists(st.lists(symbol, min_size=n, max_size=n), min_size=peers, max_size=peers)
+    )
+    weight_list = (
+        data.draw(st.lists(st.integers(0, 4), min_size=peers, max_size=peers)) if weighted else None
+    )
     votes = pack_votes(ref, symbols, n, num_symbols)
     weights = None if weight_list is None else torch.tensor(weight_list, dtype=torch.int64)
     result = ops.tally(votes, n, num_classes, weights=weights, abstain=abstain)
@@ -355,7 +370,12 @@ def test_tally_strategies_with_wide_counts(num_classes, peers, n, heavy, abstain
 # (weights summing past 2^31) with class-indexed and with hashed tables; a
 # block over 48 KiB of shared memory (C = 4096 tables beside the staged
 # streams); tables in global memory (over 2,048 peers and 4,096 classes).
-WARP_PLAN_CASES = [(1000, 40, 37, 2**40), (70_000, 40, 37, 2**40), (4096, 100, 150, 1), (5000, 2100, 19, 1)]
+WARP_PLAN_CASES = [
+    (1000, 40, 37, 2**40),
+    (70_000, 40, 37, 2**40),
+    (4096, 100, 150, 1),
+    (5000, 2100, 19, 1),
+]
 
 
 @pytest.mark.parametrize(
@@ -393,7 +413,10 @@ def test_tally_rejects_an_out_of_range_symbol_mid_stream(num_classes, peers, dev
     for j in range(b):
         stream[41 * b + j] = 1
     votes[-1] = torch.tensor(
-        [sum(bit << k for k, bit in enumerate(stream[i : i + 8])) for i in range(0, len(stream), 8)],
+        [
+            sum(bit << k for k, bit in enumerate(stream[i : i + 8]))
+            for i in range(0, len(stream), 8)
+        ],
         dtype=torch.uint8,
     )
     with pytest.raises(ValueError, match="votes"):

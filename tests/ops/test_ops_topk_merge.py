@@ -130,7 +130,8 @@ def test_topk_sparse_non_contiguous(layout, device, gen, ref):
 @given(
     values=st.lists(
         st.one_of(
-            st.floats(allow_nan=False, width=16), st.sampled_from([0.0, -0.0, 1.0, -1.0, float("inf")])
+            st.floats(allow_nan=False, width=16),
+            st.sampled_from([0.0, -0.0, 1.0, -1.0, float("inf")]),
         ),
         max_size=60,
     ),
@@ -345,7 +346,9 @@ def test_sparse_merge_empty_parts(device, ref):
     assert out.shape == (0,) and out.device.type == device
     idx = torch.tensor([0, 4], device=device)
     val = torch.tensor([1.5, -2.0], device=device)
-    out = ops.sparse_merge([empty_idx, idx, empty_idx], [empty_val, val, empty_val], 5, counts=[4, 1, 1])
+    out = ops.sparse_merge(
+        [empty_idx, idx, empty_idx], [empty_val, val, empty_val], 5, counts=[4, 1, 1]
+    )
     assert_sum_close(out.cpu(), torch.tensor([0.25, 0, 0, 0, -2 / 6]))
     assert_sum_close(
         out,
@@ -375,7 +378,9 @@ def test_sparse_merge_property(data, size, peers, averaged, ref):
         picked = data.draw(st.sets(st.integers(0, size - 1), max_size=size)) if size else set()
         indices.append(torch.tensor(sorted(picked), dtype=torch.int64))
         # Multiples of 1/8 in [-1, 1], as in random_peers.
-        eighths = data.draw(st.lists(st.integers(-8, 8), min_size=len(picked), max_size=len(picked)))
+        eighths = data.draw(
+            st.lists(st.integers(-8, 8), min_size=len(picked), max_size=len(picked))
+        )
         values.append(torch.tensor(eighths, dtype=torch.float32) / 8)
     counts = None
     if averaged and peers:

@@ -24,7 +24,8 @@ def selftest(simt_build):
 
 def test_translate_rewrites_launches_and_dynamic_shared_memory(simt_build):
     source = """
-    template <class T> __global__ void k(T* p) { extern __shared__ __align__(16) unsigned char smem[]; }
+    template <class T> __global__ void k(T* p) {
+      extern __shared__ __align__(16) unsigned char smem[]; }
     void host(cudaStream_t s, float* p) {
       k<float><<<dim3(2, 3), 64, 128, s>>>(p);
       other_kernel<E, kProb>
@@ -41,7 +42,9 @@ def test_translate_rewrites_launches_and_dynamic_shared_memory(simt_build):
         "(rows + 31) / 32), 32, 0, stream))("
     ) in out
     assert "::simt::launch(plain, ::simt::Config(1, 1))();" in out
-    assert ("unsigned char* const smem = reinterpret_cast<unsigned char*>(::simt::dynamic_shared());") in out
+    assert (
+        "unsigned char* const smem = reinterpret_cast<unsigned char*>(::simt::dynamic_shared());"
+    ) in out
 
 
 def test_translate_keeps_every_line_in_place(simt_build):
@@ -51,7 +54,9 @@ def test_translate_keeps_every_line_in_place(simt_build):
         body = simt_build.translate(source, cu).split("\n", 3)[3]
         assert body.count("\n") == source.count("\n"), cu.name
         kernel_lines = [i for i, line in enumerate(source.splitlines()) if "__global__" in line]
-        assert kernel_lines and all("__global__" in body.splitlines()[i] for i in kernel_lines), cu.name
+        assert kernel_lines and all("__global__" in body.splitlines()[i] for i in kernel_lines), (
+            cu.name
+        )
 
 
 def test_translate_refuses_a_launch_it_cannot_rewrite(simt_build):
@@ -182,6 +187,6 @@ def test_the_sanitizer_build_finds_an_out_of_bounds_read(simt_build, tmp_path):
     )
     assert "in bounds [32, 32]" in child.stdout, child.stdout + child.stderr
     assert child.returncode != 0 and "past the end" not in child.stdout
-    assert "heap-buffer-overflow" in child.stderr and "sum_past_end_kernel" in child.stderr, child.stderr[
-        -3000:
-    ]
+    assert "heap-buffer-overflow" in child.stderr and "sum_past_end_kernel" in child.stderr, (
+        child.stderr[-3000:]
+    )

@@ -29,12 +29,18 @@ INCLUDE = Path(__file__).resolve().parent / "include"
 CUDA_DIR = ROOT / "csrc" / "cuda"
 NAMESPACE = "tallytrain_simt"
 
-_LAUNCH = re.compile(r"\b(?P<kernel>[A-Za-z_]\w*(?:\s*<[^<>;(){}]*>)?)\s*<<<(?P<config>.*?)>>>\s*\(", re.S)
+_LAUNCH = re.compile(
+    r"\b(?P<kernel>[A-Za-z_]\w*(?:\s*<[^<>;(){}]*>)?)\s*<<<(?P<config>.*?)>>>\s*\(", re.S
+)
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[\w\s]+?)\s+(?P<name>\w+)\s*\[\s*\]\s*;"
 )
-_STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+(?P<decl>[^;]*?\b(?P<name>\w+)\s*(?:\[[^;]*\])?)\s*;")
-_LAUNCH_BOUNDS = re.compile(r"__global__\s+void\s+__launch_bounds__\((?P<bound>[^,()]+)[^()]*\)\s*\w+\s*\(")
+_STATIC_SHARED = re.compile(
+    r"(?<!extern )__shared__\s+(?P<decl>[^;]*?\b(?P<name>\w+)\s*(?:\[[^;]*\])?)\s*;"
+)
+_LAUNCH_BOUNDS = re.compile(
+    r"__global__\s+void\s+__launch_bounds__\((?P<bound>[^,()]+)[^()]*\)\s*\w+\s*\("
+)
 
 
 def _body_start(source: str, open_paren: int) -> int:
@@ -69,12 +75,16 @@ def translate(source: str, path: Path) -> str:
     )
     out = _EXTERN_SHARED.sub(
         lambda m: (
-            f"{m['type']}* const {m['name']} = reinterpret_cast<{m['type']}*>(::simt::dynamic_shared());"
+            f"{m['type']}* const {m['name']} = "
+            f"reinterpret_cast<{m['type']}*>(::simt::dynamic_shared());"
         ),
         out,
     )
     out = _STATIC_SHARED.sub(
-        lambda m: f"__shared__ {m['decl']}; ::simt::fresh_shared(&{m['name']}, sizeof({m['name']}));", out
+        lambda m: (
+            f"__shared__ {m['decl']}; ::simt::fresh_shared(&{m['name']}, sizeof({m['name']}));"
+        ),
+        out,
     )
     # __CUDACC__: the shared headers (tallytrain/common.h) then offer their device helpers.
     return f'#include "simt.h"\n#define __CUDACC__ 1\n#line 1 "{path}"\n{out}'
@@ -195,7 +205,11 @@ def load_selftest(verbose: bool = False):
     model does, including the errors it reports."""
     here = Path(__file__).resolve().parent
     return _build(
-        "tallytrain_simt_selftest", [here / "selftest.cu"], [here / "selftest_binding.cpp"], True, verbose
+        "tallytrain_simt_selftest",
+        [here / "selftest.cu"],
+        [here / "selftest_binding.cpp"],
+        True,
+        verbose,
     )
 
 

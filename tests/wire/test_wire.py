@@ -21,10 +21,24 @@ from tallytrain.wire import Flag, MessageKind, WireFormatError
 
 U32 = 2**32 - 1
 HEADER = struct.Struct("<2sBBHBBIIIII")
-FIELDS = ("magic", "version", "kind", "flags", "bits", "dtype", "round", "sender", "n", "aux", "payload_len")
+FIELDS = (
+    "magic",
+    "version",
+    "kind",
+    "flags",
+    "bits",
+    "dtype",
+    "round",
+    "sender",
+    "n",
+    "aux",
+    "payload_len",
+)
 CLASS_COUNTS = [2, 3, 4, 5, 8, 9, 16, 17, 255, 256, 257, 1000]
 FUZZ = settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
 
@@ -95,7 +109,8 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         and (
             a.numel() == 0
             or torch.equal(
-                a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+                a.contiguous().reshape(-1).view(torch.uint8),
+                b.contiguous().reshape(-1).view(torch.uint8),
             )
         )
     )
@@ -105,13 +120,17 @@ def reencode(m: wire.Message) -> bytes:
     """Encode a decoded message again (for the canonical kinds)."""
     common = dict(round=m.round, sender=m.sender)
     if m.kind == MessageKind.VOTES:
-        return wire.encode_votes(m.packed, m.n, m.num_classes, abstain=m.abstain, shape=m.shape, **common)
+        return wire.encode_votes(
+            m.packed, m.n, m.num_classes, abstain=m.abstain, shape=m.shape, **common
+        )
     if m.kind == MessageKind.CONSENSUS:
         return wire.encode_consensus(m.labels, m.num_classes, keep=m.keep, **common)
     if m.kind == MessageKind.SOFT_LABELS:
         return wire.encode_soft_labels(m.probs, dtype=m.probs.dtype, **common)
     if m.kind == MessageKind.SOFT_TOPK:
-        return wire.encode_soft_topk(m.indices, m.values, m.num_classes, dtype=m.values.dtype, **common)
+        return wire.encode_soft_topk(
+            m.indices, m.values, m.num_classes, dtype=m.values.dtype, **common
+        )
     if m.kind == MessageKind.DENSE_PARAMS:
         return wire.encode_dense(m.vector, dtype=m.vector.dtype, **common)
     if m.kind == MessageKind.CONTROL:
@@ -173,7 +192,10 @@ def test_golden_bytes():
         + struct.pack("<QI", 2**64 - 2, 7)
         + consensus
     )
-    assert wire.encode_control(round=5, probe_seed=2**64 - 2, num_probes=7, consensus=consensus) == control
+    assert (
+        wire.encode_control(round=5, probe_seed=2**64 - 2, num_probes=7, consensus=consensus)
+        == control
+    )
     dense = framed(
         b"TT"
         + bytes([1, 4])
@@ -182,7 +204,10 @@ def test_golden_bytes():
         + struct.pack("<IIIII", 0, 9, 2, 0, 4)
         + struct.pack("<ee", 1.5, -2.0)
     )
-    assert wire.encode_dense(torch.tensor([1.5, -2.0]), dtype=torch.float16, round=0, sender=9) == dense
+    assert (
+        wire.encode_dense(torch.tensor([1.5, -2.0]), dtype=torch.float16, round=0, sender=9)
+        == dense
+    )
     # bitmap of size 10 with indices 0, 9 (a tie with Rice r = 0, so the bitmap)
     sparse = framed(
         b"TT"
@@ -193,7 +218,10 @@ def test_golden_bytes():
         + bytes([0x01, 0x02])
         + struct.pack("<ff", 3.0, 4.0)
     )
-    assert wire.encode_sparse(torch.tensor([0, 9]), torch.tensor([3.0, 4.0]), 10, round=0, sender=1) == sparse
+    assert (
+        wire.encode_sparse(torch.tensor([0, 9]), torch.tensor([3.0, 4.0]), 10, round=0, sender=1)
+        == sparse
+    )
 
 
 @pytest.mark.parametrize("num_classes", CLASS_COUNTS)
@@ -328,7 +356,11 @@ def test_consensus_one_dimensional_is_the_plain_format_and_shape_errors():
     labels = torch.tensor([2, -1, 0, 1, 1, 0])
     plain = wire.encode_consensus(labels, 3, round=0)
     assert header_of(plain)["flags"] == 0 and wire.decode(plain).shape == (6,)
-    assert len(plain) == wire.consensus_message_bytes(6, 3) == wire.consensus_message_bytes(6, 3, shape=(6,))
+    assert (
+        len(plain)
+        == wire.consensus_message_bytes(6, 3)
+        == wire.consensus_message_bytes(6, 3, shape=(6,))
+    )
     stream = plain[wire.HEADER_BYTES : -4]
     shaped = wire.encode_consensus(labels.reshape(2, 3), 3, round=0)
     rejects(reframe(shaped, payload=shape_section(6) + stream), "1-D shape .*non-canonical")
@@ -338,7 +370,9 @@ def test_consensus_one_dimensional_is_the_plain_format_and_shape_errors():
     with pytest.raises(ValueError, match=r"labels\[1, 0\] = 3 is outside -1\.\.2"):
         wire.encode_consensus(torch.tensor([[0, 1], [3, 0]]), 3, round=0)
     with pytest.raises(ValueError, match="keep must have the labels' shape"):
-        wire.encode_consensus(labels.reshape(2, 3), 3, keep=torch.ones(6, dtype=torch.bool), round=0)
+        wire.encode_consensus(
+            labels.reshape(2, 3), 3, keep=torch.ones(6, dtype=torch.bool), round=0
+        )
 
 
 @pytest.mark.parametrize("lead", [(2, 3), (1, 4), ()])
@@ -447,7 +481,8 @@ def test_soft_topk_decode_errors():
     rejects(reframe(data, n=U32), "payload size mismatch")
     # k > C: the 6 entries read as one position of k = 6 classes, with C = 5
     rejects(
-        reframe(data, payload=shape_section(6) + packed + raw), r"k = 6 .* must be in 1\.\.num_classes = 5"
+        reframe(data, payload=shape_section(6) + packed + raw),
+        r"k = 6 .* must be in 1\.\.num_classes = 5",
     )
     one = wire.encode_soft_topk(torch.tensor([3]), torch.tensor([0.9]), 5, round=0, sender=0)
     body = one[wire.HEADER_BYTES + 5 : -4]  # after the 1-D shape section (5 bytes)
@@ -543,7 +578,9 @@ def test_sparse_bitmap_versus_rice_choice():
     size = 8000
 
     def coding(k):
-        data = wire.encode_sparse(random_indices(rng, size, k), torch.zeros(k), size, round=0, sender=0)
+        data = wire.encode_sparse(
+            random_indices(rng, size, k), torch.zeros(k), size, round=0, sender=0
+        )
         return "bitmap" if header_of(data)["flags"] & Flag.BITMAP else "rice"
 
     assert coding(size) == "bitmap"  # every index: 1 bit each
@@ -713,7 +750,9 @@ def test_framing_corruptions(votes_msg):
     rejects(reframe(votes_msg, version=0), "version")
     for kind in (0, 8, 255):
         rejects(reframe(votes_msg, kind=kind), "unknown kind")
-    rejects(votes_msg, "unexpected kind VOTES, expected CONSENSUS", expect_kind=MessageKind.CONSENSUS)
+    rejects(
+        votes_msg, "unexpected kind VOTES, expected CONSENSUS", expect_kind=MessageKind.CONSENSUS
+    )
     flipped = bytearray(votes_msg)
     flipped[wire.HEADER_BYTES] ^= 0x01
     rejects(bytes(flipped), "checksum")
@@ -761,9 +800,18 @@ def test_packed_stream_corruptions(votes_msg):
     )
     # C = 2 -> 3 symbols in 2 bits: symbol 3 is out of range
     labels_byte, keep_byte = consensus[wire.HEADER_BYTES : -4]
-    rejects(reframe(consensus, payload=bytes([labels_byte | 0x03, keep_byte])), "labels: symbol out of range")
-    rejects(reframe(consensus, payload=bytes([labels_byte | 0x80, keep_byte])), "labels: nonzero padding")
-    rejects(reframe(consensus, payload=bytes([labels_byte, keep_byte | 0x08])), "keep mask: nonzero padding")
+    rejects(
+        reframe(consensus, payload=bytes([labels_byte | 0x03, keep_byte])),
+        "labels: symbol out of range",
+    )
+    rejects(
+        reframe(consensus, payload=bytes([labels_byte | 0x80, keep_byte])),
+        "labels: nonzero padding",
+    )
+    rejects(
+        reframe(consensus, payload=bytes([labels_byte, keep_byte | 0x08])),
+        "keep mask: nonzero padding",
+    )
     rejects(reframe(consensus, bits=3), "bits")
     rejects(reframe(consensus, flags=0), "payload size mismatch")
 
@@ -834,7 +882,9 @@ def test_control_corruptions():
     rejects(reframe(plain, aux=1), "must be 0")
     rejects(reframe(plain, dtype=1), "dtype")
     fields = plain[wire.HEADER_BYTES : -4]
-    rejects(reframe(data, payload=fields + consensus[:-1] + b"\x00"), "embedded consensus: checksum")
+    rejects(
+        reframe(data, payload=fields + consensus[:-1] + b"\x00"), "embedded consensus: checksum"
+    )
     rejects(reframe(data, payload=fields + consensus + b"\x00"), "embedded consensus: .*trailing")
     votes = wire.encode_votes(torch.tensor([1], dtype=torch.uint8), 1, 2, round=0, sender=0)
     rejects(reframe(data, payload=fields + votes), "embedded consensus: unexpected kind")
@@ -850,7 +900,9 @@ def valid_messages(draw):
     """(bytes, check) for a random valid message; check(decoded) asserts it."""
     kind = draw(st.sampled_from(list(MessageKind)))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    common = dict(round=draw(st.sampled_from([0, 1, U32])), sender=draw(st.sampled_from([0, 7, wire.SERVER])))
+    common = dict(
+        round=draw(st.sampled_from([0, 1, U32])), sender=draw(st.sampled_from([0, 7, wire.SERVER]))
+    )
     n = draw(st.sampled_from([0, 1, 5, 8, 9, 33]))
     num_classes = draw(st.sampled_from(CLASS_COUNTS))
     dtype = draw(st.sampled_from([torch.float32, torch.float16]))
@@ -950,7 +1002,9 @@ def decode_or_reject(data: bytes) -> None:
         assert idx.numel() == 0 or (int(idx[0]) >= 0 and int(idx[-1]) < m.size)
         assert bool((idx[1:] > idx[:-1]).all())
         again = wire.decode(
-            wire.encode_sparse(idx, m.values, m.size, dtype=m.values.dtype, round=m.round, sender=m.sender)
+            wire.encode_sparse(
+                idx, m.values, m.size, dtype=m.values.dtype, round=m.round, sender=m.sender
+            )
         )
         assert torch.equal(again.indices, idx) and bitwise_equal(again.values, m.values)
     else:
@@ -997,7 +1051,9 @@ def test_fuzz_mutated_messages(msg, draw):
         payload = None
         if draw.draw(st.booleans()):  # also resize the payload to match
             old = data[wire.HEADER_BYTES : -4]
-            payload = bytes(old[: draw.draw(st.integers(0, len(old)))]) + draw.draw(st.binary(max_size=8))
+            payload = bytes(old[: draw.draw(st.integers(0, len(old)))]) + draw.draw(
+                st.binary(max_size=8)
+            )
         data = bytearray(reframe(bytes(data), payload=payload, **{field: value}))
     decode_or_reject(bytes(data))
     if len(data) >= wire.OVERHEAD:

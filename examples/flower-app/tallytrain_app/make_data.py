@@ -29,7 +29,12 @@ def write_files(out_dir: str, cfg: RunConfig) -> None:
             os.path.join(out_dir, f"node{i}.pt"),
         )
     torch.save(
-        {"x_probe": data.x_probe, "y_probe": data.y_probe, "x_test": data.x_test, "y_test": data.y_test},
+        {
+            "x_probe": data.x_probe,
+            "y_probe": data.y_probe,
+            "x_test": data.x_test,
+            "y_test": data.y_test,
+        },
         os.path.join(out_dir, "shared.pt"),
     )
 
@@ -43,7 +48,9 @@ def main(argv=None) -> None:
     parser.add_argument("--alpha", type=float, default=0.1)
     args = parser.parse_args(argv)
     cfg = RunConfig(peers=args.peers, seed=args.seed)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=args.dataset, alpha=args.alpha))
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, dataset=args.dataset, alpha=args.alpha)
+    )
     write_files(args.out_dir, cfg)
     print(f"wrote {args.peers} node files and shared.pt to {args.out_dir}")
 

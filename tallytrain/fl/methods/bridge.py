@@ -96,7 +96,9 @@ class Bridge(TallyTrain):
     # ---- peers: TallyTrain's votes, plus the sparse change in a merge round ------
     def _apply_merge(self, p: int, msg: wire.Message) -> None:
         if msg.size != self.size:
-            raise wire.WireFormatError(f"merged update has {msg.size} entries, the model {self.size}")
+            raise wire.WireFormatError(
+                f"merged update has {msg.size} entries, the model {self.size}"
+            )
         if msg.indices is None or msg.values is None:
             raise wire.WireFormatError(f"a {msg.kind.name} message carries no sparse update")
         change = torch.zeros(self.size)
@@ -145,7 +147,8 @@ class Bridge(TallyTrain):
     def aggregate(self, r, selected, received):
         votes = [(env, msg) for env, msg in received if msg.kind != SPARSE]
         changes = sorted(
-            ((env.sender, msg) for env, msg in received if msg.kind == SPARSE), key=lambda item: item[0]
+            ((env.sender, msg) for env, msg in received if msg.kind == SPARSE),
+            key=lambda item: item[0],
         )
         stats = super().aggregate(r, selected, votes)
         self._reply = None
@@ -161,7 +164,12 @@ class Bridge(TallyTrain):
                 idx = torch.nonzero(merged).flatten()
             with fed.timer("messaging"):
                 self._reply = wire.encode_sparse(
-                    idx, merged[idx].to(self.dtype), self.size, dtype=self.dtype, round=r, sender=wire.SERVER
+                    idx,
+                    merged[idx].to(self.dtype),
+                    self.size,
+                    dtype=self.dtype,
+                    round=r,
+                    sender=wire.SERVER,
                 )
         return stats
 

@@ -28,7 +28,9 @@ class FedAvg(Method):
     @classmethod
     def check(cls, cfg) -> None:
         if cfg.protocol.merge_period < 1:
-            raise ValueError(f"method {cls.name!r} needs merge_period >= 1, got {cfg.protocol.merge_period}")
+            raise ValueError(
+                f"method {cls.name!r} needs merge_period >= 1, got {cfg.protocol.merge_period}"
+            )
 
     def __init__(self, fed):
         super().__init__(fed)
@@ -59,7 +61,9 @@ class FedAvg(Method):
         if r % self.period:
             return []  # mid-period: peers keep training what they received
         with self.fed.timer("messaging"):
-            msg = wire.encode_dense(self.server.vector, dtype=self.dtype, round=r, sender=wire.SERVER)
+            msg = wire.encode_dense(
+                self.server.vector, dtype=self.dtype, round=r, sender=wire.SERVER
+            )
         return [Envelope(SERVER, p, msg, wire.MessageKind.DENSE_PARAMS) for p in selected]
 
     def peer_update(self, r, selected, inbox):
@@ -99,7 +103,10 @@ class FedAvg(Method):
             vec = flat[i]
             if fed.adversarial[p]:
                 vec = corrupt_params(
-                    vec, self.anchor(), fed.cfg.protocol.adversarial_mode, fed.adversary_generator(r, p)
+                    vec,
+                    self.anchor(),
+                    fed.cfg.protocol.adversarial_mode,
+                    fed.adversary_generator(r, p),
                 )
             with fed.timer("messaging"):
                 msg = wire.encode_dense(vec, dtype=self.dtype, round=r, sender=p)

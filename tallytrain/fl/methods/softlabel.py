@@ -50,7 +50,9 @@ class SoftLabel(Method):
             )
             soft = None
             if self.previous is not None:
-                soft = wire.encode_soft_labels(self.previous, dtype=self.dtype, round=r, sender=wire.SERVER)
+                soft = wire.encode_soft_labels(
+                    self.previous, dtype=self.dtype, round=r, sender=wire.SERVER
+                )
         out = []
         for p in selected:
             out.append(Envelope(SERVER, p, ctrl, wire.MessageKind.CONTROL))
@@ -98,7 +100,9 @@ class SoftLabel(Method):
     def uplink(self, r, selected):
         fed = self.fed
         t = fed.cfg.train.temperature
-        probs = fed.consume_probe_logits(r, selected, lambda p, logits: torch.softmax(logits / t, dim=-1))
+        probs = fed.consume_probe_logits(
+            r, selected, lambda p, logits: torch.softmax(logits / t, dim=-1)
+        )
         out = []
         for i, p in enumerate(selected):
             payload = probs[i]
@@ -128,7 +132,10 @@ class SoftLabel(Method):
         )
 
     def state_dict(self):
-        return {"previous": self.previous, "memory": {int(p): m.state_dict() for p, m in self.memory.items()}}
+        return {
+            "previous": self.previous,
+            "memory": {int(p): m.state_dict() for p, m in self.memory.items()},
+        }
 
     def peer_state(self, peer):
         memory = self.memory.get(peer)
@@ -151,7 +158,9 @@ class SoftLabelMemory:
     replaced when a newer one arrives, expired ``max_age`` rounds after it
     arrived (0 = never)."""
 
-    def __init__(self, pool_size: int, num_classes: int, max_age: int = 0, position_shape: tuple = ()):
+    def __init__(
+        self, pool_size: int, num_classes: int, max_age: int = 0, position_shape: tuple = ()
+    ):
         self.probs = torch.zeros(pool_size, *position_shape, num_classes)
         self.stamp = torch.full((pool_size,), -1, dtype=torch.int64)
         self.max_age = int(max_age)

@@ -129,7 +129,9 @@ class SoftLabelTopK(Method):
         def top_k(p, logits):  # reduced while the logits are still in cache
             probs = torch.softmax(logits.float() / t, dim=-1)
             if fed.adversarial[p]:
-                probs = corrupt_probs(probs, fed.cfg.protocol.adversarial_mode, fed.adversary_generator(r, p))
+                probs = corrupt_probs(
+                    probs, fed.cfg.protocol.adversarial_mode, fed.adversary_generator(r, p)
+                )
             values, indices = probs.topk(self.k, dim=-1)
             return indices, values
 
@@ -163,7 +165,10 @@ class SoftLabelTopK(Method):
     # ---- checkpoints ------------------------------------------------------------------
     def state_dict(self):
         previous = None if self.previous is None else [t.clone() for t in self.previous]
-        return {"previous": previous, "memory": {int(p): m.state_dict() for p, m in self.memory.items()}}
+        return {
+            "previous": previous,
+            "memory": {int(p): m.state_dict() for p, m in self.memory.items()},
+        }
 
     def peer_state(self, peer):
         memory = self.memory.get(peer)
@@ -175,7 +180,9 @@ class SoftLabelTopK(Method):
             self.memory[peer] = TopKMemory.from_state(state["memory"])
 
     def load_state_dict(self, state):
-        self.previous = None if state["previous"] is None else tuple(t.clone() for t in state["previous"])
+        self.previous = (
+            None if state["previous"] is None else tuple(t.clone() for t in state["previous"])
+        )
         self.memory = {int(p): TopKMemory.from_state(m) for p, m in state["memory"].items()}
 
 
@@ -238,7 +245,12 @@ class TopKMemory:
     2**24 classes, float64 beyond."""
 
     def __init__(
-        self, pool_size: int, position_shape: Sequence[int], k: int, num_classes: int, max_age: int = 0
+        self,
+        pool_size: int,
+        position_shape: Sequence[int],
+        k: int,
+        num_classes: int,
+        max_age: int = 0,
     ):
         dtype = torch.float32 if num_classes <= 1 << 24 else torch.float64
         self.targets = torch.zeros(pool_size, *position_shape, 2 * k + 1, dtype=dtype)

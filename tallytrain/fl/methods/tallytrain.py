@@ -119,7 +119,9 @@ class TallyTrain(Method):
         if cons is None:
             return None
         if cons.round != r - 1:
-            raise wire.WireFormatError(f"embedded consensus is for round {cons.round}, expected {r - 1}")
+            raise wire.WireFormatError(
+                f"embedded consensus is for round {cons.round}, expected {r - 1}"
+            )
         keep = cons.keep if cons.keep is not None else cons.labels >= 0
         return SimpleNamespace(labels=cons.labels, keep=keep), ctrl.probe_seed
 
@@ -183,7 +185,9 @@ class TallyTrain(Method):
             cast = [
                 v
                 if fed.adversarial[p]
-                else Votes.from_labels(torch.where(v.labels() >= 0, v.labels(), f.labels()), c, abstain=True)
+                else Votes.from_labels(
+                    torch.where(v.labels() >= 0, v.labels(), f.labels()), c, abstain=True
+                )
                 for p, v, f in zip(selected, cast, fallback)
             ]
         for p, votes in zip(selected, cast):
@@ -307,7 +311,10 @@ class TallyTrain(Method):
 
     def load_state_dict(self, state):
         self.previous = tensor_to_bytes(state["previous"])
-        self.own = {int(p): SimpleNamespace(labels=lab, keep=keep) for p, (lab, keep) in state["own"].items()}
+        self.own = {
+            int(p): SimpleNamespace(labels=lab, keep=keep)
+            for p, (lab, keep) in state["own"].items()
+        }
         self.memory = {}
         for p, m in state["memory"].items():
             self.memory_of(int(p)).load_state_dict(m)
