@@ -95,8 +95,8 @@ HELP: Dict[str, str] = {
     "agreement_threshold": "tallytrain: keep probes whose winner's share count/total is at least "
     "this",
     "min_votes": "tallytrain: keep probes whose winner has at least this many votes",
-    "abstain_below": "tallytrain: a peer abstains where its top-1 probability is below this "
-    "('none' = never)",
+    "abstain_below": "tallytrain: a peer also abstains where its top-1 probability is below "
+    "this ('none' = never, the default)",
     "support_min": "tallytrain: a peer also abstains on classes its shard holds fewer samples "
     "of than this (0 = off)",
     "memory_max_age": "tallytrain: peers keep consensus labels this many rounds (0 = until "

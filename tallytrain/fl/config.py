@@ -157,7 +157,9 @@ class ProtocolConfig:
     participation: float = 1.0  # share of peers selected each round
     agreement_threshold: float = 0.5  # keep probes with count/total >= this
     min_votes: int = 1  # ... and with at least this many winning votes
-    abstain_below: Optional[float] = 0.95  # peers abstain when top-1 prob < this
+    # peers abstain when top-1 prob < this (None = never: with the support test it only
+    # slowed learning, docs/results.md section 5)
+    abstain_below: Optional[float] = None
     support_min: int = 1  # ... or when their own shard holds fewer samples
     # of the predicted class than this (0 = off)
     support_radius: Optional[float] = 0.8  # ... or when the probe is farther from every

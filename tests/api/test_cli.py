@@ -519,6 +519,8 @@ def test_every_config_field_is_an_option():
             "--methods",
             "tallytrain",
             "--abstain-below",
+            "0.9",
+            "--support-radius",
             "none",
             "--archs",
             "mlp,cnn",
@@ -537,7 +539,8 @@ def test_every_config_field_is_an_option():
     )
     cfg = config_from_args(args, ["tallytrain"])
     assert cfg.seeds == (5, 6, 7)
-    assert cfg.base.protocol.abstain_below is None and cfg.base.protocol.decentralized
+    assert cfg.base.protocol.abstain_below == 0.9 and cfg.base.protocol.decentralized
+    assert cfg.base.protocol.support_radius is None  # 'none' is None (the default is 0.8)
     assert cfg.base.protocol.sharpen_temperature == 0.1
     assert cfg.base.model.archs == ("mlp", "cnn") and cfg.base.data.alpha == 0.3
     assert cfg.base.train.order == "distill-train"
