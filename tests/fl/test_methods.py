@@ -306,6 +306,28 @@ def test_flipping_adversaries_hurt_the_consensus(method):
     assert consensus_acc(1.0) < consensus_acc(0.0)
 
 
+@pytest.mark.parametrize("votes_from", ["local", "local-first", "distilled"])
+def test_adversaries_among_peers_that_never_abstain(votes_from):
+    # Without the threshold and the support test no vote abstains: honest and
+    # adversarial peers must send the same stream (C symbols), or the tally
+    # refuses the round (a bug once: only local-first votes had C + 1).
+    cfg = tiny(
+        "tallytrain",
+        rounds=2,
+        adversarial_fraction=0.25,
+        adversarial_mode="flip",
+        abstain_below=None,
+        support_min=0,
+        support_radius=None,
+        votes_from=votes_from,
+    )
+    fed = Federation(cfg, digits4())
+    fed.run()
+    assert fed.adversarial.sum() == 1
+    assert {v.abstain for v in fed.method._votes.values()} == {False}
+    assert fed.metrics[-1]["abstained"] == 0.0
+
+
 def test_abstention_and_threshold_shrink_what_peers_distill_on():
     loose = Federation(
         tiny(

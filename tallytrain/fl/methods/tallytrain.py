@@ -186,7 +186,7 @@ class TallyTrain(Method):
                 v
                 if fed.adversarial[p]
                 else Votes.from_labels(
-                    torch.where(v.labels() >= 0, v.labels(), f.labels()), c, abstain=True
+                    torch.where(v.labels() >= 0, v.labels(), f.labels()), c, abstain=self.abstain
                 )
                 for p, v, f in zip(selected, cast, fallback)
             ]
