@@ -94,7 +94,8 @@ HELP: Dict[str, str] = {
     "participation": "share of peers selected each round (1 = all)",
     "agreement_threshold": "tallytrain: keep probes whose winner's share count/total is at least "
     "this",
-    "min_votes": "tallytrain: keep probes whose winner has at least this many votes",
+    "min_votes": "tallytrain: keep probes whose winner has at least this many votes, a vote "
+    "counting as its peer's reputation (1 = fully trusted)",
     "abstain_below": "tallytrain: a peer also abstains where its top-1 probability is below "
     "this ('none' = never, the default)",
     "support_min": "tallytrain: a peer also abstains on classes its shard holds fewer samples "

@@ -156,7 +156,10 @@ class ProtocolConfig:
     probes_per_round: int = 256
     participation: float = 1.0  # share of peers selected each round
     agreement_threshold: float = 0.5  # keep probes with count/total >= this
-    min_votes: int = 1  # ... and with at least this many winning votes
+    # ... and whose winner has at least this many votes, a vote counting as its
+    # peer's reputation (1 = fully trusted): 0.25 keeps a probe that only
+    # near-chance voters decided (docs/results.md section 5.5) out of the consensus
+    min_votes: float = 0.25
     # peers abstain when top-1 prob < this (None = never: with the support test it only
     # slowed learning, docs/results.md section 5)
     abstain_below: Optional[float] = None
@@ -197,7 +200,7 @@ class ProtocolConfig:
             0 < self.participation <= 1,
             f"participation must be in (0, 1], got {self.participation}",
         )
-        _require(self.min_votes >= 1, f"min_votes must be >= 1, got {self.min_votes}")
+        _require(self.min_votes > 0, f"min_votes must be > 0, got {self.min_votes}")
         _require(self.support_min >= 0, f"support_min must be >= 0, got {self.support_min}")
         _require(
             self.support_radius is None or 0 < self.support_radius <= 1,

@@ -124,10 +124,23 @@ def _per(led: Ledger, kind: str, direction: str):
 
 
 @pytest.mark.parametrize(
-    "abstain, threshold, quorum", [(None, 0.0, 1), (0.9, 0.0, 1), (0.9, 0.5, 1), (None, 0.0, 2)]
+    "abstain, threshold, quorum, reputation",
+    [
+        (None, 0.0, 1, False),
+        (0.9, 0.0, 1, False),
+        (0.9, 0.5, 1, True),
+        (None, 0.0, 2, False),
+        (None, 0.0, 0.5, True),
+    ],
 )
-def test_tallytrain_bytes_match_closed_forms(abstain, threshold, quorum):
-    cfg = tiny("tallytrain", abstain_below=abstain, agreement_threshold=threshold, min_votes=quorum)
+def test_tallytrain_bytes_match_closed_forms(abstain, threshold, quorum, reputation):
+    cfg = tiny(
+        "tallytrain",
+        abstain_below=abstain,
+        agreement_threshold=threshold,
+        min_votes=quorum,
+        reputation=reputation,
+    )
     fed = run(cfg)
     n, c, p, rounds = 37, 10, cfg.peers, cfg.rounds
     symbols = c + 1 if abstain is not None else c
@@ -138,7 +151,10 @@ def test_tallytrain_bytes_match_closed_forms(abstain, threshold, quorum):
     assert {e.bytes for e in votes} == {wire.OVERHEAD + math.ceil(n * b / 8)}
     controls = _per(fed.ledger, "control", "down")
     assert len(controls) == p * rounds
-    consensus = wire.consensus_message_bytes(n, c, keep=threshold > 0 or quorum > 1)
+    # the keep mask travels when the tally filters: a share threshold, or a
+    # quorum above one weight unit (min_votes in fully trusted votes)
+    keep = threshold > 0 or quorum * (16 if reputation else 1) > 1
+    consensus = wire.consensus_message_bytes(n, c, keep=keep)
     for e in controls:
         expect = wire.control_message_bytes(consensus if e.round > 0 else 0)
         assert e.bytes == expect

@@ -303,7 +303,10 @@ def test_flipping_adversaries_hurt_the_consensus(method):
         fed.run()
         return fed.metrics[-1]["consensus_acc"]
 
-    assert consensus_acc(1.0) < consensus_acc(0.0)
+    bad, clean = consensus_acc(1.0), consensus_acc(0.0)
+    # tallytrain: peers that agree with nobody weigh 0, so nothing may be kept
+    # at all (None), which is the consensus hurt too
+    assert bad is None or bad < clean
 
 
 @pytest.mark.parametrize("votes_from", ["local", "local-first", "distilled"])
@@ -336,6 +339,7 @@ def test_abstention_and_threshold_shrink_what_peers_distill_on():
             agreement_threshold=0.0,
             support_min=0,
             support_radius=None,
+            reputation=False,  # every vote weighs 1: no quorum drops a probe
         ),
         digits4(),
     )

@@ -200,6 +200,35 @@ def test_reputation_weighs_a_peer_that_always_disagrees_to_zero():
     assert off.method.reputation_weights(range(5)) is None
 
 
+def test_a_probe_only_untrusted_voters_decided_is_not_kept():
+    # min_votes counts votes at their peer's reputation: with 0.25, a probe
+    # that only a near-chance voter decided stays out of the consensus,
+    # one a trusted peer decided alone is kept.
+    from tallytrain.fl.methods.tallytrain import REPUTATION_SCALE, quorum_weight
+    from tallytrain.votes import Votes
+
+    fed = Federation(config(peers=3), data(3))
+    method = fed.method
+    method.votes_judged[:] = torch.tensor([100, 100, 100])
+    method.votes_agreed[:] = torch.tensor([99, 98, 20])  # peer 2: little above chance (1/10)
+    weights = method.reputation_weights([0, 1, 2])
+    assert int(weights[0]) == REPUTATION_SCALE and 0 < int(weights[2]) < REPUTATION_SCALE // 4
+    c = fed.num_classes
+
+    def votes(labels):
+        return Votes.from_labels(torch.tensor(labels), c, abstain=True)
+
+    # probe 0: only peer 2 votes; probe 1: only peer 0; probe 2: peers 0 and 2 disagree
+    consensus = method._tally({0: votes([-1, 3, 4]), 1: votes([-1, -1, -1]), 2: votes([7, -1, 5])})
+    assert consensus.keep.tolist() == [False, True, True]
+    assert consensus.labels.tolist()[1:] == [3, 4]
+    assert quorum_weight(ProtocolConfig()) == REPUTATION_SCALE // 4  # the default, 0.25
+    assert quorum_weight(ProtocolConfig(min_votes=0.25, reputation=False)) == 1
+    loose = Federation(config(peers=3, min_votes=0.01), data(3)).method
+    loose.votes_judged[:], loose.votes_agreed[:] = method.votes_judged, method.votes_agreed
+    assert loose._tally({0: votes([-1]), 1: votes([-1]), 2: votes([7])}).keep.tolist() == [True]
+
+
 # ---- schedule --------------------------------------------------------------------
 def test_distillation_batch_grows_with_the_pool_within_bounds():
     fed = Federation(

@@ -18,7 +18,7 @@ Round r (server mode):
    often its votes agreed with past kept consensus, corrected for chance;
    zero bytes) and forms the consensus (a probe is kept when its winner's
    share count/total reaches ``agreement_threshold`` and its winner has at
-   least ``min_votes`` of weight).
+   least ``min_votes`` votes, a vote counting as its peer's reputation).
 
 Decentralized mode: no server and no control messages (the probe seed is
 agreed at setup); every peer sends its VOTES to every other peer, and each
@@ -27,6 +27,7 @@ peer tallies its own copy of all votes.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import ClassVar, Dict, Optional, Tuple
 
@@ -46,6 +47,14 @@ from .base import Method, RoundStats, bytes_to_tensor, register, tensor_to_bytes
 # Reputation weights are integers in 0..REPUTATION_SCALE (ops.tally sums
 # integer weights exactly).
 REPUTATION_SCALE = 16
+
+
+def quorum_weight(proto) -> int:
+    """``min_votes`` in tally weight: a fully trusted peer's vote weighs
+    REPUTATION_SCALE (1 without reputation), and the tally's quorum is an
+    integer weight of at least 1."""
+    unit = REPUTATION_SCALE if proto.reputation else 1
+    return max(1, math.ceil(proto.min_votes * unit))
 
 
 @register
@@ -214,16 +223,23 @@ class TallyTrain(Method):
         skill = ((share - chance) / (1 - chance)).clamp(min=0)
         return torch.round(skill * REPUTATION_SCALE).to(torch.int64)
 
-    def _tally(self, votes: Dict[int, Votes]) -> Consensus:
-        """Tally votes (peer -> Votes) in peer order; form the consensus."""
+    def _tally(
+        self, votes: Dict[int, Votes], weights: Optional[Dict[int, int]] = None
+    ) -> Consensus:
+        """Tally votes (peer -> Votes) in peer order; form the consensus.
+        ``weights`` (peer -> weight) overrides the current reputations."""
         peers = sorted(votes)
         proto = self.fed.cfg.protocol
+        if weights is None:
+            w = self.reputation_weights(peers)
+        else:
+            w = torch.as_tensor([weights[p] for p in peers], dtype=torch.int64)
         with self.fed.timer("ops"):
             return tally(
                 [votes[p] for p in peers],
-                weights=self.reputation_weights(peers),
+                weights=w,
                 agreement=proto.agreement_threshold,
-                min_votes=proto.min_votes,
+                min_votes=quorum_weight(proto),
             )
 
     def _judge(self, votes: Dict[int, Votes], real: torch.Tensor) -> float:
@@ -233,6 +249,10 @@ class TallyTrain(Method):
         votes that abstained over the ``real`` positions (padding is not a
         choice to abstain)."""
         abstained, cast = 0, 0
+        # Every peer is judged against the weights the round began with, so
+        # that the order of judging does not matter.
+        before = self.reputation_weights(sorted(votes))
+        weights = None if before is None else dict(zip(sorted(votes), before.tolist()))
         for p, v in votes.items():
             labels = v.labels()
             voted = labels >= 0
@@ -243,7 +263,7 @@ class TallyTrain(Method):
             others = {q: w for q, w in votes.items() if q != p}
             if not others:
                 continue
-            c = self._tally(others)
+            c = self._tally(others, weights)
             judged = voted & c.keep
             self.votes_judged[p] += int(judged.sum())
             self.votes_agreed[p] += int((judged & (labels == c.labels)).sum())
@@ -265,7 +285,8 @@ class TallyTrain(Method):
         else:
             votes = {env.sender: received_votes(msg) for env, msg in received}
             c = self._tally(votes)
-            filtering = fed.cfg.protocol.agreement_threshold > 0 or fed.cfg.protocol.min_votes > 1
+            proto = fed.cfg.protocol
+            filtering = proto.agreement_threshold > 0 or quorum_weight(proto) > 1
             keep = c.keep if filtering else None
             with fed.timer("messaging"):
                 self.previous = wire.encode_consensus(
