@@ -44,6 +44,10 @@ ABLATIONS: Dict[str, tuple] = {
         "votes from local-only models: votes from the distilled models",
         {"protocol": {"votes_from": "distilled"}},
     ),
+    "no-quorum": (
+        "the quorum: a probe any voter of weight >= 1 (of 16) decided is kept",
+        {"protocol": {"min_votes": 1 / 16}},
+    ),
     "no-reputation": (
         "reputation weights: every peer weighs 1",
         {"protocol": {"reputation": False}},
