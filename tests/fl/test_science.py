@@ -5,6 +5,7 @@ weights, and the distillation schedule."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -227,6 +228,35 @@ def test_a_probe_only_untrusted_voters_decided_is_not_kept():
     loose = Federation(config(peers=3, min_votes=0.01), data(3)).method
     loose.votes_judged[:], loose.votes_agreed[:] = method.votes_judged, method.votes_agreed
     assert loose._tally({0: votes([-1]), 1: votes([-1]), 2: votes([7])}).keep.tolist() == [True]
+
+
+def test_low_records_everywhere_do_not_silence_the_federation():
+    # When every peer's record is low (a hard start), absolute weights would
+    # all sit below the quorum: no probe kept, no record judged, forever.
+    # The most reputable peer is credited TRUST_FLOOR; the ranking stays.
+    from tallytrain.fl.methods.tallytrain import REPUTATION_SCALE, TRUST_FLOOR, quorum_weight
+    from tallytrain.votes import Votes
+
+    fed = Federation(config(peers=3), data(3))
+    method = fed.method
+    method.votes_judged[:] = torch.tensor([100, 100, 100])
+    method.votes_agreed[:] = torch.tensor([20, 15, 5])  # skill 0.12, 0.06, below chance
+    weights = method.reputation_weights([0, 1, 2]).tolist()
+    assert weights[0] == round(TRUST_FLOOR * REPUTATION_SCALE) >= quorum_weight(fed.cfg.protocol)
+    assert weights[0] > weights[1] > weights[2] == 0
+    c = fed.num_classes
+    kept = method._tally({0: Votes.from_labels(torch.tensor([3]), c, abstain=True)}).keep
+    assert kept.tolist() == [True]
+    # At or above the floor nothing is rescaled.
+    method.votes_agreed[:] = torch.tensor([60, 15, 5])
+    share = 61 / 102
+    expected = round((share - 1 / c) / (1 - 1 / c) * REPUTATION_SCALE)
+    assert method.reputation_weights([0]).tolist() == [expected]
+    # Two classes: a fresh record is chance-level for everyone; all weigh the floor.
+    two = DataConfig(dataset="synthetic", num_classes=2, samples_per_class=60, min_shard_size=5)
+    cfg = dataclasses.replace(config(peers=3, probes_per_round=8), data=two)
+    binary = Federation(cfg, prepare(two, 3, 0)).method
+    assert binary.reputation_weights([0, 1, 2]).tolist() == [8, 8, 8]
 
 
 # ---- schedule --------------------------------------------------------------------

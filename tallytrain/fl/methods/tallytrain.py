@@ -47,6 +47,10 @@ from .base import Method, RoundStats, bytes_to_tensor, register, tensor_to_bytes
 # Reputation weights are integers in 0..REPUTATION_SCALE (ops.tally sums
 # integer weights exactly).
 REPUTATION_SCALE = 16
+# The least skill the most reputable peer is credited with (see
+# reputation_weights); above the default quorum (0.25), so that peer can
+# decide a probe alone.
+TRUST_FLOOR = 0.5
 
 
 def quorum_weight(proto) -> int:
@@ -214,14 +218,27 @@ class TallyTrain(Method):
         """Integer tally weights in 0..REPUTATION_SCALE: each peer's share of
         votes that agreed with kept consensus (Laplace-smoothed, so equal for
         everyone before any evidence), minus the share a random voter would
-        reach (1/C), rescaled so that chance-level agreement weighs 0."""
+        reach (1/C), rescaled so that chance-level agreement weighs 0.
+
+        Reputation ranks peers; it must not silence the whole federation.
+        When even the best peer's skill (over every peer's record) is below
+        TRUST_FLOOR, all skills are scaled up so that the best is exactly
+        TRUST_FLOOR (everyone at TRUST_FLOOR when nobody beats chance): at
+        a hard start all records are low, and absolute weights below the
+        quorum would keep every probe out of the consensus, so no record
+        could ever rise again. At or above the floor nothing is rescaled."""
         if not self.fed.cfg.protocol.reputation:
             return None
-        idx = torch.as_tensor(list(peers))
-        share = (self.votes_agreed[idx] + 1) / (self.votes_judged[idx] + 2)
+        share = (self.votes_agreed + 1) / (self.votes_judged + 2)
         chance = 1.0 / self.num_classes
         skill = ((share - chance) / (1 - chance)).clamp(min=0)
-        return torch.round(skill * REPUTATION_SCALE).to(torch.int64)
+        best = float(skill.max())
+        if best == 0:
+            skill = torch.full_like(skill, TRUST_FLOOR)
+        elif best < TRUST_FLOOR:
+            skill = skill * (TRUST_FLOOR / best)
+        idx = torch.as_tensor(list(peers))
+        return torch.round(skill[idx] * REPUTATION_SCALE).to(torch.int64)
 
     def _tally(
         self, votes: Dict[int, Votes], weights: Optional[Dict[int, int]] = None
