@@ -232,12 +232,26 @@ class Federation:
         over the pool in the round, within [distill_batch_size,
         distill_batch_max]. A fixed batch under-uses a large pool (each
         target seen a fraction of a time per round) and over-fits a small
-        one; every distilling method gets the same rule."""
+        one; every distilling method gets the same rule.
+
+        Both bounds count targets: on a sequence task a sample (a window)
+        holds T of them (one per position, as votes and soft labels do), so
+        the bounds in windows are the bounds divided by T (at least one).
+        Counted in windows, the default 1,024 would be 65,536 positions x V
+        logits per peer and step: 43 GB for 10 peers at V = 16,384."""
         t = self.cfg.train
+        per = self.targets_per_sample
+        least = max(1, math.ceil(t.distill_batch_size / per))
+        most = max(least, t.distill_batch_max // per)
         if t.distill_epochs == 0 or steps == 0:
-            return t.distill_batch_size
+            return least
         want = math.ceil(t.distill_epochs * pool_size / steps)
-        return min(max(want, t.distill_batch_size), t.distill_batch_max)
+        return min(max(want, least), most)
+
+    @property
+    def targets_per_sample(self) -> int:
+        """Targets one sample carries: 1, or T positions of a sequence task."""
+        return math.prod(self.data.y_probe.shape[1:])
 
     def learn(
         self, r: int, peers: Sequence[int], targets: Dict[int, tuple], loss_fn: LossFn

@@ -357,6 +357,21 @@ def test_every_method_runs_on_glyphs(glyph_cache, method):
     assert 0 <= row["accuracy"] <= 1 and "perplexity" not in row
 
 
+def test_distillation_batch_bounds_count_positions_on_sequences(text_data, stdlib):
+    # A window holds CONTEXT targets: bounds of 32..64 targets are 2..4
+    # windows (the default 1,024 counted in windows ran 10 peers at
+    # V = 16,384 out of memory).
+    train = TrainConfig(local_steps=2, batch_size=4, distill_batch_size=32, distill_batch_max=64)
+    cfg = dataclasses.replace(run_config("tallytrain", text_config(stdlib)), train=train)
+    fed = Federation(cfg, text_data)
+    assert fed.targets_per_sample == CONTEXT
+    assert fed.distill_batch(1000, 10) == 64 // CONTEXT
+    assert fed.distill_batch(1, 10) == math.ceil(32 / CONTEXT)
+    small = dataclasses.replace(train, distill_batch_size=1, distill_batch_max=8)
+    fed = Federation(dataclasses.replace(cfg, train=small), text_data)
+    assert fed.distill_batch(1000, 10) == 1  # at least one window
+
+
 def test_tallytrain_votes_token_windows_and_padding_never_votes(text_data, stdlib):
     pool = len(text_data.y_probe)  # every probe: the pool's file ends have padding
     cfg = run_config("tallytrain", text_config(stdlib), rounds=1, probes_per_round=pool)
