@@ -30,6 +30,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -389,6 +390,28 @@ class _QueueProgress:
         self.queue.put(("progress", (label, n, run_finished, skipped)))
 
 
+def _die_with_parent() -> None:
+    """Ask the kernel to end this worker when the parent process dies (Linux).
+    A parent killed outright (SIGTERM, SIGKILL, out of memory) cannot stop its
+    workers, and an orphaned worker would go on writing run directories that a
+    later ``--resume`` also writes. Elsewhere the parent's own cleanup is all."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+    import signal
+
+    spawner = multiprocessing.parent_process()
+    parent = spawner.pid if spawner is not None else os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _worker(tasks, updates, threads: int, own: Optional[bytes]) -> None:
     """A worker process: runs tasks until the None sentinel; reports progress,
     each finished run, and the first error (after which it stops). ``own``:
@@ -396,6 +419,7 @@ def _worker(tasks, updates, threads: int, own: Optional[bytes]) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent()
     torch.set_num_threads(threads)
     splits: Dict[tuple, FederatedData] = {}  # a worker keeps the split it made last
     progress = _QueueProgress(updates)

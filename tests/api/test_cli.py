@@ -916,3 +916,76 @@ def test_ablate_runs_one_row_per_mechanism_off(tmp_path, capsys):
     rows = json.loads((out / "ablation.json").read_text())
     assert rows[0]["label"] == "tallytrain" and rows[0]["change"] == 0
     assert (out / "ablation.png").stat().st_size > 0
+
+
+def _children(pid: int) -> list:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux")
+def test_workers_end_when_the_parent_is_killed(tmp_path):
+    # A parent killed outright (SIGKILL: no cleanup runs) must not leave its
+    # workers running and writing run directories.
+    args = ["compare", "--methods", "tallytrain,softlabel", "--seeds", "2", "--jobs", "2"]
+    args += ["--rounds", "3000", "--peers", "4", "--alpha", "0.5", "--min-shard-size", "5"]
+    args += ["--hidden", "16", "--probes-per-round", "40", "--quiet", "--out", str(tmp_path / "o")]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tallytrain.cli"] + args,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        workers: list = []
+        while time.time() < deadline and proc.poll() is None:
+            metrics = list((tmp_path / "o").glob("runs/*/seed*/metrics.jsonl"))
+            workers = [w for w in _children(proc.pid) if "spawn" in _cmdline(w)]
+            if len(workers) == 2 and metrics:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and len(workers) == 2, (
+            "the run ended before the test could kill it"
+        )
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.time() + 10  # each run takes minutes: only the kill ends them
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.05)
+        left = [w for w in workers if _alive(w)]
+        for w in left:
+            os.kill(w, signal.SIGKILL)
+        assert not left, f"workers {left} outlived their killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
