@@ -548,6 +548,19 @@ def test_every_config_field_is_an_option():
     assert cfg.base.train.local_steps == 30 and cfg.base.rounds == 20
 
 
+def _start_cli(args: list, stderr) -> subprocess.Popen:
+    """``python -m tallytrain.cli args`` in its own process, on this checkout."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-m", "tallytrain.cli"] + args,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
+
+
 def test_ctrl_c_stops_in_one_line_keeps_the_checkpoint_and_resumes(tmp_path):
     slow = [
         "--peers",
@@ -567,16 +580,8 @@ def test_ctrl_c_stops_in_one_line_keeps_the_checkpoint_and_resumes(tmp_path):
         "--quiet",
     ]
     args = ["run", "--method", "tallytrain", "--out", str(tmp_path / "stopped")] + slow
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run_dir = tmp_path / "stopped" / "runs" / "tallytrain" / "seed0"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tallytrain.cli"] + args,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_cli(args, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -949,14 +954,7 @@ def test_workers_end_when_the_parent_is_killed(tmp_path):
     args = ["compare", "--methods", "tallytrain,softlabel", "--seeds", "2", "--jobs", "2"]
     args += ["--rounds", "3000", "--peers", "4", "--alpha", "0.5", "--min-shard-size", "5"]
     args += ["--hidden", "16", "--probes-per-round", "40", "--quiet", "--out", str(tmp_path / "o")]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tallytrain.cli"] + args,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _start_cli(args, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         workers: list = []
