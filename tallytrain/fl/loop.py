@@ -251,7 +251,7 @@ class Federation:
     @property
     def targets_per_sample(self) -> int:
         """Targets one sample carries: 1, or T positions of a sequence task."""
-        return math.prod(self.data.y_probe.shape[1:])
+        return math.prod(self.data.position_shape)
 
     def learn(
         self, r: int, peers: Sequence[int], targets: Dict[int, tuple], loss_fn: LossFn
